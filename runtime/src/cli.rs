@@ -1,0 +1,210 @@
+//! The command line: `serve` and `replica` run beamlet; the rest are clients
+//! of a running node's HTTP API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+
+use crate::client::Client;
+use crate::node::{Limits, ServeOptions};
+
+#[derive(Parser)]
+#[command(name = "beamlet", version, about = "Serverless functions as WebAssembly components")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct Server {
+    /// The node to talk to.
+    #[arg(long, env = "BEAMLET_SERVER", default_value = "http://127.0.0.1:8080", global = true)]
+    server: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node: the HTTP API, the task queue and the replicas.
+    Serve {
+        /// Address to listen on; port 0 picks a free one.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Where apps, compiled components and queues are kept.
+        #[arg(long, default_value = ".beamlet")]
+        data_dir: PathBuf,
+        /// GPU backend for GPU apps.
+        #[arg(long, value_enum, default_value = "auto")]
+        gpu_backend: GpuBackend,
+        /// Largest component upload, e.g. 64Mi.
+        #[arg(long, default_value = "64Mi", value_parser = parse_size)]
+        max_component_size: u64,
+        /// Largest task input, e.g. 16Mi.
+        #[arg(long, default_value = "16Mi", value_parser = parse_size)]
+        max_input_size: u64,
+    },
+    /// Upload a component as a new version of an app.
+    Deploy {
+        /// The .wasm component.
+        wasm: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// App config (beamlet.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Call an app and print its output (the REST API).
+    Invoke {
+        name: String,
+        /// The input, inline (JSON for SDK handlers).
+        #[arg(long, conflicts_with = "file")]
+        data: Option<String>,
+        /// The input, from a file ("-" reads stdin).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Work with the task queue.
+    Task {
+        #[command(subcommand)]
+        command: TaskCommand,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// List apps.
+    Apps {
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Show an app's version, config, replicas and queue.
+    Status {
+        name: String,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Show an app's recent guest output.
+    Logs {
+        name: String,
+        #[arg(long, default_value_t = 200)]
+        lines: usize,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Remove an app and stop its replicas.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Internal: a replica process, started by `serve`.
+    #[command(hide = true)]
+    Replica {
+        /// The inherited socket to the node.
+        #[arg(long)]
+        fd: i32,
+    },
+}
+
+#[derive(Subcommand)]
+enum TaskCommand {
+    /// Queue a task; prints its id.
+    Submit {
+        name: String,
+        #[arg(long, default_value = "{}")]
+        data: String,
+    },
+    /// Print a task's status.
+    Status { id: String },
+    /// Wait for a task to end; prints its status, then its output.
+    Wait {
+        id: String,
+        /// Give up after this long, e.g. 30s.
+        #[arg(long, default_value = "300s")]
+        timeout: String,
+    },
+    /// Cancel a queued or running task.
+    Cancel { id: String },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum GpuBackend {
+    Auto,
+    Cuda,
+    Cpu,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    crate::config::parse_size(text)
+}
+
+pub(crate) fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let quiet_client = !matches!(cli.command, Command::Serve { .. } | Command::Replica { .. });
+    init_tracing(if quiet_client { "warn" } else { "info" });
+    let result = match cli.command {
+        Command::Replica { fd } => crate::replica::main(fd),
+        command => runtime().and_then(|rt| rt.block_on(run(command))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BEAMLET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("failed to start the async runtime")
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Serve { listen, data_dir, gpu_backend: _, max_component_size, max_input_size } => {
+            let limits = Limits {
+                max_component: usize::try_from(max_component_size).context("--max-component-size is too large")?,
+                max_input: usize::try_from(max_input_size).context("--max-input-size is too large")?,
+            };
+            crate::node::serve(ServeOptions { listen, data_dir, limits }).await
+        }
+        Command::Deploy { wasm, name, config, server } => Client::new(&server.server)?.deploy(&wasm, &name, config.as_deref()).await,
+        Command::Invoke { name, data, file, server } => {
+            let input = match (data, file) {
+                (Some(data), _) => data.into_bytes(),
+                (None, Some(path)) if path.as_os_str() == "-" => {
+                    let mut input = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut input).context("failed to read stdin")?;
+                    input
+                }
+                (None, Some(path)) => std::fs::read(&path).with_context(|| format!("failed to read input file {path:?}"))?,
+                (None, None) => b"{}".to_vec(),
+            };
+            Client::new(&server.server)?.invoke(&name, input).await
+        }
+        Command::Task { command, server } => {
+            let client = Client::new(&server.server)?;
+            match command {
+                TaskCommand::Submit { name, data } => client.task_submit(&name, data.into_bytes()).await,
+                TaskCommand::Status { id } => client.task_status(&id).await,
+                TaskCommand::Wait { id, timeout } => client.task_wait(&id, &timeout).await,
+                TaskCommand::Cancel { id } => client.task_cancel(&id).await,
+            }
+        }
+        Command::Apps { server } => Client::new(&server.server)?.apps().await,
+        Command::Status { name, server } => Client::new(&server.server)?.status(&name).await,
+        Command::Logs { name, lines, server } => Client::new(&server.server)?.logs(&name, lines).await,
+        Command::Delete { name, server } => Client::new(&server.server)?.delete(&name).await,
+        Command::Replica { .. } => unreachable!("handled before the async runtime starts"),
+    }
+}

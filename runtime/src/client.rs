@@ -1,0 +1,221 @@
+//! The CLI's HTTP client for a running node.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use reqwest::multipart::{Form, Part};
+use reqwest::{Response, StatusCode};
+use serde_json::Value;
+
+pub(crate) struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+const UPLOAD_CHUNK: usize = 64 * 1024;
+
+impl Client {
+    pub(crate) fn new(server: &str) -> Result<Self> {
+        let base = server.trim_end_matches('/').to_owned();
+        if !base.starts_with("http://") && !base.starts_with("https://") {
+            bail!("--server {server:?} is not an http:// or https:// URL");
+        }
+        Ok(Self { base, http: reqwest::Client::builder().build()? })
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<Response> {
+        let response = request.send().await.map_err(|e| {
+            anyhow!(
+                "could not reach beamlet at {}: {e}. Is `beamlet serve` running there? Start it, or point --server (or BEAMLET_SERVER) at it",
+                self.base
+            )
+        })?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        Err(api_error(status, &body))
+    }
+
+    async fn get_json(&self, path: &str) -> Result<Value> {
+        let response = self.send(self.http.get(format!("{}{path}", self.base))).await?;
+        Ok(response.json().await?)
+    }
+
+    pub(crate) async fn deploy(&self, wasm: &Path, name: &str, config: Option<&Path>) -> Result<()> {
+        let bytes = std::fs::read(wasm).with_context(|| format!("failed to read component {wasm:?}"))?;
+        let config = match config {
+            Some(path) => std::fs::read_to_string(path).with_context(|| format!("failed to read config {path:?}"))?,
+            None => String::new(),
+        };
+        let total = bytes.len() as u64;
+        let progress = progress_bar(total);
+        let chunks: Vec<bytes::Bytes> = bytes::Bytes::from(bytes).chunks(UPLOAD_CHUNK).map(bytes::Bytes::copy_from_slice).collect();
+        let upload_progress = progress.clone();
+        let stream = futures_util::stream::iter(chunks).map(move |chunk| {
+            upload_progress.inc(chunk.len() as u64);
+            if upload_progress.position() >= total {
+                upload_progress.set_message("compiling on the server");
+            }
+            Ok::<_, std::io::Error>(chunk)
+        });
+        let file_name = wasm.file_name().map_or("app.wasm".into(), |n| n.to_string_lossy().into_owned());
+        let part = Part::stream_with_length(reqwest::Body::wrap_stream(stream), total)
+            .file_name(file_name)
+            .mime_str("application/wasm")?;
+        let mut form = Form::new().part("component", part);
+        if !config.is_empty() {
+            form = form.text("config", config);
+        }
+        let request = self.http.put(format!("{}/v1/apps/{name}", self.base)).multipart(form);
+        let result = self.send(request).await;
+        progress.finish_and_clear();
+        let body: Value = result?.json().await?;
+        println!(
+            "deployed {} version {} ({}, sha256 {})",
+            body["name"].as_str().unwrap_or(name),
+            body["version"],
+            body["world"].as_str().unwrap_or("?"),
+            body["digest"].as_str().unwrap_or("?").get(..12).unwrap_or("?")
+        );
+        println!("call it: curl -s -X POST {}/v1/apps/{name}/invoke -d '{{}}'", self.base);
+        Ok(())
+    }
+
+    pub(crate) async fn invoke(&self, name: &str, input: Vec<u8>) -> Result<()> {
+        let request = self.http.post(format!("{}/v1/apps/{name}/invoke", self.base)).body(input);
+        let output = self.send(request).await?.bytes().await?;
+        print_output(&output);
+        Ok(())
+    }
+
+    pub(crate) async fn task_submit(&self, name: &str, input: Vec<u8>) -> Result<()> {
+        let request = self.http.post(format!("{}/v1/apps/{name}/tasks", self.base)).body(input);
+        let body: Value = self.send(request).await?.json().await?;
+        println!("{}", body["task_id"].as_str().unwrap_or_default());
+        Ok(())
+    }
+
+    pub(crate) async fn task_status(&self, id: &str) -> Result<()> {
+        print_json(&self.get_json(&format!("/v1/tasks/{id}")).await?);
+        Ok(())
+    }
+
+    pub(crate) async fn task_wait(&self, id: &str, timeout: &str) -> Result<()> {
+        let timeout = crate::config::parse_duration(timeout).map_err(|e| anyhow!("--timeout: {e}"))?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let wait = left.min(Duration::from_secs(30)).as_secs().max(1);
+            let record = self.get_json(&format!("/v1/tasks/{id}?wait={wait}s")).await?;
+            let status = record["status"].as_str().unwrap_or_default().to_owned();
+            let terminal = matches!(status.as_str(), "COMPLETE" | "FAILED" | "TIMEOUT" | "CANCELLED" | "EXPIRED");
+            if terminal {
+                eprintln!("{status}");
+                if status == "COMPLETE" {
+                    let response = self.send(self.http.get(format!("{}/v1/tasks/{id}/result", self.base))).await?;
+                    print_output(&response.bytes().await?);
+                    return Ok(());
+                }
+                bail!("task {id} ended {status}: {}", record["error"]["message"].as_str().unwrap_or("no details"));
+            }
+            if left.is_zero() {
+                bail!("task {id} is still {status} after {}; wait again or cancel it", crate::config::format_duration(timeout));
+            }
+        }
+    }
+
+    pub(crate) async fn task_cancel(&self, id: &str) -> Result<()> {
+        let response = self.send(self.http.delete(format!("{}/v1/tasks/{id}", self.base))).await?;
+        print_json(&response.json().await?);
+        Ok(())
+    }
+
+    pub(crate) async fn apps(&self) -> Result<()> {
+        let body = self.get_json("/v1/apps").await?;
+        let apps = body["apps"].as_array().cloned().unwrap_or_default();
+        if apps.is_empty() {
+            println!("no apps yet; deploy one with `beamlet deploy APP.wasm --name NAME`");
+            return Ok(());
+        }
+        println!("{:<24} {:>7} {:>8} {:>7} {:>7}", "NAME", "VERSION", "REPLICAS", "QUEUED", "RUNNING");
+        for app in apps {
+            println!(
+                "{:<24} {:>7} {:>8} {:>7} {:>7}",
+                app["name"].as_str().unwrap_or_default(),
+                app["version"],
+                app["replicas"],
+                app["queue"]["queued"],
+                app["queue"]["running"]
+            );
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn status(&self, name: &str) -> Result<()> {
+        print_json(&self.get_json(&format!("/v1/apps/{name}")).await?);
+        Ok(())
+    }
+
+    pub(crate) async fn logs(&self, name: &str, lines: usize) -> Result<()> {
+        let body = self.get_json(&format!("/v1/apps/{name}/logs?lines={lines}")).await?;
+        for line in body["lines"].as_array().into_iter().flatten() {
+            println!("{}", line.as_str().unwrap_or_default());
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn delete(&self, name: &str) -> Result<()> {
+        self.send(self.http.delete(format!("{}/v1/apps/{name}", self.base))).await?;
+        println!("removed {name}");
+        Ok(())
+    }
+}
+
+use futures_util::StreamExt as _;
+
+fn progress_bar(total: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {bytes}/{total_bytes}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message("uploading");
+    bar.enable_steady_tick(Duration::from_millis(100));
+    bar
+}
+
+fn api_error(status: StatusCode, body: &str) -> anyhow::Error {
+    let parsed: Option<Value> = serde_json::from_str(body).ok();
+    match parsed.as_ref().and_then(|v| v.get("error")) {
+        Some(error) => anyhow!(
+            "{} ({}, HTTP {})",
+            error["message"].as_str().unwrap_or("no message"),
+            error["code"].as_str().unwrap_or("?"),
+            status.as_u16()
+        ),
+        None => anyhow!("the server answered HTTP {status}: {body}"),
+    }
+}
+
+fn print_output(output: &[u8]) {
+    match serde_json::from_slice::<Value>(output) {
+        Ok(value) => print_json(&value),
+        Err(_) => {
+            use std::io::Write;
+            let _ = std::io::stdout().write_all(output);
+        }
+    }
+}
+
+fn print_json(value: &Value) {
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+}

@@ -1,0 +1,127 @@
+//! Deploy, list, inspect and remove apps.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::multipart::{MultipartError, MultipartRejection};
+use axum::extract::{Multipart, Path, Query, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::ApiError;
+use crate::node::Node;
+use crate::registry::App;
+
+pub(crate) async fn deploy(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let mut multipart = multipart.map_err(|e| {
+        ApiError::bad_request(format!(
+            "deploy takes multipart/form-data with a `component` part (and optionally `config`): {e}"
+        ))
+    })?;
+    let limit = node.limits.max_component;
+    let upload_error = move |e: MultipartError| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large("component upload", limit)
+        } else {
+            ApiError::bad_request(format!("failed to read the upload: {}", e.body_text()))
+        }
+    };
+    let (mut component, mut config) = (None, String::new());
+    while let Some(field) = multipart.next_field().await.map_err(upload_error)? {
+        match field.name().unwrap_or_default() {
+            "component" => component = Some(field.bytes().await.map_err(upload_error)?),
+            "config" => config = field.text().await.map_err(upload_error)?,
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown multipart part {other:?}; send `component` (the .wasm) and optionally `config` (TOML)"
+                )));
+            }
+        }
+    }
+    let component = component
+        .ok_or_else(|| ApiError::bad_request("the upload has no `component` part; attach the .wasm file as `component`"))?;
+    if component.len() > limit {
+        return Err(ApiError::too_large("component upload", limit));
+    }
+    let registry_node = node.clone();
+    let app = tokio::task::spawn_blocking(move || registry_node.registry.deploy(&name, &component, &config))
+        .await
+        .map_err(ApiError::internal)??;
+    tracing::info!(app = %app.version.name, version = app.version.version, digest = %app.version.digest, "deployed");
+    node.supervisor.run(&app);
+    let version = &app.version;
+    let body = json!({ "name": version.name, "version": version.version, "world": version.world, "digest": version.digest });
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+pub(crate) async fn list(State(node): State<Arc<Node>>) -> Json<Value> {
+    let apps: Vec<Value> = node
+        .registry
+        .list()
+        .iter()
+        .map(|app| {
+            json!({
+                "name": app.version.name,
+                "version": app.version.version,
+                "world": app.version.world,
+                "replicas": node.supervisor.replicas(&app.version.name).len(),
+                "queue": node.dispatch.counts(&app.version.name),
+            })
+        })
+        .collect();
+    Json(json!({ "apps": apps }))
+}
+
+pub(crate) async fn status(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let app = node.registry.get(&name).ok_or_else(|| ApiError::unknown_app(&name))?;
+    Ok(Json(describe(&node, &app)))
+}
+
+fn describe(node: &Node, app: &App) -> Value {
+    let name = &app.version.name;
+    let replicas = node.supervisor.replicas(name);
+    let desired = app.config.autoscaler.baseline_replicas();
+    json!({
+        "name": name,
+        "version": app.version.version,
+        "world": app.version.world,
+        "digest": app.version.digest,
+        "deployed_at": app.version.deployed_at,
+        "config": app.config,
+        "replicas": replicas,
+        "queue": node.dispatch.counts(name),
+        "autoscaler": { "desired": desired, "reason": "fixed replica count (autoscaling not configured)" },
+    })
+}
+
+pub(crate) async fn remove(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let removed = node.registry.remove(&name).map_err(ApiError::internal)?;
+    if removed.is_none() {
+        return Err(ApiError::unknown_app(&name));
+    }
+    node.supervisor.remove(&name);
+    node.dispatch.remove_app(&name);
+    node.logs.remove(&name);
+    tracing::info!(app = %name, "removed");
+    Ok(Json(json!({ "name": name, "removed": true })))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct LogsQuery {
+    lines: Option<usize>,
+}
+
+pub(crate) async fn logs(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    Query(query): Query<LogsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    node.registry.get(&name).ok_or_else(|| ApiError::unknown_app(&name))?;
+    let lines = node.logs.tail(&name, query.lines.unwrap_or(200));
+    Ok(Json(json!({ "name": name, "lines": lines })))
+}

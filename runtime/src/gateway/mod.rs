@@ -1,0 +1,47 @@
+//! The HTTP API (SPEC §4). Handlers translate HTTP to node calls and back;
+//! they know nothing of replicas or wasm.
+
+mod apps;
+mod errors;
+mod tasks;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+
+pub(crate) use self::errors::ApiError;
+use crate::node::Node;
+
+pub(crate) fn router(node: Arc<Node>) -> Router {
+    let upload_limit = node.limits.max_component + 1024 * 1024;
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/v1/apps", get(apps::list))
+        .route(
+            "/v1/apps/{name}",
+            get(apps::status).delete(apps::remove).put(apps::deploy).layer(DefaultBodyLimit::max(upload_limit)),
+        )
+        .route("/v1/apps/{name}/logs", get(apps::logs))
+        .route("/v1/apps/{name}/invoke", post(tasks::invoke))
+        .route("/v1/apps/{name}/tasks", post(tasks::submit))
+        .route("/v1/tasks/{id}", get(tasks::status).delete(tasks::cancel))
+        .route("/v1/tasks/{id}/result", get(tasks::result))
+        .fallback(|| async {
+            ApiError::new(axum::http::StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint; see the API in README.md")
+        })
+        .with_state(node)
+}
+
+/// Reads a request body of at most `limit` bytes.
+pub(crate) async fn read_body(body: Body, limit: usize, what: &str) -> Result<Bytes, ApiError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::too_large(what, limit)),
+        Err(e) => Err(ApiError::bad_request(format!("failed to read the request body: {e}"))),
+    }
+}

@@ -1,0 +1,127 @@
+//! Invoking apps: synchronously (`invoke`) or through the task queue.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{ApiError, read_body};
+use crate::node::Node;
+use crate::queue::{NewTask, TaskRecord, TaskStatus};
+
+const TASK_ID_HEADER: &str = "x-beamlet-task-id";
+/// The longest `?wait=` a status call may hold.
+const MAX_WAIT: Duration = Duration::from_secs(300);
+
+async fn enqueue(node: &Node, name: &str, body: Body) -> Result<TaskRecord, ApiError> {
+    let app = node.registry.get(name).ok_or_else(|| ApiError::unknown_app(name))?;
+    let input = read_body(body, node.limits.max_input, "request body").await?;
+    let queue = &app.config.task_queue;
+    let task = NewTask {
+        app: name.to_owned(),
+        input,
+        retries: queue.retries,
+        timeout: app.config.runtime.timeout,
+        ttl: queue.ttl,
+        max_queued: queue.max_queued,
+    };
+    Ok(node.dispatch.submit(task)?)
+}
+
+fn with_task_id(mut response: Response, id: &str) -> Response {
+    if let Ok(value) = HeaderValue::from_str(id) {
+        response.headers_mut().insert(TASK_ID_HEADER, value);
+    }
+    response
+}
+
+/// `POST /v1/apps/{name}/invoke`: runs the task and answers with its output.
+pub(crate) async fn invoke(State(node): State<Arc<Node>>, Path(name): Path<String>, body: Body) -> Response {
+    let record = match enqueue(&node, &name, body).await {
+        Ok(record) => record,
+        Err(e) => return e.into_response(),
+    };
+    let id = record.id;
+    let response = match node.dispatch.wait(&id, None).await {
+        Some(record) => output_response(&node, &record),
+        None => ApiError::unknown_task(&id).into_response(),
+    };
+    with_task_id(response, &id)
+}
+
+/// The output of a finished task, or the error it ended with.
+fn output_response(node: &Node, record: &TaskRecord) -> Response {
+    match (record.status, &record.error) {
+        (TaskStatus::Complete, _) => match node.dispatch.output(&record.id) {
+            Some(output) => {
+                let content_type = if serde_json::from_slice::<serde::de::IgnoredAny>(&output).is_ok() {
+                    "application/json"
+                } else {
+                    "application/octet-stream"
+                };
+                ([(header::CONTENT_TYPE, content_type)], output).into_response()
+            }
+            None => ApiError::unknown_task(&record.id).into_response(),
+        },
+        (status, Some(error)) if status.is_terminal() => ApiError::from(error).into_response(),
+        (status, _) => ApiError::new(
+            StatusCode::CONFLICT,
+            "NOT_FINISHED",
+            format!("task {} is {status:?}; wait for it with GET /v1/tasks/{}?wait=30s", record.id, record.id),
+        )
+        .into_response(),
+    }
+}
+
+/// `POST /v1/apps/{name}/tasks`: queues the task and answers at once.
+pub(crate) async fn submit(State(node): State<Arc<Node>>, Path(name): Path<String>, body: Body) -> Response {
+    match enqueue(&node, &name, body).await {
+        Ok(record) => {
+            let response = (StatusCode::ACCEPTED, Json(json!({ "task_id": record.id }))).into_response();
+            with_task_id(response, &record.id)
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct WaitQuery {
+    wait: Option<String>,
+}
+
+/// `GET /v1/tasks/{id}[?wait=30s]`.
+pub(crate) async fn status(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    Query(query): Query<WaitQuery>,
+) -> Result<Json<TaskRecord>, ApiError> {
+    let record = match query.wait {
+        Some(wait) => {
+            let wait = crate::config::parse_duration(&wait)
+                .map_err(|e| ApiError::bad_request(format!("wait: {e}")))?
+                .min(MAX_WAIT);
+            node.dispatch.wait(&id, Some(wait)).await
+        }
+        None => node.dispatch.get(&id),
+    };
+    record.map(Json).ok_or_else(|| ApiError::unknown_task(&id))
+}
+
+/// `GET /v1/tasks/{id}/result`.
+pub(crate) async fn result(State(node): State<Arc<Node>>, Path(id): Path<String>) -> Response {
+    match node.dispatch.get(&id) {
+        Some(record) => with_task_id(output_response(&node, &record), &id),
+        None => ApiError::unknown_task(&id).into_response(),
+    }
+}
+
+/// `DELETE /v1/tasks/{id}`.
+pub(crate) async fn cancel(State(node): State<Arc<Node>>, Path(id): Path<String>) -> Result<Json<TaskRecord>, ApiError> {
+    Ok(Json(node.dispatch.cancel(&id)?))
+}

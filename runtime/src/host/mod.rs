@@ -1,0 +1,69 @@
+//! What the host gives a guest: one module per WIT interface, wired into one
+//! linker here. A worker's store holds a [`WorkerState`].
+
+pub(crate) mod bindings;
+pub(crate) mod limits;
+pub(crate) mod logs;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use anyhow::Result;
+use wasmtime::Engine;
+use wasmtime::component::{Linker, ResourceTable};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use self::limits::MemoryLimiter;
+use self::logs::LogPipe;
+
+/// Everything a worker's store carries for the guest.
+pub(crate) struct WorkerState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limiter: MemoryLimiter,
+    pub(crate) stdout: LogPipe,
+    pub(crate) stderr: LogPipe,
+    /// When the running call must stop; checked on every epoch tick.
+    pub(crate) deadline: Option<Instant>,
+    /// Set by the node to cancel the running call.
+    pub(crate) cancel: Arc<AtomicBool>,
+}
+
+impl WorkerState {
+    /// A guest gets stdio (captured), clocks and random; no filesystem,
+    /// environment, arguments or network.
+    pub(crate) fn new(memory_limit: u64, cancel: Arc<AtomicBool>) -> Self {
+        let stdout = LogPipe::default();
+        let stderr = LogPipe::default();
+        let wasi = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        Self {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter::new(memory_limit),
+            stdout,
+            stderr,
+            deadline: None,
+            cancel,
+        }
+    }
+}
+
+impl WasiView for WorkerState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// The linker every `function` component is instantiated with.
+pub(crate) fn function_linker(engine: &Engine) -> Result<Linker<WorkerState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+    Ok(linker)
+}

@@ -1,0 +1,181 @@
+//! Node <-> replica frames on the replica's local socket (a socket pair whose
+//! replica end is inherited as a file descriptor).
+//!
+//! A frame is a little-endian `u32` length followed by a postcard-encoded
+//! message. The node writes [`ToReplica`]; the replica writes [`FromReplica`].
+
+use std::io::{Read, Write};
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Largest frame either side accepts: the biggest payload plus headroom.
+pub(crate) const MAX_FRAME: usize = 128 * 1024 * 1024;
+
+/// What a replica must know to start: sent once, first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ReplicaSpec {
+    pub app: String,
+    pub version: u32,
+    pub replica: String,
+    /// Path of the precompiled component.
+    pub compiled: String,
+    pub workers: u32,
+    /// Wasm memory limit of each worker, in bytes.
+    pub memory_per_worker: u64,
+    /// A fresh instance for every task instead of one per worker.
+    pub fresh_instance_per_task: bool,
+    /// How long `init` may run, in milliseconds.
+    pub init_timeout_ms: u64,
+}
+
+/// One task for one worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct RunTask {
+    /// The node's handle for this run; `Done` and `Cancel` refer to it.
+    pub seq: u64,
+    pub task_id: String,
+    pub attempt: u32,
+    pub timeout_ms: u64,
+    pub input: Vec<u8>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum ToReplica {
+    Start(ReplicaSpec),
+    Run(RunTask),
+    /// Stop the run `seq` if it is still going; it ends `Cancelled`.
+    Cancel { seq: u64 },
+    /// Finish the tasks already sent, then exit.
+    Drain,
+}
+
+/// How a run ended, as the replica saw it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub(crate) enum Outcome {
+    Complete(Vec<u8>),
+    /// The handler returned `error::bad-input`.
+    BadInput(String),
+    /// The handler returned `error::failed`.
+    Failed(String),
+    /// The guest trapped; the message includes the trap and its stderr tail.
+    Trap(String),
+    /// The guest grew its memory past its limit and died of it.
+    OutOfMemory(String),
+    /// The run outlived its timeout and was stopped.
+    Timeout,
+    /// The node cancelled the run.
+    Cancelled,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct TaskDone {
+    pub seq: u64,
+    pub worker: u32,
+    pub outcome: Outcome,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// Time spent in the guest, in microseconds.
+    pub run_us: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum FromReplica {
+    /// A worker's instance is up and its `init` returned.
+    WorkerStarted { worker: u32, instantiate_us: u64, init_us: u64, stdout: Vec<u8>, stderr: Vec<u8> },
+    /// Every worker started; the replica takes tasks.
+    Ready,
+    /// The replica cannot start (bad component, `init` failed); it exits next.
+    StartFailed { message: String },
+    Done(TaskDone),
+}
+
+fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>> {
+    let mut frame = postcard::to_extend(message, vec![0u8; 4]).context("failed to encode frame")?;
+    let len = u32::try_from(frame.len() - 4).context("frame too large")?;
+    frame[..4].copy_from_slice(&len.to_le_bytes());
+    Ok(frame)
+}
+
+fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
+    postcard::from_bytes(body).context("failed to decode frame")
+}
+
+fn check_len(len: u32) -> Result<usize> {
+    let len = len as usize;
+    if len > MAX_FRAME {
+        bail!("frame of {len} bytes exceeds the {MAX_FRAME} byte limit");
+    }
+    Ok(len)
+}
+
+/// Blocking side, used by the replica process.
+pub(crate) fn write_blocking<T: Serialize>(out: &mut impl Write, message: &T) -> Result<()> {
+    out.write_all(&encode(message)?)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Reads one frame; `None` at a clean end of stream (the peer is gone).
+pub(crate) fn read_blocking<T: DeserializeOwned>(input: &mut impl Read) -> Result<Option<T>> {
+    let mut len = [0u8; 4];
+    match input.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let mut body = vec![0u8; check_len(u32::from_le_bytes(len))?];
+    input.read_exact(&mut body)?;
+    decode(&body).map(Some)
+}
+
+/// Async side, used by the node.
+pub(crate) async fn write_async<T: Serialize>(
+    out: &mut (impl tokio::io::AsyncWrite + Unpin),
+    message: &T,
+) -> Result<()> {
+    out.write_all(&encode(message)?).await?;
+    out.flush().await?;
+    Ok(())
+}
+
+pub(crate) async fn read_async<T: DeserializeOwned>(
+    input: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> Result<Option<T>> {
+    let len = match input.read_u32_le().await {
+        Ok(len) => len,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut body = vec![0u8; check_len(len)?];
+    input.read_exact(&mut body).await?;
+    decode(&body).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let mut buf = Vec::new();
+        let run = RunTask { seq: 7, task_id: "t".into(), attempt: 2, timeout_ms: 10, input: b"{}".to_vec() };
+        write_blocking(&mut buf, &ToReplica::Run(run)).unwrap();
+        write_blocking(&mut buf, &ToReplica::Drain).unwrap();
+        let mut cursor = std::io::Cursor::new(buf);
+        match read_blocking::<ToReplica>(&mut cursor).unwrap() {
+            Some(ToReplica::Run(run)) => assert_eq!((run.seq, run.attempt, run.input.as_slice()), (7, 2, &b"{}"[..])),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(read_blocking::<ToReplica>(&mut cursor).unwrap(), Some(ToReplica::Drain)));
+        assert!(read_blocking::<ToReplica>(&mut cursor).unwrap().is_none());
+    }
+
+    #[test]
+    fn oversized_frame_is_refused() {
+        let mut cursor = std::io::Cursor::new(u32::MAX.to_le_bytes().to_vec());
+        assert!(read_blocking::<ToReplica>(&mut cursor).is_err());
+    }
+}

@@ -1,0 +1,20 @@
+//! `beamlet`: a serverless function runtime for WebAssembly components.
+
+mod cli;
+mod client;
+mod config;
+mod engine;
+mod gateway;
+mod host;
+mod ipc;
+mod node;
+mod queue;
+mod registry;
+mod replica;
+mod supervisor;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    cli::main()
+}

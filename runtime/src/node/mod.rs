@@ -1,0 +1,87 @@
+//! One node: the gateway, the queue, the registry and the replica supervisor,
+//! wired together by `beamlet serve`.
+
+mod logs;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use tokio::io::AsyncWriteExt;
+
+pub(crate) use self::logs::AppLogs;
+use crate::queue::{Dispatch, MemoryQueue};
+use crate::registry::Registry;
+use crate::supervisor::Supervisor;
+
+/// Request size limits, in bytes.
+pub(crate) struct Limits {
+    pub max_component: usize,
+    pub max_input: usize,
+}
+
+/// Options of `beamlet serve`.
+pub(crate) struct ServeOptions {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub limits: Limits,
+}
+
+pub(crate) struct Node {
+    pub registry: Registry,
+    pub dispatch: Arc<Dispatch>,
+    pub supervisor: Supervisor,
+    pub logs: Arc<AppLogs>,
+    pub limits: Limits,
+}
+
+/// How long finished tasks and their results are kept.
+const KEEP_FINISHED: Duration = Duration::from_secs(3600);
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
+    let data_dir = options.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("failed to create data dir {data_dir:?}"))?;
+    let registry = tokio::task::spawn_blocking(move || Registry::open(&data_dir)).await??;
+    let dispatch = Arc::new(Dispatch::new(Arc::new(MemoryQueue::default())));
+    let logs = Arc::new(AppLogs::default());
+    let exe = std::env::current_exe().context("failed to find the beamlet executable")?;
+    let supervisor = Supervisor::new(exe, dispatch.clone(), logs.clone());
+    let node = Arc::new(Node { registry, dispatch, supervisor, logs, limits: options.limits });
+    for app in node.registry.list() {
+        tracing::info!(app = %app.version.name, version = app.version.version, "restoring app");
+        node.supervisor.run(&app);
+    }
+    let sweeper = node.dispatch.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        loop {
+            tick.tick().await;
+            sweeper.sweep(KEEP_FINISHED);
+        }
+    });
+
+    let listener = tokio::net::TcpListener::bind(options.listen)
+        .await
+        .with_context(|| format!("failed to listen on {}; is another server using it? pick another with --listen", options.listen))?;
+    let addr = listener.local_addr()?;
+    let mut stdout = tokio::io::stdout();
+    stdout.write_all(format!("listening on http://{addr}\n").as_bytes()).await?;
+    stdout.flush().await?;
+    tracing::info!(data_dir = ?options.data_dir, "beamlet node serving on http://{addr}");
+    axum::serve(listener, crate::gateway::router(node))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("the HTTP server failed")
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(term) => { term.recv().await; } None => std::future::pending().await } } => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,163 @@
+//! One node's view of the queue: replicas wait here for work, callers wait
+//! here for results, and cancellations are routed to the replica running
+//! the task.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use super::{Cancelled, Counts, Finish, Lease, NewTask, Queue, QueueError, TaskId, TaskRecord, now_ms};
+
+pub(crate) struct Dispatch {
+    queue: Arc<dyn Queue>,
+    /// Woken when an app's queue gains a task.
+    arrivals: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Callers waiting for a task to end.
+    waiters: Mutex<HashMap<TaskId, Vec<oneshot::Sender<TaskRecord>>>>,
+    /// Where to send a cancellation for each running task.
+    routes: Mutex<HashMap<TaskId, mpsc::UnboundedSender<TaskId>>>,
+}
+
+impl Dispatch {
+    pub(crate) fn new(queue: Arc<dyn Queue>) -> Self {
+        Self {
+            queue,
+            arrivals: Mutex::default(),
+            waiters: Mutex::default(),
+            routes: Mutex::default(),
+        }
+    }
+
+    fn arrivals(&self, app: &str) -> Arc<Notify> {
+        self.arrivals.lock().unwrap().entry(app.to_owned()).or_default().clone()
+    }
+
+    fn wake(&self, app: &str) {
+        self.arrivals(app).notify_waiters();
+    }
+
+    /// Tells everyone waiting on a task that ended how it ended.
+    fn resolve(&self, record: &TaskRecord) {
+        self.routes.lock().unwrap().remove(&record.id);
+        for waiter in self.waiters.lock().unwrap().remove(&record.id).unwrap_or_default() {
+            let _ = waiter.send(record.clone());
+        }
+    }
+
+    pub(crate) fn submit(&self, task: NewTask) -> Result<TaskRecord, QueueError> {
+        let record = self.queue.enqueue(task, now_ms())?;
+        self.wake(&record.app);
+        Ok(record)
+    }
+
+    /// Waits for the app's next task and leases it. Cancel-safe: a lease is
+    /// taken only in the poll that returns it.
+    pub(crate) async fn next(&self, app: &str) -> Lease {
+        let arrivals = self.arrivals(app);
+        loop {
+            let notified = arrivals.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(lease) = self.queue.lease(app, now_ms()) {
+                return lease;
+            }
+            notified.await;
+        }
+    }
+
+    /// Routes a later cancellation of `id` to `route`.
+    pub(crate) fn route(&self, id: &str, route: &mpsc::UnboundedSender<TaskId>) {
+        self.routes.lock().unwrap().insert(id.to_owned(), route.clone());
+    }
+
+    pub(crate) fn finish(&self, id: &str, finish: Finish) -> Option<TaskRecord> {
+        let record = self.queue.finish(id, finish, now_ms())?;
+        if record.status.is_terminal() {
+            self.resolve(&record);
+        } else {
+            self.routes.lock().unwrap().remove(id);
+            self.wake(&record.app);
+        }
+        Some(record)
+    }
+
+    pub(crate) fn cancel(&self, id: &str) -> Result<TaskRecord, QueueError> {
+        let route = self.routes.lock().unwrap().get(id).cloned();
+        let record = match self.queue.cancel(id, now_ms())? {
+            Cancelled::Queued(record) => record,
+            Cancelled::Running(record) => {
+                if let Some(route) = route {
+                    let _ = route.send(id.to_owned());
+                }
+                record
+            }
+        };
+        self.resolve(&record);
+        Ok(record)
+    }
+
+    /// The task's record once it has ended, or as it is when `timeout` runs
+    /// out (`None` waits for the end). `None` for an unknown task.
+    pub(crate) async fn wait(&self, id: &str, timeout: Option<Duration>) -> Option<TaskRecord> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().unwrap().entry(id.to_owned()).or_default().push(tx);
+        // Checked after registering, so an end in between is not missed.
+        let current = self.queue.get(id);
+        match &current {
+            Some(record) if !record.status.is_terminal() => {}
+            _ => {
+                drop(rx);
+                self.forget_closed_waiters(id);
+                return current;
+            }
+        }
+        let ended = match timeout {
+            Some(timeout) => tokio::time::timeout(timeout, rx).await.ok().and_then(Result::ok),
+            None => rx.await.ok(),
+        };
+        match ended {
+            Some(record) => Some(record),
+            None => {
+                self.forget_closed_waiters(id);
+                self.queue.get(id)
+            }
+        }
+    }
+
+    fn forget_closed_waiters(&self, id: &str) {
+        let mut waiters = self.waiters.lock().unwrap();
+        if let Some(list) = waiters.get_mut(id) {
+            list.retain(|waiter| !waiter.is_closed());
+            if list.is_empty() {
+                waiters.remove(id);
+            }
+        }
+    }
+
+    pub(crate) fn get(&self, id: &str) -> Option<TaskRecord> {
+        self.queue.get(id)
+    }
+
+    pub(crate) fn output(&self, id: &str) -> Option<Bytes> {
+        self.queue.output(id)
+    }
+
+    pub(crate) fn counts(&self, app: &str) -> Counts {
+        self.queue.counts(app)
+    }
+
+    pub(crate) fn sweep(&self, keep_finished: Duration) {
+        for record in self.queue.sweep(now_ms(), keep_finished) {
+            self.resolve(&record);
+        }
+    }
+
+    pub(crate) fn remove_app(&self, app: &str) {
+        for record in self.queue.remove_app(app, now_ms()) {
+            self.resolve(&record);
+        }
+    }
+}

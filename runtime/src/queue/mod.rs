@@ -1,0 +1,184 @@
+//! The task queue: every invocation, synchronous or not, is a task here.
+//!
+//! [`Queue`] is the storage interface (the embedded store and a Redis backend
+//! sit behind it); [`Dispatch`] adds what one node needs on top: waking
+//! replicas when work arrives and callers when a task ends.
+
+mod dispatch;
+mod memory;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+pub(crate) use self::dispatch::Dispatch;
+pub(crate) use self::memory::MemoryQueue;
+
+pub(crate) type TaskId = String;
+
+/// A task's place in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub(crate) enum TaskStatus {
+    /// Queued, not yet run.
+    Pending,
+    /// Leased to a worker.
+    Running,
+    /// Finished with an output.
+    Complete,
+    /// Finished with an error (a trap after its retries, or the handler's error).
+    Failed,
+    /// Ran past its timeout on its last attempt.
+    Timeout,
+    /// Cancelled by a caller.
+    Cancelled,
+    /// Still queued when its `ttl` ran out.
+    Expired,
+    /// Queued again after a failed attempt, waiting for another.
+    Retry,
+}
+
+impl TaskStatus {
+    pub(crate) fn is_terminal(self) -> bool {
+        matches!(self, Self::Complete | Self::Failed | Self::Timeout | Self::Cancelled | Self::Expired)
+    }
+
+    pub(crate) fn is_queued(self) -> bool {
+        matches!(self, Self::Pending | Self::Retry)
+    }
+}
+
+/// Why a task failed, in the API's error shape.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct TaskError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub(crate) enum ErrorCode {
+    /// The handler refused its input.
+    BadInput,
+    /// The handler returned an error.
+    GuestError,
+    /// The guest trapped.
+    GuestTrap,
+    /// The guest exhausted its memory limit.
+    OutOfMemory,
+    /// The task ran past its timeout.
+    Timeout,
+    /// The replica running the task died.
+    ReplicaLost,
+    Cancelled,
+    Expired,
+}
+
+/// What a caller sees of a task.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct TaskRecord {
+    pub id: TaskId,
+    pub app: String,
+    pub status: TaskStatus,
+    /// Runs started so far.
+    pub attempts: u32,
+    pub created_at: u64,
+    pub started_at: Option<u64>,
+    pub ended_at: Option<u64>,
+    pub error: Option<TaskError>,
+}
+
+/// A task to add.
+#[derive(Debug, Clone)]
+pub(crate) struct NewTask {
+    pub app: String,
+    pub input: Bytes,
+    /// Re-runs allowed after a trap, crash or timeout.
+    pub retries: u32,
+    pub timeout: Duration,
+    /// How long it may wait in the queue.
+    pub ttl: Duration,
+    /// Refuse the task when this many of the app's tasks are already queued.
+    pub max_queued: u32,
+}
+
+/// A task handed to a worker.
+#[derive(Debug, Clone)]
+pub(crate) struct Lease {
+    pub id: TaskId,
+    pub app: String,
+    pub input: Bytes,
+    /// 1 for the first run.
+    pub attempt: u32,
+    pub timeout: Duration,
+}
+
+/// How a run ended, from the queue's side.
+#[derive(Debug, Clone)]
+pub(crate) enum Finish {
+    Complete(Bytes),
+    /// Final whatever the retries left: the handler itself said no.
+    Rejected(TaskError),
+    /// Retried while attempts remain: a trap, a timeout, a lost replica.
+    Retryable(TaskError),
+    Cancelled,
+}
+
+/// Queued and running tasks of one app.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub(crate) struct Counts {
+    pub queued: u64,
+    pub running: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum QueueError {
+    #[error("app {app:?} already has {limit} queued tasks; retry later or raise [task_queue] max_queued")]
+    Full { app: String, limit: u32 },
+    #[error("no task {0:?}")]
+    UnknownTask(TaskId),
+    #[error("task {id:?} already ended as {status:?}")]
+    AlreadyEnded { id: TaskId, status: TaskStatus },
+}
+
+/// What cancelling did.
+#[derive(Debug, Clone)]
+pub(crate) enum Cancelled {
+    /// It was queued and is gone from the queue.
+    Queued(TaskRecord),
+    /// It was running; the worker must be told to stop it.
+    Running(TaskRecord),
+}
+
+/// The storage behind the task lifecycle. Implementations apply each change
+/// atomically; [`Dispatch`] does all waiting and waking.
+pub(crate) trait Queue: Send + Sync + 'static {
+    fn enqueue(&self, task: NewTask, now: u64) -> Result<TaskRecord, QueueError>;
+    /// Takes the app's oldest queued task, marking it running.
+    fn lease(&self, app: &str, now: u64) -> Option<Lease>;
+    /// Records how a run ended; a retryable failure with attempts left goes
+    /// back to the queue as `Retry`. Unknown or already-ended tasks are `None`
+    /// (a cancelled task whose worker reports late).
+    fn finish(&self, id: &str, finish: Finish, now: u64) -> Option<TaskRecord>;
+    fn cancel(&self, id: &str, now: u64) -> Result<Cancelled, QueueError>;
+    fn get(&self, id: &str) -> Option<TaskRecord>;
+    fn output(&self, id: &str) -> Option<Bytes>;
+    fn counts(&self, app: &str) -> Counts;
+    /// Expires queued tasks past their ttl and forgets finished tasks older
+    /// than `keep_finished`; returns the tasks it expired.
+    fn sweep(&self, now: u64, keep_finished: Duration) -> Vec<TaskRecord>;
+    /// Drops every queued task of a removed app, cancelling it.
+    fn remove_app(&self, app: &str, now: u64) -> Vec<TaskRecord>;
+}
+
+/// Milliseconds since the Unix epoch: the queue's clock.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+pub(crate) fn new_task_id() -> TaskId {
+    uuid::Uuid::now_v7().to_string()
+}

@@ -1,0 +1,271 @@
+//! Apps and their versions, and the compiled-component cache.
+//!
+//! Under `--data-dir`: `components/{digest}.wasm` (what was uploaded),
+//! `compiled/{digest}-{engine}.cwasm` (precompiled for this build's engine,
+//! loaded by replicas) and `apps/{name}.json` (the app's current version).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use wasmtime::Engine;
+use wasmtime::component::{Component, Linker};
+
+use crate::config::{self, AppConfig};
+use crate::engine::{self, Allocation};
+use crate::host::{self, WorkerState};
+use crate::host::bindings::FunctionPre;
+
+/// The WIT world a component was built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum World {
+    /// `beamlet:function/function`: typed handlers.
+    #[serde(rename = "beamlet:function/function")]
+    Function,
+}
+
+/// One deployed version of an app, as stored and as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct AppVersion {
+    pub name: String,
+    pub version: u32,
+    pub world: World,
+    /// sha256 of the uploaded component, hex.
+    pub digest: String,
+    /// The config as uploaded (TOML), empty for defaults.
+    pub config_toml: String,
+    /// When this version was deployed (ms since the epoch).
+    pub deployed_at: u64,
+}
+
+/// A deployed app: its version record, parsed config and compiled artifact.
+#[derive(Debug, Clone)]
+pub(crate) struct App {
+    pub version: AppVersion,
+    pub config: AppConfig,
+    pub compiled: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DeployError {
+    #[error("app name {0:?} is not valid: use 1-63 lowercase letters, digits and '-', starting with a letter or digit")]
+    BadName(String),
+    #[error("the config is not valid: {0}")]
+    BadConfig(#[from] config::ConfigError),
+    #[error("the upload is empty: send the component's bytes in the multipart part `component`")]
+    Empty,
+    #[error("the upload is not a WebAssembly file (it does not start with \\0asm); send the .wasm component your build produced")]
+    NotWasm,
+    #[error(
+        "the upload is a core WebAssembly module, not a component: build for the wasm32-wasip2 target \
+         (cargo build --target wasm32-wasip2), or wrap the module with `wasm-tools component new`"
+    )]
+    CoreModule,
+    #[error("the component failed to compile: {0}")]
+    Compile(String),
+    #[error(
+        "the component does not target world beamlet:function/function: {reason}. Its exports are [{exports}]; \
+         a handler built with beamlet-sdk exports `init` and `handle`"
+    )]
+    WrongWorld { reason: String, exports: String },
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+pub(crate) struct Registry {
+    dir: PathBuf,
+    engine: Engine,
+    linker: Linker<WorkerState>,
+    engine_key: String,
+    apps: Mutex<BTreeMap<String, App>>,
+}
+
+impl Registry {
+    /// Opens the registry under `data_dir`, recompiling any app whose
+    /// compiled artifact is missing (for example after an upgrade).
+    pub(crate) fn open(data_dir: &Path) -> Result<Self> {
+        for sub in ["components", "compiled", "apps"] {
+            std::fs::create_dir_all(data_dir.join(sub))
+                .with_context(|| format!("failed to create {:?}", data_dir.join(sub)))?;
+        }
+        let engine = engine::new_engine(Allocation::OnDemand)?;
+        let linker = host::function_linker(&engine)?;
+        let registry = Self {
+            dir: data_dir.to_owned(),
+            engine_key: engine::compatibility_key(&engine),
+            engine,
+            linker,
+            apps: Mutex::default(),
+        };
+        for entry in std::fs::read_dir(data_dir.join("apps"))? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|ext| ext == "json") {
+                match registry.load(&path) {
+                    Ok(app) => {
+                        registry.apps.lock().unwrap().insert(app.version.name.clone(), app);
+                    }
+                    Err(e) => tracing::error!("failed to load app {path:?}: {e:#}"),
+                }
+            }
+        }
+        Ok(registry)
+    }
+
+    fn load(&self, path: &Path) -> Result<App> {
+        let version: AppVersion = serde_json::from_slice(&std::fs::read(path)?)?;
+        let config = config::parse(&version.config_toml)?;
+        let compiled = self.compiled_path(&version.digest);
+        if !compiled.exists() {
+            let wasm = std::fs::read(self.component_path(&version.digest))?;
+            let component = self.compile(&wasm).map_err(|e| anyhow::anyhow!("{e}"))?;
+            self.write_compiled(&component, &compiled)?;
+        }
+        Ok(App { version, config, compiled })
+    }
+
+    fn component_path(&self, digest: &str) -> PathBuf {
+        self.dir.join("components").join(format!("{digest}.wasm"))
+    }
+
+    fn compiled_path(&self, digest: &str) -> PathBuf {
+        self.dir.join("compiled").join(format!("{digest}-{}.cwasm", self.engine_key))
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Option<App> {
+        self.apps.lock().unwrap().get(name).cloned()
+    }
+
+    pub(crate) fn list(&self) -> Vec<App> {
+        self.apps.lock().unwrap().values().cloned().collect()
+    }
+
+    /// Validates, compiles and records a new version of `name`. Blocking:
+    /// compiling a component takes a while.
+    pub(crate) fn deploy(&self, name: &str, wasm: &[u8], config_toml: &str) -> Result<App, DeployError> {
+        validate_name(name)?;
+        let config = config::parse(config_toml)?;
+        check_header(wasm)?;
+        let digest = hex(&Sha256::digest(wasm));
+        let compiled = self.compiled_path(&digest);
+        let world = if compiled.exists() {
+            // SAFETY: written by `write_compiled` from this engine (its key is in the name).
+            let component = unsafe { Component::deserialize_file(&self.engine, &compiled) };
+            match component {
+                Ok(component) => self.world_of(&component)?,
+                Err(_) => self.compile_and_store(wasm, &compiled)?,
+            }
+        } else {
+            self.compile_and_store(wasm, &compiled)?
+        };
+        write_atomic(&self.component_path(&digest), wasm)?;
+        let mut apps = self.apps.lock().unwrap();
+        let version = AppVersion {
+            name: name.to_owned(),
+            version: apps.get(name).map_or(1, |app| app.version.version + 1),
+            world,
+            digest,
+            config_toml: config_toml.to_owned(),
+            deployed_at: crate::queue::now_ms(),
+        };
+        let json = serde_json::to_vec_pretty(&version).context("failed to encode app record")?;
+        write_atomic(&self.dir.join("apps").join(format!("{name}.json")), &json)?;
+        let app = App { version, config, compiled };
+        apps.insert(name.to_owned(), app.clone());
+        Ok(app)
+    }
+
+    pub(crate) fn remove(&self, name: &str) -> Result<Option<App>> {
+        let mut apps = self.apps.lock().unwrap();
+        let Some(app) = apps.remove(name) else { return Ok(None) };
+        let path = self.dir.join("apps").join(format!("{name}.json"));
+        std::fs::remove_file(&path).with_context(|| format!("failed to remove {path:?}"))?;
+        Ok(Some(app))
+    }
+
+    fn compile(&self, wasm: &[u8]) -> Result<Component, DeployError> {
+        Component::new(&self.engine, wasm).map_err(|e| DeployError::Compile(format!("{e:#}")))
+    }
+
+    fn compile_and_store(&self, wasm: &[u8], compiled: &Path) -> Result<World, DeployError> {
+        let component = self.compile(wasm)?;
+        let world = self.world_of(&component)?;
+        self.write_compiled(&component, compiled)?;
+        Ok(world)
+    }
+
+    fn write_compiled(&self, component: &Component, path: &Path) -> Result<()> {
+        let bytes = component.serialize().map_err(anyhow::Error::from).context("failed to serialize component")?;
+        write_atomic(path, &bytes)
+    }
+
+    /// Checks the component against the worlds this node serves.
+    fn world_of(&self, component: &Component) -> Result<World, DeployError> {
+        let checked = self.linker.instantiate_pre(component).and_then(FunctionPre::new);
+        match checked {
+            Ok(_) => Ok(World::Function),
+            Err(e) => {
+                let ty = component.component_type();
+                let exports: Vec<&str> = ty.exports(&self.engine).map(|(name, _)| name).collect();
+                Err(DeployError::WrongWorld { reason: format!("{e:#}"), exports: exports.join(", ") })
+            }
+        }
+    }
+}
+
+fn validate_name(name: &str) -> Result<(), DeployError> {
+    let ok = (1..=63).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    if ok { Ok(()) } else { Err(DeployError::BadName(name.to_owned())) }
+}
+
+/// Tells junk and core modules from components by the 8-byte header.
+fn check_header(wasm: &[u8]) -> Result<(), DeployError> {
+    if wasm.is_empty() {
+        return Err(DeployError::Empty);
+    }
+    if wasm.len() < 8 || &wasm[..4] != b"\0asm" {
+        return Err(DeployError::NotWasm);
+    }
+    // Bytes 4..8: version 1 (core) vs the component layer (0x0d, 0, 1, 0).
+    if wasm[4..8] == [1, 0, 0, 0] {
+        return Err(DeployError::CoreModule);
+    }
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("failed to write {tmp:?}"))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("failed to write {path:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["hello", "a", "gpu-mlp-2"] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Hello", "-x", "a_b", "a/b", &"x".repeat(64)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn headers() {
+        assert!(matches!(check_header(b""), Err(DeployError::Empty)));
+        assert!(matches!(check_header(b"hello world"), Err(DeployError::NotWasm)));
+        assert!(matches!(check_header(b"\0asm\x01\0\0\0"), Err(DeployError::CoreModule)));
+        assert!(check_header(b"\0asm\x0d\0\x01\0").is_ok());
+    }
+}

@@ -1,0 +1,121 @@
+//! The replica process (`beamlet replica`): loads one precompiled component,
+//! starts `workers` instances and runs the tasks the node sends, each worker
+//! one task at a time. It exits when the node asks it to drain, and at once
+//! when the node's end of the socket closes (the node died: no orphans).
+
+mod cancel;
+mod worker;
+
+use std::io::BufReader;
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, mpsc};
+
+use anyhow::{Context as _, Result, bail};
+use wasmtime::component::Component;
+
+use crate::engine::{self, Allocation};
+use crate::host;
+use crate::host::bindings::FunctionPre;
+use crate::ipc::{self, FromReplica, ReplicaSpec, RunTask, ToReplica};
+
+use self::cancel::Cancels;
+use self::worker::Worker;
+
+/// The replica's end of the socket, shared by the workers for their replies.
+#[derive(Clone)]
+pub(crate) struct Replies(Arc<Mutex<UnixStream>>);
+
+impl Replies {
+    pub(crate) fn send(&self, message: &FromReplica) {
+        let mut stream = self.0.lock().unwrap();
+        if let Err(e) = ipc::write_blocking(&mut *stream, message) {
+            // The node is gone; nothing left to do for it.
+            tracing::debug!("failed to reply to the node: {e:#}");
+            std::process::exit(0);
+        }
+    }
+}
+
+/// Entry point of `beamlet replica --fd N`.
+pub(crate) fn main(fd: RawFd) -> Result<()> {
+    // SAFETY: the node hands this descriptor to the child and nothing else owns it.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let replies = Replies(Arc::new(Mutex::new(stream.try_clone().context("failed to clone the node socket")?)));
+    let mut input = BufReader::new(stream);
+    let spec = match ipc::read_blocking::<ToReplica>(&mut input)? {
+        Some(ToReplica::Start(spec)) => spec,
+        Some(other) => bail!("expected a start frame from the node, got {other:?}"),
+        None => return Ok(()),
+    };
+    let workers = match start_workers(&spec, &replies) {
+        Ok(workers) => workers,
+        Err(e) => {
+            let message = format!("{e:#}");
+            tracing::error!(app = %spec.app, replica = %spec.replica, "replica failed to start: {message}");
+            replies.send(&FromReplica::StartFailed { message });
+            std::process::exit(1);
+        }
+    };
+    replies.send(&FromReplica::Ready);
+    serve(input, workers)
+}
+
+fn start_workers(spec: &ReplicaSpec, replies: &Replies) -> Result<Vec<Worker>> {
+    let engine = engine::new_engine(Allocation::Pooling {
+        slots: spec.workers + 1,
+        memory_bytes: spec.memory_per_worker,
+    })?;
+    engine::start_epoch_ticker(engine.clone());
+    // SAFETY: the node wrote this file from `Component::serialize` of the same
+    // build, under a name that carries the engine's compatibility key.
+    let component = unsafe { Component::deserialize_file(&engine, &spec.compiled) }
+        .map_err(anyhow::Error::from)
+        .with_context(|| format!("failed to load the compiled component {:?}", spec.compiled))?;
+    let linker = host::function_linker(&engine)?;
+    let pre = linker
+        .instantiate_pre(&component)
+        .and_then(FunctionPre::new)
+        .map_err(anyhow::Error::from)
+        .context("failed to link the component")?;
+    let spec = Arc::new(spec.clone());
+    (0..spec.workers)
+        .map(|index| Worker::start(index, spec.clone(), pre.clone(), replies.clone()))
+        .collect()
+}
+
+/// Reads the node's frames until it says drain or goes away.
+fn serve(mut input: BufReader<UnixStream>, workers: Vec<Worker>) -> Result<()> {
+    let (tasks, queue) = mpsc::channel::<RunTask>();
+    let queue = Arc::new(Mutex::new(queue));
+    let cancels = Arc::new(Cancels::default());
+    let threads: Vec<_> = workers
+        .into_iter()
+        .map(|worker| {
+            let (queue, cancels) = (queue.clone(), cancels.clone());
+            std::thread::Builder::new()
+                .name(format!("worker-{}", worker.index()))
+                .spawn(move || worker.run(&queue, &cancels))
+                .context("failed to spawn a worker thread")
+        })
+        .collect::<Result<_>>()?;
+    loop {
+        match ipc::read_blocking::<ToReplica>(&mut input) {
+            Ok(Some(ToReplica::Run(task))) => {
+                tasks.send(task).expect("workers outlive the reader");
+            }
+            Ok(Some(ToReplica::Cancel { seq })) => cancels.cancel(seq),
+            Ok(Some(ToReplica::Drain)) => break,
+            Ok(Some(ToReplica::Start(_))) => bail!("the node sent a second start frame"),
+            Ok(None) | Err(_) => {
+                // The node died or the socket broke: stop now, whatever runs.
+                std::process::exit(0);
+            }
+        }
+    }
+    drop(tasks);
+    for thread in threads {
+        let _ = thread.join();
+    }
+    Ok(())
+}

@@ -1,0 +1,321 @@
+//! One replica slot: starts a `beamlet replica` process, feeds it tasks while
+//! it has free workers, and restarts it (with backoff) when it dies. The tasks
+//! a dead replica held go back to the queue.
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use serde::Serialize;
+use tokio::io::BufReader;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::{mpsc, watch};
+
+use crate::ipc::{self, FromReplica, Outcome, ReplicaSpec, RunTask, TaskDone, ToReplica};
+use crate::node::AppLogs;
+use crate::queue::{Dispatch, ErrorCode, Finish, Lease, TaskError, TaskId, now_ms};
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// A replica up this long has recovered: its next crash restarts at once.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// Time a replica gets beyond its `init` timeout to start all workers.
+const START_GRACE: Duration = Duration::from_secs(30);
+
+/// Where a replica is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum ReplicaState {
+    /// The process is starting its workers.
+    Starting,
+    /// All workers are up; it takes tasks.
+    Ready,
+    /// It takes no new tasks and stops when its running tasks end.
+    Draining,
+    /// It died and waits before the next start.
+    Backoff,
+    /// It has exited for good.
+    Stopped,
+}
+
+/// What status shows of a replica.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ReplicaInfo {
+    pub id: String,
+    pub version: u32,
+    pub state: ReplicaState,
+    pub workers: u32,
+    pub pid: Option<u32>,
+    /// When the current process started (ms since the epoch).
+    pub started_at: Option<u64>,
+    pub tasks_done: u64,
+    pub restarts: u32,
+    pub last_error: Option<String>,
+}
+
+pub(crate) struct ReplicaHandle {
+    info: Arc<Mutex<ReplicaInfo>>,
+    stop: watch::Sender<bool>,
+}
+
+impl ReplicaHandle {
+    pub(crate) fn info(&self) -> ReplicaInfo {
+        self.info.lock().unwrap().clone()
+    }
+
+    /// Asks the replica to drain and stop; returns at once.
+    pub(crate) fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Everything needed to (re)start one replica.
+pub(crate) struct Plan {
+    pub exe: PathBuf,
+    pub spec: ReplicaSpec,
+    pub dispatch: Arc<Dispatch>,
+    pub logs: Arc<AppLogs>,
+}
+
+pub(crate) fn spawn(plan: Plan) -> ReplicaHandle {
+    let info = Arc::new(Mutex::new(ReplicaInfo {
+        id: plan.spec.replica.clone(),
+        version: plan.spec.version,
+        state: ReplicaState::Starting,
+        workers: plan.spec.workers,
+        pid: None,
+        started_at: None,
+        tasks_done: 0,
+        restarts: 0,
+        last_error: None,
+    }));
+    let (stop, stop_rx) = watch::channel(false);
+    tokio::spawn(supervise(plan, info.clone(), stop_rx));
+    ReplicaHandle { info, stop }
+}
+
+async fn supervise(plan: Plan, info: Arc<Mutex<ReplicaInfo>>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = MIN_BACKOFF;
+    while !*stop.borrow() {
+        let started = Instant::now();
+        let mut run = Run { plan: &plan, info: &info, inflight: HashMap::new() };
+        let result = run.once(&mut stop).await;
+        run.requeue_inflight(result.as_ref().err());
+        let Err(error) = result else { break };
+        let message = format!("{error:#}");
+        tracing::warn!(app = %plan.spec.app, replica = %plan.spec.replica, "replica stopped: {message}; restarting");
+        plan.logs.push(&plan.spec.app, format!("[replica {}] {message}", plan.spec.replica));
+        {
+            let mut info = info.lock().unwrap();
+            info.state = ReplicaState::Backoff;
+            info.pid = None;
+            info.restarts += 1;
+            info.last_error = Some(message);
+        }
+        if started.elapsed() > STABLE_AFTER {
+            backoff = MIN_BACKOFF;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+    let mut info = info.lock().unwrap();
+    info.state = ReplicaState::Stopped;
+    info.pid = None;
+}
+
+/// One process's life.
+struct Run<'a> {
+    plan: &'a Plan,
+    info: &'a Arc<Mutex<ReplicaInfo>>,
+    /// Tasks sent to the process and not yet done, by run sequence number.
+    inflight: HashMap<u64, Lease>,
+}
+
+impl Run<'_> {
+    fn set_state(&self, state: ReplicaState) {
+        self.info.lock().unwrap().state = state;
+    }
+
+    /// `Ok` when the replica drained and exited as asked.
+    async fn once(&mut self, stop: &mut watch::Receiver<bool>) -> Result<()> {
+        let plan = self.plan;
+        let spec = &plan.spec;
+        let (mut child, stream) = start_process(&plan.exe)?;
+        {
+            let mut info = self.info.lock().unwrap();
+            info.state = ReplicaState::Starting;
+            info.pid = child.id();
+            info.started_at = Some(now_ms());
+        }
+        let (read, mut write) = stream.into_split();
+        let mut frames = read_frames(read);
+        ipc::write_async(&mut write, &ToReplica::Start(spec.clone())).await?;
+
+        let start_deadline = Duration::from_millis(spec.init_timeout_ms) + START_GRACE;
+        let started = tokio::time::timeout(start_deadline, self.await_ready(&mut frames)).await;
+        match started {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(exit_context(e, &mut child).await),
+            Err(_) => bail!("replica did not start its workers within {start_deadline:?}"),
+        }
+        self.set_state(ReplicaState::Ready);
+        tracing::info!(app = %spec.app, replica = %spec.replica, pid = child.id(), "replica ready");
+
+        let (cancel_tx, mut cancels) = mpsc::unbounded_channel::<TaskId>();
+        let mut free = spec.workers;
+        let mut draining = false;
+        let mut seq = 0u64;
+        loop {
+            tokio::select! {
+                lease = plan.dispatch.next(&spec.app), if free > 0 && !draining => {
+                    seq += 1;
+                    free -= 1;
+                    plan.dispatch.route(&lease.id, &cancel_tx);
+                    let run = RunTask {
+                        seq,
+                        task_id: lease.id.clone(),
+                        attempt: lease.attempt,
+                        timeout_ms: u64::try_from(lease.timeout.as_millis()).unwrap_or(u64::MAX),
+                        input: lease.input.to_vec(),
+                    };
+                    self.inflight.insert(seq, lease);
+                    send(&mut write, &ToReplica::Run(run)).await?;
+                }
+                frame = frames.recv() => match frame {
+                    Some(FromReplica::Done(done)) => {
+                        free += 1;
+                        self.done(done);
+                    }
+                    Some(other) => tracing::warn!(replica = %spec.replica, "unexpected frame {other:?}"),
+                    None if draining && self.inflight.is_empty() => {
+                        let _ = child.wait().await;
+                        return Ok(());
+                    }
+                    None => return Err(exit_context(anyhow!("replica connection closed"), &mut child).await),
+                },
+                Some(id) = cancels.recv() => {
+                    let seq = self.inflight.iter().find(|(_, lease)| lease.id == id).map(|(seq, _)| *seq);
+                    if let Some(seq) = seq {
+                        send(&mut write, &ToReplica::Cancel { seq }).await?;
+                    }
+                }
+                _ = stop.changed(), if !draining => {
+                    draining = true;
+                    self.set_state(ReplicaState::Draining);
+                    send(&mut write, &ToReplica::Drain).await?;
+                }
+            }
+        }
+    }
+
+    async fn await_ready(&self, frames: &mut mpsc::UnboundedReceiver<FromReplica>) -> Result<()> {
+        let spec = &self.plan.spec;
+        loop {
+            match frames.recv().await {
+                Some(FromReplica::WorkerStarted { worker, instantiate_us, init_us, stdout, stderr }) => {
+                    self.plan.logs.capture(&spec.app, &format!("init {} worker {worker}", spec.replica), &stdout, &stderr);
+                    tracing::info!(
+                        app = %spec.app, replica = %spec.replica, worker, instantiate_us, init_us,
+                        "worker started"
+                    );
+                }
+                Some(FromReplica::Ready) => return Ok(()),
+                Some(FromReplica::StartFailed { message }) => bail!("replica failed to start: {message}"),
+                Some(FromReplica::Done(_)) => bail!("replica reported a task before it was ready"),
+                None => bail!("replica exited while starting"),
+            }
+        }
+    }
+
+    fn done(&mut self, done: TaskDone) {
+        let Some(lease) = self.inflight.remove(&done.seq) else {
+            tracing::warn!(replica = %self.plan.spec.replica, seq = done.seq, "done for an unknown run");
+            return;
+        };
+        self.info.lock().unwrap().tasks_done += 1;
+        self.plan.logs.capture(&lease.app, &format!("task {}", lease.id), &done.stdout, &done.stderr);
+        let finish = match done.outcome {
+            Outcome::Complete(output) => Finish::Complete(output.into()),
+            Outcome::BadInput(message) => Finish::Rejected(TaskError { code: ErrorCode::BadInput, message }),
+            Outcome::Failed(message) => Finish::Rejected(TaskError { code: ErrorCode::GuestError, message }),
+            Outcome::Trap(message) => Finish::Retryable(TaskError { code: ErrorCode::GuestTrap, message }),
+            Outcome::OutOfMemory(message) => Finish::Retryable(TaskError { code: ErrorCode::OutOfMemory, message }),
+            Outcome::Timeout => Finish::Retryable(TaskError {
+                code: ErrorCode::Timeout,
+                message: format!("the task ran past its timeout of {}", crate::config::format_duration(lease.timeout)),
+            }),
+            Outcome::Cancelled => Finish::Cancelled,
+        };
+        self.plan.dispatch.finish(&lease.id, finish);
+    }
+
+    /// Puts back what a dead replica held; each counts as a failed attempt.
+    fn requeue_inflight(&mut self, error: Option<&anyhow::Error>) {
+        let reason = error.map_or_else(|| "replica stopped".to_owned(), |e| format!("{e:#}"));
+        for (_, lease) in self.inflight.drain() {
+            let message = format!("replica {} was lost while running the task: {reason}", self.plan.spec.replica);
+            self.plan.dispatch.finish(&lease.id, Finish::Retryable(TaskError { code: ErrorCode::ReplicaLost, message }));
+        }
+    }
+}
+
+async fn send(write: &mut OwnedWriteHalf, message: &ToReplica) -> Result<()> {
+    ipc::write_async(write, message).await.context("failed to write to the replica")
+}
+
+/// Starts `beamlet replica` with its end of a fresh socket pair as fd 3.
+fn start_process(exe: &PathBuf) -> Result<(tokio::process::Child, tokio::net::UnixStream)> {
+    let (node_end, child_end) = std::os::unix::net::UnixStream::pair().context("failed to create a socket pair")?;
+    let child_fd = child_end.as_raw_fd();
+    let mut command = tokio::process::Command::new(exe);
+    command.arg("replica").arg("--fd").arg(CHILD_FD.to_string()).stdin(Stdio::null()).kill_on_drop(true);
+    // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            let ok = if child_fd == CHILD_FD {
+                libc::fcntl(CHILD_FD, libc::F_SETFD, 0) >= 0
+            } else {
+                libc::dup2(child_fd, CHILD_FD) >= 0
+            };
+            if ok { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+        });
+    }
+    let child = command.spawn().with_context(|| format!("failed to start replica process {exe:?}"))?;
+    drop(child_end);
+    node_end.set_nonblocking(true)?;
+    Ok((child, tokio::net::UnixStream::from_std(node_end)?))
+}
+
+/// The descriptor number the replica finds its socket at.
+const CHILD_FD: i32 = 3;
+
+fn read_frames(read: tokio::net::unix::OwnedReadHalf) -> mpsc::UnboundedReceiver<FromReplica> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut read = BufReader::with_capacity(64 * 1024, read);
+        while let Ok(Some(frame)) = ipc::read_async::<FromReplica>(&mut read).await {
+            if tx.send(frame).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Adds how the process ended to an error about it.
+async fn exit_context(error: anyhow::Error, child: &mut tokio::process::Child) -> anyhow::Error {
+    match tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
+        Ok(Ok(status)) => error.context(format!("replica process exited ({status})")),
+        _ => {
+            let _ = child.start_kill();
+            error
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! End-to-end: real guest components, a real `beamlet serve`, real replica
+//! processes, HTTP on 127.0.0.1. Nothing here checks speed.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn cli(server: &Server, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_beamlet")).args(args).env("BEAMLET_SERVER", &server.base).output().unwrap()
+}
+
+#[test]
+fn hello_deploys_and_answers_over_http_and_cli() {
+    let server = Server::start("hello", &[]);
+    assert_eq!(server.http.get(server.url("/healthz")).send().unwrap().status(), 200);
+
+    let wasm = wasm("hello");
+    let out = cli(&server, &["deploy", wasm.to_str().unwrap(), "--name", "hello"]);
+    assert!(out.status.success(), "deploy failed: {}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("deployed hello version 1"), "{printed}");
+    assert!(printed.contains("/v1/apps/hello/invoke"), "prints how to call it: {printed}");
+
+    let response = server.invoke("hello", r#"{"name": "Ada"}"#);
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().contains_key("x-beamlet-task-id"));
+    let body: Value = response.json().unwrap();
+    assert_eq!(body, serde_json::json!({ "message": "Hello, Ada!" }));
+
+    let out = cli(&server, &["invoke", "hello", "--data", r#"{"name":"Grace"}"#]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Hello, Grace!"));
+
+    let apps = server.get("/v1/apps");
+    assert_eq!(apps["apps"][0]["name"], "hello");
+    let status = server.status("hello");
+    assert_eq!(status["version"], 1);
+    assert_eq!(status["world"], "beamlet:function/function");
+    assert_eq!(status["replicas"][0]["state"], "ready");
+    assert_eq!(status["replicas"][0]["workers"], 1);
+    assert!(status["replicas"][0]["tasks_done"].as_u64().unwrap() >= 2);
+
+    let out = cli(&server, &["apps"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hello"));
+    let out = cli(&server, &["status", "hello"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"version\": 1"));
+    let out = cli(&server, &["logs", "hello"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Ada"), "guest stdout is captured: {}", String::from_utf8_lossy(&out.stdout));
+
+    // The same handler through the task queue.
+    let response = server.http.post(server.url("/v1/apps/hello/tasks")).body(r#"{"name":"Lin"}"#).send().unwrap();
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().unwrap()["task_id"].as_str().unwrap().to_owned();
+    let record = server.get(&format!("/v1/tasks/{id}?wait=30s"));
+    assert_eq!(record["status"], "COMPLETE", "{record}");
+    assert_eq!(record["attempts"], 1);
+    let result: Value = server.http.get(server.url(&format!("/v1/tasks/{id}/result"))).send().unwrap().json().unwrap();
+    assert_eq!(result["message"], "Hello, Lin!");
+
+    // A new deploy is a new version; delete removes the app.
+    let body = server.deploy_guest("hello", "hello", None);
+    assert_eq!(body["version"], 2);
+    assert_eq!(server.invoke_json("hello", r#"{"name":"Ada"}"#).0, 200);
+    let out = cli(&server, &["delete", "hello"]);
+    assert!(out.status.success());
+    let (status, body) = server.invoke_json("hello", "{}");
+    assert_eq!((status, error_code(&body)), (404, "UNKNOWN_APP"));
+}
+
+#[test]
+fn bad_uploads_and_requests_get_clear_errors() {
+    let server = Server::start("bad", &["--max-component-size", "8Mi", "--max-input-size", "1Mi"]);
+    let hello = std::fs::read(wasm("hello")).unwrap();
+    let deploy_error = |name: &str, wasm: &[u8], config: Option<&str>| {
+        let response = server.deploy(name, wasm, config);
+        let status = response.status().as_u16();
+        let body: Value = response.json().unwrap();
+        (status, body)
+    };
+
+    let (status, body) = deploy_error("junk", b"this is not wasm at all", None);
+    assert_eq!((status, error_code(&body)), (400, "NOT_WASM"), "{body}");
+
+    let (status, body) = deploy_error("core", b"\0asm\x01\0\0\0", None);
+    assert_eq!((status, error_code(&body)), (400, "NOT_A_COMPONENT"), "{body}");
+    assert!(error_message(&body).contains("wasm32-wasip2"));
+
+    let (status, body) = deploy_error("cmd", &std::fs::read(wasm("guest-command")).unwrap(), None);
+    assert_eq!((status, error_code(&body)), (400, "WRONG_WORLD"), "{body}");
+    assert!(error_message(&body).contains("beamlet:function/function"));
+
+    let (status, body) = deploy_error("cfg", &hello, Some("[runtime]\nwrkers = 2\n"));
+    assert_eq!((status, error_code(&body)), (400, "BAD_CONFIG"), "{body}");
+    assert!(error_message(&body).contains("wrkers"), "names the key: {body}");
+
+    let (status, body) = deploy_error("cfg", &hello, Some("[runtime]\nmemory = \"4GB\"\n"));
+    assert_eq!((status, error_code(&body)), (400, "BAD_CONFIG"), "{body}");
+    assert!(error_message(&body).contains("memory"), "names the key: {body}");
+
+    let (status, body) = deploy_error("Bad_Name", &hello, None);
+    assert_eq!((status, error_code(&body)), (400, "BAD_NAME"), "{body}");
+
+    let (status, body) = deploy_error("huge", &vec![0u8; 9 * 1024 * 1024], None);
+    assert_eq!((status, error_code(&body)), (413, "PAYLOAD_TOO_LARGE"), "{body}");
+
+    let response = server.http.put(server.url("/v1/apps/raw")).body(hello.clone()).send().unwrap();
+    assert_eq!(response.status(), 400, "deploy without multipart is refused");
+
+    let (status, body) = server.invoke_json("nope", "{}");
+    assert_eq!((status, error_code(&body)), (404, "UNKNOWN_APP"), "{body}");
+    let body = server.get("/v1/tasks/no-such-task");
+    assert_eq!(error_code(&body), "UNKNOWN_TASK");
+
+    server.deploy_guest("hello", "hello", None);
+    let response = server.invoke("hello", &"x".repeat(2 * 1024 * 1024));
+    assert_eq!(response.status(), 413);
+    let (status, body) = server.invoke_json("hello", "not json");
+    assert_eq!((status, error_code(&body)), (400, "BAD_INPUT"), "{body}");
+
+    // None of that disturbed the node.
+    let (status, body) = server.invoke_json("hello", r#"{"name":"Ada"}"#);
+    assert_eq!((status, &body["message"]), (200, &Value::from("Hello, Ada!")));
+    assert!(server.get("/v1/apps")["apps"].as_array().unwrap().len() == 1, "failed deploys leave no app behind");
+}
+
+#[test]
+fn traps_timeouts_and_memory_exhaustion_fail_only_their_task() {
+    let server = Server::start("faults", &[]);
+    server.deploy_guest("trap", "guest-trap", Some("[task_queue]\nretries = 0\n"));
+    server.deploy_guest("spin", "guest-spin", Some("[runtime]\ntimeout = \"1s\"\n[task_queue]\nretries = 0\n"));
+    server.deploy_guest("hog", "guest-hog", Some("[runtime]\nmemory = \"48Mi\"\n[task_queue]\nretries = 0\n"));
+    server.deploy_guest("hello", "hello", None);
+
+    // A warm instance keeps its state between tasks...
+    assert_eq!(server.invoke_json("trap", r#"{"mode":"counter"}"#).1["count"], 1);
+    assert_eq!(server.invoke_json("trap", r#"{"mode":"counter"}"#).1["count"], 2);
+    let pid = server.ready_pids("trap");
+
+    let (status, body) = server.invoke_json("trap", r#"{"mode":"panic"}"#);
+    assert_eq!((status, error_code(&body)), (500, "GUEST_TRAP"), "{body}");
+    assert!(error_message(&body).contains("guest panicked on purpose"), "the panic message reaches the caller: {body}");
+    // ...and a trap replaces the instance (fresh state) but not the process.
+    assert_eq!(server.invoke_json("trap", r#"{"mode":"counter"}"#).1["count"], 1);
+    assert_eq!(server.ready_pids("trap"), pid);
+
+    let (status, body) = server.invoke_json("trap", r#"{"mode":"unreachable"}"#);
+    assert_eq!((status, error_code(&body)), (500, "GUEST_TRAP"), "{body}");
+    assert!(error_message(&body).contains("unreachable"), "{body}");
+    let (status, body) = server.invoke_json("trap", r#"{"mode":"error"}"#);
+    assert_eq!((status, error_code(&body)), (500, "GUEST_ERROR"), "{body}");
+    assert!(error_message(&body).contains("handler said no"));
+    let (status, body) = server.invoke_json("trap", r#"{"mode":"bad"}"#);
+    assert_eq!((status, error_code(&body)), (400, "BAD_INPUT"), "{body}");
+    assert_eq!(server.invoke_json("trap", r#"{"mode":"ok"}"#).0, 200);
+
+    let (status, body) = server.invoke_json("spin", "{}");
+    assert_eq!((status, error_code(&body)), (504, "TIMEOUT"), "{body}");
+    let (status, body) = server.invoke_json("spin", "{}");
+    assert_eq!((status, error_code(&body)), (504, "TIMEOUT"), "the worker came back for the next task: {body}");
+
+    let (status, body) = server.invoke_json("hog", r#"{"mib": 4}"#);
+    assert_eq!((status, &body["allocated_mib"]), (200, &Value::from(4)), "{body}");
+    let (status, body) = server.invoke_json("hog", r#"{"mib": 400}"#);
+    assert_eq!((status, error_code(&body)), (500, "OUT_OF_MEMORY"), "{body}");
+    assert!(error_message(&body).contains("48Mi"), "says which limit: {body}");
+    assert_eq!(server.invoke_json("hog", r#"{"mib": 4}"#).0, 200);
+
+    let task = server.get(&format!(
+        "/v1/tasks/{}",
+        server.invoke("spin", "{}").headers()["x-beamlet-task-id"].to_str().unwrap()
+    ));
+    assert_eq!((task["status"].as_str(), task["attempts"].as_u64()), (Some("TIMEOUT"), Some(1)));
+
+    assert_eq!(server.invoke_json("hello", r#"{"name":"Ada"}"#).0, 200, "other apps keep serving");
+}
+
+#[test]
+fn five_workers_run_five_tasks_at_once() {
+    let server = Server::start("workers", &[]);
+    let config = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/sleep/beamlet.toml")).unwrap();
+    server.deploy_guest("sleep", "sleep", Some(&config));
+    server.wait_status("sleep", "the replica to be ready", LONG, |s| ready_pids(s).len() == 1);
+    let results: Vec<Value> = std::thread::scope(|scope| {
+        let calls: Vec<_> = (0..5)
+            .map(|_| scope.spawn(|| server.invoke_json("sleep", r#"{"ms": 1500}"#)))
+            .collect();
+        calls
+            .into_iter()
+            .map(|call| {
+                let (status, body) = call.join().unwrap();
+                assert_eq!(status, 200, "{body}");
+                body
+            })
+            .collect()
+    });
+    let workers: BTreeSet<u64> = results.iter().map(|r| r["worker"].as_u64().unwrap()).collect();
+    assert_eq!(workers, (0..5).collect(), "five distinct workers");
+    let replicas: BTreeSet<&str> = results.iter().map(|r| r["replica"].as_str().unwrap()).collect();
+    assert_eq!(replicas.len(), 1, "on one replica");
+    let latest_start = results.iter().map(|r| r["started_at_ms"].as_u64().unwrap()).max().unwrap();
+    let earliest_end = results.iter().map(|r| r["ended_at_ms"].as_u64().unwrap()).min().unwrap();
+    assert!(latest_start < earliest_end, "all five ran at the same time: {results:?}");
+    let log = server.log();
+    for worker in 0..5 {
+        assert!(log.contains(&format!("worker={worker}")) && log.contains("worker started"), "worker {worker} start is logged");
+    }
+}
+
+#[test]
+fn a_killed_replica_is_replaced_and_its_task_retried() {
+    let server = Server::start("crash", &[]);
+    server.deploy_guest("sleep", "sleep", Some("[task_queue]\nretries = 2\n"));
+    let pid = server.wait_status("sleep", "a ready replica", LONG, |s| ready_pids(s).len() == 1);
+    let pid = ready_pids(&pid)[0];
+
+    let response = server.http.post(server.url("/v1/apps/sleep/tasks")).body(r#"{"ms": 3000}"#).send().unwrap();
+    let id = response.json::<Value>().unwrap()["task_id"].as_str().unwrap().to_owned();
+    wait_for("the task to run", LONG, || (server.get(&format!("/v1/tasks/{id}"))["status"] == "RUNNING").then_some(()));
+    kill9(pid);
+
+    let record = server.get(&format!("/v1/tasks/{id}?wait=60s"));
+    assert_eq!(record["status"], "COMPLETE", "the task was retried on the new replica: {record}");
+    assert_eq!(record["attempts"], 2);
+    let status = server.status("sleep");
+    let pids = ready_pids(&status);
+    assert_eq!(pids.len(), 1);
+    assert_ne!(pids[0], pid, "a new process replaced the killed one");
+    assert_eq!(status["replicas"][0]["restarts"], 1);
+    assert_eq!(server.invoke_json("sleep", r#"{"ms": 1}"#).0, 200);
+}
+
+#[test]
+fn apps_survive_a_node_restart_and_replicas_die_with_their_node() {
+    let server = Server::start("restart", &[]);
+    server.deploy_guest("hello", "hello", None);
+    let status = server.wait_status("hello", "a ready replica", LONG, |s| ready_pids(s).len() == 1);
+    let replica = ready_pids(&status)[0];
+    let data_dir = server.kill();
+    wait_for("the orphaned replica to exit", LONG, || (!alive(replica)).then_some(()));
+
+    let server = Server::start_in(data_dir, &[]);
+    let (status, body) = server.invoke_json("hello", r#"{"name":"again"}"#);
+    assert_eq!((status, &body["message"]), (200, &Value::from("Hello, again!")));
+    assert_eq!(server.status("hello")["version"], 1);
+}

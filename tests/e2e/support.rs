@@ -1,0 +1,214 @@
+//! Test support: build the guest components once, run real `beamlet serve`
+//! processes on 127.0.0.1:0, and talk to them over HTTP.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use reqwest::blocking::{Client, Response, multipart};
+use serde_json::Value;
+
+pub const GUESTS: [&str; 6] = ["hello", "sleep", "guest-trap", "guest-spin", "guest-hog", "guest-command"];
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// Builds every guest for wasm32-wasip2 (once per test run) and returns the
+/// directory holding the `.wasm` files.
+pub fn guests() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = workspace_root();
+        // A target dir of their own: the outer `cargo test` holds the main one.
+        let target = root.join("target").join("guests");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut command = Command::new(cargo);
+        command.current_dir(&root).args(["build", "--release", "--target", "wasm32-wasip2", "--target-dir"]).arg(&target);
+        for guest in GUESTS {
+            command.args(["-p", guest]);
+        }
+        let status = command.status().expect("failed to run cargo to build the guests");
+        assert!(status.success(), "building the guest components failed; is the wasm32-wasip2 target installed? (rustup target add wasm32-wasip2)");
+        target.join("wasm32-wasip2").join("release")
+    })
+}
+
+/// The path of a built guest, by crate name.
+pub fn wasm(guest: &str) -> PathBuf {
+    guests().join(format!("{}.wasm", guest.replace('-', "_")))
+}
+
+/// A running `beamlet serve`, killed when dropped.
+pub struct Server {
+    child: Child,
+    pub base: String,
+    pub data_dir: PathBuf,
+    pub http: Client,
+}
+
+fn log_path(data_dir: &Path) -> PathBuf {
+    data_dir.with_extension("log")
+}
+
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = workspace_root().join("target").join("e2e-data").join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+impl Server {
+    pub fn start(name: &str, extra: &[&str]) -> Self {
+        Self::start_in(temp_dir(name), extra)
+    }
+
+    pub fn start_in(data_dir: PathBuf, extra: &[&str]) -> Self {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path(&data_dir)).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_beamlet"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data_dir)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("failed to start beamlet serve");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("failed to read serve's first line");
+        let base = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("serve printed {line:?} instead of its address"))
+            .to_owned();
+        let http = Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+        Self { child, base, data_dir, http }
+    }
+
+    /// What the node (and its replicas) logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(log_path(&self.data_dir)).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the node with SIGKILL, as a crash would.
+    pub fn kill(mut self) -> PathBuf {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.data_dir.clone()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn deploy(&self, name: &str, wasm: &[u8], config: Option<&str>) -> Response {
+        let mut form = multipart::Form::new().part("component", multipart::Part::bytes(wasm.to_vec()).file_name("app.wasm"));
+        if let Some(config) = config {
+            form = form.text("config", config.to_owned());
+        }
+        self.http.put(self.url(&format!("/v1/apps/{name}"))).multipart(form).send().unwrap()
+    }
+
+    /// Deploys a built guest and asserts it worked.
+    pub fn deploy_guest(&self, name: &str, guest: &str, config: Option<&str>) -> Value {
+        let response = self.deploy(name, &std::fs::read(wasm(guest)).unwrap(), config);
+        let status = response.status();
+        let body: Value = response.json().unwrap();
+        assert_eq!(status, 201, "deploy of {guest} failed: {body}");
+        body
+    }
+
+    pub fn invoke(&self, name: &str, input: &str) -> Response {
+        self.http.post(self.url(&format!("/v1/apps/{name}/invoke"))).body(input.to_owned()).send().unwrap()
+    }
+
+    /// Invokes and returns (status, JSON body).
+    pub fn invoke_json(&self, name: &str, input: &str) -> (u16, Value) {
+        let response = self.invoke(name, input);
+        let status = response.status().as_u16();
+        (status, response.json().unwrap_or(Value::Null))
+    }
+
+    pub fn get(&self, path: &str) -> Value {
+        self.http.get(self.url(path)).send().unwrap().json().unwrap()
+    }
+
+    pub fn status(&self, name: &str) -> Value {
+        self.get(&format!("/v1/apps/{name}"))
+    }
+
+    /// Waits until `check` holds for the app's status, or panics after `limit`.
+    pub fn wait_status(&self, name: &str, what: &str, limit: Duration, check: impl Fn(&Value) -> bool) -> Value {
+        wait_for(what, limit, || {
+            let status = self.status(name);
+            check(&status).then_some(status)
+        })
+    }
+
+    /// The pids of the app's ready replicas.
+    pub fn ready_pids(&self, name: &str) -> Vec<u32> {
+        ready_pids(&self.status(name))
+    }
+}
+
+pub fn ready_pids(status: &Value) -> Vec<u32> {
+    status["replicas"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["state"] == "ready")
+        .filter_map(|r| r["pid"].as_u64())
+        .map(|pid| pid as u32)
+        .collect()
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `probe` until it returns something; a generous limit only guards
+/// against hanging forever, it is not a speed check.
+pub fn wait_for<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(start.elapsed() < limit, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether a process is alive (a zombie counts as dead).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat.rsplit(')').next().unwrap_or("").trim_start().chars().next();
+            !matches!(state, Some('Z') | Some('X'))
+        }
+        Err(_) => false,
+    }
+}
+
+pub fn kill9(pid: u32) {
+    // SAFETY: sending a signal has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert_eq!(rc, 0, "failed to kill {pid}");
+}
+
+pub fn error_code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or_default()
+}
+
+pub fn error_message(body: &Value) -> &str {
+    body["error"]["message"].as_str().unwrap_or_default()
+}
