@@ -101,6 +101,20 @@ enum Command {
         #[command(flatten)]
         server: Server,
     },
+    /// Measure worker instantiation, replica cold start and the warm replica hop.
+    Bench {
+        /// A `function` component, e.g. the hello example.
+        wasm: PathBuf,
+        /// The input each benchmark task gets.
+        #[arg(long, default_value = r#"{"name":"bench"}"#)]
+        data: String,
+        /// Instantiations and warm round trips to time.
+        #[arg(long, default_value_t = 2000)]
+        iterations: usize,
+        /// Replica cold starts to time.
+        #[arg(long, default_value_t = 20)]
+        cold_starts: usize,
+    },
     /// Internal: a replica process, started by `serve`.
     #[command(hide = true)]
     Replica {
@@ -205,6 +219,9 @@ async fn run(command: Command) -> Result<()> {
         Command::Status { name, server } => Client::new(&server.server)?.status(&name).await,
         Command::Logs { name, lines, server } => Client::new(&server.server)?.logs(&name, lines).await,
         Command::Delete { name, server } => Client::new(&server.server)?.delete(&name).await,
+        Command::Bench { wasm, data, iterations, cold_starts } => {
+            crate::bench::run(&wasm, &data, iterations, cold_starts).await
+        }
         Command::Replica { .. } => unreachable!("handled before the async runtime starts"),
     }
 }

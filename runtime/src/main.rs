@@ -1,5 +1,6 @@
 //! `beamlet`: a serverless function runtime for WebAssembly components.
 
+mod bench;
 mod cli;
 mod client;
 mod config;

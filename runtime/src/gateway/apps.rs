@@ -85,7 +85,7 @@ pub(crate) async fn status(State(node): State<Arc<Node>>, Path(name): Path<Strin
 fn describe(node: &Node, app: &App) -> Value {
     let name = &app.version.name;
     let replicas = node.supervisor.replicas(name);
-    let desired = app.config.autoscaler.baseline_replicas();
+    let desired = crate::supervisor::fixed_replicas(app);
     json!({
         "name": name,
         "version": app.version.version,
@@ -95,7 +95,7 @@ fn describe(node: &Node, app: &App) -> Value {
         "config": app.config,
         "replicas": replicas,
         "queue": node.dispatch.counts(name),
-        "autoscaler": { "desired": desired, "reason": "fixed replica count (autoscaling not configured)" },
+        "autoscaler": { "desired": desired, "max": app.config.autoscaler.max_replicas(), "reason": "fixed replica count: max(min_replicas, 1)" },
     })
 }
 

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub(crate) use self::replica::{ReplicaInfo, ReplicaState};
+pub(crate) use self::replica::{ReplicaInfo, ReplicaState, start_process};
 use self::replica::{Plan, ReplicaHandle};
 use crate::ipc::ReplicaSpec;
 use crate::node::AppLogs;
@@ -39,7 +39,7 @@ impl Supervisor {
     /// Starts replicas for `app`'s version and drains any older ones.
     pub(crate) fn run(&self, app: &App) {
         let name = &app.version.name;
-        let count = app.config.autoscaler.baseline_replicas();
+        let count = fixed_replicas(app);
         let current = (0..count).map(|_| self.start_replica(app)).collect();
         let mut apps = self.apps.lock().unwrap();
         let replicas = apps.entry(name.clone()).or_default();
@@ -88,4 +88,10 @@ impl Supervisor {
             .filter(|info| info.state != ReplicaState::Stopped)
             .collect()
     }
+}
+
+/// Replicas the app runs. The autoscaler is not in this node yet, so an app
+/// configured for scale to zero still gets one replica rather than none.
+pub(crate) fn fixed_replicas(app: &App) -> u32 {
+    app.config.autoscaler.baseline_replicas().max(1)
 }

@@ -271,7 +271,7 @@ async fn send(write: &mut OwnedWriteHalf, message: &ToReplica) -> Result<()> {
 }
 
 /// Starts `beamlet replica` with its end of a fresh socket pair as fd 3.
-fn start_process(exe: &PathBuf) -> Result<(tokio::process::Child, tokio::net::UnixStream)> {
+pub(crate) fn start_process(exe: &PathBuf) -> Result<(tokio::process::Child, tokio::net::UnixStream)> {
     let (node_end, child_end) = std::os::unix::net::UnixStream::pair().context("failed to create a socket pair")?;
     let child_fd = child_end.as_raw_fd();
     let mut command = tokio::process::Command::new(exe);
