@@ -51,7 +51,13 @@ pub(crate) async fn run(wasm: &Path, input: &str, iterations: usize, cold_starts
         let (read, mut write) = stream.into_split();
         let mut read = tokio::io::BufReader::new(read);
         ipc::write_async(&mut write, &ToReplica::Start(spec.clone())).await?;
-        let run = |seq| RunTask { seq, task_id: format!("t{seq}"), attempt: 1, timeout_ms: 60_000, input: input.as_bytes().to_vec() };
+        let run = |seq| RunTask {
+            seq,
+            task_id: format!("t{seq}"),
+            attempt: 1,
+            timeout_ms: 60_000,
+            input: input.as_bytes().to_vec(),
+        };
         ipc::write_async(&mut write, &ToReplica::Run(run(0))).await?;
         await_done(&mut read).await?;
         cold.push(started.elapsed());
@@ -128,6 +134,12 @@ fn row(what: &str, samples: &[Duration]) {
     let mut sorted = samples.to_vec();
     sorted.sort();
     let pick = |q: f64| sorted.get(((sorted.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or_default();
-    let fmt = |d: Duration| if d < Duration::from_millis(1) { format!("{:.1} us", d.as_secs_f64() * 1e6) } else { format!("{:.2} ms", ms(d)) };
+    let fmt = |d: Duration| {
+        if d < Duration::from_millis(1) {
+            format!("{:.1} us", d.as_secs_f64() * 1e6)
+        } else {
+            format!("{:.2} ms", ms(d))
+        }
+    };
     println!("{what:<52} {:>10} {:>10} {:>8}", fmt(pick(0.5)), fmt(pick(0.99)), sorted.len());
 }

@@ -176,7 +176,8 @@ pub(crate) fn main() -> ExitCode {
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BEAMLET_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -192,7 +193,9 @@ async fn run(command: Command) -> Result<()> {
             };
             crate::node::serve(ServeOptions { listen, data_dir, limits }).await
         }
-        Command::Deploy { wasm, name, config, server } => Client::new(&server.server)?.deploy(&wasm, &name, config.as_deref()).await,
+        Command::Deploy { wasm, name, config, server } => {
+            Client::new(&server.server)?.deploy(&wasm, &name, config.as_deref()).await
+        }
         Command::Invoke { name, data, file, server } => {
             let input = match (data, file) {
                 (Some(data), _) => data.into_bytes(),
@@ -201,7 +204,9 @@ async fn run(command: Command) -> Result<()> {
                     std::io::Read::read_to_end(&mut std::io::stdin(), &mut input).context("failed to read stdin")?;
                     input
                 }
-                (None, Some(path)) => std::fs::read(&path).with_context(|| format!("failed to read input file {path:?}"))?,
+                (None, Some(path)) => {
+                    std::fs::read(&path).with_context(|| format!("failed to read input file {path:?}"))?
+                }
                 (None, None) => b"{}".to_vec(),
             };
             Client::new(&server.server)?.invoke(&name, input).await

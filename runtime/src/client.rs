@@ -54,7 +54,8 @@ impl Client {
         };
         let total = bytes.len() as u64;
         let progress = progress_bar(total);
-        let chunks: Vec<bytes::Bytes> = bytes::Bytes::from(bytes).chunks(UPLOAD_CHUNK).map(bytes::Bytes::copy_from_slice).collect();
+        let chunks: Vec<bytes::Bytes> =
+            bytes::Bytes::from(bytes).chunks(UPLOAD_CHUNK).map(bytes::Bytes::copy_from_slice).collect();
         let upload_progress = progress.clone();
         let stream = futures_util::stream::iter(chunks).map(move |chunk| {
             upload_progress.inc(chunk.len() as u64);
@@ -124,7 +125,10 @@ impl Client {
                 bail!("task {id} ended {status}: {}", record["error"]["message"].as_str().unwrap_or("no details"));
             }
             if left.is_zero() {
-                bail!("task {id} is still {status} after {}; wait again or cancel it", crate::config::format_duration(timeout));
+                bail!(
+                    "task {id} is still {status} after {}; wait again or cancel it",
+                    crate::config::format_duration(timeout)
+                );
             }
         }
     }

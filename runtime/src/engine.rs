@@ -30,10 +30,7 @@ const TABLES_PER_COMPONENT: u32 = 16;
 
 pub(crate) fn new_engine(allocation: Allocation) -> Result<Engine> {
     let mut config = Config::new();
-    config
-        .wasm_component_model(true)
-        .epoch_interruption(true)
-        .max_wasm_stack(MAX_WASM_STACK);
+    config.wasm_component_model(true).epoch_interruption(true).max_wasm_stack(MAX_WASM_STACK);
     if let Allocation::Pooling { slots, memory_bytes } = allocation {
         let mut pool = PoolingAllocationConfig::new();
         let memory = usize::try_from(memory_bytes).context("failed to size the memory pool")?;

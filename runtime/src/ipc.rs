@@ -7,8 +7,8 @@
 use std::io::{Read, Write};
 
 use anyhow::{Context as _, Result, bail};
-use serde::{Deserialize, Serialize};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Largest frame either side accepts: the biggest payload plus headroom.
@@ -47,7 +47,9 @@ pub(crate) enum ToReplica {
     Start(ReplicaSpec),
     Run(RunTask),
     /// Stop the run `seq` if it is still going; it ends `Cancelled`.
-    Cancel { seq: u64 },
+    Cancel {
+        seq: u64,
+    },
     /// Finish the tasks already sent, then exit.
     Drain,
 }
@@ -84,11 +86,19 @@ pub(crate) struct TaskDone {
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum FromReplica {
     /// A worker's instance is up and its `init` returned.
-    WorkerStarted { worker: u32, instantiate_us: u64, init_us: u64, stdout: Vec<u8>, stderr: Vec<u8> },
+    WorkerStarted {
+        worker: u32,
+        instantiate_us: u64,
+        init_us: u64,
+        stdout: Vec<u8>,
+        stderr: Vec<u8>,
+    },
     /// Every worker started; the replica takes tasks.
     Ready,
     /// The replica cannot start (bad component, `init` failed); it exits next.
-    StartFailed { message: String },
+    StartFailed {
+        message: String,
+    },
     Done(TaskDone),
 }
 

@@ -16,8 +16,8 @@ use wasmtime::component::{Component, Linker};
 
 use crate::config::{self, AppConfig};
 use crate::engine::{self, Allocation};
-use crate::host::{self, WorkerState};
 use crate::host::bindings::FunctionPre;
+use crate::host::{self, WorkerState};
 
 /// The WIT world a component was built for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,7 +57,9 @@ pub(crate) enum DeployError {
     BadConfig(#[from] config::ConfigError),
     #[error("the upload is empty: send the component's bytes in the multipart part `component`")]
     Empty,
-    #[error("the upload is not a WebAssembly file (it does not start with \\0asm); send the .wasm component your build produced")]
+    #[error(
+        "the upload is not a WebAssembly file (it does not start with \\0asm); send the .wasm component your build produced"
+    )]
     NotWasm,
     #[error(
         "the upload is a core WebAssembly module, not a component: build for the wasm32-wasip2 target \

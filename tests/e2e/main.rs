@@ -52,7 +52,11 @@ fn hello_deploys_and_answers_over_http_and_cli() {
     let out = cli(&server, &["status", "hello"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"version\": 1"));
     let out = cli(&server, &["logs", "hello"]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("Ada"), "guest stdout is captured: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Ada"),
+        "guest stdout is captured: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     // The same handler through the task queue.
     let response = server.http.post(server.url("/v1/apps/hello/tasks")).body(r#"{"name":"Lin"}"#).send().unwrap();
@@ -139,15 +143,15 @@ fn traps_timeouts_and_memory_exhaustion_fail_only_their_task() {
     server.deploy_guest("hello", "hello", None);
 
     // A warm instance keeps its state between tasks...
-    assert_eq!(server.invoke_json("trap", r#"{"mode":"counter"}"#).1["count"], 1);
-    assert_eq!(server.invoke_json("trap", r#"{"mode":"counter"}"#).1["count"], 2);
+    assert_eq!(server.invoke_json("trap", r#"{"mode":"counter"}"#).1["counter"], 1);
+    assert_eq!(server.invoke_json("trap", r#"{"mode":"counter"}"#).1["counter"], 2);
     let pid = server.ready_pids("trap");
 
     let (status, body) = server.invoke_json("trap", r#"{"mode":"panic"}"#);
     assert_eq!((status, error_code(&body)), (500, "GUEST_TRAP"), "{body}");
     assert!(error_message(&body).contains("guest panicked on purpose"), "the panic message reaches the caller: {body}");
     // ...and a trap replaces the instance (fresh state) but not the process.
-    assert_eq!(server.invoke_json("trap", r#"{"mode":"counter"}"#).1["count"], 1);
+    assert_eq!(server.invoke_json("trap", r#"{"mode":"counter"}"#).1["counter"], 1);
     assert_eq!(server.ready_pids("trap"), pid);
 
     let (status, body) = server.invoke_json("trap", r#"{"mode":"unreachable"}"#);
@@ -172,10 +176,8 @@ fn traps_timeouts_and_memory_exhaustion_fail_only_their_task() {
     assert!(error_message(&body).contains("48Mi"), "says which limit: {body}");
     assert_eq!(server.invoke_json("hog", r#"{"mib": 4}"#).0, 200);
 
-    let task = server.get(&format!(
-        "/v1/tasks/{}",
-        server.invoke("spin", "{}").headers()["x-beamlet-task-id"].to_str().unwrap()
-    ));
+    let task = server
+        .get(&format!("/v1/tasks/{}", server.invoke("spin", "{}").headers()["x-beamlet-task-id"].to_str().unwrap()));
     assert_eq!((task["status"].as_str(), task["attempts"].as_u64()), (Some("TIMEOUT"), Some(1)));
 
     assert_eq!(server.invoke_json("hello", r#"{"name":"Ada"}"#).0, 200, "other apps keep serving");
@@ -184,13 +186,12 @@ fn traps_timeouts_and_memory_exhaustion_fail_only_their_task() {
 #[test]
 fn five_workers_run_five_tasks_at_once() {
     let server = Server::start("workers", &[]);
-    let config = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/sleep/beamlet.toml")).unwrap();
+    let config =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/sleep/beamlet.toml")).unwrap();
     server.deploy_guest("sleep", "sleep", Some(&config));
     server.wait_status("sleep", "the replica to be ready", LONG, |s| ready_pids(s).len() == 1);
     let results: Vec<Value> = std::thread::scope(|scope| {
-        let calls: Vec<_> = (0..5)
-            .map(|_| scope.spawn(|| server.invoke_json("sleep", r#"{"ms": 1500}"#)))
-            .collect();
+        let calls: Vec<_> = (0..5).map(|_| scope.spawn(|| server.invoke_json("sleep", r#"{"ms": 1500}"#))).collect();
         calls
             .into_iter()
             .map(|call| {
@@ -209,7 +210,10 @@ fn five_workers_run_five_tasks_at_once() {
     assert!(latest_start < earliest_end, "all five ran at the same time: {results:?}");
     let log = server.log();
     for worker in 0..5 {
-        assert!(log.contains(&format!("worker={worker}")) && log.contains("worker started"), "worker {worker} start is logged");
+        assert!(
+            log.contains(&format!("worker={worker}")) && log.contains("worker started"),
+            "worker {worker} start is logged"
+        );
     }
 }
 

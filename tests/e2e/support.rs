@@ -38,7 +38,9 @@ pub fn guests() -> &'static Path {
 
 /// The path of a built guest, by crate name.
 pub fn wasm(guest: &str) -> PathBuf {
-    guests().join(format!("{}.wasm", guest.replace('-', "_")))
+    // Libraries (cdylib) get underscores in their file names; binaries keep their name.
+    let file = if guest == "guest-command" { guest.to_owned() } else { guest.replace('-', "_") };
+    guests().join(format!("{file}.wasm"))
 }
 
 /// A running `beamlet serve`, killed when dropped.
@@ -83,7 +85,9 @@ impl Server {
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("serve printed {line:?} instead of its address"))
             .to_owned();
-        let http = Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+        // No pooled connections: a server may close one after refusing an
+        // oversized body, and a test must not trip over that reuse.
+        let http = Client::builder().timeout(Duration::from_secs(120)).pool_max_idle_per_host(0).build().unwrap();
         Self { child, base, data_dir, http }
     }
 
@@ -108,7 +112,8 @@ impl Server {
     }
 
     pub fn deploy(&self, name: &str, wasm: &[u8], config: Option<&str>) -> Response {
-        let mut form = multipart::Form::new().part("component", multipart::Part::bytes(wasm.to_vec()).file_name("app.wasm"));
+        let mut form =
+            multipart::Form::new().part("component", multipart::Part::bytes(wasm.to_vec()).file_name("app.wasm"));
         if let Some(config) = config {
             form = form.text("config", config.to_owned());
         }

@@ -3,27 +3,34 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::multipart::{MultipartError, MultipartRejection};
-use axum::extract::{Multipart, Path, Query, State};
-use axum::http::StatusCode;
+use axum::extract::multipart::MultipartError;
+use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::http::{StatusCode, header};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::ApiError;
+use super::{ApiError, read_body};
 use crate::node::Node;
 use crate::registry::App;
 
 pub(crate) async fn deploy(
     State(node): State<Arc<Node>>,
     Path(name): Path<String>,
-    multipart: Result<Multipart, MultipartRejection>,
+    request: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let mut multipart = multipart.map_err(|e| {
-        ApiError::bad_request(format!(
-            "deploy takes multipart/form-data with a `component` part (and optionally `config`): {e}"
-        ))
-    })?;
     let limit = node.limits.max_component;
+    let multipart = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("multipart/form-data") && value.contains("boundary="));
+    if !multipart {
+        // Read the body first: a client still sending it would otherwise see
+        // a broken pipe instead of the reason.
+        read_body(request.into_body(), limit, "component upload").await?;
+        return Err(not_multipart("the request is not multipart/form-data"));
+    }
+    let mut multipart = Multipart::from_request(request, &()).await.map_err(|e| not_multipart(&e.body_text()))?;
     let upload_error = move |e: MultipartError| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large("component upload", limit)
@@ -43,8 +50,9 @@ pub(crate) async fn deploy(
             }
         }
     }
-    let component = component
-        .ok_or_else(|| ApiError::bad_request("the upload has no `component` part; attach the .wasm file as `component`"))?;
+    let component = component.ok_or_else(|| {
+        ApiError::bad_request("the upload has no `component` part; attach the .wasm file as `component`")
+    })?;
     if component.len() > limit {
         return Err(ApiError::too_large("component upload", limit));
     }
@@ -55,8 +63,16 @@ pub(crate) async fn deploy(
     tracing::info!(app = %app.version.name, version = app.version.version, digest = %app.version.digest, "deployed");
     node.supervisor.run(&app);
     let version = &app.version;
-    let body = json!({ "name": version.name, "version": version.version, "world": version.world, "digest": version.digest });
+    let body =
+        json!({ "name": version.name, "version": version.version, "world": version.world, "digest": version.digest });
     Ok((StatusCode::CREATED, Json(body)))
+}
+
+fn not_multipart(reason: &str) -> ApiError {
+    ApiError::bad_request(format!(
+        "{reason}: deploy takes multipart/form-data with a `component` part (and optionally `config`), \
+         e.g. curl -X PUT URL/v1/apps/NAME -F component=@app.wasm -F config=@beamlet.toml"
+    ))
 }
 
 pub(crate) async fn list(State(node): State<Arc<Node>>) -> Json<Value> {

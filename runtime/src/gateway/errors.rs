@@ -29,7 +29,9 @@ impl ApiError {
         Self::new(
             StatusCode::NOT_FOUND,
             "UNKNOWN_APP",
-            format!("no app named {name:?}; deploy it first (beamlet deploy APP.wasm --name {name}) or list apps with `beamlet apps`"),
+            format!(
+                "no app named {name:?}; deploy it first (beamlet deploy APP.wasm --name {name}) or list apps with `beamlet apps`"
+            ),
         )
     }
 

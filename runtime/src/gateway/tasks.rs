@@ -122,6 +122,9 @@ pub(crate) async fn result(State(node): State<Arc<Node>>, Path(id): Path<String>
 }
 
 /// `DELETE /v1/tasks/{id}`.
-pub(crate) async fn cancel(State(node): State<Arc<Node>>, Path(id): Path<String>) -> Result<Json<TaskRecord>, ApiError> {
+pub(crate) async fn cancel(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+) -> Result<Json<TaskRecord>, ApiError> {
     Ok(Json(node.dispatch.cancel(&id)?))
 }

@@ -63,9 +63,9 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
         }
     });
 
-    let listener = tokio::net::TcpListener::bind(options.listen)
-        .await
-        .with_context(|| format!("failed to listen on {}; is another server using it? pick another with --listen", options.listen))?;
+    let listener = tokio::net::TcpListener::bind(options.listen).await.with_context(|| {
+        format!("failed to listen on {}; is another server using it? pick another with --listen", options.listen)
+    })?;
     let addr = listener.local_addr()?;
     let mut stdout = tokio::io::stdout();
     stdout.write_all(format!("listening on http://{addr}\n").as_bytes()).await?;

@@ -23,12 +23,7 @@ pub(crate) struct Dispatch {
 
 impl Dispatch {
     pub(crate) fn new(queue: Arc<dyn Queue>) -> Self {
-        Self {
-            queue,
-            arrivals: Mutex::default(),
-            waiters: Mutex::default(),
-            routes: Mutex::default(),
-        }
+        Self { queue, arrivals: Mutex::default(), waiters: Mutex::default(), routes: Mutex::default() }
     }
 
     fn arrivals(&self, app: &str) -> Arc<Notify> {

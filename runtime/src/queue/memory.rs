@@ -180,7 +180,8 @@ impl Queue for MemoryQueue {
         expired
             .iter()
             .filter_map(|id| {
-                let error = TaskError { code: ErrorCode::Expired, message: "the task waited in the queue past its ttl".into() };
+                let error =
+                    TaskError { code: ErrorCode::Expired, message: "the task waited in the queue past its ttl".into() };
                 inner.end(id, TaskStatus::Expired, Some(error), now)
             })
             .collect()

@@ -1,9 +1,9 @@
 //! Cancellation of runs by the node, whether or not a worker picked them up yet.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 #[derive(Default)]
 pub(crate) struct Cancels {

@@ -62,10 +62,8 @@ pub(crate) fn main(fd: RawFd) -> Result<()> {
 }
 
 fn start_workers(spec: &ReplicaSpec, replies: &Replies) -> Result<Vec<Worker>> {
-    let engine = engine::new_engine(Allocation::Pooling {
-        slots: spec.workers + 1,
-        memory_bytes: spec.memory_per_worker,
-    })?;
+    let engine =
+        engine::new_engine(Allocation::Pooling { slots: spec.workers + 1, memory_bytes: spec.memory_per_worker })?;
     engine::start_epoch_ticker(engine.clone());
     // SAFETY: the node wrote this file from `Component::serialize` of the same
     // build, under a name that carries the engine's compatibility key.
@@ -79,9 +77,7 @@ fn start_workers(spec: &ReplicaSpec, replies: &Replies) -> Result<Vec<Worker>> {
         .map_err(anyhow::Error::from)
         .context("failed to link the component")?;
     let spec = Arc::new(spec.clone());
-    (0..spec.workers)
-        .map(|index| Worker::start(index, spec.clone(), pre.clone(), replies.clone()))
-        .collect()
+    (0..spec.workers).map(|index| Worker::start(index, spec.clone(), pre.clone(), replies.clone())).collect()
 }
 
 /// Reads the node's frames until it says drain or goes away.

@@ -36,7 +36,12 @@ const STDERR_TAIL: usize = 2048;
 
 impl Worker {
     /// Creates the worker's first instance and runs `init`, logging the start.
-    pub(crate) fn start(index: u32, spec: Arc<ReplicaSpec>, pre: FunctionPre<WorkerState>, replies: Replies) -> Result<Self> {
+    pub(crate) fn start(
+        index: u32,
+        spec: Arc<ReplicaSpec>,
+        pre: FunctionPre<WorkerState>,
+        replies: Replies,
+    ) -> Result<Self> {
         let mut worker = Self { index, spec, pre, replies, cancel: Arc::new(AtomicBool::new(false)), live: None };
         worker.instantiate().with_context(|| format!("failed to start worker {index}"))?;
         Ok(worker)
@@ -49,13 +54,15 @@ impl Worker {
     fn instantiate(&mut self) -> Result<()> {
         self.live = None;
         let started = Instant::now();
-        let mut store = Store::new(self.pre.engine(), WorkerState::new(self.spec.memory_per_worker, self.cancel.clone()));
+        let mut store =
+            Store::new(self.pre.engine(), WorkerState::new(self.spec.memory_per_worker, self.cancel.clone()));
         store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|ctx| {
             Ok(if ctx.data().should_stop() { UpdateDeadline::Interrupt } else { UpdateDeadline::Continue(1) })
         });
-        let bindings = self.pre.instantiate(&mut store).map_err(anyhow::Error::from).context("failed to instantiate")?;
+        let bindings =
+            self.pre.instantiate(&mut store).map_err(anyhow::Error::from).context("failed to instantiate")?;
         let instantiate_us = micros(started.elapsed());
         let init_started = Instant::now();
         store.data_mut().deadline = Some(init_started + Duration::from_millis(self.spec.init_timeout_ms));
@@ -71,10 +78,7 @@ impl Worker {
             }
         }
         let init_us = micros(init_started.elapsed());
-        tracing::info!(
-            app = %self.spec.app, replica = %self.spec.replica, worker = self.index,
-            instantiate_us, init_us, "worker started"
-        );
+        // The node logs the start when this frame arrives.
         self.replies.send(&FromReplica::WorkerStarted { worker: self.index, instantiate_us, init_us, stdout, stderr });
         self.live = Some(Live { store, bindings });
         Ok(())
@@ -93,7 +97,14 @@ impl Worker {
                 cancels.end(seq);
                 done
             } else {
-                TaskDone { seq, worker: self.index, outcome: Outcome::Cancelled, stdout: vec![], stderr: vec![], run_us: 0 }
+                TaskDone {
+                    seq,
+                    worker: self.index,
+                    outcome: Outcome::Cancelled,
+                    stdout: vec![],
+                    stderr: vec![],
+                    run_us: 0,
+                }
             };
             self.replies.send(&FromReplica::Done(done));
             if self.live.is_none() {
@@ -109,8 +120,14 @@ impl Worker {
 
     fn run_one(&mut self, task: RunTask) -> TaskDone {
         let started = Instant::now();
-        let mut done =
-            TaskDone { seq: task.seq, worker: self.index, outcome: Outcome::Cancelled, stdout: vec![], stderr: vec![], run_us: 0 };
+        let mut done = TaskDone {
+            seq: task.seq,
+            worker: self.index,
+            outcome: Outcome::Cancelled,
+            stdout: vec![],
+            stderr: vec![],
+            run_us: 0,
+        };
         if self.live.is_none() {
             if let Err(e) = self.instantiate() {
                 done.outcome = Outcome::Trap(format!("{e:#}"));

@@ -5,12 +5,12 @@ mod replica;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub(crate) use self::replica::{ReplicaInfo, ReplicaState, start_process};
 use self::replica::{Plan, ReplicaHandle};
+pub(crate) use self::replica::{ReplicaInfo, ReplicaState, start_process};
 use crate::ipc::ReplicaSpec;
 use crate::node::AppLogs;
 use crate::queue::Dispatch;

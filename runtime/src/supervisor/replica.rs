@@ -193,6 +193,7 @@ impl Run<'_> {
                         free += 1;
                         self.done(done);
                     }
+                    Some(started @ FromReplica::WorkerStarted { .. }) => self.worker_started(started),
                     Some(other) => tracing::warn!(replica = %spec.replica, "unexpected frame {other:?}"),
                     None if draining && self.inflight.is_empty() => {
                         let _ = child.wait().await;
@@ -216,22 +217,23 @@ impl Run<'_> {
     }
 
     async fn await_ready(&self, frames: &mut mpsc::UnboundedReceiver<FromReplica>) -> Result<()> {
-        let spec = &self.plan.spec;
         loop {
             match frames.recv().await {
-                Some(FromReplica::WorkerStarted { worker, instantiate_us, init_us, stdout, stderr }) => {
-                    self.plan.logs.capture(&spec.app, &format!("init {} worker {worker}", spec.replica), &stdout, &stderr);
-                    tracing::info!(
-                        app = %spec.app, replica = %spec.replica, worker, instantiate_us, init_us,
-                        "worker started"
-                    );
-                }
+                Some(started @ FromReplica::WorkerStarted { .. }) => self.worker_started(started),
                 Some(FromReplica::Ready) => return Ok(()),
                 Some(FromReplica::StartFailed { message }) => bail!("replica failed to start: {message}"),
                 Some(FromReplica::Done(_)) => bail!("replica reported a task before it was ready"),
                 None => bail!("replica exited while starting"),
             }
         }
+    }
+
+    /// Logs a worker's start (first, or after its instance was replaced).
+    fn worker_started(&self, frame: FromReplica) {
+        let FromReplica::WorkerStarted { worker, instantiate_us, init_us, stdout, stderr } = frame else { return };
+        let spec = &self.plan.spec;
+        self.plan.logs.capture(&spec.app, &format!("init {} worker {worker}", spec.replica), &stdout, &stderr);
+        tracing::info!(app = %spec.app, replica = %spec.replica, worker, instantiate_us, init_us, "worker started");
     }
 
     fn done(&mut self, done: TaskDone) {
@@ -261,7 +263,9 @@ impl Run<'_> {
         let reason = error.map_or_else(|| "replica stopped".to_owned(), |e| format!("{e:#}"));
         for (_, lease) in self.inflight.drain() {
             let message = format!("replica {} was lost while running the task: {reason}", self.plan.spec.replica);
-            self.plan.dispatch.finish(&lease.id, Finish::Retryable(TaskError { code: ErrorCode::ReplicaLost, message }));
+            self.plan
+                .dispatch
+                .finish(&lease.id, Finish::Retryable(TaskError { code: ErrorCode::ReplicaLost, message }));
         }
     }
 }

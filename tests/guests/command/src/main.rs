@@ -1,0 +1,3 @@
+fn main() {
+    println!("a wasi:cli/command component, not a beamlet function");
+}
