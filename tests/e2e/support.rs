@@ -96,10 +96,6 @@ impl Server {
         std::fs::read_to_string(log_path(&self.data_dir)).unwrap_or_default()
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Kills the node with SIGKILL, as a crash would.
     pub fn kill(mut self) -> PathBuf {
         let _ = self.child.kill();

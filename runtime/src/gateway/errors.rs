@@ -84,6 +84,7 @@ impl From<QueueError> for ApiError {
             QueueError::Full { .. } => Self::new(StatusCode::TOO_MANY_REQUESTS, "QUEUE_FULL", error.to_string()),
             QueueError::UnknownTask(id) => Self::unknown_task(id),
             QueueError::AlreadyEnded { .. } => Self::new(StatusCode::CONFLICT, "ALREADY_ENDED", error.to_string()),
+            QueueError::Store => Self::new(StatusCode::SERVICE_UNAVAILABLE, "STORE_FAILED", error.to_string()),
         }
     }
 }
@@ -97,6 +98,7 @@ impl From<&TaskError> for ApiError {
             ErrorCode::GuestTrap => (StatusCode::INTERNAL_SERVER_ERROR, "GUEST_TRAP"),
             ErrorCode::OutOfMemory => (StatusCode::INTERNAL_SERVER_ERROR, "OUT_OF_MEMORY"),
             ErrorCode::ReplicaLost => (StatusCode::INTERNAL_SERVER_ERROR, "REPLICA_LOST"),
+            ErrorCode::ResultTooLarge => (StatusCode::INTERNAL_SERVER_ERROR, "RESULT_TOO_LARGE"),
             ErrorCode::Timeout => (StatusCode::GATEWAY_TIMEOUT, "TIMEOUT"),
             ErrorCode::Cancelled => (StatusCode::CONFLICT, "CANCELLED"),
             ErrorCode::Expired => (StatusCode::SERVICE_UNAVAILABLE, "EXPIRED"),

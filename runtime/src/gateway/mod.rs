@@ -28,7 +28,7 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         )
         .route("/v1/apps/{name}/logs", get(apps::logs))
         .route("/v1/apps/{name}/invoke", post(tasks::invoke))
-        .route("/v1/apps/{name}/tasks", post(tasks::submit))
+        .route("/v1/apps/{name}/tasks", post(tasks::submit).get(tasks::list))
         .route("/v1/tasks/{id}", get(tasks::status).delete(tasks::cancel))
         .route("/v1/tasks/{id}/result", get(tasks::result))
         .fallback(|| async {

@@ -29,9 +29,11 @@ async fn enqueue(node: &Node, name: &str, body: Body) -> Result<TaskRecord, ApiE
         retries: queue.retries,
         timeout: app.config.runtime.timeout,
         ttl: queue.ttl,
+        result_ttl: queue.result_ttl,
+        max_result_size: queue.max_result_size,
         max_queued: queue.max_queued,
     };
-    Ok(node.dispatch.submit(task)?)
+    Ok(node.dispatch.submit(task).await?)
 }
 
 fn with_task_id(mut response: Response, id: &str) -> Response {
@@ -127,4 +129,29 @@ pub(crate) async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Json<TaskRecord>, ApiError> {
     Ok(Json(node.dispatch.cancel(&id)?))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ListQuery {
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/apps/{name}/tasks[?status=RUNNING&limit=100]`: newest first.
+pub(crate) async fn list(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    node.registry.get(&name).ok_or_else(|| ApiError::unknown_app(&name))?;
+    let status = match query.status.as_deref() {
+        None => None,
+        Some(text) => Some(TaskStatus::parse(&text.to_ascii_uppercase()).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "status {text:?} is not a task state; use one of PENDING, RUNNING, COMPLETE, FAILED, TIMEOUT, CANCELLED, EXPIRED, RETRY"
+            ))
+        })?),
+    };
+    let tasks = node.dispatch.list(&name, status, query.limit.unwrap_or(100).min(10_000));
+    Ok(Json(json!({ "app": name, "tasks": tasks })))
 }

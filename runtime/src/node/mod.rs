@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result};
 use tokio::io::AsyncWriteExt;
 
 pub(crate) use self::logs::AppLogs;
-use crate::queue::{Dispatch, MemoryQueue};
+use crate::queue::{Dispatch, EmbeddedQueue, now_ms};
 use crate::registry::Registry;
 use crate::supervisor::Supervisor;
 
@@ -37,15 +37,15 @@ pub(crate) struct Node {
     pub limits: Limits,
 }
 
-/// How long finished tasks and their results are kept.
-const KEEP_FINISHED: Duration = Duration::from_secs(3600);
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     let data_dir = options.data_dir.clone();
     std::fs::create_dir_all(&data_dir).with_context(|| format!("failed to create data dir {data_dir:?}"))?;
     let registry = tokio::task::spawn_blocking(move || Registry::open(&data_dir)).await??;
-    let dispatch = Arc::new(Dispatch::new(Arc::new(MemoryQueue::default())));
+    let store = options.data_dir.join("tasks.db");
+    let queue = tokio::task::spawn_blocking(move || EmbeddedQueue::open(&store, now_ms())).await??;
+    let dispatch = Arc::new(Dispatch::new(Arc::new(queue)));
     let logs = Arc::new(AppLogs::default());
     let exe = std::env::current_exe().context("failed to find the beamlet executable")?;
     let supervisor = Supervisor::new(exe, dispatch.clone(), logs.clone());
@@ -59,7 +59,7 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
         let mut tick = tokio::time::interval(SWEEP_EVERY);
         loop {
             tick.tick().await;
-            sweeper.sweep(KEEP_FINISHED);
+            sweeper.sweep();
         }
     });
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::{Cancelled, Counts, Finish, Lease, NewTask, Queue, QueueError, TaskId, TaskRecord, now_ms};
+use super::{Cancelled, Counts, Finish, Lease, NewTask, Queue, QueueError, TaskId, TaskRecord, TaskStatus, now_ms};
 
 pub(crate) struct Dispatch {
     queue: Arc<dyn Queue>,
@@ -42,9 +42,13 @@ impl Dispatch {
         }
     }
 
-    pub(crate) fn submit(&self, task: NewTask) -> Result<TaskRecord, QueueError> {
+    /// Queues a task and returns once it is durable.
+    pub(crate) async fn submit(&self, task: NewTask) -> Result<TaskRecord, QueueError> {
         let record = self.queue.enqueue(task, now_ms())?;
+        let durable = self.queue.sync();
+        // Running it before the commit lands is fine: delivery is at least once.
         self.wake(&record.app);
+        durable.await.map_err(|_| QueueError::Store)?;
         Ok(record)
     }
 
@@ -144,8 +148,12 @@ impl Dispatch {
         self.queue.counts(app)
     }
 
-    pub(crate) fn sweep(&self, keep_finished: Duration) {
-        for record in self.queue.sweep(now_ms(), keep_finished) {
+    pub(crate) fn list(&self, app: &str, status: Option<TaskStatus>, limit: usize) -> Vec<TaskRecord> {
+        self.queue.list(app, status, limit)
+    }
+
+    pub(crate) fn sweep(&self) {
+        for record in self.queue.sweep(now_ms()) {
             self.resolve(&record);
         }
     }

@@ -5,15 +5,17 @@
 //! replicas when work arrives and callers when a task ends.
 
 mod dispatch;
-mod memory;
+mod embedded;
+mod sqlite;
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
+use tokio::sync::oneshot;
 
 pub(crate) use self::dispatch::Dispatch;
-pub(crate) use self::memory::MemoryQueue;
+pub(crate) use self::embedded::EmbeddedQueue;
 
 pub(crate) type TaskId = String;
 
@@ -38,6 +40,32 @@ pub(crate) enum TaskStatus {
     /// Queued again after a failed attempt, waiting for another.
     Retry,
 }
+
+/// Names as the API and the store spell them, both ways.
+macro_rules! names {
+    ($ty:ty { $($variant:ident = $name:literal),* $(,)? }) => {
+        impl $ty {
+            pub(crate) fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $name),* }
+            }
+
+            pub(crate) fn parse(name: &str) -> Option<Self> {
+                match name { $($name => Some(Self::$variant),)* _ => None }
+            }
+        }
+    };
+}
+
+names!(TaskStatus {
+    Pending = "PENDING", Running = "RUNNING", Complete = "COMPLETE", Failed = "FAILED",
+    Timeout = "TIMEOUT", Cancelled = "CANCELLED", Expired = "EXPIRED", Retry = "RETRY",
+});
+
+names!(ErrorCode {
+    BadInput = "BAD_INPUT", GuestError = "GUEST_ERROR", GuestTrap = "GUEST_TRAP", OutOfMemory = "OUT_OF_MEMORY",
+    Timeout = "TIMEOUT", ReplicaLost = "REPLICA_LOST", ResultTooLarge = "RESULT_TOO_LARGE",
+    Cancelled = "CANCELLED", Expired = "EXPIRED",
+});
 
 impl TaskStatus {
     pub(crate) fn is_terminal(self) -> bool {
@@ -71,6 +99,8 @@ pub(crate) enum ErrorCode {
     Timeout,
     /// The replica running the task died.
     ReplicaLost,
+    /// The output was over the app's `max_result_size`.
+    ResultTooLarge,
     Cancelled,
     Expired,
 }
@@ -99,6 +129,10 @@ pub(crate) struct NewTask {
     pub timeout: Duration,
     /// How long it may wait in the queue.
     pub ttl: Duration,
+    /// How long its result is kept once it ends.
+    pub result_ttl: Duration,
+    /// Largest output accepted, in bytes.
+    pub max_result_size: u64,
     /// Refuse the task when this many of the app's tasks are already queued.
     pub max_queued: u32,
 }
@@ -112,6 +146,7 @@ pub(crate) struct Lease {
     /// 1 for the first run.
     pub attempt: u32,
     pub timeout: Duration,
+    pub max_result_size: u64,
 }
 
 /// How a run ended, from the queue's side.
@@ -138,8 +173,10 @@ pub(crate) enum QueueError {
     Full { app: String, limit: u32 },
     #[error("no task {0:?}")]
     UnknownTask(TaskId),
-    #[error("task {id:?} already ended as {status:?}")]
+    #[error("task {id:?} already ended as {}", status.as_str())]
     AlreadyEnded { id: TaskId, status: TaskStatus },
+    #[error("the task store could not save the task; see the node's log (is the data dir's disk full?)")]
+    Store,
 }
 
 /// What cancelling did.
@@ -165,18 +202,29 @@ pub(crate) trait Queue: Send + Sync + 'static {
     fn get(&self, id: &str) -> Option<TaskRecord>;
     fn output(&self, id: &str) -> Option<Bytes>;
     fn counts(&self, app: &str) -> Counts;
-    /// Expires queued tasks past their ttl and forgets finished tasks older
-    /// than `keep_finished`; returns the tasks it expired.
-    fn sweep(&self, now: u64, keep_finished: Duration) -> Vec<TaskRecord>;
+    /// The app's tasks, newest first, optionally only those in `status`.
+    fn list(&self, app: &str, status: Option<TaskStatus>, limit: usize) -> Vec<TaskRecord>;
+    /// Expires queued tasks past their ttl and forgets finished tasks past
+    /// their result ttl; returns the tasks it expired.
+    fn sweep(&self, now: u64) -> Vec<TaskRecord>;
+    /// Resolves once every change made so far is durable (at once for a
+    /// store that keeps nothing); an error if it could not be made durable.
+    fn sync(&self) -> oneshot::Receiver<()>;
     /// Drops every queued task of a removed app, cancelling it.
     fn remove_app(&self, app: &str, now: u64) -> Vec<TaskRecord>;
 }
 
 /// Milliseconds since the Unix epoch: the queue's clock.
 pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    millis_since_epoch(std::time::SystemTime::now())
+}
+
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn millis_since_epoch(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, millis)
 }
 
 pub(crate) fn new_task_id() -> TaskId {

@@ -107,13 +107,13 @@ impl Worker {
                 }
             };
             self.replies.send(&FromReplica::Done(done));
-            if self.live.is_none() {
-                if let Err(e) = self.instantiate() {
-                    // A replacement that cannot start leaves the replica short a
-                    // worker: exit so the supervisor starts a whole new one.
-                    tracing::error!(app = %self.spec.app, replica = %self.spec.replica, "{e:#}");
-                    std::process::exit(2);
-                }
+            if self.live.is_none()
+                && let Err(e) = self.instantiate()
+            {
+                // A replacement that cannot start leaves the replica short a
+                // worker: exit so the supervisor starts a whole new one.
+                tracing::error!(app = %self.spec.app, replica = %self.spec.replica, "{e:#}");
+                std::process::exit(2);
             }
         }
     }
@@ -128,11 +128,11 @@ impl Worker {
             stderr: vec![],
             run_us: 0,
         };
-        if self.live.is_none() {
-            if let Err(e) = self.instantiate() {
-                done.outcome = Outcome::Trap(format!("{e:#}"));
-                return done;
-            }
+        if self.live.is_none()
+            && let Err(e) = self.instantiate()
+        {
+            done.outcome = Outcome::Trap(format!("{e:#}"));
+            return done;
         }
         let live = self.live.as_mut().expect("instantiated above");
         let timeout = Duration::from_millis(task.timeout_ms);

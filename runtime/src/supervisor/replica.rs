@@ -244,6 +244,14 @@ impl Run<'_> {
         self.info.lock().unwrap().tasks_done += 1;
         self.plan.logs.capture(&lease.app, &format!("task {}", lease.id), &done.stdout, &done.stderr);
         let finish = match done.outcome {
+            Outcome::Complete(output) if output.len() as u64 > lease.max_result_size => Finish::Rejected(TaskError {
+                code: ErrorCode::ResultTooLarge,
+                message: format!(
+                    "the handler's output is {}, over the app's [task_queue] max_result_size of {}",
+                    crate::config::format_size(output.len() as u64),
+                    crate::config::format_size(lease.max_result_size)
+                ),
+            }),
             Outcome::Complete(output) => Finish::Complete(output.into()),
             Outcome::BadInput(message) => Finish::Rejected(TaskError { code: ErrorCode::BadInput, message }),
             Outcome::Failed(message) => Finish::Rejected(TaskError { code: ErrorCode::GuestError, message }),

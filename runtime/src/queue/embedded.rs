@@ -1,0 +1,472 @@
+//! The embedded queue (the default): the task lifecycle kept in memory for
+//! speed and journaled to SQLite under `--data-dir` for durability. On open,
+//! every stored task comes back; tasks that were running when the node died
+//! are queued again (or fail, when their retries are spent).
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::Result;
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::sqlite::{Journal, TaskRow};
+use super::{
+    Cancelled, Counts, ErrorCode, Finish, Lease, NewTask, Queue, QueueError, TaskError, TaskRecord, TaskStatus, millis,
+    new_task_id,
+};
+
+pub(crate) struct EmbeddedQueue {
+    inner: Mutex<Inner>,
+    /// `None`: nothing is kept across restarts (unit tests).
+    journal: Option<Journal>,
+}
+
+#[derive(Default)]
+struct Inner {
+    tasks: HashMap<String, Entry>,
+    /// Queued task ids per app, next first.
+    queued: HashMap<String, VecDeque<String>>,
+    running: HashMap<String, u64>,
+}
+
+struct Entry {
+    record: TaskRecord,
+    input: Bytes,
+    output: Option<Bytes>,
+    retries: u32,
+    timeout: Duration,
+    result_ttl: Duration,
+    max_result_size: u64,
+    /// When a still-queued task expires (ms).
+    expires_at: u64,
+}
+
+impl Entry {
+    fn row(&self, with_input: bool) -> TaskRow {
+        let r = &self.record;
+        TaskRow {
+            id: r.id.clone(),
+            app: r.app.clone(),
+            status: r.status.as_str().to_owned(),
+            attempts: r.attempts,
+            retries: self.retries,
+            timeout_ms: millis(self.timeout),
+            result_ttl_ms: millis(self.result_ttl),
+            max_result_size: self.max_result_size,
+            created_at: r.created_at,
+            started_at: r.started_at,
+            ended_at: r.ended_at,
+            expires_at: self.expires_at,
+            error_code: r.error.as_ref().map(|e| e.code.as_str().to_owned()),
+            error_message: r.error.as_ref().map(|e| e.message.clone()),
+            input: if with_input { self.input.clone() } else { Bytes::new() },
+            output: self.output.clone(),
+        }
+    }
+
+    fn from_row(row: TaskRow) -> Self {
+        let error = match (row.error_code.as_deref().and_then(ErrorCode::parse), row.error_message) {
+            (Some(code), Some(message)) => Some(TaskError { code, message }),
+            _ => None,
+        };
+        Entry {
+            record: TaskRecord {
+                id: row.id,
+                app: row.app,
+                status: TaskStatus::parse(&row.status).unwrap_or(TaskStatus::Failed),
+                attempts: row.attempts,
+                created_at: row.created_at,
+                started_at: row.started_at,
+                ended_at: row.ended_at,
+                error,
+            },
+            input: row.input,
+            output: row.output,
+            retries: row.retries,
+            timeout: Duration::from_millis(row.timeout_ms),
+            result_ttl: Duration::from_millis(row.result_ttl_ms),
+            max_result_size: row.max_result_size,
+            expires_at: row.expires_at,
+        }
+    }
+}
+
+impl Inner {
+    fn running_mut(&mut self, app: &str) -> &mut u64 {
+        self.running.entry(app.to_owned()).or_default()
+    }
+
+    /// Ends a queued or running task.
+    fn end(&mut self, id: &str, status: TaskStatus, error: Option<TaskError>, now: u64) -> Option<&Entry> {
+        let entry = self.tasks.get_mut(id)?;
+        let was_running = entry.record.status == TaskStatus::Running;
+        entry.record.status = status;
+        entry.record.error = error;
+        entry.record.ended_at = Some(now);
+        entry.input = Bytes::new();
+        let app = entry.record.app.clone();
+        if was_running {
+            let running = self.running_mut(&app);
+            *running = running.saturating_sub(1);
+        } else if let Some(queue) = self.queued.get_mut(&app) {
+            queue.retain(|queued| queued != id);
+        }
+        self.tasks.get(id)
+    }
+
+    /// Puts a task back in its app's queue, ahead of tasks never run.
+    fn requeue(&mut self, id: &str, error: TaskError) -> &Entry {
+        let entry = self.tasks.get_mut(id).expect("requeued tasks are known");
+        entry.record.status = TaskStatus::Retry;
+        entry.record.error = Some(error);
+        let app = entry.record.app.clone();
+        self.queued.entry(app).or_default().push_front(id.to_owned());
+        &self.tasks[id]
+    }
+}
+
+impl EmbeddedQueue {
+    /// A queue that keeps nothing across restarts.
+    #[cfg(test)]
+    pub(crate) fn in_memory() -> Self {
+        Self { inner: Mutex::default(), journal: None }
+    }
+
+    /// Opens the durable queue at `path`, restoring every stored task.
+    pub(crate) fn open(path: &Path, now: u64) -> Result<Self> {
+        let (journal, rows) = Journal::open(path)?;
+        let queue = Self { inner: Mutex::default(), journal: Some(journal) };
+        {
+            let mut inner = queue.inner.lock().unwrap();
+            let mut retried = Vec::new();
+            for row in rows {
+                let entry = Entry::from_row(row);
+                let (id, app, status) = (entry.record.id.clone(), entry.record.app.clone(), entry.record.status);
+                inner.tasks.insert(id.clone(), entry);
+                match status {
+                    TaskStatus::Pending => inner.queued.entry(app).or_default().push_back(id),
+                    TaskStatus::Retry | TaskStatus::Running => retried.push((id, status)),
+                    _ => {}
+                }
+            }
+            // Rows come oldest first; pushing each to the front would reverse them.
+            for (id, status) in retried.into_iter().rev() {
+                if status == TaskStatus::Retry {
+                    let app = inner.tasks[&id].record.app.clone();
+                    inner.queued.entry(app).or_default().push_front(id);
+                    continue;
+                }
+                let message = "the node stopped while the task was running".to_owned();
+                let error = TaskError { code: ErrorCode::ReplicaLost, message };
+                let entry = &inner.tasks[&id];
+                let entry = if entry.record.attempts > entry.retries {
+                    inner.end(&id, TaskStatus::Failed, Some(error), now).expect("known")
+                } else {
+                    inner.requeue(&id, error)
+                };
+                queue.update(entry);
+            }
+        }
+        Ok(queue)
+    }
+
+    fn update(&self, entry: &Entry) {
+        if let Some(journal) = &self.journal {
+            journal.update(entry.row(false));
+        }
+    }
+}
+
+impl Queue for EmbeddedQueue {
+    fn enqueue(&self, task: NewTask, now: u64) -> Result<TaskRecord, QueueError> {
+        let mut inner = self.inner.lock().unwrap();
+        let queue = inner.queued.entry(task.app.clone()).or_default();
+        if queue.len() >= task.max_queued as usize {
+            return Err(QueueError::Full { app: task.app, limit: task.max_queued });
+        }
+        let id = new_task_id();
+        queue.push_back(id.clone());
+        let record = TaskRecord {
+            id: id.clone(),
+            app: task.app,
+            status: TaskStatus::Pending,
+            attempts: 0,
+            created_at: now,
+            started_at: None,
+            ended_at: None,
+            error: None,
+        };
+        let entry = Entry {
+            record: record.clone(),
+            input: task.input,
+            output: None,
+            retries: task.retries,
+            timeout: task.timeout,
+            result_ttl: task.result_ttl,
+            max_result_size: task.max_result_size,
+            expires_at: now.saturating_add(millis(task.ttl)),
+        };
+        if let Some(journal) = &self.journal {
+            journal.insert(entry.row(true));
+        }
+        inner.tasks.insert(id, entry);
+        Ok(record)
+    }
+
+    fn lease(&self, app: &str, now: u64) -> Option<Lease> {
+        let mut inner = self.inner.lock().unwrap();
+        let id = inner.queued.get_mut(app)?.pop_front()?;
+        *inner.running_mut(app) += 1;
+        let entry = inner.tasks.get_mut(&id).expect("queued tasks are known");
+        entry.record.status = TaskStatus::Running;
+        entry.record.attempts += 1;
+        entry.record.started_at = Some(now);
+        self.update(entry);
+        Some(Lease {
+            id,
+            app: app.to_owned(),
+            input: entry.input.clone(),
+            attempt: entry.record.attempts,
+            timeout: entry.timeout,
+            max_result_size: entry.max_result_size,
+        })
+    }
+
+    fn finish(&self, id: &str, finish: Finish, now: u64) -> Option<TaskRecord> {
+        let mut inner = self.inner.lock().unwrap();
+        let entry = inner.tasks.get_mut(id)?;
+        if entry.record.status != TaskStatus::Running {
+            return None;
+        }
+        let entry = match finish {
+            Finish::Complete(output) => {
+                entry.output = Some(output);
+                inner.end(id, TaskStatus::Complete, None, now)?
+            }
+            Finish::Cancelled => {
+                let error = TaskError { code: ErrorCode::Cancelled, message: "the task was cancelled".into() };
+                inner.end(id, TaskStatus::Cancelled, Some(error), now)?
+            }
+            Finish::Rejected(error) => inner.end(id, TaskStatus::Failed, Some(error), now)?,
+            Finish::Retryable(error) if entry.record.attempts > entry.retries => {
+                let status = if error.code == ErrorCode::Timeout { TaskStatus::Timeout } else { TaskStatus::Failed };
+                inner.end(id, status, Some(error), now)?
+            }
+            Finish::Retryable(error) => {
+                let app = entry.record.app.clone();
+                let running = inner.running_mut(&app);
+                *running = running.saturating_sub(1);
+                inner.requeue(id, error)
+            }
+        };
+        self.update(entry);
+        Some(entry.record.clone())
+    }
+
+    fn cancel(&self, id: &str, now: u64) -> Result<Cancelled, QueueError> {
+        let mut inner = self.inner.lock().unwrap();
+        let status = inner.tasks.get(id).ok_or_else(|| QueueError::UnknownTask(id.to_owned()))?.record.status;
+        if status.is_terminal() {
+            return Err(QueueError::AlreadyEnded { id: id.to_owned(), status });
+        }
+        let error = TaskError { code: ErrorCode::Cancelled, message: "the task was cancelled".into() };
+        let entry = inner.end(id, TaskStatus::Cancelled, Some(error), now).expect("checked above");
+        self.update(entry);
+        let record = entry.record.clone();
+        Ok(if status == TaskStatus::Running { Cancelled::Running(record) } else { Cancelled::Queued(record) })
+    }
+
+    fn get(&self, id: &str) -> Option<TaskRecord> {
+        self.inner.lock().unwrap().tasks.get(id).map(|entry| entry.record.clone())
+    }
+
+    fn output(&self, id: &str) -> Option<Bytes> {
+        self.inner.lock().unwrap().tasks.get(id)?.output.clone()
+    }
+
+    fn counts(&self, app: &str) -> Counts {
+        let inner = self.inner.lock().unwrap();
+        Counts {
+            queued: inner.queued.get(app).map_or(0, |queue| queue.len() as u64),
+            running: inner.running.get(app).copied().unwrap_or(0),
+        }
+    }
+
+    fn list(&self, app: &str, status: Option<TaskStatus>, limit: usize) -> Vec<TaskRecord> {
+        let inner = self.inner.lock().unwrap();
+        let mut records: Vec<TaskRecord> = inner
+            .tasks
+            .values()
+            .filter(|entry| entry.record.app == app && status.is_none_or(|status| entry.record.status == status))
+            .map(|entry| entry.record.clone())
+            .collect();
+        // Ids are time-ordered (UUIDv7): newest first.
+        records.sort_by(|a, b| b.id.cmp(&a.id));
+        records.truncate(limit);
+        records
+    }
+
+    fn sweep(&self, now: u64) -> Vec<TaskRecord> {
+        let mut inner = self.inner.lock().unwrap();
+        let forget: Vec<String> = inner
+            .tasks
+            .values()
+            .filter(|entry| entry.record.ended_at.is_some_and(|ended| now.saturating_sub(ended) >= millis(entry.result_ttl)))
+            .map(|entry| entry.record.id.clone())
+            .collect();
+        for id in forget {
+            inner.tasks.remove(&id);
+            if let Some(journal) = &self.journal {
+                journal.delete(id);
+            }
+        }
+        let expired: Vec<String> = inner
+            .tasks
+            .values()
+            .filter(|entry| entry.record.status.is_queued() && entry.expires_at <= now)
+            .map(|entry| entry.record.id.clone())
+            .collect();
+        expired
+            .iter()
+            .filter_map(|id| {
+                let message = "the task waited in the queue past its ttl".into();
+                let entry = inner.end(id, TaskStatus::Expired, Some(TaskError { code: ErrorCode::Expired, message }), now)?;
+                self.update(entry);
+                Some(entry.record.clone())
+            })
+            .collect()
+    }
+
+    fn remove_app(&self, app: &str, now: u64) -> Vec<TaskRecord> {
+        let mut inner = self.inner.lock().unwrap();
+        let queued: Vec<String> = inner.queued.remove(app).map(Vec::from).unwrap_or_default();
+        queued
+            .iter()
+            .filter_map(|id| {
+                let error = TaskError { code: ErrorCode::Cancelled, message: format!("app {app:?} was removed") };
+                let entry = inner.end(id, TaskStatus::Cancelled, Some(error), now)?;
+                self.update(entry);
+                Some(entry.record.clone())
+            })
+            .collect()
+    }
+
+    fn sync(&self) -> oneshot::Receiver<()> {
+        match &self.journal {
+            Some(journal) => journal.sync(),
+            None => {
+                let (tx, rx) = oneshot::channel();
+                let _ = tx.send(());
+                rx
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(retries: u32) -> NewTask {
+        NewTask {
+            app: "a".into(),
+            input: Bytes::from_static(b"{}"),
+            retries,
+            timeout: Duration::from_secs(1),
+            ttl: Duration::from_secs(10),
+            result_ttl: Duration::from_secs(60),
+            max_result_size: 1024,
+            max_queued: 2,
+        }
+    }
+
+    fn trap() -> Finish {
+        Finish::Retryable(TaskError { code: ErrorCode::GuestTrap, message: "boom".into() })
+    }
+
+    #[test]
+    fn lifecycle_with_retries() {
+        let q = EmbeddedQueue::in_memory();
+        let id = q.enqueue(task(1), 0).unwrap().id;
+        assert_eq!(q.counts("a"), Counts { queued: 1, running: 0 });
+        let lease = q.lease("a", 1).unwrap();
+        assert_eq!(lease.attempt, 1);
+        assert_eq!(q.counts("a"), Counts { queued: 0, running: 1 });
+        assert_eq!(q.finish(&id, trap(), 2).unwrap().status, TaskStatus::Retry);
+        assert_eq!(q.lease("a", 3).unwrap().attempt, 2);
+        let record = q.finish(&id, trap(), 4).unwrap();
+        assert_eq!((record.status, record.attempts), (TaskStatus::Failed, 2));
+        assert_eq!(q.counts("a"), Counts::default());
+        assert!(q.finish(&id, Finish::Complete(Bytes::new()), 5).is_none(), "an ended task stays ended");
+    }
+
+    #[test]
+    fn full_queue_is_refused() {
+        let q = EmbeddedQueue::in_memory();
+        q.enqueue(task(0), 0).unwrap();
+        q.enqueue(task(0), 0).unwrap();
+        assert!(matches!(q.enqueue(task(0), 0), Err(QueueError::Full { limit: 2, .. })));
+    }
+
+    #[test]
+    fn expiry_cancel_and_retention() {
+        let q = EmbeddedQueue::in_memory();
+        let a = q.enqueue(task(0), 0).unwrap().id;
+        let b = q.enqueue(task(0), 0).unwrap().id;
+        assert!(matches!(q.cancel(&b, 1), Ok(Cancelled::Queued(_))));
+        assert!(matches!(q.cancel(&b, 1), Err(QueueError::AlreadyEnded { .. })));
+        let expired = q.sweep(10_000);
+        assert_eq!(expired.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec![a.as_str()]);
+        assert_eq!(q.get(&a).unwrap().status, TaskStatus::Expired);
+        assert!(q.lease("a", 10_001).is_none());
+        assert_eq!(q.list("a", Some(TaskStatus::Cancelled), 10).len(), 1);
+        q.sweep(200_000);
+        assert!(q.get(&a).is_none() && q.get(&b).is_none(), "finished tasks are forgotten after their result ttl");
+    }
+
+    #[test]
+    fn timeout_on_last_attempt_ends_as_timeout() {
+        let q = EmbeddedQueue::in_memory();
+        let id = q.enqueue(task(0), 0).unwrap().id;
+        q.lease("a", 0).unwrap();
+        let error = TaskError { code: ErrorCode::Timeout, message: "slow".into() };
+        assert_eq!(q.finish(&id, Finish::Retryable(error), 1).unwrap().status, TaskStatus::Timeout);
+    }
+
+    #[test]
+    fn reopening_restores_queued_requeues_running_and_keeps_results() {
+        let dir = std::env::temp_dir().join(format!("beamlet-queue-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tasks.db");
+        let (done, running, spent, queued);
+        {
+            let q = EmbeddedQueue::open(&path, 0).unwrap();
+            let mut t = task(1);
+            t.max_queued = 10;
+            done = q.enqueue(t.clone(), 0).unwrap().id;
+            running = q.enqueue(t.clone(), 1).unwrap().id;
+            spent = q.enqueue(NewTask { retries: 0, ..t.clone() }, 2).unwrap().id;
+            queued = q.enqueue(t, 3).unwrap().id;
+            q.lease("a", 4).unwrap();
+            q.finish(&done, Finish::Complete(Bytes::from_static(b"out")), 5).unwrap();
+            q.lease("a", 6).unwrap();
+            q.lease("a", 7).unwrap();
+            tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(q.sync()).unwrap();
+        }
+        let q = EmbeddedQueue::open(&path, 100).unwrap();
+        assert_eq!(q.get(&done).unwrap().status, TaskStatus::Complete);
+        assert_eq!(q.output(&done).unwrap(), Bytes::from_static(b"out"));
+        let requeued = q.get(&running).unwrap();
+        assert_eq!((requeued.status, requeued.attempts), (TaskStatus::Retry, 1));
+        assert_eq!(q.get(&spent).unwrap().status, TaskStatus::Failed, "no retries left");
+        assert_eq!(q.counts("a"), Counts { queued: 2, running: 0 });
+        let next = q.lease("a", 101).unwrap();
+        assert_eq!((next.id.as_str(), next.attempt, next.input.as_ref()), (running.as_str(), 2, &b"{}"[..]));
+        assert_eq!(q.lease("a", 102).unwrap().id, queued);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

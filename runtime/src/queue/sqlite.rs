@@ -1,0 +1,233 @@
+//! The durable half of the embedded queue: every change to a task is written
+//! to SQLite (WAL) by one writer thread that commits whatever has piled up in
+//! one transaction (group commit), so durability costs one fsync per batch,
+//! not per task.
+
+use std::path::Path;
+use std::sync::mpsc;
+
+use anyhow::{Context as _, Result};
+use bytes::Bytes;
+use rusqlite::{Connection, OptionalExtension as _, params};
+use tokio::sync::oneshot;
+
+/// One task as stored.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TaskRow {
+    pub id: String,
+    pub app: String,
+    pub status: String,
+    pub attempts: u32,
+    pub retries: u32,
+    pub timeout_ms: u64,
+    pub result_ttl_ms: u64,
+    pub max_result_size: u64,
+    pub created_at: u64,
+    pub started_at: Option<u64>,
+    pub ended_at: Option<u64>,
+    pub expires_at: u64,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub input: Bytes,
+    pub output: Option<Bytes>,
+}
+
+enum Op {
+    /// A new task, with its input.
+    Insert(TaskRow),
+    /// A changed task; its input is not rewritten.
+    Update(TaskRow),
+    Delete(String),
+    /// Answered once everything sent before it is committed.
+    Sync(oneshot::Sender<()>),
+}
+
+/// Most operations folded into one transaction.
+const MAX_BATCH: usize = 8192;
+
+pub(crate) struct Journal {
+    ops: mpsc::Sender<Op>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    app TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    retries INTEGER NOT NULL,
+    timeout_ms INTEGER NOT NULL,
+    result_ttl_ms INTEGER NOT NULL,
+    max_result_size INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    started_at INTEGER,
+    ended_at INTEGER,
+    expires_at INTEGER NOT NULL,
+    error_code TEXT,
+    error_message TEXT,
+    input BLOB NOT NULL,
+    output BLOB
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+";
+const SCHEMA_VERSION: &str = "1";
+
+impl Journal {
+    /// Opens (or creates) the store at `path` and returns every stored task.
+    pub(crate) fn open(path: &Path) -> Result<(Self, Vec<TaskRow>)> {
+        let conn = Connection::open(path).with_context(|| format!("failed to open the task store {path:?}"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: a commit is on disk when it returns; group commit pays for it.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA).context("failed to create the task store schema")?;
+        let version: Option<String> =
+            conn.query_row("SELECT value FROM meta WHERE key = 'schema'", [], |row| row.get(0)).optional()?;
+        match version.as_deref() {
+            None => {
+                conn.execute("INSERT INTO meta (key, value) VALUES ('schema', ?1)", [SCHEMA_VERSION])?;
+            }
+            Some(SCHEMA_VERSION) => {}
+            Some(other) => anyhow::bail!("the task store {path:?} has schema {other}, this beamlet reads {SCHEMA_VERSION}"),
+        }
+        let rows = load(&conn)?;
+        let (ops, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("task-store".into())
+            .spawn(move || write_loop(conn, rx))
+            .context("failed to start the task store writer")?;
+        Ok((Self { ops }, rows))
+    }
+
+    pub(crate) fn insert(&self, row: TaskRow) {
+        let _ = self.ops.send(Op::Insert(row));
+    }
+
+    pub(crate) fn update(&self, row: TaskRow) {
+        let _ = self.ops.send(Op::Update(row));
+    }
+
+    pub(crate) fn delete(&self, id: String) {
+        let _ = self.ops.send(Op::Delete(id));
+    }
+
+    /// Resolves once every change sent so far is committed; an error if the
+    /// store could not commit it.
+    pub(crate) fn sync(&self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.ops.send(Op::Sync(tx));
+        rx
+    }
+}
+
+fn load(conn: &Connection) -> Result<Vec<TaskRow>> {
+    let mut statement = conn.prepare(
+        "SELECT id, app, status, attempts, retries, timeout_ms, result_ttl_ms, max_result_size, created_at,
+                started_at, ended_at, expires_at, error_code, error_message, input, output
+         FROM tasks ORDER BY created_at, id",
+    )?;
+    let rows = statement.query_map([], |row| {
+        Ok(TaskRow {
+            id: row.get(0)?,
+            app: row.get(1)?,
+            status: row.get(2)?,
+            attempts: row.get(3)?,
+            retries: row.get(4)?,
+            timeout_ms: row.get(5)?,
+            result_ttl_ms: row.get(6)?,
+            max_result_size: row.get(7)?,
+            created_at: row.get(8)?,
+            started_at: row.get(9)?,
+            ended_at: row.get(10)?,
+            expires_at: row.get(11)?,
+            error_code: row.get(12)?,
+            error_message: row.get(13)?,
+            input: Bytes::from(row.get::<_, Vec<u8>>(14)?),
+            output: row.get::<_, Option<Vec<u8>>>(15)?.map(Bytes::from),
+        })
+    })?;
+    rows.collect::<rusqlite::Result<_>>().context("failed to read the task store")
+}
+
+fn write_loop(mut conn: Connection, ops: mpsc::Receiver<Op>) {
+    while let Ok(first) = ops.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match ops.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut syncs = Vec::new();
+        match commit(&mut conn, batch, &mut syncs) {
+            Ok(()) => {
+                for sync in syncs {
+                    let _ = sync.send(());
+                }
+            }
+            // Dropping the syncs tells their waiters the write failed.
+            Err(e) => tracing::error!("failed to write to the task store: {e:#}"),
+        }
+    }
+}
+
+fn commit(conn: &mut Connection, batch: Vec<Op>, syncs: &mut Vec<oneshot::Sender<()>>) -> Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT OR REPLACE INTO tasks (id, app, status, attempts, retries, timeout_ms, result_ttl_ms,
+                 max_result_size, created_at, started_at, ended_at, expires_at, error_code, error_message, input, output)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        )?;
+        let mut update = tx.prepare_cached(
+            "UPDATE tasks SET status = ?2, attempts = ?3, started_at = ?4, ended_at = ?5, error_code = ?6,
+                 error_message = ?7, output = ?8, input = CASE WHEN ?9 THEN x'' ELSE input END
+             WHERE id = ?1",
+        )?;
+        let mut delete = tx.prepare_cached("DELETE FROM tasks WHERE id = ?1")?;
+        for op in batch {
+            match op {
+                Op::Insert(r) => {
+                    insert.execute(params![
+                        r.id,
+                        r.app,
+                        r.status,
+                        r.attempts,
+                        r.retries,
+                        r.timeout_ms,
+                        r.result_ttl_ms,
+                        r.max_result_size,
+                        r.created_at,
+                        r.started_at,
+                        r.ended_at,
+                        r.expires_at,
+                        r.error_code,
+                        r.error_message,
+                        r.input.as_ref(),
+                        r.output.as_deref(),
+                    ])?;
+                }
+                Op::Update(r) => {
+                    // A task that ended no longer needs its input.
+                    let drop_input = r.ended_at.is_some();
+                    update.execute(params![
+                        r.id,
+                        r.status,
+                        r.attempts,
+                        r.started_at,
+                        r.ended_at,
+                        r.error_code,
+                        r.error_message,
+                        r.output.as_deref(),
+                        drop_input,
+                    ])?;
+                }
+                Op::Delete(id) => {
+                    delete.execute([id])?;
+                }
+                Op::Sync(sync) => syncs.push(sync),
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
