@@ -314,7 +314,9 @@ impl Queue for EmbeddedQueue {
         let forget: Vec<String> = inner
             .tasks
             .values()
-            .filter(|entry| entry.record.ended_at.is_some_and(|ended| now.saturating_sub(ended) >= millis(entry.result_ttl)))
+            .filter(|entry| {
+                entry.record.ended_at.is_some_and(|ended| now.saturating_sub(ended) >= millis(entry.result_ttl))
+            })
             .map(|entry| entry.record.id.clone())
             .collect();
         for id in forget {
@@ -333,7 +335,8 @@ impl Queue for EmbeddedQueue {
             .iter()
             .filter_map(|id| {
                 let message = "the task waited in the queue past its ttl".into();
-                let entry = inner.end(id, TaskStatus::Expired, Some(TaskError { code: ErrorCode::Expired, message }), now)?;
+                let entry =
+                    inner.end(id, TaskStatus::Expired, Some(TaskError { code: ErrorCode::Expired, message }), now)?;
                 self.update(entry);
                 Some(entry.record.clone())
             })

@@ -87,7 +87,9 @@ impl Journal {
                 conn.execute("INSERT INTO meta (key, value) VALUES ('schema', ?1)", [SCHEMA_VERSION])?;
             }
             Some(SCHEMA_VERSION) => {}
-            Some(other) => anyhow::bail!("the task store {path:?} has schema {other}, this beamlet reads {SCHEMA_VERSION}"),
+            Some(other) => {
+                anyhow::bail!("the task store {path:?} has schema {other}, this beamlet reads {SCHEMA_VERSION}")
+            }
         }
         let rows = load(&conn)?;
         let (ops, rx) = mpsc::channel();

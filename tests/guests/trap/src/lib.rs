@@ -8,6 +8,10 @@
 //! - `counter` bumps a per-instance counter and returns `{"counter": N}`,
 //!   so 1, 2, 3... on a reused instance and 1 on a fresh one
 //!
+//! - `flaky` panics on attempts before `succeed_on` and then returns
+//!   `{"attempt": N}` (retries and the attempt number in `ctx`)
+//! - `big` returns a string output of `bytes` bytes (result size limits)
+//!
 //! `init` prints "trap guest init".
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +24,10 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 #[derive(Deserialize)]
 struct Input {
     mode: Mode,
+    #[serde(default)]
+    succeed_on: u32,
+    #[serde(default)]
+    bytes: usize,
 }
 
 #[derive(Deserialize)]
@@ -31,6 +39,8 @@ enum Mode {
     Error,
     Bad,
     Counter,
+    Flaky,
+    Big,
 }
 
 #[derive(Serialize)]
@@ -38,6 +48,8 @@ enum Mode {
 enum Output {
     Ok { ok: bool },
     Counter { counter: u64 },
+    Attempt { attempt: u32 },
+    Big(String),
 }
 
 fn setup() -> Result<(), Error> {
@@ -45,7 +57,7 @@ fn setup() -> Result<(), Error> {
     Ok(())
 }
 
-fn trap(_ctx: &Context, input: Input) -> Result<Output, Error> {
+fn trap(ctx: &Context, input: Input) -> Result<Output, Error> {
     match input.mode {
         Mode::Ok => Ok(Output::Ok { ok: true }),
         Mode::Panic => panic!("guest panicked on purpose"),
@@ -53,6 +65,9 @@ fn trap(_ctx: &Context, input: Input) -> Result<Output, Error> {
         Mode::Error => Err(Error::failed("handler said no")),
         Mode::Bad => Err(Error::bad_input("bad field")),
         Mode::Counter => Ok(Output::Counter { counter: COUNTER.fetch_add(1, Ordering::SeqCst) + 1 }),
+        Mode::Flaky if ctx.attempt < input.succeed_on => panic!("attempt {} fails on purpose", ctx.attempt),
+        Mode::Flaky => Ok(Output::Attempt { attempt: ctx.attempt }),
+        Mode::Big => Ok(Output::Big("x".repeat(input.bytes))),
     }
 }
 

@@ -1,0 +1,153 @@
+//! The task queue end to end: lifecycle, retries, cancellation, expiry,
+//! backpressure, result limits and crash safety, against a real node.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn submit(server: &Server, app: &str, input: &str) -> (u16, Value) {
+    let response =
+        server.http.post(server.url(&format!("/v1/apps/{app}/tasks"))).body(input.to_owned()).send().unwrap();
+    (response.status().as_u16(), response.json().unwrap())
+}
+
+fn submit_ok(server: &Server, app: &str, input: &str) -> String {
+    let (status, body) = submit(server, app, input);
+    assert_eq!(status, 202, "{body}");
+    body["task_id"].as_str().unwrap().to_owned()
+}
+
+fn task(server: &Server, id: &str) -> Value {
+    server.get(&format!("/v1/tasks/{id}"))
+}
+
+fn wait_task(server: &Server, id: &str) -> Value {
+    server.get(&format!("/v1/tasks/{id}?wait=60s"))
+}
+
+fn wait_status(server: &Server, id: &str, status: &str) -> Value {
+    wait_for(&format!("task {id} to be {status}"), LONG, || {
+        let record = task(server, id);
+        (record["status"] == status).then_some(record)
+    })
+}
+
+fn cancel(server: &Server, id: &str) -> (u16, Value) {
+    let response = server.http.delete(server.url(&format!("/v1/tasks/{id}"))).send().unwrap();
+    (response.status().as_u16(), response.json().unwrap())
+}
+
+#[test]
+fn retries_carry_the_attempt_number_and_results_have_a_size_limit() {
+    let server = Server::start("retries", &[]);
+    server.deploy_guest("trap", "guest-trap", Some("[task_queue]\nretries = 2\nmax_result_size = \"1Ki\"\n"));
+
+    let id = submit_ok(&server, "trap", r#"{"mode":"flaky","succeed_on":3}"#);
+    let record = wait_task(&server, &id);
+    assert_eq!((record["status"].as_str(), record["attempts"].as_u64()), (Some("COMPLETE"), Some(3)), "{record}");
+    let result: Value = server.http.get(server.url(&format!("/v1/tasks/{id}/result"))).send().unwrap().json().unwrap();
+    assert_eq!(result["attempt"], 3, "the guest saw its attempt number");
+
+    let id = submit_ok(&server, "trap", r#"{"mode":"flaky","succeed_on":9}"#);
+    let record = wait_task(&server, &id);
+    assert_eq!((record["status"].as_str(), record["attempts"].as_u64()), (Some("FAILED"), Some(3)), "{record}");
+    assert_eq!(record["error"]["code"], "GUEST_TRAP");
+    let response = server.http.get(server.url(&format!("/v1/tasks/{id}/result"))).send().unwrap();
+    assert_eq!(response.status(), 500, "the result of a failed task is its error");
+
+    let (status, body) = server.invoke_json("trap", r#"{"mode":"big","bytes":4096}"#);
+    assert_eq!((status, error_code(&body)), (500, "RESULT_TOO_LARGE"), "{body}");
+    assert!(error_message(&body).contains("1Ki"), "{body}");
+    assert_eq!(server.invoke_json("trap", r#"{"mode":"big","bytes":100}"#).0, 200);
+
+    // The CLI's view of the same queue.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_beamlet"))
+        .args(["task", "submit", "trap", "--data", r#"{"mode":"ok"}"#, "--server", &server.base])
+        .output()
+        .unwrap();
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(!id.is_empty(), "task submit prints the id");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_beamlet"))
+        .args(["task", "wait", &id, "--server", &server.base])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"ok\": true"));
+}
+
+#[test]
+fn cancel_expiry_backpressure_and_listing() {
+    let server = Server::start("lifecycle", &[]);
+    let config = "[runtime]\ntimeout = \"5s\"\n[task_queue]\nretries = 0\nttl = \"1s\"\nmax_queued = 1\n";
+    server.deploy_guest("spin", "guest-spin", Some(config));
+    let pid = server.wait_status("spin", "a ready replica", LONG, |s| ready_pids(s).len() == 1);
+    let pid = ready_pids(&pid);
+
+    let running = submit_ok(&server, "spin", "{}");
+    wait_status(&server, &running, "RUNNING");
+    let queued = submit_ok(&server, "spin", "{}");
+    assert_eq!(task(&server, &queued)["status"], "PENDING");
+    let (status, body) = submit(&server, "spin", "{}");
+    assert_eq!((status, error_code(&body)), (429, "QUEUE_FULL"), "{body}");
+    assert!(error_message(&body).contains("max_queued"), "says what to change: {body}");
+
+    let record = wait_status(&server, &queued, "EXPIRED");
+    assert_eq!((record["attempts"].as_u64(), record["error"]["code"].as_str()), (Some(0), Some("EXPIRED")));
+
+    let doomed = submit_ok(&server, "spin", "{}");
+    let (status, record) = cancel(&server, &doomed);
+    assert_eq!((status, record["status"].as_str(), record["attempts"].as_u64()), (200, Some("CANCELLED"), Some(0)));
+    let (status, body) = cancel(&server, &doomed);
+    assert_eq!((status, error_code(&body)), (409, "ALREADY_ENDED"));
+
+    let (status, record) = cancel(&server, &running);
+    assert_eq!((status, record["status"].as_str()), (200, Some("CANCELLED")), "{record}");
+    // The worker was interrupted and freed, without restarting the replica.
+    let next = submit_ok(&server, "spin", "{}");
+    wait_status(&server, &next, "RUNNING");
+    assert_eq!(cancel(&server, &next).0, 200);
+    assert_eq!(server.ready_pids("spin"), pid);
+    assert_eq!(task(&server, &running)["status"], "CANCELLED", "a late report does not change a cancelled task");
+
+    let listed = server.get("/v1/apps/spin/tasks?status=CANCELLED");
+    assert_eq!(listed["tasks"].as_array().unwrap().len(), 3, "{listed}");
+    let all = server.get("/v1/apps/spin/tasks");
+    assert_eq!(all["tasks"].as_array().unwrap().len(), 4);
+    let bad = server.get("/v1/apps/spin/tasks?status=DONE");
+    assert_eq!(error_code(&bad), "BAD_REQUEST");
+    let (status, body) = cancel(&server, "no-such-task");
+    assert_eq!((status, error_code(&body)), (404, "UNKNOWN_TASK"));
+}
+
+#[test]
+fn queued_and_running_tasks_survive_kill_9_of_serve() {
+    let server = Server::start("durable", &[]);
+    server.deploy_guest("sleep", "sleep", Some("[task_queue]\nretries = 3\n"));
+    let finished = submit_ok(&server, "sleep", r#"{"ms": 1}"#);
+    assert_eq!(wait_task(&server, &finished)["status"], "COMPLETE");
+    let running = submit_ok(&server, "sleep", r#"{"ms": 3000}"#);
+    wait_status(&server, &running, "RUNNING");
+    let queued: Vec<String> = (0..3).map(|_| submit_ok(&server, "sleep", r#"{"ms": 1}"#)).collect();
+    let replica = server.ready_pids("sleep");
+    let data_dir = server.kill();
+    for pid in replica {
+        wait_for("the replica to exit with its node", LONG, || (!alive(pid)).then_some(()));
+    }
+
+    let server = Server::start_in(data_dir, &[]);
+    let record = wait_task(&server, &running);
+    assert_eq!((record["status"].as_str(), record["attempts"].as_u64()), (Some("COMPLETE"), Some(2)), "{record}");
+    for id in &queued {
+        let record = wait_task(&server, id);
+        assert_eq!((record["status"].as_str(), record["attempts"].as_u64()), (Some("COMPLETE"), Some(1)), "{record}");
+    }
+    let record = task(&server, &finished);
+    assert_eq!(record["status"], "COMPLETE");
+    let result: Value =
+        server.http.get(server.url(&format!("/v1/tasks/{finished}/result"))).send().unwrap().json().unwrap();
+    assert!(result["slept_ms"].as_u64().is_some_and(|ms| ms >= 1), "finished results are kept: {result}");
+}
