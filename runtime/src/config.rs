@@ -379,11 +379,19 @@ impl RawTaskQueue {
         let max_result_size = self.max_result_size.map_or(d.max_result_size, |s| s.0);
         ensure(max_result_size > 0, "max_result_size", "must be more than 0, e.g. \"16Mi\"")?;
         if let Some(url) = &self.callback_url {
-            let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
-            ensure(rest.is_some_and(|rest| !rest.is_empty()), "callback_url", "must be an http:// or https:// URL")?;
+            ensure(check_callback_url(url).is_ok(), "callback_url", "must be an http:// or https:// URL")?;
         }
         let retries = self.retries.unwrap_or(d.retries);
         Ok(TaskQueueConfig { retries, ttl, callback_url: self.callback_url, result_ttl, max_queued, max_result_size })
+    }
+}
+
+/// Checks a callback URL (from the config or a task submission).
+pub fn check_callback_url(url: &str) -> Result<(), String> {
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
+    match rest {
+        Some(rest) if !rest.is_empty() => Ok(()),
+        _ => Err(format!("{url:?} must be an http:// or https:// URL")),
     }
 }
 

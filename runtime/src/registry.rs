@@ -39,6 +39,8 @@ pub(crate) struct AppVersion {
     pub config_toml: String,
     /// When this version was deployed (ms since the epoch).
     pub deployed_at: u64,
+    /// Signs callbacks (HMAC-SHA256); kept from one version to the next.
+    pub callback_secret: String,
 }
 
 /// A deployed app: its version record, parsed config and compiled artifact.
@@ -164,9 +166,11 @@ impl Registry {
         };
         write_atomic(&self.component_path(&digest), wasm)?;
         let mut apps = self.apps.lock().unwrap();
+        let previous = apps.get(name).map(|app| &app.version);
         let version = AppVersion {
             name: name.to_owned(),
-            version: apps.get(name).map_or(1, |app| app.version.version + 1),
+            version: previous.map_or(1, |v| v.version + 1),
+            callback_secret: previous.map_or_else(new_secret, |v| v.callback_secret.clone()),
             world,
             digest,
             config_toml: config_toml.to_owned(),
@@ -237,6 +241,11 @@ fn check_header(wasm: &[u8]) -> Result<(), DeployError> {
         return Err(DeployError::CoreModule);
     }
     Ok(())
+}
+
+/// 244 random bits, hex.
+fn new_secret() -> String {
+    format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -151,3 +151,98 @@ fn queued_and_running_tasks_survive_kill_9_of_serve() {
         server.http.get(server.url(&format!("/v1/tasks/{finished}/result"))).send().unwrap().json().unwrap();
     assert!(result["slept_ms"].as_u64().is_some_and(|ms| ms >= 1), "finished results are kept: {result}");
 }
+
+/// One request a [`receiver`] got.
+struct Received {
+    headers: std::collections::HashMap<String, String>,
+    body: Vec<u8>,
+}
+
+/// A plain HTTP receiver on 127.0.0.1 that answers 500 to its first
+/// `failures` requests and 200 after.
+fn receiver(failures: usize) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Received>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = received.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut headers = std::collections::HashMap::new();
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            loop {
+                line.clear();
+                reader.read_line(&mut line).unwrap();
+                let Some((name, value)) = line.trim_end().split_once(':') else { break };
+                headers.insert(name.to_ascii_lowercase(), value.trim().to_owned());
+            }
+            let length: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            let mut log = log.lock().unwrap();
+            let status = if log.len() < failures { "500 Internal Server Error" } else { "200 OK" };
+            log.push(Received { headers, body });
+            let _ = write!(stream, "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    (url, received)
+}
+
+fn expected_signature(secret: &str, timestamp: &str, body: &[u8]) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{timestamp}.").as_bytes());
+    mac.update(body);
+    let hex: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256={hex}")
+}
+
+#[test]
+fn callbacks_are_signed_retried_and_overridable_per_task() {
+    let server = Server::start("callbacks", &[]);
+    let (app_url, app_hook) = receiver(1);
+    let deployed =
+        server.deploy_guest("hello", "hello", Some(&format!("[task_queue]\ncallback_url = \"{app_url}\"\n")));
+    let secret = deployed["callback_secret"].as_str().unwrap().to_owned();
+    assert!(secret.len() >= 32, "each app gets a callback secret");
+
+    let id = submit_ok(&server, "hello", r#"{"name":"Ada"}"#);
+    assert_eq!(wait_task(&server, &id)["status"], "COMPLETE");
+    wait_for("the callback to be retried and delivered", LONG, || (app_hook.lock().unwrap().len() == 2).then_some(()));
+    let hook = app_hook.lock().unwrap();
+    for delivery in hook.iter() {
+        let headers = &delivery.headers;
+        assert_eq!(headers["x-beamlet-task-id"], id);
+        assert_eq!(headers["x-beamlet-status"], "COMPLETE");
+        let signature = expected_signature(&secret, &headers["x-beamlet-timestamp"], &delivery.body);
+        assert_eq!(headers["x-beamlet-signature"], signature, "the signature verifies with the app's secret");
+        assert_ne!(expected_signature("wrong secret", &headers["x-beamlet-timestamp"], &delivery.body), signature);
+        let body: Value = serde_json::from_slice(&delivery.body).unwrap();
+        assert_eq!(body["message"], "Hello, Ada!");
+    }
+    drop(hook);
+
+    let (task_url, task_hook) = receiver(0);
+    let response = server
+        .http
+        .post(server.url(&format!("/v1/apps/hello/tasks?callback_url={task_url}")))
+        .body(r#"{"name": ""}"#)
+        .send()
+        .unwrap();
+    let id = response.json::<Value>().unwrap()["task_id"].as_str().unwrap().to_owned();
+    assert_eq!(wait_task(&server, &id)["status"], "FAILED");
+    wait_for("the per-task callback", LONG, || (task_hook.lock().unwrap().len() == 1).then_some(()));
+    let delivery = &task_hook.lock().unwrap()[0];
+    assert_eq!(delivery.headers["x-beamlet-status"], "FAILED");
+    let body: Value = serde_json::from_slice(&delivery.body).unwrap();
+    assert_eq!(body["error"]["code"], "BAD_INPUT", "{body}");
+    assert_eq!(app_hook.lock().unwrap().len(), 2, "the per-task URL replaced the app's");
+
+    let (status, body) = submit(&server, "hello", "{}");
+    assert_eq!(status, 202, "{body}");
+    let response = server.http.post(server.url("/v1/apps/hello/tasks?callback_url=ftp://x")).body("{}").send().unwrap();
+    assert_eq!(response.status(), 400);
+}

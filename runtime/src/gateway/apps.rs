@@ -63,8 +63,13 @@ pub(crate) async fn deploy(
     tracing::info!(app = %app.version.name, version = app.version.version, digest = %app.version.digest, "deployed");
     node.supervisor.run(&app);
     let version = &app.version;
-    let body =
-        json!({ "name": version.name, "version": version.version, "world": version.world, "digest": version.digest });
+    let body = json!({
+        "name": version.name,
+        "version": version.version,
+        "world": version.world,
+        "digest": version.digest,
+        "callback_secret": version.callback_secret,
+    });
     Ok((StatusCode::CREATED, Json(body)))
 }
 
@@ -108,6 +113,7 @@ fn describe(node: &Node, app: &App) -> Value {
         "world": app.version.world,
         "digest": app.version.digest,
         "deployed_at": app.version.deployed_at,
+        "callback_secret": app.version.callback_secret,
         "config": app.config,
         "replicas": replicas,
         "queue": node.dispatch.counts(name),

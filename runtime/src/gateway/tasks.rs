@@ -19,8 +19,11 @@ const TASK_ID_HEADER: &str = "x-beamlet-task-id";
 /// The longest `?wait=` a status call may hold.
 const MAX_WAIT: Duration = Duration::from_secs(300);
 
-async fn enqueue(node: &Node, name: &str, body: Body) -> Result<TaskRecord, ApiError> {
+async fn enqueue(node: &Node, name: &str, body: Body, callback_url: Option<String>) -> Result<TaskRecord, ApiError> {
     let app = node.registry.get(name).ok_or_else(|| ApiError::unknown_app(name))?;
+    if let Some(url) = &callback_url {
+        crate::config::check_callback_url(url).map_err(|e| ApiError::bad_request(format!("callback_url: {e}")))?;
+    }
     let input = read_body(body, node.limits.max_input, "request body").await?;
     let queue = &app.config.task_queue;
     let task = NewTask {
@@ -31,6 +34,7 @@ async fn enqueue(node: &Node, name: &str, body: Body) -> Result<TaskRecord, ApiE
         ttl: queue.ttl,
         result_ttl: queue.result_ttl,
         max_result_size: queue.max_result_size,
+        callback_url: callback_url.or_else(|| queue.callback_url.clone()),
         max_queued: queue.max_queued,
     };
     Ok(node.dispatch.submit(task).await?)
@@ -45,7 +49,7 @@ fn with_task_id(mut response: Response, id: &str) -> Response {
 
 /// `POST /v1/apps/{name}/invoke`: runs the task and answers with its output.
 pub(crate) async fn invoke(State(node): State<Arc<Node>>, Path(name): Path<String>, body: Body) -> Response {
-    let record = match enqueue(&node, &name, body).await {
+    let record = match enqueue(&node, &name, body, None).await {
         Ok(record) => record,
         Err(e) => return e.into_response(),
     };
@@ -81,9 +85,19 @@ fn output_response(node: &Node, record: &TaskRecord) -> Response {
     }
 }
 
-/// `POST /v1/apps/{name}/tasks`: queues the task and answers at once.
-pub(crate) async fn submit(State(node): State<Arc<Node>>, Path(name): Path<String>, body: Body) -> Response {
-    match enqueue(&node, &name, body).await {
+#[derive(Deserialize)]
+pub(crate) struct SubmitQuery {
+    callback_url: Option<String>,
+}
+
+/// `POST /v1/apps/{name}/tasks[?callback_url=URL]`: queues the task and answers at once.
+pub(crate) async fn submit(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    Query(query): Query<SubmitQuery>,
+    body: Body,
+) -> Response {
+    match enqueue(&node, &name, body, query.callback_url).await {
         Ok(record) => {
             let response = (StatusCode::ACCEPTED, Json(json!({ "task_id": record.id }))).into_response();
             with_task_id(response, &record.id)

@@ -1,6 +1,7 @@
 //! One node: the gateway, the queue, the registry and the replica supervisor,
 //! wired together by `beamlet serve`.
 
+mod callbacks;
 mod logs;
 
 use std::net::SocketAddr;
@@ -45,11 +46,13 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     let registry = tokio::task::spawn_blocking(move || Registry::open(&data_dir)).await??;
     let store = options.data_dir.join("tasks.db");
     let queue = tokio::task::spawn_blocking(move || EmbeddedQueue::open(&store, now_ms())).await??;
-    let dispatch = Arc::new(Dispatch::new(Arc::new(queue)));
+    let (dispatch, ended) = Dispatch::new(Arc::new(queue));
+    let dispatch = Arc::new(dispatch);
     let logs = Arc::new(AppLogs::default());
     let exe = std::env::current_exe().context("failed to find the beamlet executable")?;
     let supervisor = Supervisor::new(exe, dispatch.clone(), logs.clone());
     let node = Arc::new(Node { registry, dispatch, supervisor, logs, limits: options.limits });
+    callbacks::spawn(node.clone(), ended);
     for app in node.registry.list() {
         tracing::info!(app = %app.version.name, version = app.version.version, "restoring app");
         node.supervisor.run(&app);

@@ -19,11 +19,17 @@ pub(crate) struct Dispatch {
     waiters: Mutex<HashMap<TaskId, Vec<oneshot::Sender<TaskRecord>>>>,
     /// Where to send a cancellation for each running task.
     routes: Mutex<HashMap<TaskId, mpsc::UnboundedSender<TaskId>>>,
+    /// Every task that ends with a callback URL, for delivery.
+    callbacks: mpsc::UnboundedSender<TaskRecord>,
 }
 
 impl Dispatch {
-    pub(crate) fn new(queue: Arc<dyn Queue>) -> Self {
-        Self { queue, arrivals: Mutex::default(), waiters: Mutex::default(), routes: Mutex::default() }
+    /// The receiver gets every task that ends with a callback URL.
+    pub(crate) fn new(queue: Arc<dyn Queue>) -> (Self, mpsc::UnboundedReceiver<TaskRecord>) {
+        let (callbacks, ended) = mpsc::unbounded_channel();
+        let dispatch =
+            Self { queue, arrivals: Mutex::default(), waiters: Mutex::default(), routes: Mutex::default(), callbacks };
+        (dispatch, ended)
     }
 
     fn arrivals(&self, app: &str) -> Arc<Notify> {
@@ -37,6 +43,9 @@ impl Dispatch {
     /// Tells everyone waiting on a task that ended how it ended.
     fn resolve(&self, record: &TaskRecord) {
         self.routes.lock().unwrap().remove(&record.id);
+        if record.callback_url.is_some() {
+            let _ = self.callbacks.send(record.clone());
+        }
         for waiter in self.waiters.lock().unwrap().remove(&record.id).unwrap_or_default() {
             let _ = waiter.send(record.clone());
         }

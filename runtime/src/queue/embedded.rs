@@ -64,6 +64,7 @@ impl Entry {
             error_message: r.error.as_ref().map(|e| e.message.clone()),
             input: if with_input { self.input.clone() } else { Bytes::new() },
             output: self.output.clone(),
+            callback_url: r.callback_url.clone(),
         }
     }
 
@@ -82,6 +83,7 @@ impl Entry {
                 started_at: row.started_at,
                 ended_at: row.ended_at,
                 error,
+                callback_url: row.callback_url,
             },
             input: row.input,
             output: row.output,
@@ -198,6 +200,7 @@ impl Queue for EmbeddedQueue {
             started_at: None,
             ended_at: None,
             error: None,
+            callback_url: task.callback_url,
         };
         let entry = Entry {
             record: record.clone(),
@@ -382,6 +385,7 @@ mod tests {
             ttl: Duration::from_secs(10),
             result_ttl: Duration::from_secs(60),
             max_result_size: 1024,
+            callback_url: None,
             max_queued: 2,
         }
     }

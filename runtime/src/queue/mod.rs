@@ -117,6 +117,9 @@ pub(crate) struct TaskRecord {
     pub started_at: Option<u64>,
     pub ended_at: Option<u64>,
     pub error: Option<TaskError>,
+    /// Where the result is POSTed when the task ends.
+    #[serde(skip)]
+    pub callback_url: Option<String>,
 }
 
 /// A task to add.
@@ -133,6 +136,8 @@ pub(crate) struct NewTask {
     pub result_ttl: Duration,
     /// Largest output accepted, in bytes.
     pub max_result_size: u64,
+    /// Where to POST the result when the task ends.
+    pub callback_url: Option<String>,
     /// Refuse the task when this many of the app's tasks are already queued.
     pub max_queued: u32,
 }

@@ -30,6 +30,7 @@ pub(crate) struct TaskRow {
     pub error_message: Option<String>,
     pub input: Bytes,
     pub output: Option<Bytes>,
+    pub callback_url: Option<String>,
 }
 
 enum Op {
@@ -66,7 +67,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     error_code TEXT,
     error_message TEXT,
     input BLOB NOT NULL,
-    output BLOB
+    output BLOB,
+    callback_url TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 ";
@@ -124,7 +126,7 @@ impl Journal {
 fn load(conn: &Connection) -> Result<Vec<TaskRow>> {
     let mut statement = conn.prepare(
         "SELECT id, app, status, attempts, retries, timeout_ms, result_ttl_ms, max_result_size, created_at,
-                started_at, ended_at, expires_at, error_code, error_message, input, output
+                started_at, ended_at, expires_at, error_code, error_message, input, output, callback_url
          FROM tasks ORDER BY created_at, id",
     )?;
     let rows = statement.query_map([], |row| {
@@ -145,6 +147,7 @@ fn load(conn: &Connection) -> Result<Vec<TaskRow>> {
             error_message: row.get(13)?,
             input: Bytes::from(row.get::<_, Vec<u8>>(14)?),
             output: row.get::<_, Option<Vec<u8>>>(15)?.map(Bytes::from),
+            callback_url: row.get(16)?,
         })
     })?;
     rows.collect::<rusqlite::Result<_>>().context("failed to read the task store")
@@ -177,8 +180,9 @@ fn commit(conn: &mut Connection, batch: Vec<Op>, syncs: &mut Vec<oneshot::Sender
     {
         let mut insert = tx.prepare_cached(
             "INSERT OR REPLACE INTO tasks (id, app, status, attempts, retries, timeout_ms, result_ttl_ms,
-                 max_result_size, created_at, started_at, ended_at, expires_at, error_code, error_message, input, output)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                 max_result_size, created_at, started_at, ended_at, expires_at, error_code, error_message, input, output,
+                 callback_url)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         )?;
         let mut update = tx.prepare_cached(
             "UPDATE tasks SET status = ?2, attempts = ?3, started_at = ?4, ended_at = ?5, error_code = ?6,
@@ -206,6 +210,7 @@ fn commit(conn: &mut Connection, batch: Vec<Op>, syncs: &mut Vec<oneshot::Sender
                         r.error_message,
                         r.input.as_ref(),
                         r.output.as_deref(),
+                        r.callback_url,
                     ])?;
                 }
                 Op::Update(r) => {

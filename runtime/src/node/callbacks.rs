@@ -1,0 +1,97 @@
+//! Callback delivery: when a task with a `callback_url` ends, its result is
+//! POSTed there, signed, with retries, off the queue's path.
+//!
+//! The request carries `x-beamlet-task-id`, `x-beamlet-status`,
+//! `x-beamlet-timestamp` (Unix seconds) and `x-beamlet-signature:
+//! sha256=HEX`, where HEX is HMAC-SHA256 with the app's callback secret over
+//! `"{timestamp}.{body}"`. The body is the output of a COMPLETE task, or
+//! `{"error": {"code", "message"}}` for any other end.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use tokio::sync::mpsc;
+
+use super::Node;
+use crate::queue::{TaskRecord, TaskStatus};
+
+/// Attempts per callback, with doubling waits starting at `FIRST_RETRY`.
+const ATTEMPTS: u32 = 6;
+const FIRST_RETRY: Duration = Duration::from_millis(250);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) fn spawn(node: Arc<Node>, mut ended: mpsc::UnboundedReceiver<TaskRecord>) {
+    let http = reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build().expect("a default HTTP client builds");
+    tokio::spawn(async move {
+        while let Some(record) = ended.recv().await {
+            let Some(url) = record.callback_url.clone() else { continue };
+            let Some(app) = node.registry.get(&record.app) else { continue };
+            let body = match (record.status, &record.error) {
+                (TaskStatus::Complete, _) => node.dispatch.output(&record.id).unwrap_or_default(),
+                (_, error) => {
+                    Bytes::from(serde_json::to_vec(&serde_json::json!({ "error": error })).unwrap_or_default())
+                }
+            };
+            tokio::spawn(deliver(http.clone(), url, app.version.callback_secret, record, body));
+        }
+    });
+}
+
+/// `sha256=HEX` of HMAC-SHA256(secret, "{timestamp}.{body}").
+pub(crate) fn signature(secret: &str, timestamp: u64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let digest = mac.finalize().into_bytes();
+    format!("sha256={}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+async fn deliver(http: reqwest::Client, url: String, secret: String, record: TaskRecord, body: Bytes) {
+    let mut wait = FIRST_RETRY;
+    for attempt in 1..=ATTEMPTS {
+        let timestamp = crate::queue::now_ms() / 1000;
+        let request = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("x-beamlet-task-id", &record.id)
+            .header("x-beamlet-status", record.status.as_str())
+            .header("x-beamlet-timestamp", timestamp.to_string())
+            .header("x-beamlet-signature", signature(&secret, timestamp, &body))
+            .body(body.clone());
+        let failure = match request.send().await {
+            Ok(response) if response.status().is_success() => {
+                tracing::debug!(task = %record.id, %url, attempt, "callback delivered");
+                return;
+            }
+            Ok(response) => format!("HTTP {}", response.status()),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(task = %record.id, %url, attempt, "callback failed: {failure}");
+        if attempt < ATTEMPTS {
+            tokio::time::sleep(wait).await;
+            wait *= 2;
+        }
+    }
+    tracing::error!(task = %record.id, %url, "callback given up after {ATTEMPTS} attempts");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_is_hmac_sha256_over_timestamp_and_body() {
+        // RFC 4231 test case 2: key "Jefe", data "what do ya want for nothing?".
+        let signature = signature("Jefe", 0, b"");
+        assert_eq!(signature.len(), "sha256=".len() + 64);
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"Jefe").unwrap();
+        mac.update(b"what do ya want for nothing?");
+        let expected: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(expected, "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+        assert_ne!(super::signature("Jefe", 1, b"x"), super::signature("Jefe", 2, b"x"), "the timestamp is signed");
+    }
+}
