@@ -102,9 +102,13 @@ enum Command {
         server: Server,
     },
     /// Measure worker instantiation, replica cold start and the warm replica hop.
+    #[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
     Bench {
+        #[command(subcommand)]
+        queue: Option<BenchQueue>,
         /// A `function` component, e.g. the hello example.
-        wasm: PathBuf,
+        #[arg(required = true)]
+        wasm: Option<PathBuf>,
         /// The input each benchmark task gets.
         #[arg(long, default_value = r#"{"name":"bench"}"#)]
         data: String,
@@ -121,6 +125,24 @@ enum Command {
         /// The inherited socket to the node.
         #[arg(long)]
         fd: i32,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchQueue {
+    /// Submit -> COMPLETE throughput of the durable queue, and its latency
+    /// overhead against calling a warm replica directly.
+    Queue {
+        /// A `function` component, e.g. the hello example.
+        wasm: PathBuf,
+        #[arg(long, default_value = r#"{"name":"bench"}"#)]
+        data: String,
+        #[arg(long, default_value_t = 20_000)]
+        tasks: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 2)]
+        workers: u32,
     },
 }
 
@@ -224,7 +246,11 @@ async fn run(command: Command) -> Result<()> {
         Command::Status { name, server } => Client::new(&server.server)?.status(&name).await,
         Command::Logs { name, lines, server } => Client::new(&server.server)?.logs(&name, lines).await,
         Command::Delete { name, server } => Client::new(&server.server)?.delete(&name).await,
-        Command::Bench { wasm, data, iterations, cold_starts } => {
+        Command::Bench { queue: Some(BenchQueue::Queue { wasm, data, tasks, concurrency, workers }), .. } => {
+            crate::bench::queue(&wasm, &data, tasks, concurrency, workers).await
+        }
+        Command::Bench { queue: None, wasm, data, iterations, cold_starts } => {
+            let wasm = wasm.context("give the component to measure: beamlet bench APP.wasm")?;
             crate::bench::run(&wasm, &data, iterations, cold_starts).await
         }
         Command::Replica { .. } => unreachable!("handled before the async runtime starts"),
