@@ -44,6 +44,12 @@ enum Command {
         /// Largest task input, e.g. 16Mi.
         #[arg(long, default_value = "16Mi", value_parser = parse_size)]
         max_input_size: u64,
+        /// Cores replicas may reserve on this node [default: this machine's].
+        #[arg(long)]
+        cpus: Option<f64>,
+        /// Memory replicas may reserve on this node, e.g. 16Gi [default: this machine's].
+        #[arg(long, value_parser = parse_size)]
+        memory: Option<u64>,
     },
     /// Upload a component as a new version of an app.
     Deploy {
@@ -208,12 +214,17 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 async fn run(command: Command) -> Result<()> {
     match command {
-        Command::Serve { listen, data_dir, gpu_backend: _, max_component_size, max_input_size } => {
+        Command::Serve { listen, data_dir, gpu_backend: _, max_component_size, max_input_size, cpus, memory } => {
+            let machine = crate::supervisor::Capacity::of_this_machine();
+            let capacity = crate::supervisor::Demand {
+                cpu: cpus.unwrap_or(machine.cpu),
+                memory: memory.unwrap_or(machine.memory),
+            };
             let limits = Limits {
                 max_component: usize::try_from(max_component_size).context("--max-component-size is too large")?,
                 max_input: usize::try_from(max_input_size).context("--max-input-size is too large")?,
             };
-            crate::node::serve(ServeOptions { listen, data_dir, limits }).await
+            crate::node::serve(ServeOptions { listen, data_dir, limits, capacity }).await
         }
         Command::Deploy { wasm, name, config, server } => {
             Client::new(&server.server)?.deploy(&wasm, &name, config.as_deref()).await

@@ -1,5 +1,6 @@
 //! `beamlet`: a serverless function runtime for WebAssembly components.
 
+mod autoscaler;
 mod bench;
 mod cli;
 mod client;

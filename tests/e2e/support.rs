@@ -67,11 +67,15 @@ impl Server {
         Self::start_in(temp_dir(name), extra)
     }
 
+    /// Starts a node; unless `extra` sets `--cpus`, it offers 64 cores so that
+    /// tests running many apps at once are not held back by placement.
     pub fn start_in(data_dir: PathBuf, extra: &[&str]) -> Self {
+        let cpus: &[&str] = if extra.contains(&"--cpus") { &[] } else { &["--cpus", "64"] };
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path(&data_dir)).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_beamlet"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(&data_dir)
+            .args(cpus)
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(log)

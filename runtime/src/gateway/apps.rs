@@ -106,7 +106,8 @@ pub(crate) async fn status(State(node): State<Arc<Node>>, Path(name): Path<Strin
 fn describe(node: &Node, app: &App) -> Value {
     let name = &app.version.name;
     let replicas = node.supervisor.replicas(name);
-    let desired = crate::supervisor::fixed_replicas(app);
+    let decision = node.supervisor.last_decision(name);
+    let avg_task_ms = node.supervisor.average_task_time(name).map(|t| t.as_secs_f64() * 1000.0);
     json!({
         "name": name,
         "version": app.version.version,
@@ -117,7 +118,12 @@ fn describe(node: &Node, app: &App) -> Value {
         "config": app.config,
         "replicas": replicas,
         "queue": node.dispatch.counts(name),
-        "autoscaler": { "desired": desired, "max": app.config.autoscaler.max_replicas(), "reason": "fixed replica count: max(min_replicas, 1)" },
+        "avg_task_ms": avg_task_ms,
+        "autoscaler": {
+            "desired": decision.as_ref().map(|d| d.desired),
+            "max": app.config.autoscaler.max_replicas(),
+            "reason": decision.as_ref().map(|d| d.reason.clone()),
+        },
     })
 }
 
@@ -146,4 +152,14 @@ pub(crate) async fn logs(
     node.registry.get(&name).ok_or_else(|| ApiError::unknown_app(&name))?;
     let lines = node.logs.tail(&name, query.lines.unwrap_or(200));
     Ok(Json(json!({ "name": name, "lines": lines })))
+}
+
+/// `POST /v1/apps/{name}/warmup`: starts one replica now.
+pub(crate) async fn warmup(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    match node.supervisor.warmup(&name) {
+        None => Err(ApiError::unknown_app(&name)),
+        Some(started) => {
+            Ok(Json(json!({ "name": name, "started": started, "replicas": node.supervisor.replicas(&name) })))
+        }
+    }
 }

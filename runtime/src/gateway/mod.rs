@@ -27,6 +27,7 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
             get(apps::status).delete(apps::remove).put(apps::deploy).layer(DefaultBodyLimit::max(upload_limit)),
         )
         .route("/v1/apps/{name}/logs", get(apps::logs))
+        .route("/v1/apps/{name}/warmup", post(apps::warmup))
         .route("/v1/apps/{name}/invoke", post(tasks::invoke))
         .route("/v1/apps/{name}/tasks", post(tasks::submit).get(tasks::list))
         .route("/v1/tasks/{id}", get(tasks::status).delete(tasks::cancel))

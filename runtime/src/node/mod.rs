@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 pub(crate) use self::logs::AppLogs;
 use crate::queue::{Dispatch, EmbeddedQueue, now_ms};
 use crate::registry::Registry;
-use crate::supervisor::Supervisor;
+use crate::supervisor::{Capacity, Demand, Supervisor};
 
 /// Request size limits, in bytes.
 pub(crate) struct Limits {
@@ -28,12 +28,14 @@ pub(crate) struct ServeOptions {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub limits: Limits,
+    /// Cores and memory replicas may reserve on this node.
+    pub capacity: Demand,
 }
 
 pub(crate) struct Node {
     pub registry: Registry,
     pub dispatch: Arc<Dispatch>,
-    pub supervisor: Supervisor,
+    pub supervisor: Arc<Supervisor>,
     pub logs: Arc<AppLogs>,
     pub limits: Limits,
 }
@@ -50,9 +52,11 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     let dispatch = Arc::new(dispatch);
     let logs = Arc::new(AppLogs::default());
     let exe = std::env::current_exe().context("failed to find the beamlet executable")?;
-    let supervisor = Supervisor::new(exe, dispatch.clone(), logs.clone());
+    let capacity = Arc::new(Capacity::new(options.capacity));
+    let supervisor = Arc::new(Supervisor::new(exe, dispatch.clone(), logs.clone(), capacity));
     let node = Arc::new(Node { registry, dispatch, supervisor, logs, limits: options.limits });
     callbacks::spawn(node.clone(), ended);
+    tokio::spawn(crate::autoscaler::run(node.supervisor.clone(), node.dispatch.clone()));
     for app in node.registry.list() {
         tracing::info!(app = %app.version.name, version = app.version.version, "restoring app");
         node.supervisor.run(&app);
@@ -73,7 +77,10 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     let mut stdout = tokio::io::stdout();
     stdout.write_all(format!("listening on http://{addr}\n").as_bytes()).await?;
     stdout.flush().await?;
-    tracing::info!(data_dir = ?options.data_dir, "beamlet node serving on http://{addr}");
+    tracing::info!(
+        data_dir = ?options.data_dir, cpus = options.capacity.cpu, memory = %crate::config::format_size(options.capacity.memory),
+        "beamlet node serving on http://{addr}"
+    );
     axum::serve(listener, crate::gateway::router(node))
         .with_graceful_shutdown(shutdown_signal())
         .await

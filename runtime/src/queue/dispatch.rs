@@ -19,6 +19,8 @@ pub(crate) struct Dispatch {
     waiters: Mutex<HashMap<TaskId, Vec<oneshot::Sender<TaskRecord>>>>,
     /// Where to send a cancellation for each running task.
     routes: Mutex<HashMap<TaskId, mpsc::UnboundedSender<TaskId>>>,
+    /// Woken when any app gains a task (the autoscaler listens).
+    demand: Notify,
     /// Every task that ends with a callback URL, for delivery.
     callbacks: mpsc::UnboundedSender<TaskRecord>,
 }
@@ -27,8 +29,14 @@ impl Dispatch {
     /// The receiver gets every task that ends with a callback URL.
     pub(crate) fn new(queue: Arc<dyn Queue>) -> (Self, mpsc::UnboundedReceiver<TaskRecord>) {
         let (callbacks, ended) = mpsc::unbounded_channel();
-        let dispatch =
-            Self { queue, arrivals: Mutex::default(), waiters: Mutex::default(), routes: Mutex::default(), callbacks };
+        let dispatch = Self {
+            queue,
+            arrivals: Mutex::default(),
+            waiters: Mutex::default(),
+            routes: Mutex::default(),
+            demand: Notify::new(),
+            callbacks,
+        };
         (dispatch, ended)
     }
 
@@ -38,6 +46,12 @@ impl Dispatch {
 
     fn wake(&self, app: &str) {
         self.arrivals(app).notify_waiters();
+        self.demand.notify_waiters();
+    }
+
+    /// Completes when any app gains a task after this call's future is enabled.
+    pub(crate) fn demand(&self) -> tokio::sync::futures::Notified<'_> {
+        self.demand.notified()
     }
 
     /// Tells everyone waiting on a task that ended how it ended.

@@ -1,57 +1,94 @@
-//! Runs each app's replicas: starts them for the current version, drains the
-//! old version's after a deploy, and stops them when the app is removed.
+//! Runs each app's replicas: places and starts them for the current version,
+//! drains the old version's after a deploy, scales them as the autoscaler
+//! decides, and stops them when the app is removed.
 
+mod placement;
 mod replica;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+pub(crate) use self::placement::{Capacity, Demand};
 use self::replica::{Plan, ReplicaHandle};
 pub(crate) use self::replica::{ReplicaInfo, ReplicaState, start_process};
+use crate::autoscaler::{Decision, Placement, ReplicaSample, Sample};
+use crate::config::AutoscalerConfig;
 use crate::ipc::ReplicaSpec;
 use crate::node::AppLogs;
-use crate::queue::Dispatch;
+use crate::queue::{Counts, Dispatch};
 use crate::registry::App;
+
+/// Run times of an app's recent tasks, for the request-latency policy.
+#[derive(Default)]
+pub(crate) struct TaskTimes(Mutex<VecDeque<Duration>>);
+
+/// How many recent tasks the average covers.
+const RECENT_TASKS: usize = 50;
+
+impl TaskTimes {
+    pub(crate) fn record(&self, time: Duration) {
+        let mut times = self.0.lock().unwrap();
+        if times.len() == RECENT_TASKS {
+            times.pop_front();
+        }
+        times.push_back(time);
+    }
+
+    pub(crate) fn average(&self) -> Option<Duration> {
+        let times = self.0.lock().unwrap();
+        let count = u32::try_from(times.len()).ok().filter(|n| *n > 0)?;
+        Some(times.iter().sum::<Duration>() / count)
+    }
+}
 
 pub(crate) struct Supervisor {
     exe: PathBuf,
     dispatch: Arc<Dispatch>,
     logs: Arc<AppLogs>,
+    capacity: Arc<Capacity>,
     next_replica: AtomicU64,
     apps: Mutex<HashMap<String, AppReplicas>>,
 }
 
-#[derive(Default)]
 struct AppReplicas {
+    app: App,
     current: Vec<ReplicaHandle>,
-    /// Replicas of earlier versions finishing their tasks.
+    /// Replicas of earlier versions, or scaled away, finishing their tasks.
     draining: Vec<ReplicaHandle>,
+    times: Arc<TaskTimes>,
+    last: Option<Decision>,
 }
 
 impl Supervisor {
-    pub(crate) fn new(exe: PathBuf, dispatch: Arc<Dispatch>, logs: Arc<AppLogs>) -> Self {
-        Self { exe, dispatch, logs, next_replica: AtomicU64::new(0), apps: Mutex::default() }
+    pub(crate) fn new(exe: PathBuf, dispatch: Arc<Dispatch>, logs: Arc<AppLogs>, capacity: Arc<Capacity>) -> Self {
+        Self { exe, dispatch, logs, capacity, next_replica: AtomicU64::new(0), apps: Mutex::default() }
     }
 
-    /// Starts replicas for `app`'s version and drains any older ones.
+    /// Makes `app`'s version the one that runs: starts its baseline replicas
+    /// and drains any older ones. The autoscaler takes it from there.
     pub(crate) fn run(&self, app: &App) {
-        let name = &app.version.name;
-        let count = fixed_replicas(app);
-        let current = (0..count).map(|_| self.start_replica(app)).collect();
         let mut apps = self.apps.lock().unwrap();
-        let replicas = apps.entry(name.clone()).or_default();
-        let old = std::mem::replace(&mut replicas.current, current);
-        for handle in &old {
-            handle.stop();
+        let name = app.version.name.clone();
+        let times = apps.get(&name).map(|a| a.times.clone()).unwrap_or_default();
+        let baseline = app.config.autoscaler.baseline_replicas();
+        let current = (0..baseline).map(|_| self.start_replica(app, &times)).collect();
+        let previous =
+            apps.insert(name, AppReplicas { app: app.clone(), current, draining: Vec::new(), times, last: None });
+        if let Some(previous) = previous {
+            let replicas = apps.get_mut(&app.version.name).expect("just inserted");
+            for handle in previous.current.iter() {
+                handle.stop();
+            }
+            replicas.draining = previous.draining;
+            replicas.draining.extend(previous.current);
+            replicas.draining.retain(|handle| handle.info().state != ReplicaState::Stopped);
         }
-        replicas.draining.retain(|handle| handle.info().state != ReplicaState::Stopped);
-        replicas.draining.extend(old);
     }
 
-    fn start_replica(&self, app: &App) -> ReplicaHandle {
+    fn start_replica(&self, app: &App, times: &Arc<TaskTimes>) -> ReplicaHandle {
         let n = self.next_replica.fetch_add(1, Ordering::Relaxed);
         let runtime = &app.config.runtime;
         let spec = ReplicaSpec {
@@ -64,7 +101,15 @@ impl Supervisor {
             fresh_instance_per_task: runtime.instance == crate::config::InstanceMode::PerTask,
             init_timeout_ms: u64::try_from(runtime.timeout.as_millis()).unwrap_or(u64::MAX),
         };
-        replica::spawn(Plan { exe: self.exe.clone(), spec, dispatch: self.dispatch.clone(), logs: self.logs.clone() })
+        replica::spawn(Plan {
+            exe: self.exe.clone(),
+            spec,
+            dispatch: self.dispatch.clone(),
+            logs: self.logs.clone(),
+            capacity: self.capacity.clone(),
+            demand: Demand { cpu: runtime.cpu, memory: runtime.memory },
+            times: times.clone(),
+        })
     }
 
     /// Drains and stops every replica of `name`.
@@ -74,6 +119,11 @@ impl Supervisor {
                 handle.stop();
             }
         }
+    }
+
+    /// Apps this node runs.
+    pub(crate) fn apps(&self) -> Vec<String> {
+        self.apps.lock().unwrap().keys().cloned().collect()
     }
 
     /// The app's replicas, current version first.
@@ -88,10 +138,79 @@ impl Supervisor {
             .filter(|info| info.state != ReplicaState::Stopped)
             .collect()
     }
-}
 
-/// Replicas the app runs. The autoscaler is not in this node yet, so an app
-/// configured for scale to zero still gets one replica rather than none.
-pub(crate) fn fixed_replicas(app: &App) -> u32 {
-    app.config.autoscaler.baseline_replicas().max(1)
+    /// What the autoscaler needs to decide for `name`.
+    pub(crate) fn sample(&self, name: &str, counts: Counts) -> Option<(Sample, AutoscalerConfig)> {
+        let apps = self.apps.lock().unwrap();
+        let replicas = apps.get(name)?;
+        let sample = Sample {
+            queued: counts.queued,
+            running: counts.running,
+            workers_per_replica: replicas.app.config.runtime.workers,
+            avg_task_time: replicas.times.average(),
+            replicas: replicas
+                .current
+                .iter()
+                .map(ReplicaHandle::info)
+                .filter(|info| info.state != ReplicaState::Stopped)
+                .map(|info| ReplicaSample {
+                    placement: match info.state {
+                        ReplicaState::Pending => Placement::Pending,
+                        ReplicaState::Ready => Placement::Ready,
+                        _ => Placement::Starting,
+                    },
+                    id: info.id,
+                    busy: info.busy,
+                    idle_since: info.idle_since,
+                })
+                .collect(),
+        };
+        Some((sample, replicas.app.config.autoscaler.clone()))
+    }
+
+    /// Starts and stops replicas as decided, and remembers the decision.
+    pub(crate) fn apply(&self, name: &str, decision: Decision) {
+        let mut apps = self.apps.lock().unwrap();
+        let Some(replicas) = apps.get_mut(name) else { return };
+        for _ in 0..decision.start {
+            let handle = self.start_replica(&replicas.app, &replicas.times);
+            replicas.current.push(handle);
+        }
+        if !decision.stop.is_empty() {
+            let (stopping, kept) =
+                std::mem::take(&mut replicas.current).into_iter().partition(|h| decision.stop.contains(&h.info().id));
+            replicas.current = kept;
+            for handle in &stopping {
+                handle.stop();
+            }
+            replicas.draining.retain(|handle| handle.info().state != ReplicaState::Stopped);
+            replicas.draining.extend(stopping);
+        }
+        // Stopped replicas (crashed for good, or drained) leave the pool.
+        replicas.current.retain(|handle| handle.info().state != ReplicaState::Stopped);
+        replicas.last = Some(decision);
+    }
+
+    /// The autoscaler's last decision for `name`.
+    pub(crate) fn last_decision(&self, name: &str) -> Option<Decision> {
+        self.apps.lock().unwrap().get(name)?.last.clone()
+    }
+
+    pub(crate) fn average_task_time(&self, name: &str) -> Option<Duration> {
+        self.apps.lock().unwrap().get(name)?.times.average()
+    }
+
+    /// Starts one more replica now, within the app's `max_replicas`; `false`
+    /// when the app already runs that many.
+    pub(crate) fn warmup(&self, name: &str) -> Option<bool> {
+        let mut apps = self.apps.lock().unwrap();
+        let replicas = apps.get_mut(name)?;
+        let live = replicas.current.iter().filter(|h| h.info().state != ReplicaState::Stopped).count();
+        if live as u32 >= replicas.app.config.autoscaler.max_replicas() {
+            return Some(false);
+        }
+        let handle = self.start_replica(&replicas.app, &replicas.times);
+        replicas.current.push(handle);
+        Some(true)
+    }
 }

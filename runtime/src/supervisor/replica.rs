@@ -15,6 +15,8 @@ use tokio::io::BufReader;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{mpsc, watch};
 
+use super::TaskTimes;
+use super::placement::{Capacity, Demand};
 use crate::ipc::{self, FromReplica, Outcome, ReplicaSpec, RunTask, TaskDone, ToReplica};
 use crate::node::AppLogs;
 use crate::queue::{Dispatch, ErrorCode, Finish, Lease, TaskError, TaskId, now_ms};
@@ -30,6 +32,8 @@ const START_GRACE: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum ReplicaState {
+    /// It does not fit on the node yet; it starts when capacity frees.
+    Pending,
     /// The process is starting its workers.
     Starting,
     /// All workers are up; it takes tasks.
@@ -53,8 +57,15 @@ pub(crate) struct ReplicaInfo {
     /// When the current process started (ms since the epoch).
     pub started_at: Option<u64>,
     pub tasks_done: u64,
+    /// Tasks running on it now.
+    pub busy: u32,
+    /// Since when it has run nothing (`None` while busy or not yet ready).
+    #[serde(skip)]
+    pub idle_since: Option<Instant>,
     pub restarts: u32,
     pub last_error: Option<String>,
+    /// Why a pending replica waits.
+    pub pending_reason: Option<String>,
 }
 
 pub(crate) struct ReplicaHandle {
@@ -79,19 +90,25 @@ pub(crate) struct Plan {
     pub spec: ReplicaSpec,
     pub dispatch: Arc<Dispatch>,
     pub logs: Arc<AppLogs>,
+    pub capacity: Arc<Capacity>,
+    pub demand: Demand,
+    pub times: Arc<TaskTimes>,
 }
 
 pub(crate) fn spawn(plan: Plan) -> ReplicaHandle {
     let info = Arc::new(Mutex::new(ReplicaInfo {
         id: plan.spec.replica.clone(),
         version: plan.spec.version,
-        state: ReplicaState::Starting,
+        state: ReplicaState::Pending,
         workers: plan.spec.workers,
         pid: None,
         started_at: None,
         tasks_done: 0,
+        busy: 0,
+        idle_since: None,
         restarts: 0,
         last_error: None,
+        pending_reason: None,
     }));
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(supervise(plan, info.clone(), stop_rx));
@@ -99,11 +116,53 @@ pub(crate) fn spawn(plan: Plan) -> ReplicaHandle {
 }
 
 async fn supervise(plan: Plan, info: Arc<Mutex<ReplicaInfo>>, mut stop: watch::Receiver<bool>) {
+    if place(&plan, &info, &mut stop).await {
+        run_placed(&plan, &info, &mut stop).await;
+        plan.capacity.release(plan.demand);
+    }
+    let mut info = info.lock().unwrap();
+    info.state = ReplicaState::Stopped;
+    info.pid = None;
+    info.idle_since = None;
+}
+
+/// Waits until the node has room for the replica; `false` if it was stopped first.
+async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receiver<bool>) -> bool {
+    loop {
+        let freed = plan.capacity.freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        match plan.capacity.try_reserve(plan.demand) {
+            Ok(()) => {
+                let mut info = info.lock().unwrap();
+                info.pending_reason = None;
+                info.state = ReplicaState::Starting;
+                return true;
+            }
+            Err(reason) => {
+                let mut info = info.lock().unwrap();
+                if info.pending_reason.as_ref() != Some(&reason) {
+                    tracing::info!(app = %plan.spec.app, replica = %plan.spec.replica, "replica pending: {reason}");
+                }
+                info.pending_reason = Some(reason);
+            }
+        }
+        if *stop.borrow() {
+            return false;
+        }
+        tokio::select! {
+            _ = freed => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+async fn run_placed(plan: &Plan, info: &Arc<Mutex<ReplicaInfo>>, stop: &mut watch::Receiver<bool>) {
     let mut backoff = MIN_BACKOFF;
     while !*stop.borrow() {
         let started = Instant::now();
-        let mut run = Run { plan: &plan, info: &info, inflight: HashMap::new() };
-        let result = run.once(&mut stop).await;
+        let mut run = Run { plan, info, inflight: HashMap::new() };
+        let result = run.once(stop).await;
         run.requeue_inflight(result.as_ref().err());
         let Err(error) = result else { break };
         let message = format!("{error:#}");
@@ -125,9 +184,6 @@ async fn supervise(plan: Plan, info: Arc<Mutex<ReplicaInfo>>, mut stop: watch::R
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
-    let mut info = info.lock().unwrap();
-    info.state = ReplicaState::Stopped;
-    info.pid = None;
 }
 
 /// One process's life.
@@ -140,7 +196,22 @@ struct Run<'a> {
 
 impl Run<'_> {
     fn set_state(&self, state: ReplicaState) {
-        self.info.lock().unwrap().state = state;
+        let mut info = self.info.lock().unwrap();
+        info.state = state;
+        if state == ReplicaState::Ready {
+            info.idle_since = Some(Instant::now());
+        }
+    }
+
+    /// Publishes how many tasks the replica runs now.
+    fn set_busy(&self) {
+        let mut info = self.info.lock().unwrap();
+        info.busy = self.inflight.len() as u32;
+        info.idle_since = match (info.busy, info.idle_since) {
+            (0, None) => Some(Instant::now()),
+            (0, since) => since,
+            _ => None,
+        };
     }
 
     /// `Ok` when the replica drained and exited as asked.
@@ -186,12 +257,14 @@ impl Run<'_> {
                         input: lease.input.to_vec(),
                     };
                     self.inflight.insert(seq, lease);
+                    self.set_busy();
                     send(&mut write, &ToReplica::Run(run)).await?;
                 }
                 frame = frames.recv() => match frame {
                     Some(FromReplica::Done(done)) => {
                         free += 1;
                         self.done(done);
+                        self.set_busy();
                     }
                     Some(started @ FromReplica::WorkerStarted { .. }) => self.worker_started(started),
                     Some(other) => tracing::warn!(replica = %spec.replica, "unexpected frame {other:?}"),
@@ -242,6 +315,7 @@ impl Run<'_> {
             return;
         };
         self.info.lock().unwrap().tasks_done += 1;
+        self.plan.times.record(Duration::from_micros(done.run_us));
         self.plan.logs.capture(&lease.app, &format!("task {}", lease.id), &done.stdout, &done.stderr);
         let finish = match done.outcome {
             Outcome::Complete(output) if output.len() as u64 > lease.max_result_size => Finish::Rejected(TaskError {

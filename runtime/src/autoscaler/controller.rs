@@ -1,0 +1,33 @@
+//! The control loop: every second, and at once when a task is queued (a cold
+//! app must not wait for a tick), each app is sampled and scaled.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::policy;
+use crate::queue::Dispatch;
+use crate::supervisor::Supervisor;
+
+const TICK: Duration = Duration::from_secs(1);
+
+pub(crate) async fn run(supervisor: Arc<Supervisor>, dispatch: Arc<Dispatch>) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let demand = dispatch.demand();
+        tokio::pin!(demand);
+        demand.as_mut().enable();
+        for name in supervisor.apps() {
+            let Some((sample, config)) = supervisor.sample(&name, dispatch.counts(&name)) else { continue };
+            let decision = policy::decide(&sample, &config, Instant::now());
+            if decision.start > 0 || !decision.stop.is_empty() {
+                tracing::info!(app = %name, desired = decision.desired, "scaling: {}", decision.reason);
+            }
+            supervisor.apply(&name, decision);
+        }
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = demand => {}
+        }
+    }
+}
