@@ -1,6 +1,7 @@
 //! End-to-end: real guest components, a real `beamlet serve`, real replica
 //! processes, HTTP on 127.0.0.1. Nothing here checks speed.
 
+mod autoscale;
 mod queue;
 mod support;
 

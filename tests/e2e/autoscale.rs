@@ -1,0 +1,112 @@
+//! Autoscaling end to end with the `sleep` example, scaled down in time.
+//! These check behaviour (which replicas ran what, how many existed), never
+//! how fast anything was.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+const LONG: Duration = Duration::from_secs(90);
+
+fn submit(server: &Server, app: &str, input: &str) -> String {
+    let response =
+        server.http.post(server.url(&format!("/v1/apps/{app}/tasks"))).body(input.to_owned()).send().unwrap();
+    assert_eq!(response.status(), 202);
+    response.json::<Value>().unwrap()["task_id"].as_str().unwrap().to_owned()
+}
+
+fn result(server: &Server, id: &str) -> Value {
+    let record = server.get(&format!("/v1/tasks/{id}?wait=90s"));
+    assert_eq!(record["status"], "COMPLETE", "{record}");
+    server.http.get(server.url(&format!("/v1/tasks/{id}/result"))).send().unwrap().json().unwrap()
+}
+
+fn live_replicas(status: &Value) -> usize {
+    status["replicas"].as_array().map_or(0, |r| r.len())
+}
+
+#[test]
+fn request_latency_runs_simultaneous_tasks_on_separate_replicas_then_scales_back() {
+    let server = Server::start("latency", &[]);
+    let config = "[autoscaler]\nkind = \"request_latency\"\ndesired_latency = \"500ms\"\nmax_replicas = 5\n\
+                  min_replicas = 1\nkeep_warm = \"1s\"\n";
+    server.deploy_guest("sleep", "sleep", Some(config));
+    server.wait_status("sleep", "the minimum replica", LONG, |s| ready_pids(s).len() == 1);
+
+    let ids: Vec<String> = (0..3).map(|_| submit(&server, "sleep", r#"{"ms": 1000}"#)).collect();
+    let replicas: BTreeSet<String> =
+        ids.iter().map(|id| result(&server, id)["replica"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(replicas.len(), 3, "three tasks ran on three replicas: {replicas:?}");
+
+    let status =
+        server.wait_status("sleep", "the surplus replicas to stop after keep_warm", LONG, |s| live_replicas(s) == 1);
+    assert!(status["autoscaler"]["reason"].as_str().unwrap().contains("request_latency"), "{status}");
+    assert_eq!(status["autoscaler"]["desired"], 1);
+}
+
+#[test]
+fn queue_depth_peaks_at_max_replicas_and_scales_to_zero() {
+    let server = Server::start("depth", &[]);
+    let config = "[autoscaler]\nkind = \"queue_depth\"\nmax_tasks_per_replica = 3\nmax_replicas = 3\n\
+                  min_replicas = 0\nkeep_warm = \"1s\"\n";
+    server.deploy_guest("sleep", "sleep", Some(config));
+    assert_eq!(live_replicas(&server.status("sleep")), 0, "min_replicas 0 starts cold");
+
+    let ids: Vec<String> = (0..12).map(|_| submit(&server, "sleep", r#"{"ms": 300}"#)).collect();
+    let mut peak = 0;
+    let mut replicas = BTreeSet::new();
+    for id in &ids {
+        loop {
+            let status = server.status("sleep");
+            peak = peak.max(live_replicas(&status));
+            let record = server.get(&format!("/v1/tasks/{id}"));
+            if record["status"] == "COMPLETE" {
+                break;
+            }
+            assert!(!record["status"].as_str().unwrap().ends_with("ED") || record["status"] == "COMPLETE", "{record}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        replicas.insert(result(&server, id)["replica"].as_str().unwrap().to_owned());
+    }
+    assert!(peak <= 3, "never more than max_replicas: saw {peak}");
+    assert_eq!(replicas.len(), 3, "the backlog of 12 used 3 replicas: {replicas:?}");
+
+    server.wait_status("sleep", "scale to zero after keep_warm", LONG, |s| live_replicas(s) == 0);
+    // A cold app starts a replica for the next task at once.
+    let id = submit(&server, "sleep", r#"{"ms": 1}"#);
+    assert_eq!(result(&server, &id)["slept_ms"].as_u64().map(|ms| ms >= 1), Some(true));
+}
+
+#[test]
+fn a_replica_that_does_not_fit_is_pending_until_capacity_frees() {
+    let server = Server::start("placement", &["--cpus", "1"]);
+    server.deploy_guest("hello", "hello", Some("[runtime]\ncpu = 1\n"));
+    server.wait_status("hello", "hello's replica", LONG, |s| ready_pids(s).len() == 1);
+    server.deploy_guest("sleep", "sleep", Some("[runtime]\ncpu = 1\n"));
+    let status = server.wait_status("sleep", "a pending replica", LONG, |s| s["replicas"][0]["state"] == "pending");
+    let reason = status["replicas"][0]["pending_reason"].as_str().unwrap_or_default().to_owned();
+    assert!(reason.contains("cores"), "status says why: {status}");
+
+    let id = submit(&server, "sleep", r#"{"ms": 1}"#);
+    assert_eq!(server.get(&format!("/v1/tasks/{id}"))["status"], "PENDING", "the task waits, it is not dropped");
+    let response = server.http.delete(server.url("/v1/apps/hello")).send().unwrap();
+    assert_eq!(response.status(), 200);
+    let done = result(&server, &id);
+    assert!(done["replica"].as_str().is_some(), "{done}");
+}
+
+#[test]
+fn warmup_starts_a_replica_now() {
+    let server = Server::start("warmup", &[]);
+    let config = "[autoscaler]\nkind = \"queue_depth\"\nmax_replicas = 2\nmin_replicas = 0\nkeep_warm = \"60s\"\n";
+    server.deploy_guest("hello", "hello", Some(config));
+    assert_eq!(live_replicas(&server.status("hello")), 0);
+    let response: Value = server.http.post(server.url("/v1/apps/hello/warmup")).send().unwrap().json().unwrap();
+    assert_eq!(response["started"], true);
+    server.wait_status("hello", "the warmed replica", LONG, |s| ready_pids(s).len() == 1);
+    let response = server.http.post(server.url("/v1/apps/nope/warmup")).send().unwrap();
+    assert_eq!(response.status(), 404);
+}
