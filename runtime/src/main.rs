@@ -9,6 +9,7 @@ mod engine;
 mod gateway;
 mod host;
 mod ipc;
+mod metrics;
 mod node;
 mod queue;
 mod registry;

@@ -74,7 +74,19 @@ fn queue_depth_peaks_at_max_replicas_and_scales_to_zero() {
     assert!(peak <= 3, "never more than max_replicas: saw {peak}");
     assert_eq!(replicas.len(), 3, "the backlog of 12 used 3 replicas: {replicas:?}");
 
+    let metrics = server.http.get(server.url("/metrics")).send().unwrap().text().unwrap();
+    for expected in [
+        r#"beamlet_task_duration_seconds_count{app="sleep"} 12"#,
+        r#"beamlet_task_runs_total{app="sleep",outcome="complete"} 12"#,
+        r#"beamlet_scale_events_total{app="sleep",direction="up"} 3"#,
+        r#"beamlet_queue_depth{app="sleep"} 0"#,
+    ] {
+        assert!(metrics.contains(expected), "/metrics lacks {expected}:\n{metrics}");
+    }
+
     server.wait_status("sleep", "scale to zero after keep_warm", LONG, |s| live_replicas(s) == 0);
+    let metrics = server.http.get(server.url("/metrics")).send().unwrap().text().unwrap();
+    assert!(metrics.contains(r#"beamlet_scale_events_total{app="sleep",direction="down"} 3"#), "{metrics}");
     // A cold app starts a replica for the next task at once.
     let id = submit(&server, "sleep", r#"{"ms": 1}"#);
     assert_eq!(result(&server, &id)["slept_ms"].as_u64().map(|ms| ms >= 1), Some(true));

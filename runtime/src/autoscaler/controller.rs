@@ -5,12 +5,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::policy;
+use crate::metrics::Metrics;
 use crate::queue::Dispatch;
 use crate::supervisor::Supervisor;
 
 const TICK: Duration = Duration::from_secs(1);
 
-pub(crate) async fn run(supervisor: Arc<Supervisor>, dispatch: Arc<Dispatch>) {
+pub(crate) async fn run(supervisor: Arc<Supervisor>, dispatch: Arc<Dispatch>, metrics: Arc<Metrics>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -22,6 +23,7 @@ pub(crate) async fn run(supervisor: Arc<Supervisor>, dispatch: Arc<Dispatch>) {
             let decision = policy::decide(&sample, &config, Instant::now());
             if decision.start > 0 || !decision.stop.is_empty() {
                 tracing::info!(app = %name, desired = decision.desired, "scaling: {}", decision.reason);
+                metrics.scaled(&name, decision.start, decision.stop.len() as u32);
             }
             supervisor.apply(&name, decision);
         }

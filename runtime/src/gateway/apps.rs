@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, read_body};
+use crate::metrics::AppGauges;
 use crate::node::Node;
 use crate::registry::App;
 
@@ -162,4 +163,35 @@ pub(crate) async fn warmup(State(node): State<Arc<Node>>, Path(name): Path<Strin
             Ok(Json(json!({ "name": name, "started": started, "replicas": node.supervisor.replicas(&name) })))
         }
     }
+}
+
+/// `GET /metrics`.
+pub(crate) async fn metrics(State(node): State<Arc<Node>>) -> impl axum::response::IntoResponse {
+    let apps: Vec<(String, AppGauges)> = node
+        .registry
+        .list()
+        .into_iter()
+        .map(|app| {
+            let name = app.version.name;
+            let counts = node.dispatch.counts(&name);
+            let replicas = node.supervisor.replicas(&name);
+            let mut states: Vec<(String, u64)> = Vec::new();
+            for replica in &replicas {
+                let state = serde_json::to_value(replica.state).ok().and_then(|v| v.as_str().map(str::to_owned));
+                let state = state.unwrap_or_default();
+                match states.iter_mut().find(|(s, _)| *s == state) {
+                    Some((_, count)) => *count += 1,
+                    None => states.push((state, 1)),
+                }
+            }
+            let workers = replicas
+                .iter()
+                .filter(|r| r.state == crate::supervisor::ReplicaState::Ready)
+                .map(|r| u64::from(r.workers))
+                .sum();
+            let gauges = AppGauges { queued: counts.queued, running: counts.running, workers, replicas: states };
+            (name, gauges)
+        })
+        .collect();
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], node.metrics.render(&apps))
 }

@@ -21,6 +21,7 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
     let upload_limit = node.limits.max_component + 1024 * 1024;
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(apps::metrics))
         .route("/v1/apps", get(apps::list))
         .route(
             "/v1/apps/{name}",

@@ -13,6 +13,7 @@ use anyhow::{Context as _, Result};
 use tokio::io::AsyncWriteExt;
 
 pub(crate) use self::logs::AppLogs;
+use crate::metrics::Metrics;
 use crate::queue::{Dispatch, EmbeddedQueue, now_ms};
 use crate::registry::Registry;
 use crate::supervisor::{Capacity, Demand, Supervisor};
@@ -37,6 +38,7 @@ pub(crate) struct Node {
     pub dispatch: Arc<Dispatch>,
     pub supervisor: Arc<Supervisor>,
     pub logs: Arc<AppLogs>,
+    pub metrics: Arc<Metrics>,
     pub limits: Limits,
 }
 
@@ -53,10 +55,11 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     let logs = Arc::new(AppLogs::default());
     let exe = std::env::current_exe().context("failed to find the beamlet executable")?;
     let capacity = Arc::new(Capacity::new(options.capacity));
-    let supervisor = Arc::new(Supervisor::new(exe, dispatch.clone(), logs.clone(), capacity));
-    let node = Arc::new(Node { registry, dispatch, supervisor, logs, limits: options.limits });
+    let metrics = Arc::new(Metrics::new());
+    let supervisor = Arc::new(Supervisor::new(exe, dispatch.clone(), logs.clone(), capacity, metrics.clone()));
+    let node = Arc::new(Node { registry, dispatch, supervisor, logs, metrics, limits: options.limits });
     callbacks::spawn(node.clone(), ended);
-    tokio::spawn(crate::autoscaler::run(node.supervisor.clone(), node.dispatch.clone()));
+    tokio::spawn(crate::autoscaler::run(node.supervisor.clone(), node.dispatch.clone(), node.metrics.clone()));
     for app in node.registry.list() {
         tracing::info!(app = %app.version.name, version = app.version.version, "restoring app");
         node.supervisor.run(&app);

@@ -17,6 +17,7 @@ pub(crate) use self::replica::{ReplicaInfo, ReplicaState, start_process};
 use crate::autoscaler::{Decision, Placement, ReplicaSample, Sample};
 use crate::config::AutoscalerConfig;
 use crate::ipc::ReplicaSpec;
+use crate::metrics::Metrics;
 use crate::node::AppLogs;
 use crate::queue::{Counts, Dispatch};
 use crate::registry::App;
@@ -49,6 +50,7 @@ pub(crate) struct Supervisor {
     dispatch: Arc<Dispatch>,
     logs: Arc<AppLogs>,
     capacity: Arc<Capacity>,
+    metrics: Arc<Metrics>,
     next_replica: AtomicU64,
     apps: Mutex<HashMap<String, AppReplicas>>,
 }
@@ -63,8 +65,14 @@ struct AppReplicas {
 }
 
 impl Supervisor {
-    pub(crate) fn new(exe: PathBuf, dispatch: Arc<Dispatch>, logs: Arc<AppLogs>, capacity: Arc<Capacity>) -> Self {
-        Self { exe, dispatch, logs, capacity, next_replica: AtomicU64::new(0), apps: Mutex::default() }
+    pub(crate) fn new(
+        exe: PathBuf,
+        dispatch: Arc<Dispatch>,
+        logs: Arc<AppLogs>,
+        capacity: Arc<Capacity>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self { exe, dispatch, logs, capacity, metrics, next_replica: AtomicU64::new(0), apps: Mutex::default() }
     }
 
     /// Makes `app`'s version the one that runs: starts its baseline replicas
@@ -107,6 +115,7 @@ impl Supervisor {
             dispatch: self.dispatch.clone(),
             logs: self.logs.clone(),
             capacity: self.capacity.clone(),
+            metrics: self.metrics.clone(),
             demand: Demand { cpu: runtime.cpu, memory: runtime.memory },
             times: times.clone(),
         })

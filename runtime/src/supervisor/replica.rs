@@ -91,6 +91,7 @@ pub(crate) struct Plan {
     pub dispatch: Arc<Dispatch>,
     pub logs: Arc<AppLogs>,
     pub capacity: Arc<Capacity>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub demand: Demand,
     pub times: Arc<TaskTimes>,
 }
@@ -315,7 +316,9 @@ impl Run<'_> {
             return;
         };
         self.info.lock().unwrap().tasks_done += 1;
-        self.plan.times.record(Duration::from_micros(done.run_us));
+        let run_time = Duration::from_micros(done.run_us);
+        self.plan.times.record(run_time);
+        self.plan.metrics.run_ended(&lease.app, outcome_name(&done.outcome), run_time);
         self.plan.logs.capture(&lease.app, &format!("task {}", lease.id), &done.stdout, &done.stderr);
         let finish = match done.outcome {
             Outcome::Complete(output) if output.len() as u64 > lease.max_result_size => Finish::Rejected(TaskError {
@@ -349,6 +352,18 @@ impl Run<'_> {
                 .dispatch
                 .finish(&lease.id, Finish::Retryable(TaskError { code: ErrorCode::ReplicaLost, message }));
         }
+    }
+}
+
+fn outcome_name(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Complete(_) => "complete",
+        Outcome::BadInput(_) => "bad_input",
+        Outcome::Failed(_) => "guest_error",
+        Outcome::Trap(_) => "trap",
+        Outcome::OutOfMemory(_) => "out_of_memory",
+        Outcome::Timeout => "timeout",
+        Outcome::Cancelled => "cancelled",
     }
 }
 

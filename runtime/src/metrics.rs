@@ -1,0 +1,152 @@
+//! `GET /metrics`: Prometheus (OpenMetrics text) for every app: queue depth,
+//! running tasks, task duration, replicas by state, workers and scale events.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct App {
+    app: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AppOutcome {
+    app: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AppState {
+    app: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AppDirection {
+    app: String,
+    direction: String,
+}
+
+type Durations = Family<App, Histogram, fn() -> Histogram>;
+
+pub(crate) struct Metrics {
+    registry: Mutex<Registry>,
+    queued: Family<App, Gauge>,
+    running: Family<App, Gauge>,
+    workers: Family<App, Gauge>,
+    replicas: Family<AppState, Gauge>,
+    task_seconds: Durations,
+    runs: Family<AppOutcome, Counter>,
+    scale_events: Family<AppDirection, Counter>,
+}
+
+/// One app's live numbers, read at scrape time.
+pub(crate) struct AppGauges {
+    pub queued: u64,
+    pub running: u64,
+    pub workers: u64,
+    /// (state, count) for each replica state present.
+    pub replicas: Vec<(String, u64)>,
+}
+
+fn task_histogram() -> Histogram {
+    // 1 ms .. ~65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::with_prefix("beamlet");
+        let metrics = Self {
+            registry: Mutex::new(Registry::default()),
+            queued: Family::default(),
+            running: Family::default(),
+            workers: Family::default(),
+            replicas: Family::default(),
+            task_seconds: Family::new_with_constructor(task_histogram),
+            runs: Family::default(),
+            scale_events: Family::default(),
+        };
+        registry.register("queue_depth", "Tasks queued (pending or awaiting a retry)", metrics.queued.clone());
+        registry.register("running_tasks", "Tasks running on a worker", metrics.running.clone());
+        registry.register("workers", "Workers of the app's ready replicas", metrics.workers.clone());
+        registry.register("replicas", "Replicas by state", metrics.replicas.clone());
+        registry.register("task_duration_seconds", "Time a run spent in the guest", metrics.task_seconds.clone());
+        registry.register("task_runs", "Runs by how they ended", metrics.runs.clone());
+        registry.register(
+            "scale_events",
+            "Replicas started (up) and stopped (down) by the autoscaler",
+            metrics.scale_events.clone(),
+        );
+        *metrics.registry.lock().unwrap() = registry;
+        metrics
+    }
+
+    pub(crate) fn run_ended(&self, app: &str, outcome: &str, time: Duration) {
+        self.task_seconds.get_or_create(&App { app: app.to_owned() }).observe(time.as_secs_f64());
+        self.runs.get_or_create(&AppOutcome { app: app.to_owned(), outcome: outcome.to_owned() }).inc();
+    }
+
+    pub(crate) fn scaled(&self, app: &str, up: u32, down: u32) {
+        for (direction, count) in [("up", up), ("down", down)] {
+            if count > 0 {
+                let labels = AppDirection { app: app.to_owned(), direction: direction.to_owned() };
+                self.scale_events.get_or_create(&labels).inc_by(u64::from(count));
+            }
+        }
+    }
+
+    /// The text exposition, with gauges set from `apps` (name, numbers).
+    pub(crate) fn render(&self, apps: &[(String, AppGauges)]) -> String {
+        let registry = self.registry.lock().unwrap();
+        for family in [&self.queued, &self.running, &self.workers] {
+            family.clear();
+        }
+        self.replicas.clear();
+        for (name, gauges) in apps {
+            let app = App { app: name.clone() };
+            self.queued.get_or_create(&app).set(gauges.queued as i64);
+            self.running.get_or_create(&app).set(gauges.running as i64);
+            self.workers.get_or_create(&app).set(gauges.workers as i64);
+            for (state, count) in &gauges.replicas {
+                self.replicas.get_or_create(&AppState { app: name.clone(), state: state.clone() }).set(*count as i64);
+            }
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("writing to a String cannot fail");
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_shows_gauges_histograms_and_counters() {
+        let metrics = Metrics::new();
+        metrics.run_ended("hello", "complete", Duration::from_millis(3));
+        metrics.scaled("hello", 2, 0);
+        let gauges = AppGauges { queued: 4, running: 1, workers: 2, replicas: vec![("ready".into(), 2)] };
+        let text = metrics.render(&[("hello".into(), gauges)]);
+        for expected in [
+            r#"beamlet_queue_depth{app="hello"} 4"#,
+            r#"beamlet_running_tasks{app="hello"} 1"#,
+            r#"beamlet_replicas{app="hello",state="ready"} 2"#,
+            r#"beamlet_task_duration_seconds_count{app="hello"} 1"#,
+            r#"beamlet_task_runs_total{app="hello",outcome="complete"} 1"#,
+            r#"beamlet_scale_events_total{app="hello",direction="up"} 2"#,
+        ] {
+            assert!(text.contains(expected), "missing {expected} in:\n{text}");
+        }
+        let text = metrics.render(&[]);
+        assert!(!text.contains(r#"beamlet_queue_depth{app="hello"}"#), "removed apps drop out of the gauges");
+    }
+}
