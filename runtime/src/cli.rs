@@ -125,6 +125,31 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         cold_starts: usize,
     },
+    /// Run the real autoscaler in virtual time over an arrival trace, with
+    /// autoscaling on and off, and print how each served it.
+    Simulate {
+        /// CSV with header `arrival_s,duration_s`.
+        #[arg(required_unless_present_any = ["bursty", "seeds"])]
+        trace: Option<PathBuf>,
+        /// The app config (beamlet.toml) whose [runtime] and [autoscaler] to simulate.
+        #[arg(long, required_unless_present = "seeds")]
+        config: Option<PathBuf>,
+        /// Use a synthetic bursty trace generated from this seed instead of a file.
+        #[arg(long, conflicts_with = "trace")]
+        bursty: Option<u64>,
+        /// Run SPEC §7's seed scenarios instead.
+        #[arg(long, conflicts_with_all = ["trace", "bursty", "config"])]
+        seeds: bool,
+        /// Write an SVG plot of queue depth and replicas (autoscaling on) here.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+        /// Write the trace used as CSV here (to keep a synthetic one).
+        #[arg(long)]
+        trace_out: Option<PathBuf>,
+        /// Time from a replica's start to its first task [default: 1s].
+        #[arg(long)]
+        cold_start: Option<String>,
+    },
     /// Internal: a replica process, started by `serve`.
     #[command(hide = true)]
     Replica {
@@ -264,6 +289,59 @@ async fn run(command: Command) -> Result<()> {
             let wasm = wasm.context("give the component to measure: beamlet bench APP.wasm")?;
             crate::bench::run(&wasm, &data, iterations, cold_starts).await
         }
+        Command::Simulate { trace, config, bursty, seeds, svg, trace_out, cold_start } => {
+            let cold_start = match cold_start {
+                Some(text) => crate::config::parse_duration(&text).map_err(|e| anyhow::anyhow!("--cold-start: {e}"))?,
+                None => crate::simulate::DEFAULT_COLD_START,
+            };
+            simulate(trace, config, bursty, seeds, svg, trace_out, cold_start)
+        }
         Command::Replica { .. } => unreachable!("handled before the async runtime starts"),
     }
+}
+
+fn simulate(
+    trace: Option<PathBuf>,
+    config: Option<PathBuf>,
+    bursty: Option<u64>,
+    seeds: bool,
+    svg: Option<PathBuf>,
+    trace_out: Option<PathBuf>,
+    cold_start: std::time::Duration,
+) -> Result<()> {
+    use crate::simulate as sim;
+    let runs: Vec<(String, crate::config::AppConfig, Vec<sim::Arrival>)> = if seeds {
+        sim::seed_scenarios()
+            .into_iter()
+            .map(|(name, toml, trace)| Ok((name, crate::config::parse(&toml)?, trace)))
+            .collect::<Result<_>>()?
+    } else {
+        let path = config.context("--config is required")?;
+        let text = std::fs::read_to_string(&path).with_context(|| format!("failed to read config {path:?}"))?;
+        let config = crate::config::parse(&text).with_context(|| format!("config {path:?}"))?;
+        let (name, trace) = match (trace, bursty) {
+            (_, Some(seed)) => (format!("bursty seed {seed}"), sim::bursty_trace(seed)),
+            (Some(path), None) => {
+                let text = std::fs::read_to_string(&path).with_context(|| format!("failed to read trace {path:?}"))?;
+                (path.display().to_string(), sim::parse_trace(&text).with_context(|| format!("trace {path:?}"))?)
+            }
+            (None, None) => anyhow::bail!("give a trace file, --bursty SEED or --seeds"),
+        };
+        vec![(name, config, trace)]
+    };
+    let mut rows = Vec::new();
+    for (name, config, trace) in &runs {
+        let (on, timeline) = sim::simulate(trace, config, cold_start);
+        let (off, _) = sim::simulate_off(trace, config, cold_start);
+        rows.push((format!("{name}: autoscaling on"), on));
+        rows.push((format!("{name}: autoscaling off"), off));
+        if let Some(path) = &svg {
+            std::fs::write(path, sim::svg(&timeline, name)).with_context(|| format!("failed to write {path:?}"))?;
+        }
+        if let Some(path) = &trace_out {
+            std::fs::write(path, sim::format_trace(trace)).with_context(|| format!("failed to write {path:?}"))?;
+        }
+    }
+    print!("{}", sim::table(&rows));
+    Ok(())
 }

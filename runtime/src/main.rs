@@ -14,6 +14,7 @@ mod node;
 mod queue;
 mod registry;
 mod replica;
+mod simulate;
 mod supervisor;
 
 use std::process::ExitCode;

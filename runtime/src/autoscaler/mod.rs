@@ -3,7 +3,7 @@
 //! apply the answer.
 
 mod controller;
-mod policy;
+pub(crate) mod policy;
 
 pub(crate) use self::controller::run;
 pub(crate) use self::policy::{Decision, Placement, ReplicaSample, Sample};
