@@ -186,6 +186,18 @@ fn traps_timeouts_and_memory_exhaustion_fail_only_their_task() {
 }
 
 #[test]
+fn an_app_whose_init_fails_answers_with_the_reason() {
+    let server = Server::start("badinit", &[]);
+    server.deploy_guest("badinit", "guest-badinit", None);
+    let (status, body) = server.invoke_json("badinit", "{}");
+    assert_eq!((status, error_code(&body)), (503, "START_FAILED"), "{body}");
+    assert!(error_message(&body).contains("model file missing"), "says why: {body}");
+    let status = server.status("badinit");
+    let last_error = status["replicas"][0]["last_error"].as_str().unwrap_or_default();
+    assert!(last_error.contains("model file missing"), "{status}");
+}
+
+#[test]
 fn five_workers_run_five_tasks_at_once() {
     let server = Server::start("workers", &[]);
     let config =

@@ -99,6 +99,7 @@ impl From<&TaskError> for ApiError {
             ErrorCode::OutOfMemory => (StatusCode::INTERNAL_SERVER_ERROR, "OUT_OF_MEMORY"),
             ErrorCode::ReplicaLost => (StatusCode::INTERNAL_SERVER_ERROR, "REPLICA_LOST"),
             ErrorCode::ResultTooLarge => (StatusCode::INTERNAL_SERVER_ERROR, "RESULT_TOO_LARGE"),
+            ErrorCode::StartFailed => (StatusCode::SERVICE_UNAVAILABLE, "START_FAILED"),
             ErrorCode::Timeout => (StatusCode::GATEWAY_TIMEOUT, "TIMEOUT"),
             ErrorCode::Cancelled => (StatusCode::CONFLICT, "CANCELLED"),
             ErrorCode::Expired => (StatusCode::SERVICE_UNAVAILABLE, "EXPIRED"),

@@ -84,11 +84,23 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
         data_dir = ?options.data_dir, cpus = options.capacity.cpu, memory = %crate::config::format_size(options.capacity.memory),
         "beamlet node serving on http://{addr}"
     );
-    axum::serve(listener, crate::gateway::router(node))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("the HTTP server failed")
+    let (stopping, mut stopped) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, crate::gateway::router(node)).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        let _ = stopping.send(true);
+    });
+    tokio::select! {
+        result = server => result.context("the HTTP server failed"),
+        // Requests still waiting on tasks get a grace period, not forever.
+        _ = async { let _ = stopped.wait_for(|stopped| *stopped).await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            tracing::warn!("requests still open {SHUTDOWN_GRACE:?} after the shutdown signal; exiting anyway");
+            Ok(())
+        }
+    }
 }
+
+/// How long open requests may finish after Ctrl-C or SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

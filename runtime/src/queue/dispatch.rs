@@ -9,7 +9,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::{Cancelled, Counts, Finish, Lease, NewTask, Queue, QueueError, TaskId, TaskRecord, TaskStatus, now_ms};
+use super::{
+    Cancelled, Counts, ErrorCode, Finish, Lease, NewTask, Queue, QueueError, TaskError, TaskId, TaskRecord, TaskStatus,
+    now_ms,
+};
 
 pub(crate) struct Dispatch {
     queue: Arc<dyn Queue>,
@@ -181,8 +184,19 @@ impl Dispatch {
         }
     }
 
+    /// Cancels the queued tasks of a removed app.
     pub(crate) fn remove_app(&self, app: &str) {
-        for record in self.queue.remove_app(app, now_ms()) {
+        let error = TaskError { code: ErrorCode::Cancelled, message: format!("app {app:?} was removed") };
+        self.end_queued(app, TaskStatus::Cancelled, error);
+    }
+
+    /// Fails the queued tasks of an app that cannot start, saying why.
+    pub(crate) fn fail_queued(&self, app: &str, message: String) {
+        self.end_queued(app, TaskStatus::Failed, TaskError { code: ErrorCode::StartFailed, message });
+    }
+
+    fn end_queued(&self, app: &str, status: TaskStatus, error: TaskError) {
+        for record in self.queue.end_queued(app, status, error, now_ms()) {
             self.resolve(&record);
         }
     }

@@ -346,14 +346,13 @@ impl Queue for EmbeddedQueue {
             .collect()
     }
 
-    fn remove_app(&self, app: &str, now: u64) -> Vec<TaskRecord> {
+    fn end_queued(&self, app: &str, status: TaskStatus, error: TaskError, now: u64) -> Vec<TaskRecord> {
         let mut inner = self.inner.lock().unwrap();
         let queued: Vec<String> = inner.queued.remove(app).map(Vec::from).unwrap_or_default();
         queued
             .iter()
             .filter_map(|id| {
-                let error = TaskError { code: ErrorCode::Cancelled, message: format!("app {app:?} was removed") };
-                let entry = inner.end(id, TaskStatus::Cancelled, Some(error), now)?;
+                let entry = inner.end(id, status, Some(error.clone()), now)?;
                 self.update(entry);
                 Some(entry.record.clone())
             })

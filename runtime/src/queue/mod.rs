@@ -63,7 +63,7 @@ names!(TaskStatus {
 
 names!(ErrorCode {
     BadInput = "BAD_INPUT", GuestError = "GUEST_ERROR", GuestTrap = "GUEST_TRAP", OutOfMemory = "OUT_OF_MEMORY",
-    Timeout = "TIMEOUT", ReplicaLost = "REPLICA_LOST", ResultTooLarge = "RESULT_TOO_LARGE",
+    Timeout = "TIMEOUT", ReplicaLost = "REPLICA_LOST", ResultTooLarge = "RESULT_TOO_LARGE", StartFailed = "START_FAILED",
     Cancelled = "CANCELLED", Expired = "EXPIRED",
 });
 
@@ -101,6 +101,8 @@ pub(crate) enum ErrorCode {
     ReplicaLost,
     /// The output was over the app's `max_result_size`.
     ResultTooLarge,
+    /// The app's replicas keep failing to start (`init` fails, say).
+    StartFailed,
     Cancelled,
     Expired,
 }
@@ -215,8 +217,8 @@ pub(crate) trait Queue: Send + Sync + 'static {
     /// Resolves once every change made so far is durable (at once for a
     /// store that keeps nothing); an error if it could not be made durable.
     fn sync(&self) -> oneshot::Receiver<()>;
-    /// Drops every queued task of a removed app, cancelling it.
-    fn remove_app(&self, app: &str, now: u64) -> Vec<TaskRecord>;
+    /// Ends every queued task of `app` with `status` and `error`.
+    fn end_queued(&self, app: &str, status: TaskStatus, error: TaskError, now: u64) -> Vec<TaskRecord>;
 }
 
 /// Milliseconds since the Unix epoch: the queue's clock.

@@ -25,6 +25,9 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A replica up this long has recovered: its next crash restarts at once.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// Failed starts in a row after which the app's queued tasks are failed
+/// rather than left waiting for a replica that cannot come up.
+const FAILED_STARTS: u32 = 3;
 /// Time a replica gets beyond its `init` timeout to start all workers.
 const START_GRACE: Duration = Duration::from_secs(30);
 
@@ -160,6 +163,7 @@ async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receive
 
 async fn run_placed(plan: &Plan, info: &Arc<Mutex<ReplicaInfo>>, stop: &mut watch::Receiver<bool>) {
     let mut backoff = MIN_BACKOFF;
+    let mut failed_starts = 0;
     while !*stop.borrow() {
         let started = Instant::now();
         let mut run = Run { plan, info, inflight: HashMap::new() };
@@ -167,6 +171,17 @@ async fn run_placed(plan: &Plan, info: &Arc<Mutex<ReplicaInfo>>, stop: &mut watc
         run.requeue_inflight(result.as_ref().err());
         let Err(error) = result else { break };
         let message = format!("{error:#}");
+        if info.lock().unwrap().state == ReplicaState::Starting {
+            failed_starts += 1;
+        } else {
+            failed_starts = 0;
+        }
+        if failed_starts >= FAILED_STARTS {
+            plan.dispatch.fail_queued(
+                &plan.spec.app,
+                format!("the app's replicas failed to start {failed_starts} times in a row; last: {message}"),
+            );
+        }
         tracing::warn!(app = %plan.spec.app, replica = %plan.spec.replica, "replica stopped: {message}; restarting");
         plan.logs.push(&plan.spec.app, format!("[replica {}] {message}", plan.spec.replica));
         {
