@@ -34,6 +34,7 @@ fn bench_spec(compiled: &Path) -> ReplicaSpec {
         version: 1,
         replica: "bench-r0".into(),
         compiled: compiled.to_string_lossy().into_owned(),
+        world: crate::registry::World::Function,
         workers: 1,
         memory_per_worker: MEMORY,
         fresh_instance_per_task: false,
@@ -104,7 +105,7 @@ fn instantiate_times(compiled: &Path, iterations: usize) -> Result<(Vec<Duration
     let engine = engine::new_engine(Allocation::Pooling { slots: 2, memory_bytes: MEMORY })?;
     // SAFETY: written just above by this process from the same engine settings.
     let component = unsafe { Component::deserialize_file(&engine, compiled) }.map_err(anyhow::Error::from)?;
-    let linker = host::function_linker(&engine)?;
+    let linker = host::linker(&engine)?;
     let pre = FunctionPre::new(linker.instantiate_pre(&component).map_err(anyhow::Error::from)?)
         .map_err(anyhow::Error::from)?;
     let cancel = std::sync::Arc::default();

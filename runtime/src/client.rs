@@ -83,7 +83,11 @@ impl Client {
             body["world"].as_str().unwrap_or("?"),
             body["digest"].as_str().unwrap_or("?").get(..12).unwrap_or("?")
         );
-        println!("call it: curl -s -X POST {}/v1/apps/{name}/invoke -d '{{}}'", self.base);
+        if body["world"] == "wasi:http/proxy" {
+            println!("call it: curl -s {}/http/{name}/", self.base);
+        } else {
+            println!("call it: curl -s -X POST {}/v1/apps/{name}/invoke -d '{{}}'", self.base);
+        }
         Ok(())
     }
 

@@ -22,6 +22,7 @@ pub(crate) struct ReplicaSpec {
     pub replica: String,
     /// Path of the precompiled component.
     pub compiled: String,
+    pub world: crate::registry::World,
     pub workers: u32,
     /// Wasm memory limit of each worker, in bytes.
     pub memory_per_worker: u64,
@@ -29,6 +30,44 @@ pub(crate) struct ReplicaSpec {
     pub fresh_instance_per_task: bool,
     /// How long `init` may run, in milliseconds.
     pub init_timeout_ms: u64,
+}
+
+/// A request for a `wasi:http/proxy` component: the input of its tasks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct HttpRequest {
+    pub method: String,
+    /// Path and query as the guest sees them, e.g. `/echo?x=1`.
+    pub path_with_query: String,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+}
+
+/// The guest's response: the output of its tasks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpRequest {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("encoding to memory cannot fail")
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
+        postcard::from_bytes(bytes).context("failed to decode the HTTP request")
+    }
+}
+
+impl HttpResponse {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("encoding to memory cannot fail")
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
+        postcard::from_bytes(bytes).context("failed to decode the HTTP response")
+    }
 }
 
 /// One task for one worker.

@@ -18,6 +18,7 @@ use crate::config::{self, AppConfig};
 use crate::engine::{self, Allocation};
 use crate::host::bindings::FunctionPre;
 use crate::host::{self, WorkerState};
+use wasmtime_wasi_http::p2::bindings::sync::ProxyPre;
 
 /// The WIT world a component was built for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +26,9 @@ pub(crate) enum World {
     /// `beamlet:function/function`: typed handlers.
     #[serde(rename = "beamlet:function/function")]
     Function,
+    /// `wasi:http/proxy`: standard HTTP handlers from any toolchain.
+    #[serde(rename = "wasi:http/proxy")]
+    HttpProxy,
 }
 
 /// One deployed version of an app, as stored and as the API shows it.
@@ -71,8 +75,9 @@ pub(crate) enum DeployError {
     #[error("the component failed to compile: {0}")]
     Compile(String),
     #[error(
-        "the component does not target world beamlet:function/function: {reason}. Its exports are [{exports}]; \
-         a handler built with beamlet-sdk exports `init` and `handle`"
+        "the component targets neither beamlet:function/function nor wasi:http/proxy: {reason}. Its exports \
+         are [{exports}]; a handler built with beamlet-sdk exports `init` and `handle`, a wasi:http/proxy \
+         component exports `wasi:http/incoming-handler`"
     )]
     WrongWorld { reason: String, exports: String },
     #[error(transparent)]
@@ -96,7 +101,7 @@ impl Registry {
                 .with_context(|| format!("failed to create {:?}", data_dir.join(sub)))?;
         }
         let engine = engine::new_engine(Allocation::OnDemand)?;
-        let linker = host::function_linker(&engine)?;
+        let linker = host::linker(&engine)?;
         let registry = Self {
             dir: data_dir.to_owned(),
             engine_key: engine::compatibility_key(&engine),
@@ -209,10 +214,12 @@ impl Registry {
 
     /// Checks the component against the worlds this node serves.
     fn world_of(&self, component: &Component) -> Result<World, DeployError> {
-        let checked = self.linker.instantiate_pre(component).and_then(FunctionPre::new);
-        match checked {
-            Ok(_) => Ok(World::Function),
-            Err(e) => {
+        let function = self.linker.instantiate_pre(component).and_then(FunctionPre::new);
+        let proxy = self.linker.instantiate_pre(component).and_then(ProxyPre::new);
+        match (function, proxy) {
+            (Ok(_), _) => Ok(World::Function),
+            (_, Ok(_)) => Ok(World::HttpProxy),
+            (Err(e), Err(_)) => {
                 let ty = component.component_type();
                 let exports: Vec<&str> = ty.exports(&self.engine).map(|(name, _)| name).collect();
                 Err(DeployError::WrongWorld { reason: format!("{e:#}"), exports: exports.join(", ") })

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use reqwest::blocking::{Client, Response, multipart};
 use serde_json::Value;
 
-pub const GUESTS: [&str; 7] =
-    ["hello", "sleep", "guest-trap", "guest-spin", "guest-hog", "guest-command", "guest-badinit"];
+pub const GUESTS: [&str; 8] =
+    ["hello", "sleep", "guest-trap", "guest-spin", "guest-hog", "guest-command", "guest-badinit", "guest-http"];
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()

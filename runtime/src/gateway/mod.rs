@@ -3,6 +3,7 @@
 
 mod apps;
 mod errors;
+mod http;
 mod tasks;
 
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
@@ -33,6 +34,9 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         .route("/v1/apps/{name}/tasks", post(tasks::submit).get(tasks::list))
         .route("/v1/tasks/{id}", get(tasks::status).delete(tasks::cancel))
         .route("/v1/tasks/{id}/result", get(tasks::result))
+        .route("/http/{name}", any(http::root))
+        .route("/http/{name}/", any(http::root))
+        .route("/http/{name}/{*path}", any(http::path))
         .fallback(|| async {
             ApiError::new(axum::http::StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint; see the API in README.md")
         })

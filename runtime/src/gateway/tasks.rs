@@ -14,17 +14,43 @@ use serde_json::json;
 use super::{ApiError, read_body};
 use crate::node::Node;
 use crate::queue::{NewTask, TaskRecord, TaskStatus};
+use crate::registry::{App, World};
 
 const TASK_ID_HEADER: &str = "x-beamlet-task-id";
 /// The longest `?wait=` a status call may hold.
 const MAX_WAIT: Duration = Duration::from_secs(300);
 
-async fn enqueue(node: &Node, name: &str, body: Body, callback_url: Option<String>) -> Result<TaskRecord, ApiError> {
+/// The app `name`, if it serves `world`.
+pub(super) fn app_of_world(node: &Node, name: &str, world: World) -> Result<App, ApiError> {
     let app = node.registry.get(name).ok_or_else(|| ApiError::unknown_app(name))?;
+    match (app.version.world, world) {
+        (actual, wanted) if actual == wanted => Ok(app),
+        (World::HttpProxy, _) => Err(ApiError::bad_request(format!(
+            "app {name:?} is a wasi:http/proxy component: send it plain HTTP under /http/{name}/"
+        ))),
+        (World::Function, _) => Err(ApiError::bad_request(format!(
+            "app {name:?} is a beamlet:function handler: call it with POST /v1/apps/{name}/invoke or /tasks"
+        ))),
+    }
+}
+
+async fn enqueue(node: &Node, name: &str, body: Body, callback_url: Option<String>) -> Result<TaskRecord, ApiError> {
+    let app = app_of_world(node, name, World::Function)?;
     if let Some(url) = &callback_url {
         crate::config::check_callback_url(url).map_err(|e| ApiError::bad_request(format!("callback_url: {e}")))?;
     }
     let input = read_body(body, node.limits.max_input, "request body").await?;
+    submit_input(node, &app, input, callback_url).await
+}
+
+/// Queues `input` as a task of `app`.
+pub(super) async fn submit_input(
+    node: &Node,
+    app: &App,
+    input: bytes::Bytes,
+    callback_url: Option<String>,
+) -> Result<TaskRecord, ApiError> {
+    let name = &app.version.name;
     let queue = &app.config.task_queue;
     let task = NewTask {
         app: name.to_owned(),
@@ -40,7 +66,7 @@ async fn enqueue(node: &Node, name: &str, body: Body, callback_url: Option<Strin
     Ok(node.dispatch.submit(task).await?)
 }
 
-fn with_task_id(mut response: Response, id: &str) -> Response {
+pub(super) fn with_task_id(mut response: Response, id: &str) -> Response {
     if let Ok(value) = HeaderValue::from_str(id) {
         response.headers_mut().insert(TASK_ID_HEADER, value);
     }

@@ -2,6 +2,7 @@
 //! linker here. A worker's store holds a [`WorkerState`].
 
 pub(crate) mod bindings;
+pub(crate) mod http;
 pub(crate) mod limits;
 pub(crate) mod logs;
 
@@ -13,6 +14,7 @@ use anyhow::Result;
 use wasmtime::Engine;
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use self::limits::MemoryLimiter;
 use self::logs::LogPipe;
@@ -28,6 +30,8 @@ pub(crate) struct WorkerState {
     pub(crate) deadline: Option<Instant>,
     /// Set by the node to cancel the running call.
     pub(crate) cancel: Arc<AtomicBool>,
+    http: WasiHttpCtx,
+    hooks: http::DenyOutbound,
 }
 
 impl WorkerState {
@@ -51,6 +55,8 @@ impl WorkerState {
             stderr,
             deadline: None,
             cancel,
+            http: WasiHttpCtx::new(),
+            hooks: http::DenyOutbound,
         }
     }
 }
@@ -61,9 +67,16 @@ impl WasiView for WorkerState {
     }
 }
 
-/// The linker every `function` component is instantiated with.
-pub(crate) fn function_linker(engine: &Engine) -> Result<Linker<WorkerState>> {
+impl WasiHttpView for WorkerState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
+    }
+}
+
+/// The linker every component is instantiated with, whatever its world.
+pub(crate) fn linker(engine: &Engine) -> Result<Linker<WorkerState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)?;
     Ok(linker)
 }

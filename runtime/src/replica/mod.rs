@@ -20,7 +20,9 @@ use crate::host::bindings::FunctionPre;
 use crate::ipc::{self, FromReplica, ReplicaSpec, RunTask, ToReplica};
 
 use self::cancel::Cancels;
-use self::worker::Worker;
+use self::worker::{GuestPre, Worker};
+use crate::registry::World;
+use wasmtime_wasi_http::p2::bindings::sync::ProxyPre;
 
 /// The replica's end of the socket, shared by the workers for their replies.
 #[derive(Clone)]
@@ -70,12 +72,21 @@ fn start_workers(spec: &ReplicaSpec, replies: &Replies) -> Result<Vec<Worker>> {
     let component = unsafe { Component::deserialize_file(&engine, &spec.compiled) }
         .map_err(anyhow::Error::from)
         .with_context(|| format!("failed to load the compiled component {:?}", spec.compiled))?;
-    let linker = host::function_linker(&engine)?;
-    let pre = linker
-        .instantiate_pre(&component)
-        .and_then(FunctionPre::new)
-        .map_err(anyhow::Error::from)
-        .context("failed to link the component")?;
+    let linker = host::linker(&engine)?;
+    let pre =
+        linker.instantiate_pre(&component).map_err(anyhow::Error::from).context("failed to link the component")?;
+    let pre = match spec.world {
+        World::Function => GuestPre::Function(FunctionPre::new(pre).map_err(anyhow::Error::from)?),
+        World::HttpProxy => {
+            // Response bodies are read on this runtime while the guest writes them.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .context("failed to start the HTTP body runtime")?;
+            GuestPre::Proxy(ProxyPre::new(pre).map_err(anyhow::Error::from)?, Arc::new(runtime))
+        }
+    };
     let spec = Arc::new(spec.clone());
     (0..spec.workers).map(|index| Worker::start(index, spec.clone(), pre.clone(), replies.clone())).collect()
 }

@@ -15,17 +15,36 @@ use super::cancel::Cancels;
 use crate::host::WorkerState;
 use crate::host::bindings::{Function, FunctionPre, GuestError, TaskContext};
 use crate::ipc::{FromReplica, Outcome, ReplicaSpec, RunTask, TaskDone};
+use crate::ipc::{HttpRequest, HttpResponse};
+use http_body_util::BodyExt as _;
+use wasmtime_wasi_http::WasiHttpView as _;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::bindings::sync::{Proxy, ProxyPre};
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+
+/// A component ready to instantiate, by the world it targets.
+#[derive(Clone)]
+pub(crate) enum GuestPre {
+    Function(FunctionPre<WorkerState>),
+    /// With the runtime that reads response bodies while the guest writes them.
+    Proxy(ProxyPre<WorkerState>, Arc<tokio::runtime::Runtime>),
+}
+
+enum Guest {
+    Function(Function),
+    Proxy(Proxy, Arc<tokio::runtime::Runtime>),
+}
 
 /// A live instance and the store that owns it.
 struct Live {
     store: Store<WorkerState>,
-    bindings: Function,
+    guest: Guest,
 }
 
 pub(crate) struct Worker {
     index: u32,
     spec: Arc<ReplicaSpec>,
-    pre: FunctionPre<WorkerState>,
+    pre: GuestPre,
     replies: Replies,
     cancel: Arc<AtomicBool>,
     live: Option<Live>,
@@ -36,12 +55,7 @@ const STDERR_TAIL: usize = 2048;
 
 impl Worker {
     /// Creates the worker's first instance and runs `init`, logging the start.
-    pub(crate) fn start(
-        index: u32,
-        spec: Arc<ReplicaSpec>,
-        pre: FunctionPre<WorkerState>,
-        replies: Replies,
-    ) -> Result<Self> {
+    pub(crate) fn start(index: u32, spec: Arc<ReplicaSpec>, pre: GuestPre, replies: Replies) -> Result<Self> {
         let mut worker = Self { index, spec, pre, replies, cancel: Arc::new(AtomicBool::new(false)), live: None };
         worker.instantiate().with_context(|| format!("failed to start worker {index}"))?;
         Ok(worker)
@@ -54,19 +68,29 @@ impl Worker {
     fn instantiate(&mut self) -> Result<()> {
         self.live = None;
         let started = Instant::now();
-        let mut store =
-            Store::new(self.pre.engine(), WorkerState::new(self.spec.memory_per_worker, self.cancel.clone()));
+        let engine = match &self.pre {
+            GuestPre::Function(pre) => pre.engine(),
+            GuestPre::Proxy(pre, _) => pre.engine(),
+        };
+        let mut store = Store::new(engine, WorkerState::new(self.spec.memory_per_worker, self.cancel.clone()));
         store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|ctx| {
             Ok(if ctx.data().should_stop() { UpdateDeadline::Interrupt } else { UpdateDeadline::Continue(1) })
         });
-        let bindings =
-            self.pre.instantiate(&mut store).map_err(anyhow::Error::from).context("failed to instantiate")?;
+        let guest = match &self.pre {
+            GuestPre::Function(pre) => pre.instantiate(&mut store).map(Guest::Function),
+            GuestPre::Proxy(pre, runtime) => pre.instantiate(&mut store).map(|p| Guest::Proxy(p, runtime.clone())),
+        };
+        let guest = guest.map_err(anyhow::Error::from).context("failed to instantiate")?;
         let instantiate_us = micros(started.elapsed());
         let init_started = Instant::now();
         store.data_mut().deadline = Some(init_started + Duration::from_millis(self.spec.init_timeout_ms));
-        let init = bindings.call_init(&mut store);
+        // `wasi:http/proxy` has no init export.
+        let init = match &guest {
+            Guest::Function(bindings) => bindings.call_init(&mut store),
+            Guest::Proxy(..) => Ok(Ok(())),
+        };
         store.data_mut().deadline = None;
         let (stdout, stderr) = (store.data().stdout.take(), store.data().stderr.take());
         match init {
@@ -80,7 +104,7 @@ impl Worker {
         let init_us = micros(init_started.elapsed());
         // The node logs the start when this frame arrives.
         self.replies.send(&FromReplica::WorkerStarted { worker: self.index, instantiate_us, init_us, stdout, stderr });
-        self.live = Some(Live { store, bindings });
+        self.live = Some(Live { store, guest });
         Ok(())
     }
 
@@ -136,6 +160,24 @@ impl Worker {
         }
         let live = self.live.as_mut().expect("instantiated above");
         let timeout = Duration::from_millis(task.timeout_ms);
+        if let Guest::Proxy(proxy, runtime) = &live.guest {
+            let runtime = runtime.clone();
+            live.store.data_mut().deadline = Some(started + timeout);
+            let (outcome, keep) = serve_http(&mut live.store, proxy, &runtime, &task.input);
+            live.store.data_mut().deadline = None;
+            done.stdout = live.store.data().stdout.take();
+            done.stderr = live.store.data().stderr.take();
+            done.outcome = match outcome {
+                Err(trap) => classify_trap(&mut live.store, trap, &done.stderr),
+                Ok(outcome) => outcome,
+            };
+            if !keep || self.spec.fresh_instance_per_task {
+                self.live = None;
+            }
+            done.run_us = micros(started.elapsed());
+            return done;
+        }
+        let Guest::Function(bindings) = &live.guest else { unreachable!("proxy handled above") };
         let ctx = TaskContext {
             task_id: task.task_id,
             attempt: task.attempt,
@@ -145,7 +187,7 @@ impl Worker {
             deadline_ms: unix_ms(SystemTime::now() + timeout),
         };
         live.store.data_mut().deadline = Some(started + timeout);
-        let result = live.bindings.call_handle(&mut live.store, &ctx, &task.input);
+        let result = bindings.call_handle(&mut live.store, &ctx, &task.input);
         live.store.data_mut().deadline = None;
         done.stdout = live.store.data().stdout.take();
         done.stderr = live.store.data().stderr.take();
@@ -173,6 +215,79 @@ impl Worker {
         }
         done
     }
+}
+
+/// Runs one request through a `wasi:http/proxy` guest. The response body is
+/// read on `runtime` while the guest writes it, so large bodies never stall.
+/// Returns the outcome (or the trap) and whether the instance may be kept.
+fn serve_http(
+    store: &mut Store<WorkerState>,
+    proxy: &Proxy,
+    runtime: &tokio::runtime::Runtime,
+    input: &[u8],
+) -> (Result<Outcome, wasmtime::Error>, bool) {
+    let request = match HttpRequest::decode(input).and_then(to_hyper) {
+        Ok(request) => request,
+        Err(e) => return (Ok(Outcome::BadInput(format!("{e:#}"))), true),
+    };
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    let handles = (|| {
+        let mut http = store.data_mut().http();
+        let request = http.new_incoming_request(Scheme::Http, request)?;
+        let out = http.new_response_outparam(sender)?;
+        Ok::<_, wasmtime::Error>((request, out))
+    })();
+    let (request, out) = match handles {
+        Ok(handles) => handles,
+        Err(e) => return (Err(e), false),
+    };
+    let collector = runtime.spawn(collect_response(receiver));
+    if let Err(trap) = proxy.wasi_http_incoming_handler().call_handle(&mut *store, request, out) {
+        collector.abort();
+        return (Err(trap), false);
+    }
+    match runtime.block_on(collector) {
+        Ok(Ok(response)) => (Ok(Outcome::Complete(response.encode())), true),
+        Ok(Err(message)) => (Ok(Outcome::Failed(message)), true),
+        Err(e) => (Ok(Outcome::Failed(format!("failed to read the guest's response: {e}"))), true),
+    }
+}
+
+fn to_hyper(request: HttpRequest) -> Result<http::Request<BoxedBody>> {
+    let host = request
+        .headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("host"))
+        .and_then(|(_, value)| std::str::from_utf8(value).ok())
+        .unwrap_or("localhost")
+        .to_owned();
+    let mut builder = http::Request::builder()
+        .method(request.method.as_str())
+        .uri(format!("http://{host}{}", request.path_with_query));
+    for (name, value) in &request.headers {
+        builder = builder.header(name.as_str(), value.as_slice());
+    }
+    let body = http_body_util::Full::new(bytes::Bytes::from(request.body))
+        .map_err(|never: std::convert::Infallible| match never {})
+        .boxed_unsync();
+    builder.body(body).context("the request is not valid HTTP")
+}
+
+type BoxedBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, wasmtime_wasi_http::Error>;
+
+async fn collect_response(
+    receiver: tokio::sync::oneshot::Receiver<
+        Result<http::Response<HyperOutgoingBody>, wasmtime_wasi_http::p2::bindings::http::types::ErrorCode>,
+    >,
+) -> std::result::Result<HttpResponse, String> {
+    let response = receiver
+        .await
+        .map_err(|_| "the guest returned without setting a response".to_owned())?
+        .map_err(|code| format!("the guest answered with an error: {code:?}"))?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.map_err(|e| format!("the guest's response body failed: {e:?}"))?.to_bytes();
+    let headers = parts.headers.iter().map(|(name, value)| (name.to_string(), value.as_bytes().to_vec())).collect();
+    Ok(HttpResponse { status: parts.status.as_u16(), headers, body: body.to_vec() })
 }
 
 /// Says why a guest stopped: cancelled, timed out, out of memory, or a trap.

@@ -104,6 +104,7 @@ impl Supervisor {
             version: app.version.version,
             replica: format!("{}-v{}-r{n}", app.version.name, app.version.version),
             compiled: app.compiled.to_string_lossy().into_owned(),
+            world: app.version.world,
             workers: runtime.workers,
             memory_per_worker: runtime.memory_per_worker(),
             fresh_instance_per_task: runtime.instance == crate::config::InstanceMode::PerTask,
