@@ -72,3 +72,26 @@ fn instances_are_reused_per_worker_unless_per_task() {
     assert_eq!(counters("warm"), vec![1, 2, 3], "one instance served all three");
     assert_eq!(counters("fresh"), vec![1, 1, 1], "a fresh instance for every task");
 }
+
+#[test]
+fn the_python_example_serves_requests_from_a_warm_instance() {
+    let server = Server::start("python", &[]);
+    let response = server.deploy("py", &std::fs::read(python_http()).unwrap(), None);
+    assert_eq!(response.status(), 201, "{}", response.text().unwrap());
+
+    let served: Vec<u64> = (0..3)
+        .map(|_| {
+            let response = server.http.get(server.url("/http/py/hello")).send().unwrap();
+            assert_eq!(response.status(), 200);
+            let served = response.headers()["x-served"].to_str().unwrap().parse().unwrap();
+            assert_eq!(response.text().unwrap(), "Hello from Python!\n");
+            served
+        })
+        .collect();
+    assert_eq!(served, vec![1, 2, 3], "one warm instance served every request");
+
+    let body = "py ".repeat(100_000);
+    let response = server.http.post(server.url("/http/py/echo")).body(body.clone()).send().unwrap();
+    assert_eq!(response.text().unwrap(), body);
+    assert_eq!(server.http.get(server.url("/http/py/missing")).send().unwrap().status(), 404);
+}

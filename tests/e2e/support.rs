@@ -37,6 +37,24 @@ pub fn guests() -> &'static Path {
     })
 }
 
+/// Builds `examples/python-http` with componentize-py (once per test run).
+pub fn python_http() -> &'static Path {
+    static WASM: OnceLock<PathBuf> = OnceLock::new();
+    WASM.get_or_init(|| {
+        let example = workspace_root().join("examples").join("python-http");
+        let out = workspace_root().join("target").join("guests").join("python-http.wasm");
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+        let status = Command::new("componentize-py")
+            .current_dir(&example)
+            .args(["-d", "wit", "-w", "app", "componentize", "app", "-o"])
+            .arg(&out)
+            .status()
+            .expect("failed to run componentize-py; install it with: pip install componentize-py==0.25.1");
+        assert!(status.success(), "componentize-py failed to build examples/python-http");
+        out
+    })
+}
+
 /// The path of a built guest, by crate name.
 pub fn wasm(guest: &str) -> PathBuf {
     // Libraries (cdylib) get underscores in their file names; binaries keep their name.
