@@ -40,7 +40,7 @@ async fn proxy(node: &Node, name: &str, rest: &str, request: Request) -> Result<
         headers,
         body: body.to_vec(),
     };
-    let record = submit_input(node, &app, request.encode().into(), None).await?;
+    let record = submit_input(node, &app, request.encode().into(), None, false).await?;
     let Some(record) = node.dispatch.wait(&record.id, None).await else {
         return Err(ApiError::unknown_task(&record.id));
     };

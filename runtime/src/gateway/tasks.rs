@@ -34,13 +34,20 @@ pub(super) fn app_of_world(node: &Node, name: &str, world: World) -> Result<App,
     }
 }
 
-async fn enqueue(node: &Node, name: &str, body: Body, callback_url: Option<String>) -> Result<TaskRecord, ApiError> {
+/// `durable`: journal the task (queued tasks); `false` for calls whose caller waits.
+async fn enqueue(
+    node: &Node,
+    name: &str,
+    body: Body,
+    callback_url: Option<String>,
+    durable: bool,
+) -> Result<TaskRecord, ApiError> {
     let app = app_of_world(node, name, World::Function)?;
     if let Some(url) = &callback_url {
         crate::config::check_callback_url(url).map_err(|e| ApiError::bad_request(format!("callback_url: {e}")))?;
     }
     let input = read_body(body, node.limits.max_input, "request body").await?;
-    submit_input(node, &app, input, callback_url).await
+    submit_input(node, &app, input, callback_url, durable).await
 }
 
 /// Queues `input` as a task of `app`.
@@ -49,6 +56,7 @@ pub(super) async fn submit_input(
     app: &App,
     input: bytes::Bytes,
     callback_url: Option<String>,
+    durable: bool,
 ) -> Result<TaskRecord, ApiError> {
     let name = &app.version.name;
     let queue = &app.config.task_queue;
@@ -62,6 +70,7 @@ pub(super) async fn submit_input(
         max_result_size: queue.max_result_size,
         callback_url: callback_url.or_else(|| queue.callback_url.clone()),
         max_queued: queue.max_queued,
+        durable,
     };
     Ok(node.dispatch.submit(task).await?)
 }
@@ -75,7 +84,7 @@ pub(super) fn with_task_id(mut response: Response, id: &str) -> Response {
 
 /// `POST /v1/apps/{name}/invoke`: runs the task and answers with its output.
 pub(crate) async fn invoke(State(node): State<Arc<Node>>, Path(name): Path<String>, body: Body) -> Response {
-    let record = match enqueue(&node, &name, body, None).await {
+    let record = match enqueue(&node, &name, body, None, false).await {
         Ok(record) => record,
         Err(e) => return e.into_response(),
     };
@@ -123,7 +132,7 @@ pub(crate) async fn submit(
     Query(query): Query<SubmitQuery>,
     body: Body,
 ) -> Response {
-    match enqueue(&node, &name, body, query.callback_url).await {
+    match enqueue(&node, &name, body, query.callback_url, true).await {
         Ok(record) => {
             let response = (StatusCode::ACCEPTED, Json(json!({ "task_id": record.id }))).into_response();
             with_task_id(response, &record.id)

@@ -70,11 +70,14 @@ impl Dispatch {
 
     /// Queues a task and returns once it is durable.
     pub(crate) async fn submit(&self, task: NewTask) -> Result<TaskRecord, QueueError> {
+        let wait_for_store = task.durable;
         let record = self.queue.enqueue(task, now_ms())?;
-        let durable = self.queue.sync();
+        let durable = wait_for_store.then(|| self.queue.sync());
         // Running it before the commit lands is fine: delivery is at least once.
         self.wake(&record.app);
-        durable.await.map_err(|_| QueueError::Store)?;
+        if let Some(durable) = durable {
+            durable.await.map_err(|_| QueueError::Store)?;
+        }
         Ok(record)
     }
 

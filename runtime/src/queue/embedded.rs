@@ -42,6 +42,9 @@ struct Entry {
     max_result_size: u64,
     /// When a still-queued task expires (ms).
     expires_at: u64,
+    /// Journaled to the store; `false` for tasks a caller waits on in the
+    /// same connection (a crash loses the caller as well as the task).
+    durable: bool,
 }
 
 impl Entry {
@@ -92,6 +95,7 @@ impl Entry {
             result_ttl: Duration::from_millis(row.result_ttl_ms),
             max_result_size: row.max_result_size,
             expires_at: row.expires_at,
+            durable: true,
         }
     }
 }
@@ -176,7 +180,7 @@ impl EmbeddedQueue {
     }
 
     fn update(&self, entry: &Entry) {
-        if let Some(journal) = &self.journal {
+        if let Some(journal) = self.journal.as_ref().filter(|_| entry.durable) {
             journal.update(entry.row(false));
         }
     }
@@ -211,8 +215,9 @@ impl Queue for EmbeddedQueue {
             result_ttl: task.result_ttl,
             max_result_size: task.max_result_size,
             expires_at: now.saturating_add(millis(task.ttl)),
+            durable: task.durable,
         };
-        if let Some(journal) = &self.journal {
+        if let Some(journal) = self.journal.as_ref().filter(|_| entry.durable) {
             journal.insert(entry.row(true));
         }
         inner.tasks.insert(id, entry);
@@ -323,8 +328,8 @@ impl Queue for EmbeddedQueue {
             .map(|entry| entry.record.id.clone())
             .collect();
         for id in forget {
-            inner.tasks.remove(&id);
-            if let Some(journal) = &self.journal {
+            let durable = inner.tasks.remove(&id).is_some_and(|entry| entry.durable);
+            if let Some(journal) = self.journal.as_ref().filter(|_| durable) {
                 journal.delete(id);
             }
         }
@@ -386,6 +391,7 @@ mod tests {
             max_result_size: 1024,
             callback_url: None,
             max_queued: 2,
+            durable: true,
         }
     }
 

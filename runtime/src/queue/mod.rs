@@ -142,6 +142,9 @@ pub(crate) struct NewTask {
     pub callback_url: Option<String>,
     /// Refuse the task when this many of the app's tasks are already queued.
     pub max_queued: u32,
+    /// Journal the task so it survives a restart. Calls whose caller waits
+    /// on the connection (REST invoke, HTTP) are not: a crash ends both.
+    pub durable: bool,
 }
 
 /// A task handed to a worker.
