@@ -95,3 +95,38 @@ fn the_python_example_serves_requests_from_a_warm_instance() {
     assert_eq!(response.text().unwrap(), body);
     assert_eq!(server.http.get(server.url("/http/py/missing")).send().unwrap().status(), 404);
 }
+
+#[test]
+fn concurrent_load_gets_every_answer_right() {
+    let server = Server::start("load", &[]);
+    server.deploy_guest("web", "guest-http", Some("[runtime]\nworkers = 4\n"));
+    server.deploy_guest("hello", "hello", Some("[runtime]\nworkers = 2\n"));
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..16)
+            .map(|client| {
+                let server = &server;
+                scope.spawn(move || {
+                    let mut failures = Vec::new();
+                    for i in 0..60 {
+                        let body = format!("client {client} request {i}");
+                        let response = server.http.post(server.url("/http/web/echo")).body(body.clone()).send();
+                        match response.map(|r| (r.status().as_u16(), r.text().unwrap_or_default())) {
+                            Ok((200, text)) if text == body => {}
+                            other => failures.push(format!("http {body}: {other:?}")),
+                        }
+                        let name = format!("c{client}r{i}");
+                        let (status, answer) = server.invoke_json("hello", &format!(r#"{{"name":"{name}"}}"#));
+                        if status != 200 || answer["message"] != format!("Hello, {name}!") {
+                            failures.push(format!("invoke {name}: {status} {answer}"));
+                        }
+                    }
+                    failures
+                })
+            })
+            .collect();
+        clients.into_iter().flat_map(|client| client.join().unwrap()).collect()
+    });
+    assert!(failures.is_empty(), "{} failures, first: {:?}", failures.len(), failures.first());
+    let status = server.status("web");
+    assert_eq!(status["replicas"][0]["restarts"], 0, "no replica died under load");
+}

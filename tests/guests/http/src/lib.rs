@@ -1,6 +1,7 @@
 //! Test fixture: a plain `wasi:http/proxy` component, written with the `wasi`
 //! crate and no beamlet SDK.
 //!
+//! - `/hello`: 200 `Hello, world!` (the benchmark's Rust hello)
 //! - `/echo`: 200 with `x-method`, `x-path` (path and query) and `x-echo`
 //!   (the request's `x-test` header); the body is the request body
 //! - `/status/{code}`: that status, body `status {code}`
@@ -86,6 +87,7 @@ impl wasi::exports::http::incoming_handler::Guest for Handler {
         let path_with_query = request.path_with_query().unwrap_or_default();
         let (path, query) = path_with_query.split_once('?').unwrap_or((&path_with_query, ""));
         match path {
+            "/hello" => respond(out, 200, &[], b"Hello, world!\n"),
             "/echo" => {
                 let echo = request.headers().get("x-test").into_iter().next().unwrap_or_default();
                 let headers = [
