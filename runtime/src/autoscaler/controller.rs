@@ -10,6 +10,9 @@ use crate::queue::Dispatch;
 use crate::supervisor::Supervisor;
 
 const TICK: Duration = Duration::from_secs(1);
+/// Least time between two evaluations woken by enqueues: the first enqueue
+/// is acted on at once, a flood of them costs one evaluation per interval.
+const DEMAND_INTERVAL: Duration = Duration::from_millis(5);
 
 pub(crate) async fn run(supervisor: Arc<Supervisor>, dispatch: Arc<Dispatch>, metrics: Arc<Metrics>) {
     let mut tick = tokio::time::interval(TICK);
@@ -27,9 +30,10 @@ pub(crate) async fn run(supervisor: Arc<Supervisor>, dispatch: Arc<Dispatch>, me
             }
             supervisor.apply(&name, decision);
         }
+        let evaluated = tokio::time::Instant::now();
         tokio::select! {
             _ = tick.tick() => {}
-            _ = demand => {}
+            _ = demand => tokio::time::sleep_until(evaluated + DEMAND_INTERVAL).await,
         }
     }
 }
