@@ -44,9 +44,12 @@ pub fn python_http() -> &'static Path {
         let example = workspace_root().join("examples").join("python-http");
         let out = workspace_root().join("target").join("guests").join("python-http.wasm");
         std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-        let status = Command::new("componentize-py")
+        // Through python3 rather than the `componentize-py` script, which a
+        // fresh pip install may leave off PATH (pyenv shims, ~/.local/bin).
+        let run = "import sys, componentize_py; sys.argv[0] = 'componentize-py'; sys.exit(componentize_py.script())";
+        let status = Command::new("python3")
             .current_dir(&example)
-            .args(["-d", "wit", "-w", "app", "componentize", "app", "-o"])
+            .args(["-c", run, "-d", "wit", "-w", "app", "componentize", "app", "-o"])
             .arg(&out)
             .status()
             .expect("failed to run componentize-py; install it with: pip install componentize-py==0.25.1");
