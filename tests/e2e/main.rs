@@ -179,9 +179,10 @@ fn traps_timeouts_and_memory_exhaustion_fail_only_their_task() {
     assert!(error_message(&body).contains("48Mi"), "says which limit: {body}");
     assert_eq!(server.invoke_json("hog", r#"{"mib": 4}"#).0, 200);
 
-    let task = server
-        .get(&format!("/v1/tasks/{}", server.invoke("spin", "{}").headers()["x-beamlet-task-id"].to_str().unwrap()));
-    assert_eq!((task["status"].as_str(), task["attempts"].as_u64()), (Some("TIMEOUT"), Some(1)));
+    let response = server.http.post(server.url("/v1/apps/spin/tasks")).body("{}").send().unwrap();
+    let id = response.json::<Value>().unwrap()["task_id"].as_str().unwrap().to_owned();
+    let task = server.get(&format!("/v1/tasks/{id}?wait=60s"));
+    assert_eq!((task["status"].as_str(), task["attempts"].as_u64()), (Some("TIMEOUT"), Some(1)), "{task}");
 
     assert_eq!(server.invoke_json("hello", r#"{"name":"Ada"}"#).0, 200, "other apps keep serving");
 }

@@ -9,11 +9,11 @@ use axum::extract::{Path, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::tasks::{app_of_world, submit_input, with_task_id};
+use super::tasks::{app_of_world, new_task, with_task_id};
 use super::{ApiError, read_body};
 use crate::ipc::{HttpRequest, HttpResponse};
 use crate::node::Node;
-use crate::queue::TaskStatus;
+use crate::queue::{Ended, TaskStatus};
 use crate::registry::World;
 
 pub(crate) async fn root(State(node): State<Arc<Node>>, Path(name): Path<String>, request: Request) -> Response {
@@ -40,13 +40,10 @@ async fn proxy(node: &Node, name: &str, rest: &str, request: Request) -> Result<
         headers,
         body: body.to_vec(),
     };
-    let record = submit_input(node, &app, request.encode().into(), None, false).await?;
-    let Some(record) = node.dispatch.wait(&record.id, None).await else {
-        return Err(ApiError::unknown_task(&record.id));
-    };
+    let Ended { record, output } = node.dispatch.call(new_task(&app, request.encode().into(), None, false)).await?;
     let response = match (record.status, &record.error) {
         (TaskStatus::Complete, _) => {
-            let output = node.dispatch.output(&record.id).unwrap_or_default();
+            let output = output.unwrap_or_default();
             let response = HttpResponse::decode(&output).map_err(ApiError::internal)?;
             into_response(response)?
         }

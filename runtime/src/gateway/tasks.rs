@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::{ApiError, read_body};
 use crate::node::Node;
-use crate::queue::{NewTask, TaskRecord, TaskStatus};
+use crate::queue::{Ended, NewTask, TaskRecord, TaskStatus, new_task_id};
 use crate::registry::{App, World};
 
 const TASK_ID_HEADER: &str = "x-beamlet-task-id";
@@ -34,33 +34,29 @@ pub(super) fn app_of_world(node: &Node, name: &str, world: World) -> Result<App,
     }
 }
 
-/// `durable`: journal the task (queued tasks); `false` for calls whose caller waits.
-async fn enqueue(
+/// A task of the `function` app `name` with the request body as input.
+/// `durable`: journal it (queued tasks); `false` for calls whose caller waits.
+async fn task_for(
     node: &Node,
     name: &str,
     body: Body,
     callback_url: Option<String>,
     durable: bool,
-) -> Result<TaskRecord, ApiError> {
+) -> Result<NewTask, ApiError> {
     let app = app_of_world(node, name, World::Function)?;
     if let Some(url) = &callback_url {
         crate::config::check_callback_url(url).map_err(|e| ApiError::bad_request(format!("callback_url: {e}")))?;
     }
     let input = read_body(body, node.limits.max_input, "request body").await?;
-    submit_input(node, &app, input, callback_url, durable).await
+    Ok(new_task(&app, input, callback_url, durable))
 }
 
-/// Queues `input` as a task of `app`.
-pub(super) async fn submit_input(
-    node: &Node,
-    app: &App,
-    input: bytes::Bytes,
-    callback_url: Option<String>,
-    durable: bool,
-) -> Result<TaskRecord, ApiError> {
+/// A task of `app` with `input`, under the app's queue settings.
+pub(super) fn new_task(app: &App, input: bytes::Bytes, callback_url: Option<String>, durable: bool) -> NewTask {
     let name = &app.version.name;
     let queue = &app.config.task_queue;
-    let task = NewTask {
+    NewTask {
+        id: new_task_id(),
         app: name.to_owned(),
         input,
         retries: queue.retries,
@@ -71,8 +67,7 @@ pub(super) async fn submit_input(
         callback_url: callback_url.or_else(|| queue.callback_url.clone()),
         max_queued: queue.max_queued,
         durable,
-    };
-    Ok(node.dispatch.submit(task).await?)
+    }
 }
 
 pub(super) fn with_task_id(mut response: Response, id: &str) -> Response {
@@ -84,22 +79,23 @@ pub(super) fn with_task_id(mut response: Response, id: &str) -> Response {
 
 /// `POST /v1/apps/{name}/invoke`: runs the task and answers with its output.
 pub(crate) async fn invoke(State(node): State<Arc<Node>>, Path(name): Path<String>, body: Body) -> Response {
-    let record = match enqueue(&node, &name, body, None, false).await {
-        Ok(record) => record,
+    let task = match task_for(&node, &name, body, None, false).await {
+        Ok(task) => task,
         Err(e) => return e.into_response(),
     };
-    let id = record.id;
-    let response = match node.dispatch.wait(&id, None).await {
-        Some(record) => output_response(&node, &record),
-        None => ApiError::unknown_task(&id).into_response(),
+    let id = task.id.clone();
+    let response = match node.dispatch.call(task).await {
+        Ok(ended) => output_response(&ended),
+        Err(e) => ApiError::from(e).into_response(),
     };
     with_task_id(response, &id)
 }
 
 /// The output of a finished task, or the error it ended with.
-fn output_response(node: &Node, record: &TaskRecord) -> Response {
+fn output_response(ended: &Ended) -> Response {
+    let record = &ended.record;
     match (record.status, &record.error) {
-        (TaskStatus::Complete, _) => match node.dispatch.output(&record.id) {
+        (TaskStatus::Complete, _) => match ended.output.clone() {
             Some(output) => {
                 let content_type = if serde_json::from_slice::<serde::de::IgnoredAny>(&output).is_ok() {
                     "application/json"
@@ -132,7 +128,11 @@ pub(crate) async fn submit(
     Query(query): Query<SubmitQuery>,
     body: Body,
 ) -> Response {
-    match enqueue(&node, &name, body, query.callback_url, true).await {
+    let task = match task_for(&node, &name, body, query.callback_url, true).await {
+        Ok(task) => task,
+        Err(e) => return e.into_response(),
+    };
+    match node.dispatch.submit(task).await.map_err(ApiError::from) {
         Ok(record) => {
             let response = (StatusCode::ACCEPTED, Json(json!({ "task_id": record.id }))).into_response();
             with_task_id(response, &record.id)
@@ -157,7 +157,7 @@ pub(crate) async fn status(
             let wait = crate::config::parse_duration(&wait)
                 .map_err(|e| ApiError::bad_request(format!("wait: {e}")))?
                 .min(MAX_WAIT);
-            node.dispatch.wait(&id, Some(wait)).await
+            node.dispatch.wait(&id, Some(wait)).await.map(|ended| ended.record)
         }
         None => node.dispatch.get(&id),
     };
@@ -167,7 +167,10 @@ pub(crate) async fn status(
 /// `GET /v1/tasks/{id}/result`.
 pub(crate) async fn result(State(node): State<Arc<Node>>, Path(id): Path<String>) -> Response {
     match node.dispatch.get(&id) {
-        Some(record) => with_task_id(output_response(&node, &record), &id),
+        Some(record) => {
+            let output = node.dispatch.output(&id);
+            with_task_id(output_response(&Ended { record, output }), &id)
+        }
         None => ApiError::unknown_task(&id).into_response(),
     }
 }

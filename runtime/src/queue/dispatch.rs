@@ -10,8 +10,8 @@ use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{
-    Cancelled, Counts, ErrorCode, Finish, Lease, NewTask, Queue, QueueError, TaskError, TaskId, TaskRecord, TaskStatus,
-    now_ms,
+    Cancelled, Counts, Ended, ErrorCode, Finish, Lease, NewTask, Queue, QueueError, TaskError, TaskId, TaskRecord,
+    TaskStatus, now_ms,
 };
 
 pub(crate) struct Dispatch {
@@ -19,7 +19,7 @@ pub(crate) struct Dispatch {
     /// Woken when an app's queue gains a task.
     arrivals: Mutex<HashMap<String, Arc<Notify>>>,
     /// Callers waiting for a task to end.
-    waiters: Mutex<HashMap<TaskId, Vec<oneshot::Sender<TaskRecord>>>>,
+    waiters: Mutex<HashMap<TaskId, Vec<oneshot::Sender<Ended>>>>,
     /// Where to send a cancellation for each running task.
     routes: Mutex<HashMap<TaskId, mpsc::UnboundedSender<TaskId>>>,
     /// Woken when any app gains a task (the autoscaler listens).
@@ -58,14 +58,28 @@ impl Dispatch {
     }
 
     /// Tells everyone waiting on a task that ended how it ended.
+    /// Tells everyone waiting on a task that ended how it ended; a call whose
+    /// caller waited is forgotten once told.
     fn resolve(&self, record: &TaskRecord) {
         self.routes.lock().unwrap().remove(&record.id);
         if record.callback_url.is_some() {
             let _ = self.callbacks.send(record.clone());
         }
-        for waiter in self.waiters.lock().unwrap().remove(&record.id).unwrap_or_default() {
-            let _ = waiter.send(record.clone());
+        let waiters = self.waiters.lock().unwrap().remove(&record.id).unwrap_or_default();
+        if !waiters.is_empty() {
+            let ended = self.ended(record.clone());
+            for waiter in waiters {
+                let _ = waiter.send(ended.clone());
+            }
         }
+        if !record.durable {
+            self.queue.forget(&record.id);
+        }
+    }
+
+    fn ended(&self, record: TaskRecord) -> Ended {
+        let output = if record.status == TaskStatus::Complete { self.queue.output(&record.id) } else { None };
+        Ended { record, output }
     }
 
     /// Queues a task and returns once it is durable.
@@ -79,6 +93,20 @@ impl Dispatch {
             durable.await.map_err(|_| QueueError::Store)?;
         }
         Ok(record)
+    }
+
+    /// Queues a task whose caller waits for its end, and waits. The waiter is
+    /// in place before any worker can take the task, so a fast end is seen.
+    pub(crate) async fn call(&self, task: NewTask) -> Result<Ended, QueueError> {
+        let id = task.id.clone();
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().unwrap().entry(id.clone()).or_default().push(tx);
+        if let Err(e) = self.submit(task).await {
+            self.waiters.lock().unwrap().remove(&id);
+            return Err(e);
+        }
+        // The sender is dropped unanswered only if the task vanished.
+        rx.await.map_err(|_| QueueError::UnknownTask(id))
     }
 
     /// Waits for the app's next task and leases it. Cancel-safe: a lease is
@@ -127,19 +155,18 @@ impl Dispatch {
         Ok(record)
     }
 
-    /// The task's record once it has ended, or as it is when `timeout` runs
-    /// out (`None` waits for the end). `None` for an unknown task.
-    pub(crate) async fn wait(&self, id: &str, timeout: Option<Duration>) -> Option<TaskRecord> {
+    /// The task once it has ended, or as it is when `timeout` runs out
+    /// (`None` waits for the end). `None` for an unknown task.
+    pub(crate) async fn wait(&self, id: &str, timeout: Option<Duration>) -> Option<Ended> {
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().unwrap().entry(id.to_owned()).or_default().push(tx);
         // Checked after registering, so an end in between is not missed.
-        let current = self.queue.get(id);
-        match &current {
+        match self.queue.get(id) {
             Some(record) if !record.status.is_terminal() => {}
-            _ => {
+            current => {
                 drop(rx);
                 self.forget_closed_waiters(id);
-                return current;
+                return current.map(|record| self.ended(record));
             }
         }
         let ended = match timeout {
@@ -147,10 +174,10 @@ impl Dispatch {
             None => rx.await.ok(),
         };
         match ended {
-            Some(record) => Some(record),
+            Some(ended) => Some(ended),
             None => {
                 self.forget_closed_waiters(id);
-                self.queue.get(id)
+                self.queue.get(id).map(|record| self.ended(record))
             }
         }
     }

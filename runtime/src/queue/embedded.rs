@@ -15,7 +15,6 @@ use tokio::sync::oneshot;
 use super::sqlite::{Journal, TaskRow};
 use super::{
     Cancelled, Counts, ErrorCode, Finish, Lease, NewTask, Queue, QueueError, TaskError, TaskRecord, TaskStatus, millis,
-    new_task_id,
 };
 
 pub(crate) struct EmbeddedQueue {
@@ -42,9 +41,6 @@ struct Entry {
     max_result_size: u64,
     /// When a still-queued task expires (ms).
     expires_at: u64,
-    /// Journaled to the store; `false` for tasks a caller waits on in the
-    /// same connection (a crash loses the caller as well as the task).
-    durable: bool,
 }
 
 impl Entry {
@@ -87,6 +83,7 @@ impl Entry {
                 ended_at: row.ended_at,
                 error,
                 callback_url: row.callback_url,
+                durable: true,
             },
             input: row.input,
             output: row.output,
@@ -95,7 +92,6 @@ impl Entry {
             result_ttl: Duration::from_millis(row.result_ttl_ms),
             max_result_size: row.max_result_size,
             expires_at: row.expires_at,
-            durable: true,
         }
     }
 }
@@ -180,7 +176,7 @@ impl EmbeddedQueue {
     }
 
     fn update(&self, entry: &Entry) {
-        if let Some(journal) = self.journal.as_ref().filter(|_| entry.durable) {
+        if let Some(journal) = self.journal.as_ref().filter(|_| entry.record.durable) {
             journal.update(entry.row(false));
         }
     }
@@ -193,7 +189,7 @@ impl Queue for EmbeddedQueue {
         if queue.len() >= task.max_queued as usize {
             return Err(QueueError::Full { app: task.app, limit: task.max_queued });
         }
-        let id = new_task_id();
+        let id = task.id;
         queue.push_back(id.clone());
         let record = TaskRecord {
             id: id.clone(),
@@ -205,6 +201,7 @@ impl Queue for EmbeddedQueue {
             ended_at: None,
             error: None,
             callback_url: task.callback_url,
+            durable: task.durable,
         };
         let entry = Entry {
             record: record.clone(),
@@ -215,9 +212,8 @@ impl Queue for EmbeddedQueue {
             result_ttl: task.result_ttl,
             max_result_size: task.max_result_size,
             expires_at: now.saturating_add(millis(task.ttl)),
-            durable: task.durable,
         };
-        if let Some(journal) = self.journal.as_ref().filter(|_| entry.durable) {
+        if let Some(journal) = self.journal.as_ref().filter(|_| entry.record.durable) {
             journal.insert(entry.row(true));
         }
         inner.tasks.insert(id, entry);
@@ -295,6 +291,16 @@ impl Queue for EmbeddedQueue {
         self.inner.lock().unwrap().tasks.get(id)?.output.clone()
     }
 
+    fn forget(&self, id: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.tasks.get(id).is_some_and(|entry| entry.record.status.is_terminal()) {
+            let entry = inner.tasks.remove(id).expect("checked above");
+            if let Some(journal) = self.journal.as_ref().filter(|_| entry.record.durable) {
+                journal.delete(entry.record.id);
+            }
+        }
+    }
+
     fn counts(&self, app: &str) -> Counts {
         let inner = self.inner.lock().unwrap();
         Counts {
@@ -328,7 +334,7 @@ impl Queue for EmbeddedQueue {
             .map(|entry| entry.record.id.clone())
             .collect();
         for id in forget {
-            let durable = inner.tasks.remove(&id).is_some_and(|entry| entry.durable);
+            let durable = inner.tasks.remove(&id).is_some_and(|entry| entry.record.durable);
             if let Some(journal) = self.journal.as_ref().filter(|_| durable) {
                 journal.delete(id);
             }
@@ -379,9 +385,11 @@ impl Queue for EmbeddedQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::new_task_id;
 
     fn task(retries: u32) -> NewTask {
         NewTask {
+            id: new_task_id(),
             app: "a".into(),
             input: Bytes::from_static(b"{}"),
             retries,
@@ -459,10 +467,11 @@ mod tests {
             let q = EmbeddedQueue::open(&path, 0).unwrap();
             let mut t = task(1);
             t.max_queued = 10;
-            done = q.enqueue(t.clone(), 0).unwrap().id;
-            running = q.enqueue(t.clone(), 1).unwrap().id;
-            spent = q.enqueue(NewTask { retries: 0, ..t.clone() }, 2).unwrap().id;
-            queued = q.enqueue(t, 3).unwrap().id;
+            let fresh = |t: &NewTask| NewTask { id: new_task_id(), ..t.clone() };
+            done = q.enqueue(fresh(&t), 0).unwrap().id;
+            running = q.enqueue(fresh(&t), 1).unwrap().id;
+            spent = q.enqueue(NewTask { retries: 0, ..fresh(&t) }, 2).unwrap().id;
+            queued = q.enqueue(fresh(&t), 3).unwrap().id;
             q.lease("a", 4).unwrap();
             q.finish(&done, Finish::Complete(Bytes::from_static(b"out")), 5).unwrap();
             q.lease("a", 6).unwrap();

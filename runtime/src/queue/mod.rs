@@ -122,11 +122,24 @@ pub(crate) struct TaskRecord {
     /// Where the result is POSTed when the task ends.
     #[serde(skip)]
     pub callback_url: Option<String>,
+    /// Journaled and kept after it ends; `false` for calls whose caller
+    /// waits (they are forgotten once the caller has the answer).
+    #[serde(skip)]
+    pub durable: bool,
+}
+
+/// A task that ended, with its output when it completed.
+#[derive(Debug, Clone)]
+pub(crate) struct Ended {
+    pub record: TaskRecord,
+    pub output: Option<Bytes>,
 }
 
 /// A task to add.
 #[derive(Debug, Clone)]
 pub(crate) struct NewTask {
+    /// From [`new_task_id`]; chosen before queuing so a caller can wait on it.
+    pub id: TaskId,
     pub app: String,
     pub input: Bytes,
     /// Re-runs allowed after a trap, crash or timeout.
@@ -211,6 +224,8 @@ pub(crate) trait Queue: Send + Sync + 'static {
     fn cancel(&self, id: &str, now: u64) -> Result<Cancelled, QueueError>;
     fn get(&self, id: &str) -> Option<TaskRecord>;
     fn output(&self, id: &str) -> Option<Bytes>;
+    /// Drops an ended task at once (a call whose caller has its answer).
+    fn forget(&self, id: &str);
     fn counts(&self, app: &str) -> Counts;
     /// The app's tasks, newest first, optionally only those in `status`.
     fn list(&self, app: &str, status: Option<TaskStatus>, limit: usize) -> Vec<TaskRecord>;
