@@ -35,7 +35,8 @@ enum Command {
         /// Where apps, compiled components and queues are kept.
         #[arg(long, default_value = ".beamlet")]
         data_dir: PathBuf,
-        /// GPU backend for GPU apps.
+        /// GPU backend for GPU apps (accepted for SPEC compatibility; this
+        /// build has no GPU support yet and refuses apps that ask for a GPU).
         #[arg(long, value_enum, default_value = "auto")]
         gpu_backend: GpuBackend,
         /// Largest component upload, e.g. 64Mi.

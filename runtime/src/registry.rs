@@ -61,6 +61,11 @@ pub(crate) enum DeployError {
     BadName(String),
     #[error("the config is not valid: {0}")]
     BadConfig(#[from] config::ConfigError),
+    #[error(
+        "[runtime] gpu is set, but this beamlet has no GPU support yet (the GPU host interface is still to \
+         come); remove `gpu` and `gpu_memory` to run the app on CPU"
+    )]
+    GpuUnsupported,
     #[error("the upload is empty: send the component's bytes in the multipart part `component`")]
     Empty,
     #[error(
@@ -156,6 +161,9 @@ impl Registry {
     pub(crate) fn deploy(&self, name: &str, wasm: &[u8], config_toml: &str) -> Result<App, DeployError> {
         validate_name(name)?;
         let config = config::parse(config_toml)?;
+        if config.runtime.gpu.is_some() {
+            return Err(DeployError::GpuUnsupported);
+        }
         check_header(wasm)?;
         let digest = hex(&Sha256::digest(wasm));
         let compiled = self.compiled_path(&digest);
