@@ -39,6 +39,7 @@ fn bench_spec(compiled: &Path) -> ReplicaSpec {
         memory_per_worker: MEMORY,
         fresh_instance_per_task: false,
         init_timeout_ms: 60_000,
+        allowed_outbound_hosts: Vec::new(),
     }
 }
 
@@ -113,7 +114,8 @@ fn instantiate_times(compiled: &Path, iterations: usize) -> Result<(Vec<Duration
     let mut with_init = Vec::with_capacity(iterations);
     for round in 0..iterations * 2 {
         let started = Instant::now();
-        let mut store = Store::new(&engine, WorkerState::new(MEMORY, std::sync::Arc::clone(&cancel)));
+        let mut store =
+            Store::new(&engine, WorkerState::new(MEMORY, std::sync::Arc::clone(&cancel), Vec::new().into()));
         store.limiter(|state| &mut state.limiter);
         // No epoch ticker here: a deadline never reached.
         store.set_epoch_deadline(u64::MAX / 2);

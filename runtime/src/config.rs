@@ -51,6 +51,9 @@ pub struct RuntimeConfig {
     pub timeout: Duration,
     /// Whether workers reuse one instance or start a fresh one per task.
     pub instance: InstanceMode,
+    /// Hosts a guest may send HTTP requests to, as `host` (any port) or
+    /// `host:port`; key `allowed_outbound_hosts`. Empty (the default): none.
+    pub allowed_outbound_hosts: Vec<String>,
 }
 
 impl Default for RuntimeConfig {
@@ -63,6 +66,7 @@ impl Default for RuntimeConfig {
             gpu_memory: None,
             timeout: Duration::from_secs(180),
             instance: InstanceMode::PerWorker,
+            allowed_outbound_hosts: Vec::new(),
         }
     }
 }
@@ -231,6 +235,7 @@ struct RawRuntime {
     gpu_memory: Option<Size>,
     timeout: Option<Dur>,
     instance: Option<String>,
+    allowed_outbound_hosts: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -304,7 +309,15 @@ impl RawRuntime {
                 return Err(ConfigError::Invalid { key: "[runtime] instance".into(), message });
             }
         };
-        Ok(RuntimeConfig { workers, cpu, memory, gpu: self.gpu, gpu_memory, timeout, instance })
+        let allowed_outbound_hosts = self.allowed_outbound_hosts.unwrap_or_default();
+        for host in &allowed_outbound_hosts {
+            let plain = !host.is_empty()
+                && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+            let message =
+                format!("{host:?} is not a host; write \"example.com\" or \"example.com:8080\", no scheme or path");
+            ensure(plain, "allowed_outbound_hosts", message)?;
+        }
+        Ok(RuntimeConfig { workers, cpu, memory, gpu: self.gpu, gpu_memory, timeout, instance, allowed_outbound_hosts })
     }
 }
 

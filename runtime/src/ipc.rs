@@ -30,6 +30,8 @@ pub(crate) struct ReplicaSpec {
     pub fresh_instance_per_task: bool,
     /// How long `init` may run, in milliseconds.
     pub init_timeout_ms: u64,
+    /// Where guests may send HTTP requests (`host` or `host:port`).
+    pub allowed_outbound_hosts: Vec<String>,
 }
 
 /// A request for a `wasi:http/proxy` component: the input of its tasks.

@@ -36,9 +36,21 @@ fn a_wasi_http_component_gets_the_raw_request_and_answers_it() {
     assert_eq!((response.status().as_u16(), response.text().unwrap()), (418, "status 418".to_owned()));
     assert_eq!(server.http.get(server.url("/http/web/nothing-here")).send().unwrap().status(), 404);
 
-    let response = server.http.get(server.url("/http/web/outbound")).send().unwrap();
-    let text = response.text().unwrap();
+    let (hook, received) = receiver(0);
+    let authority = hook.trim_start_matches("http://").trim_end_matches("/hook").to_owned();
+    let outbound = format!("/http/web/outbound?to={authority}");
+    let text = server.http.get(server.url(&outbound)).send().unwrap().text().unwrap();
     assert!(text.starts_with("denied") && text.contains("HttpRequestDenied"), "outbound HTTP is refused: {text}");
+    assert!(received.lock().unwrap().is_empty(), "nothing left the sandbox");
+
+    // An app that lists the host may reach it, and only it.
+    let config = format!("[runtime]\nallowed_outbound_hosts = [\"{authority}\"]\n");
+    server.deploy_guest("net", "guest-http", Some(&config));
+    let text = server.http.get(server.url(&outbound.replace("/web/", "/net/"))).send().unwrap().text().unwrap();
+    assert_eq!(text, "allowed: 200");
+    assert_eq!(received.lock().unwrap().len(), 1, "the request reached the allowed host");
+    let text = server.http.get(server.url("/http/net/outbound?to=127.0.0.1:1")).send().unwrap().text().unwrap();
+    assert!(text.contains("HttpRequestDenied"), "another port of the same host is refused: {text}");
 
     let response = server.http.get(server.url("/http/web/trap")).send().unwrap();
     assert_eq!(response.status(), 500);

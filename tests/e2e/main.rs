@@ -115,6 +115,10 @@ fn bad_uploads_and_requests_get_clear_errors() {
     assert_eq!((status, error_code(&body)), (400, "BAD_CONFIG"), "{body}");
     assert!(error_message(&body).contains("gpu"), "{body}");
 
+    let (status, body) = deploy_error("net", &hello, Some("[runtime]\nallowed_outbound_hosts = [\"https://x/\"]\n"));
+    assert_eq!((status, error_code(&body)), (400, "BAD_CONFIG"), "{body}");
+    assert!(error_message(&body).contains("allowed_outbound_hosts"), "{body}");
+
     let (status, body) = deploy_error("Bad_Name", &hello, None);
     assert_eq!((status, error_code(&body)), (400, "BAD_NAME"), "{body}");
 

@@ -31,13 +31,14 @@ pub(crate) struct WorkerState {
     /// Set by the node to cancel the running call.
     pub(crate) cancel: Arc<AtomicBool>,
     http: WasiHttpCtx,
-    hooks: http::DenyOutbound,
+    outbound: http::Outbound,
 }
 
 impl WorkerState {
     /// A guest gets stdio (captured), clocks and random; no filesystem,
-    /// environment, arguments or network.
-    pub(crate) fn new(memory_limit: u64, cancel: Arc<AtomicBool>) -> Self {
+    /// environment, arguments or sockets, and outbound HTTP only to
+    /// `allowed_hosts`.
+    pub(crate) fn new(memory_limit: u64, cancel: Arc<AtomicBool>, allowed_hosts: Arc<[String]>) -> Self {
         let stdout = LogPipe::default();
         let stderr = LogPipe::default();
         let wasi = WasiCtx::builder()
@@ -56,7 +57,7 @@ impl WorkerState {
             deadline: None,
             cancel,
             http: WasiHttpCtx::new(),
-            hooks: http::DenyOutbound,
+            outbound: http::Outbound::new(allowed_hosts),
         }
     }
 }
@@ -69,7 +70,7 @@ impl WasiView for WorkerState {
 
 impl WasiHttpView for WorkerState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
-        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.outbound }
     }
 }
 

@@ -47,6 +47,7 @@ pub(crate) struct Worker {
     pre: GuestPre,
     replies: Replies,
     cancel: Arc<AtomicBool>,
+    allowed_hosts: Arc<[String]>,
     live: Option<Live>,
 }
 
@@ -56,7 +57,9 @@ const STDERR_TAIL: usize = 2048;
 impl Worker {
     /// Creates the worker's first instance and runs `init`, logging the start.
     pub(crate) fn start(index: u32, spec: Arc<ReplicaSpec>, pre: GuestPre, replies: Replies) -> Result<Self> {
-        let mut worker = Self { index, spec, pre, replies, cancel: Arc::new(AtomicBool::new(false)), live: None };
+        let allowed_hosts = spec.allowed_outbound_hosts.clone().into();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let mut worker = Self { index, spec, pre, replies, cancel, allowed_hosts, live: None };
         worker.instantiate().with_context(|| format!("failed to start worker {index}"))?;
         Ok(worker)
     }
@@ -72,7 +75,8 @@ impl Worker {
             GuestPre::Function(pre) => pre.engine(),
             GuestPre::Proxy(pre, _) => pre.engine(),
         };
-        let mut store = Store::new(engine, WorkerState::new(self.spec.memory_per_worker, self.cancel.clone()));
+        let state = WorkerState::new(self.spec.memory_per_worker, self.cancel.clone(), self.allowed_hosts.clone());
+        let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|ctx| {

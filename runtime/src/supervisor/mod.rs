@@ -109,6 +109,7 @@ impl Supervisor {
             memory_per_worker: runtime.memory_per_worker(),
             fresh_instance_per_task: runtime.instance == crate::config::InstanceMode::PerTask,
             init_timeout_ms: u64::try_from(runtime.timeout.as_millis()).unwrap_or(u64::MAX),
+            allowed_outbound_hosts: runtime.allowed_outbound_hosts.clone(),
         };
         replica::spawn(Plan {
             exe: self.exe.clone(),

@@ -7,7 +7,8 @@
 //! - `/status/{code}`: that status, body `status {code}`
 //! - `/big?bytes=N`: N bytes of `x`
 //! - `/trap`: panics
-//! - `/outbound`: tries `GET http://example.com/` and reports what happened
+//! - `/outbound[?to=HOST:PORT]`: tries `GET http://HOST:PORT/` (default
+//!   example.com) and reports what happened
 //! - anything else: 404
 
 use std::io::{Read as _, Write as _};
@@ -63,10 +64,10 @@ fn read_body(request: &IncomingRequest) -> Vec<u8> {
     bytes
 }
 
-fn outbound() -> String {
+fn outbound(authority: &str) -> String {
     let request = OutgoingRequest::new(Fields::new());
     request.set_scheme(Some(&Scheme::Http)).unwrap();
-    request.set_authority(Some("example.com")).unwrap();
+    request.set_authority(Some(authority)).unwrap();
     request.set_path_with_query(Some("/")).unwrap();
     match wasi::http::outgoing_handler::handle(request, None) {
         Err(error) => format!("denied: {error:?}"),
@@ -103,7 +104,10 @@ impl wasi::exports::http::incoming_handler::Guest for Handler {
                 respond(out, 200, &[], &vec![b'x'; bytes]);
             }
             "/trap" => panic!("http guest trapped on purpose"),
-            "/outbound" => respond(out, 200, &[], outbound().as_bytes()),
+            "/outbound" => {
+                let authority = query.strip_prefix("to=").unwrap_or("example.com");
+                respond(out, 200, &[], outbound(authority).as_bytes())
+            }
             _ => match path.strip_prefix("/status/").and_then(|code| code.parse::<u16>().ok()) {
                 Some(code) => respond(out, code, &[], format!("status {code}").as_bytes()),
                 None => respond(out, 404, &[], b"not found"),
