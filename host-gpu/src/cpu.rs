@@ -1,0 +1,421 @@
+//! The CPU backend: buffers in host memory, GEMM by `matrixmultiply`
+//! (f16/bf16 computed in f32, as tensor cores accumulate), the same checks
+//! and errors as a GPU. Custom kernels are `unavailable` here.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use half::{bf16, f16};
+
+use crate::{Backend, BinaryOp, BufferId, DType, DeviceInfo, GemmArgs, GpuError, Result, check_range};
+
+/// A buffer's elements.
+enum Data {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+impl Data {
+    fn zeroed(dtype: DType, len: usize) -> Self {
+        match dtype {
+            DType::F32 => Data::F32(vec![0.0; len]),
+            DType::F16 => Data::F16(vec![f16::ZERO; len]),
+            DType::BF16 => Data::BF16(vec![bf16::ZERO; len]),
+        }
+    }
+
+    fn dtype(&self) -> DType {
+        match self {
+            Data::F32(_) => DType::F32,
+            Data::F16(_) => DType::F16,
+            Data::BF16(_) => DType::BF16,
+        }
+    }
+
+    fn len(&self) -> u64 {
+        (match self {
+            Data::F32(v) => v.len(),
+            Data::F16(v) => v.len(),
+            Data::BF16(v) => v.len(),
+        }) as u64
+    }
+
+    fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Data::F32(v) => v.clone(),
+            Data::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Data::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+
+    fn set_f32(&mut self, values: &[f32]) {
+        match self {
+            Data::F32(v) => v.copy_from_slice(values),
+            Data::F16(v) => v.iter_mut().zip(values).for_each(|(x, y)| *x = f16::from_f32(*y)),
+            Data::BF16(v) => v.iter_mut().zip(values).for_each(|(x, y)| *x = bf16::from_f32(*y)),
+        }
+    }
+}
+
+pub struct CpuBackend {
+    name: String,
+    memory_bytes: u64,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    buffers: HashMap<BufferId, Data>,
+    next: u64,
+    used: u64,
+}
+
+fn index(value: u64, what: &str) -> Result<usize> {
+    usize::try_from(value).map_err(|_| GpuError::OutOfBounds(format!("{what} {value} does not fit this host")))
+}
+
+impl CpuBackend {
+    /// A CPU "device" named `name` offering `memory_bytes`.
+    pub fn new(name: impl Into<String>, memory_bytes: u64) -> Self {
+        Self { name: name.into(), memory_bytes, state: Mutex::default() }
+    }
+
+    /// Runs `f` on a buffer's values as f32, writing them back.
+    fn map_f32(&self, id: BufferId, f: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<()> {
+        let mut state = self.state.lock().unwrap();
+        let data = state.buffers.get_mut(&id).ok_or_else(|| unknown(id))?;
+        let mut values = data.to_f32();
+        f(&mut values)?;
+        data.set_f32(&values);
+        Ok(())
+    }
+
+    fn values(&self, id: BufferId) -> Result<(DType, Vec<f32>)> {
+        let state = self.state.lock().unwrap();
+        let data = state.buffers.get(&id).ok_or_else(|| unknown(id))?;
+        Ok((data.dtype(), data.to_f32()))
+    }
+}
+
+fn unknown(id: BufferId) -> GpuError {
+    GpuError::InvalidArgument(format!("no buffer {}", id.0))
+}
+
+fn same_dtype(dtypes: &[DType]) -> Result<()> {
+    if dtypes.windows(2).any(|w| w[0] != w[1]) {
+        return Err(GpuError::InvalidArgument(format!("buffers must share one element type, got {dtypes:?}")));
+    }
+    Ok(())
+}
+
+impl Backend for CpuBackend {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            name: self.name.clone(),
+            memory_bytes: self.memory_bytes,
+            compute_capability: (0, 0),
+            backend: "cpu",
+        }
+    }
+
+    fn alloc(&self, dtype: DType, len: u64) -> Result<BufferId> {
+        let bytes = len
+            .checked_mul(dtype.size() as u64)
+            .ok_or_else(|| GpuError::OutOfBounds(format!("{len} elements of {dtype:?} overflow")))?;
+        let mut state = self.state.lock().unwrap();
+        if state.used.checked_add(bytes).is_none_or(|total| total > self.memory_bytes) {
+            return Err(GpuError::OutOfMemory { requested: bytes });
+        }
+        let data = Data::zeroed(dtype, index(len, "length")?);
+        state.used += bytes;
+        state.next += 1;
+        let id = BufferId(state.next);
+        state.buffers.insert(id, data);
+        Ok(id)
+    }
+
+    fn free(&self, id: BufferId) -> Result<()> {
+        let mut state = self.state.lock().unwrap();
+        let data = state.buffers.remove(&id).ok_or_else(|| unknown(id))?;
+        state.used -= data.len() * data.dtype().size() as u64;
+        Ok(())
+    }
+
+    fn describe(&self, id: BufferId) -> Result<(DType, u64)> {
+        let state = self.state.lock().unwrap();
+        let data = state.buffers.get(&id).ok_or_else(|| unknown(id))?;
+        Ok((data.dtype(), data.len()))
+    }
+
+    fn write(&self, id: BufferId, offset: u64, bytes: &[u8]) -> Result<()> {
+        let mut state = self.state.lock().unwrap();
+        let data = state.buffers.get_mut(&id).ok_or_else(|| unknown(id))?;
+        let size = data.dtype().size();
+        if bytes.len() % size != 0 {
+            return Err(GpuError::InvalidArgument(format!(
+                "{} bytes is not a whole number of {size}-byte elements",
+                bytes.len()
+            )));
+        }
+        let count = (bytes.len() / size) as u64;
+        check_range("write", offset, count, data.len())?;
+        let start = index(offset, "offset")?;
+        match data {
+            Data::F32(v) => bytes.chunks_exact(4).zip(&mut v[start..]).for_each(|(b, x)| {
+                *x = f32::from_le_bytes(b.try_into().expect("chunks of 4"));
+            }),
+            Data::F16(v) => bytes.chunks_exact(2).zip(&mut v[start..]).for_each(|(b, x)| {
+                *x = f16::from_le_bytes(b.try_into().expect("chunks of 2"));
+            }),
+            Data::BF16(v) => bytes.chunks_exact(2).zip(&mut v[start..]).for_each(|(b, x)| {
+                *x = bf16::from_le_bytes(b.try_into().expect("chunks of 2"));
+            }),
+        }
+        Ok(())
+    }
+
+    fn read(&self, id: BufferId, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let state = self.state.lock().unwrap();
+        let data = state.buffers.get(&id).ok_or_else(|| unknown(id))?;
+        check_range("read", offset, len, data.len())?;
+        let (start, end) = (index(offset, "offset")?, index(offset + len, "length")?);
+        Ok(match data {
+            Data::F32(v) => v[start..end].iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Data::F16(v) => v[start..end].iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Data::BF16(v) => v[start..end].iter().flat_map(|x| x.to_le_bytes()).collect(),
+        })
+    }
+
+    fn gemm(&self, args: &GemmArgs) -> Result<()> {
+        let (a_type, a) = self.values(args.a)?;
+        let (b_type, b) = self.values(args.b)?;
+        let (c_type, c_len) = self.describe(args.c)?;
+        same_dtype(&[a_type, b_type, c_type])?;
+        args.check(a.len() as u64, b.len() as u64, c_len)?;
+        let (m, n, k) = (index(args.m, "m")?, index(args.n, "n")?, index(args.k, "k")?);
+        let (lda, ldb, ldc) = (args.lda as isize, args.ldb as isize, args.ldc as isize);
+        // Column-major strides: element (i, j) at i * row_stride + j * col_stride.
+        let (rsa, csa) = if args.trans_a { (lda, 1) } else { (1, lda) };
+        let (rsb, csb) = if args.trans_b { (ldb, 1) } else { (1, ldb) };
+        self.map_f32(args.c, |c| {
+            if m == 0 || n == 0 {
+                return Ok(());
+            }
+            // SAFETY: `check` proved every strided index of a (m x k), b (k x n)
+            // and c (m x n) lies inside these slices, and c is a distinct buffer.
+            unsafe {
+                matrixmultiply::sgemm(
+                    m,
+                    k,
+                    n,
+                    args.alpha,
+                    a.as_ptr(),
+                    rsa,
+                    csa,
+                    b.as_ptr(),
+                    rsb,
+                    csb,
+                    args.beta,
+                    c.as_mut_ptr(),
+                    1,
+                    ldc,
+                );
+            }
+            Ok(())
+        })
+    }
+
+    fn binary(&self, op: BinaryOp, a: BufferId, b: BufferId, out: BufferId) -> Result<()> {
+        let (a_type, a) = self.values(a)?;
+        let (b_type, b) = self.values(b)?;
+        let (out_type, out_len) = self.describe(out)?;
+        same_dtype(&[a_type, b_type, out_type])?;
+        if a.len() != b.len() || a.len() as u64 != out_len {
+            return Err(GpuError::InvalidArgument(format!(
+                "{op:?} needs equal lengths, got {}, {} and {out_len}",
+                a.len(),
+                b.len()
+            )));
+        }
+        self.map_f32(out, |out| {
+            for ((o, x), y) in out.iter_mut().zip(&a).zip(&b) {
+                *o = match op {
+                    BinaryOp::Add => x + y,
+                    BinaryOp::Mul => x * y,
+                };
+            }
+            Ok(())
+        })
+    }
+
+    fn add_bias(&self, x: BufferId, bias: BufferId, rows: u64, cols: u64) -> Result<()> {
+        let (bias_type, bias) = self.values(bias)?;
+        let (x_type, x_len) = self.describe(x)?;
+        same_dtype(&[x_type, bias_type])?;
+        let cells = rows.checked_mul(cols).ok_or_else(|| GpuError::OutOfBounds("rows x cols overflows".into()))?;
+        if cells != x_len || bias.len() as u64 != rows {
+            return Err(GpuError::InvalidArgument(format!(
+                "add_bias: x has {x_len} elements for {rows} x {cols}, bias has {} for {rows} rows",
+                bias.len()
+            )));
+        }
+        let rows = index(rows, "rows")?;
+        self.map_f32(x, |x| {
+            for column in x.chunks_mut(rows.max(1)) {
+                column.iter_mut().zip(&bias).for_each(|(v, b)| *v += b);
+            }
+            Ok(())
+        })
+    }
+
+    fn relu(&self, x: BufferId) -> Result<()> {
+        self.map_f32(x, |x| {
+            x.iter_mut().for_each(|v| *v = v.max(0.0));
+            Ok(())
+        })
+    }
+
+    fn softmax_columns(&self, x: BufferId, rows: u64, cols: u64) -> Result<()> {
+        let (_, len) = self.describe(x)?;
+        if rows.checked_mul(cols) != Some(len) || rows == 0 {
+            return Err(GpuError::InvalidArgument(format!("softmax: {len} elements are not {rows} x {cols}")));
+        }
+        let rows = index(rows, "rows")?;
+        self.map_f32(x, |x| {
+            for column in x.chunks_mut(rows) {
+                let max = column.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = column
+                    .iter_mut()
+                    .map(|v| {
+                        *v = (*v - max).exp();
+                        *v
+                    })
+                    .sum();
+                column.iter_mut().for_each(|v| *v /= sum);
+            }
+            Ok(())
+        })
+    }
+
+    fn memory_used(&self) -> u64 {
+        self.state.lock().unwrap().used
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32s(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    fn read_f32(backend: &CpuBackend, id: BufferId) -> Vec<f32> {
+        let (_, len) = backend.describe(id).unwrap();
+        backend.read(id, 0, len).unwrap().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    }
+
+    fn args(a: BufferId, b: BufferId, c: BufferId, (m, n, k): (u64, u64, u64)) -> GemmArgs {
+        GemmArgs { m, n, k, alpha: 1.0, beta: 0.0, a, lda: m, trans_a: false, b, ldb: k, trans_b: false, c, ldc: m }
+    }
+
+    #[test]
+    fn buffers_are_zeroed_bounded_and_counted() {
+        let gpu = CpuBackend::new("cpu", 1024);
+        let id = gpu.alloc(DType::F32, 4).unwrap();
+        assert_eq!(read_f32(&gpu, id), vec![0.0; 4]);
+        gpu.write(id, 2, &f32s(&[7.0, 8.0])).unwrap();
+        assert_eq!(read_f32(&gpu, id), vec![0.0, 0.0, 7.0, 8.0]);
+        assert!(matches!(gpu.write(id, 3, &f32s(&[1.0, 2.0])), Err(GpuError::OutOfBounds(_))));
+        assert!(matches!(gpu.read(id, u64::MAX, 2), Err(GpuError::OutOfBounds(_))), "overflow is checked");
+        assert!(matches!(gpu.write(id, 0, &[1, 2, 3]), Err(GpuError::InvalidArgument(_))));
+        assert_eq!(gpu.memory_used(), 16);
+        assert!(matches!(gpu.alloc(DType::F32, 1000), Err(GpuError::OutOfMemory { .. })));
+        assert!(matches!(gpu.alloc(DType::F32, u64::MAX), Err(GpuError::OutOfBounds(_))));
+        gpu.free(id).unwrap();
+        assert_eq!(gpu.memory_used(), 0);
+        assert!(gpu.read(id, 0, 1).is_err(), "a freed handle is gone");
+    }
+
+    #[test]
+    fn gemm_column_major_with_transposes_and_leading_dimensions() {
+        let gpu = CpuBackend::new("cpu", 1 << 20);
+        // a = [[1, 2], [3, 4]] stored column-major: 1, 3, 2, 4.
+        let a = gpu.alloc(DType::F32, 4).unwrap();
+        gpu.write(a, 0, &f32s(&[1.0, 3.0, 2.0, 4.0])).unwrap();
+        let b = gpu.alloc(DType::F32, 4).unwrap();
+        gpu.write(b, 0, &f32s(&[5.0, 7.0, 6.0, 8.0])).unwrap(); // [[5, 6], [7, 8]]
+        let c = gpu.alloc(DType::F32, 4).unwrap();
+        gpu.gemm(&args(a, b, c, (2, 2, 2))).unwrap();
+        assert_eq!(read_f32(&gpu, c), vec![19.0, 43.0, 22.0, 50.0]); // [[19, 22], [43, 50]]
+        gpu.gemm(&GemmArgs { trans_a: true, ..args(a, b, c, (2, 2, 2)) }).unwrap();
+        assert_eq!(read_f32(&gpu, c), vec![26.0, 38.0, 30.0, 44.0]); // a^T b
+
+        let small = gpu.alloc(DType::F32, 3).unwrap();
+        let err = gpu.gemm(&args(a, b, small, (2, 2, 2))).unwrap_err();
+        assert!(matches!(err, GpuError::OutOfBounds(_)), "{err}");
+        let err = gpu.gemm(&GemmArgs { lda: 1, ..args(a, b, c, (2, 2, 2)) }).unwrap_err();
+        assert!(matches!(err, GpuError::InvalidArgument(_)), "{err}");
+        let err = gpu.gemm(&args(a, b, a, (2, 2, 2))).unwrap_err();
+        assert!(matches!(err, GpuError::InvalidArgument(_)), "c aliasing a is refused: {err}");
+        let half = gpu.alloc(DType::BF16, 4).unwrap();
+        assert!(matches!(gpu.gemm(&args(a, b, half, (2, 2, 2))), Err(GpuError::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn half_precision_gemm_matches_f32_within_rounding() {
+        let gpu = CpuBackend::new("cpu", 1 << 20);
+        for dtype in [DType::F16, DType::BF16] {
+            let a = gpu.alloc(dtype, 4).unwrap();
+            let b = gpu.alloc(dtype, 4).unwrap();
+            let c = gpu.alloc(dtype, 4).unwrap();
+            let to_half = |values: &[f32]| -> Vec<u8> {
+                values
+                    .iter()
+                    .flat_map(|v| match dtype {
+                        DType::F16 => f16::from_f32(*v).to_le_bytes(),
+                        _ => bf16::from_f32(*v).to_le_bytes(),
+                    })
+                    .collect()
+            };
+            gpu.write(a, 0, &to_half(&[1.0, 3.0, 2.0, 4.0])).unwrap();
+            gpu.write(b, 0, &to_half(&[5.0, 7.0, 6.0, 8.0])).unwrap();
+            gpu.gemm(&args(a, b, c, (2, 2, 2))).unwrap();
+            let out: Vec<f32> = gpu
+                .read(c, 0, 4)
+                .unwrap()
+                .chunks_exact(2)
+                .map(|b| match dtype {
+                    DType::F16 => f16::from_le_bytes([b[0], b[1]]).to_f32(),
+                    _ => bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+                })
+                .collect();
+            assert_eq!(out, vec![19.0, 43.0, 22.0, 50.0], "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn mlp_ops() {
+        let gpu = CpuBackend::new("cpu", 1 << 20);
+        let x = gpu.alloc(DType::F32, 4).unwrap(); // 2 rows x 2 columns
+        gpu.write(x, 0, &f32s(&[-1.0, 2.0, 3.0, -4.0])).unwrap();
+        let bias = gpu.alloc(DType::F32, 2).unwrap();
+        gpu.write(bias, 0, &f32s(&[1.0, 10.0])).unwrap();
+        gpu.add_bias(x, bias, 2, 2).unwrap();
+        assert_eq!(read_f32(&gpu, x), vec![0.0, 12.0, 4.0, 6.0]);
+        assert!(gpu.add_bias(x, bias, 4, 1).is_err(), "bias length must match rows");
+        let y = gpu.alloc(DType::F32, 4).unwrap();
+        gpu.binary(BinaryOp::Mul, x, x, y).unwrap();
+        assert_eq!(read_f32(&gpu, y), vec![0.0, 144.0, 16.0, 36.0]);
+        gpu.write(x, 0, &f32s(&[-1.0, 2.0, 0.0, 0.0])).unwrap();
+        gpu.relu(x).unwrap();
+        assert_eq!(read_f32(&gpu, x), vec![0.0, 2.0, 0.0, 0.0]);
+        gpu.softmax_columns(x, 2, 2).unwrap();
+        let p = read_f32(&gpu, x);
+        assert!((p[0] + p[1] - 1.0).abs() < 1e-6 && (p[2] - 0.5).abs() < 1e-6, "{p:?}");
+        assert!(gpu.softmax_columns(x, 3, 2).is_err());
+        let short = gpu.alloc(DType::F32, 3).unwrap();
+        assert!(gpu.binary(BinaryOp::Add, x, short, y).is_err());
+    }
+}
