@@ -152,7 +152,7 @@ impl Backend for CpuBackend {
         let mut state = self.state.lock().unwrap();
         let data = state.buffers.get_mut(&id).ok_or_else(|| unknown(id))?;
         let size = data.dtype().size();
-        if bytes.len() % size != 0 {
+        if !bytes.len().is_multiple_of(size) {
             return Err(GpuError::InvalidArgument(format!(
                 "{} bytes is not a whole number of {size}-byte elements",
                 bytes.len()
