@@ -124,6 +124,13 @@ pub(crate) struct TaskDone {
     pub run_us: u64,
 }
 
+impl TaskDone {
+    /// A run that ended without running the guest, so with no output or logs.
+    pub(crate) fn empty(seq: u64, worker: u32, outcome: Outcome) -> Self {
+        Self { seq, worker, outcome, stdout: Vec::new(), stderr: Vec::new(), run_us: 0 }
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum FromReplica {
     /// A worker's instance is up and its `init` returned.

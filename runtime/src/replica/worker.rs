@@ -125,14 +125,7 @@ impl Worker {
                 cancels.end(seq);
                 done
             } else {
-                TaskDone {
-                    seq,
-                    worker: self.index,
-                    outcome: Outcome::Cancelled,
-                    stdout: vec![],
-                    stderr: vec![],
-                    run_us: 0,
-                }
+                TaskDone::empty(seq, self.index, Outcome::Cancelled)
             };
             self.replies.send(&FromReplica::Done(done));
             if self.live.is_none()
@@ -148,14 +141,7 @@ impl Worker {
 
     fn run_one(&mut self, task: RunTask) -> TaskDone {
         let started = Instant::now();
-        let mut done = TaskDone {
-            seq: task.seq,
-            worker: self.index,
-            outcome: Outcome::Cancelled,
-            stdout: vec![],
-            stderr: vec![],
-            run_us: 0,
-        };
+        let mut done = TaskDone::empty(task.seq, self.index, Outcome::Cancelled);
         if self.live.is_none()
             && let Err(e) = self.instantiate()
         {
@@ -164,56 +150,32 @@ impl Worker {
         }
         let live = self.live.as_mut().expect("instantiated above");
         let timeout = Duration::from_millis(task.timeout_ms);
-        if let Guest::Proxy(proxy, runtime) = &live.guest {
-            let runtime = runtime.clone();
-            live.store.data_mut().deadline = Some(started + timeout);
-            let (outcome, keep) = serve_http(&mut live.store, proxy, &runtime, &task.input);
-            live.store.data_mut().deadline = None;
-            done.stdout = live.store.data().stdout.take();
-            done.stderr = live.store.data().stderr.take();
-            done.outcome = match outcome {
-                Err(trap) => classify_trap(&mut live.store, trap, &done.stderr),
-                Ok(outcome) => outcome,
-            };
-            if !keep || self.spec.fresh_instance_per_task {
-                self.live = None;
-            }
-            done.run_us = micros(started.elapsed());
-            return done;
-        }
-        let Guest::Function(bindings) = &live.guest else { unreachable!("proxy handled above") };
-        let ctx = TaskContext {
-            task_id: task.task_id,
-            attempt: task.attempt,
-            app: self.spec.app.clone(),
-            replica: self.spec.replica.clone(),
-            worker: self.index,
-            deadline_ms: unix_ms(SystemTime::now() + timeout),
-        };
         live.store.data_mut().deadline = Some(started + timeout);
-        let result = bindings.call_handle(&mut live.store, &ctx, &task.input);
+        // `Err` is a trap (or a stop); the instance is then discarded.
+        let result = match &live.guest {
+            Guest::Function(bindings) => {
+                let ctx = TaskContext {
+                    task_id: task.task_id,
+                    attempt: task.attempt,
+                    app: self.spec.app.clone(),
+                    replica: self.spec.replica.clone(),
+                    worker: self.index,
+                    deadline_ms: unix_ms(SystemTime::now() + timeout),
+                };
+                bindings.call_handle(&mut live.store, &ctx, &task.input).map(|result| match result {
+                    Ok(output) => Outcome::Complete(output),
+                    Err(GuestError::BadInput(message)) => Outcome::BadInput(message),
+                    Err(GuestError::Failed(message)) => Outcome::Failed(message),
+                })
+            }
+            Guest::Proxy(proxy, runtime) => serve_http(&mut live.store, proxy, runtime, &task.input),
+        };
         live.store.data_mut().deadline = None;
         done.stdout = live.store.data().stdout.take();
         done.stderr = live.store.data().stderr.take();
         done.run_us = micros(started.elapsed());
-        let keep = match result {
-            Ok(Ok(output)) => {
-                done.outcome = Outcome::Complete(output);
-                true
-            }
-            Ok(Err(GuestError::BadInput(message))) => {
-                done.outcome = Outcome::BadInput(message);
-                true
-            }
-            Ok(Err(GuestError::Failed(message))) => {
-                done.outcome = Outcome::Failed(message);
-                true
-            }
-            Err(trap) => {
-                done.outcome = classify_trap(&mut live.store, trap, &done.stderr);
-                false
-            }
-        };
+        let keep = result.is_ok();
+        done.outcome = result.unwrap_or_else(|trap| classify_trap(&mut live.store, trap, &done.stderr));
         if !keep || self.spec.fresh_instance_per_task {
             self.live = None;
         }
@@ -223,16 +185,16 @@ impl Worker {
 
 /// Runs one request through a `wasi:http/proxy` guest. The response body is
 /// read on `runtime` while the guest writes it, so large bodies never stall.
-/// Returns the outcome (or the trap) and whether the instance may be kept.
+/// Returns the outcome, or the trap.
 fn serve_http(
     store: &mut Store<WorkerState>,
     proxy: &Proxy,
     runtime: &tokio::runtime::Runtime,
     input: &[u8],
-) -> (Result<Outcome, wasmtime::Error>, bool) {
+) -> Result<Outcome, wasmtime::Error> {
     let request = match HttpRequest::decode(input).and_then(to_hyper) {
         Ok(request) => request,
-        Err(e) => return (Ok(Outcome::BadInput(format!("{e:#}"))), true),
+        Err(e) => return Ok(Outcome::BadInput(format!("{e:#}"))),
     };
     let (sender, receiver) = tokio::sync::oneshot::channel();
     let handles = (|| {
@@ -241,20 +203,17 @@ fn serve_http(
         let out = http.new_response_outparam(sender)?;
         Ok::<_, wasmtime::Error>((request, out))
     })();
-    let (request, out) = match handles {
-        Ok(handles) => handles,
-        Err(e) => return (Err(e), false),
-    };
+    let (request, out) = handles?;
     let collector = runtime.spawn(collect_response(receiver));
     if let Err(trap) = proxy.wasi_http_incoming_handler().call_handle(&mut *store, request, out) {
         collector.abort();
-        return (Err(trap), false);
+        return Err(trap);
     }
-    match runtime.block_on(collector) {
-        Ok(Ok(response)) => (Ok(Outcome::Complete(response.encode())), true),
-        Ok(Err(message)) => (Ok(Outcome::Failed(message)), true),
-        Err(e) => (Ok(Outcome::Failed(format!("failed to read the guest's response: {e}"))), true),
-    }
+    Ok(match runtime.block_on(collector) {
+        Ok(Ok(response)) => Outcome::Complete(response.encode()),
+        Ok(Err(message)) => Outcome::Failed(message),
+        Err(e) => Outcome::Failed(format!("failed to read the guest's response: {e}")),
+    })
 }
 
 fn to_hyper(request: HttpRequest) -> Result<http::Request<BoxedBody>> {
