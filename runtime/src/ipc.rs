@@ -54,7 +54,7 @@ pub(crate) struct HttpResponse {
 
 impl HttpRequest {
     pub(crate) fn encode(&self) -> Vec<u8> {
-        postcard::to_allocvec(self).expect("encoding to memory cannot fail")
+        to_bytes(self)
     }
 
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
@@ -64,12 +64,16 @@ impl HttpRequest {
 
 impl HttpResponse {
     pub(crate) fn encode(&self) -> Vec<u8> {
-        postcard::to_allocvec(self).expect("encoding to memory cannot fail")
+        to_bytes(self)
     }
 
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
         postcard::from_bytes(bytes).context("failed to decode the HTTP response")
     }
+}
+
+fn to_bytes<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_allocvec(value).expect("encoding to memory cannot fail")
 }
 
 /// One task for one worker.

@@ -157,7 +157,7 @@ pub(crate) async fn status(
             let wait = crate::config::parse_duration(&wait)
                 .map_err(|e| ApiError::bad_request(format!("wait: {e}")))?
                 .min(MAX_WAIT);
-            node.dispatch.wait(&id, Some(wait)).await.map(|ended| ended.record)
+            node.dispatch.wait(&id, wait).await.map(|ended| ended.record)
         }
         None => node.dispatch.get(&id),
     };

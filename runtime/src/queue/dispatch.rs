@@ -155,9 +155,9 @@ impl Dispatch {
         Ok(record)
     }
 
-    /// The task once it has ended, or as it is when `timeout` runs out
-    /// (`None` waits for the end). `None` for an unknown task.
-    pub(crate) async fn wait(&self, id: &str, timeout: Option<Duration>) -> Option<Ended> {
+    /// The task once it has ended, or as it is when `timeout` runs out.
+    /// `None` for an unknown task.
+    pub(crate) async fn wait(&self, id: &str, timeout: Duration) -> Option<Ended> {
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().unwrap().entry(id.to_owned()).or_default().push(tx);
         // Checked after registering, so an end in between is not missed.
@@ -169,11 +169,7 @@ impl Dispatch {
                 return current.map(|record| self.ended(record));
             }
         }
-        let ended = match timeout {
-            Some(timeout) => tokio::time::timeout(timeout, rx).await.ok().and_then(Result::ok),
-            None => rx.await.ok(),
-        };
-        match ended {
+        match tokio::time::timeout(timeout, rx).await.ok().and_then(Result::ok) {
             Some(ended) => Some(ended),
             None => {
                 self.forget_closed_waiters(id);

@@ -92,7 +92,7 @@ impl Supervisor {
             }
             replicas.draining = previous.draining;
             replicas.draining.extend(previous.current);
-            replicas.draining.retain(|handle| handle.info().state != ReplicaState::Stopped);
+            replicas.draining.retain(|handle| !handle.is_stopped());
         }
     }
 
@@ -194,11 +194,11 @@ impl Supervisor {
             for handle in &stopping {
                 handle.stop();
             }
-            replicas.draining.retain(|handle| handle.info().state != ReplicaState::Stopped);
+            replicas.draining.retain(|handle| !handle.is_stopped());
             replicas.draining.extend(stopping);
         }
         // Stopped replicas (crashed for good, or drained) leave the pool.
-        replicas.current.retain(|handle| handle.info().state != ReplicaState::Stopped);
+        replicas.current.retain(|handle| !handle.is_stopped());
         replicas.last = Some(decision);
     }
 
@@ -216,7 +216,7 @@ impl Supervisor {
     pub(crate) fn warmup(&self, name: &str) -> Option<bool> {
         let mut apps = self.apps.lock().unwrap();
         let replicas = apps.get_mut(name)?;
-        let live = replicas.current.iter().filter(|h| h.info().state != ReplicaState::Stopped).count();
+        let live = replicas.current.iter().filter(|h| !h.is_stopped()).count();
         if live as u32 >= replicas.app.config.autoscaler.max_replicas() {
             return Some(false);
         }

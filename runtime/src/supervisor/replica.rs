@@ -81,6 +81,11 @@ impl ReplicaHandle {
         self.info.lock().unwrap().clone()
     }
 
+    /// Whether it has exited for good.
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.info.lock().unwrap().state == ReplicaState::Stopped
+    }
+
     /// Asks the replica to drain and stop; returns at once.
     pub(crate) fn stop(&self) {
         let _ = self.stop.send(true);
