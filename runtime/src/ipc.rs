@@ -41,7 +41,11 @@ pub(crate) struct HttpRequest {
     /// Path and query as the guest sees them, e.g. `/echo?x=1`.
     pub path_with_query: String,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// The body, or its first part when `streamed`.
     pub body: Vec<u8>,
+    /// The rest of the body follows as [`ToReplica::Body`] frames, each asked
+    /// for with [`FromReplica::WantBody`].
+    pub streamed: bool,
 }
 
 /// The guest's response: the output of its tasks.
@@ -97,6 +101,17 @@ pub(crate) enum ToReplica {
     },
     /// Finish the tasks already sent, then exit.
     Drain,
+    /// Request body of run `seq` (a streamed [`HttpRequest`]): the next part,
+    /// or its end (`None`). `Err`: the client's upload broke off.
+    Body {
+        seq: u64,
+        part: Option<Result<Vec<u8>, String>>,
+    },
+    /// The node passed on one more [`FromReplica::ResponseBody`] part of run
+    /// `seq`: the replica may send another.
+    Credit {
+        seq: u64,
+    },
 }
 
 /// How a run ended, as the replica saw it.
@@ -151,8 +166,31 @@ pub(crate) enum FromReplica {
     StartFailed {
         message: String,
     },
+    /// Run `seq` took request body parts: send up to `parts` more.
+    WantBody {
+        seq: u64,
+        parts: u32,
+    },
+    /// Run `seq` streams its response: the head now, the body in
+    /// [`FromReplica::ResponseBody`] parts (each spending a credit), and its
+    /// `Done` (with an empty output when complete) ends the body.
+    ResponseHead {
+        seq: u64,
+        status: u16,
+        headers: Vec<(String, Vec<u8>)>,
+    },
+    ResponseBody {
+        seq: u64,
+        part: Vec<u8>,
+    },
     Done(TaskDone),
 }
+
+/// Body parts either side may send ahead before the other asks for more:
+/// with [`BODY_PART`] bytes each, what one stream holds in flight.
+pub(crate) const BODY_WINDOW: u32 = 8;
+/// The size a streamed response body is sent in (the last part may be smaller).
+pub(crate) const BODY_PART: usize = 64 * 1024;
 
 fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>> {
     let mut frame = postcard::to_extend(message, vec![0u8; 4]).context("failed to encode frame")?;

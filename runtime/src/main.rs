@@ -1,6 +1,7 @@
 //! `beamlet`: a serverless function runtime for WebAssembly components.
 
 mod autoscaler;
+mod bodies;
 mod bench;
 mod cli;
 mod client;

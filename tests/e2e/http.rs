@@ -1,6 +1,8 @@
 //! `wasi:http/proxy` components built with the plain `wasi` crate, served
 //! under `/http/{name}/`, and instance reuse.
 
+use std::io::{Read as _, Write as _};
+
 use serde_json::Value;
 
 use crate::support::*;
@@ -71,6 +73,99 @@ fn a_wasi_http_component_gets_the_raw_request_and_answers_it() {
     let response = server.http.get(server.url("/http/hello/")).send().unwrap();
     assert_eq!(response.status(), 400);
     assert_eq!(server.http.get(server.url("/http/nope/")).send().unwrap().status(), 404);
+}
+
+#[test]
+fn request_and_response_bodies_stream_both_ways() {
+    // Far more than the node would take as one input: the bodies must stream.
+    let server = Server::start("stream", &["--max-input-size", "1Mi"]);
+    server.deploy_guest("pipe", "guest-http", Some("[task_queue]\nretries = 0\n"));
+
+    // 24 MiB of unknown length (chunked) in, the same bytes back as they pass.
+    let sent: Vec<u8> = (0..24u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let (head, received) = chunked_exchange(&server, "/http/pipe/pipe", &sent);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(received.len(), sent.len());
+    assert!(received == sent, "the body came back intact");
+
+    // Full duplex: each line must come back before the next is sent, which
+    // only works if neither body waits for its end.
+    let mut socket = connect(&server);
+    socket
+        .write_all(b"POST /http/pipe/pipe HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut seen = Vec::new();
+    for i in 0..5 {
+        let line = format!("ping {i}\n");
+        socket.write_all(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes()).unwrap();
+        while !String::from_utf8_lossy(&seen).contains(&line) {
+            let mut buf = [0u8; 4096];
+            let n = socket.read(&mut buf).unwrap();
+            assert!(n > 0, "the connection closed before {line:?} came back: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+    }
+    socket.write_all(b"0\r\n\r\n").unwrap();
+    socket.read_to_end(&mut seen).unwrap();
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("0\r\n\r\n"), "the body ended cleanly: {text}");
+
+    let response = server.http.get(server.url("/http/pipe/big?bytes=3000000")).send().unwrap();
+    assert_eq!(response.bytes().unwrap().len(), 3_000_000, "a streamed response comes whole");
+
+    // A guest that traps halfway through a streamed body: its status was
+    // already sent, so the client sees the body break off, never a short
+    // body that looks whole; the app goes on.
+    let response = server.http.get(server.url("/http/pipe/partial")).send().unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.bytes().is_err(), "the broken body is reported as broken");
+    assert_eq!(server.http.get(server.url("/http/pipe/hello")).send().unwrap().text().unwrap(), "Hello, world!\n");
+}
+
+fn connect(server: &Server) -> std::net::TcpStream {
+    let socket = std::net::TcpStream::connect(server.url("").trim_start_matches("http://")).unwrap();
+    // Not a timing check: a hung exchange fails the test instead of hanging it.
+    socket.set_read_timeout(Some(std::time::Duration::from_secs(120))).unwrap();
+    socket
+}
+
+/// POSTs `body` with chunked transfer encoding (a length the node cannot
+/// know ahead) from one thread while reading the response on this one, so
+/// a response that streams back before the upload ends is read as it comes.
+/// Returns the response head and its decoded body.
+fn chunked_exchange(server: &Server, path: &str, body: &[u8]) -> (String, Vec<u8>) {
+    let mut socket = connect(server);
+    let mut writer = socket.try_clone().unwrap();
+    let request = format!("POST {path} HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n");
+    let body = body.to_vec();
+    let upload = std::thread::spawn(move || {
+        writer.write_all(request.as_bytes()).unwrap();
+        for chunk in body.chunks(100_000) {
+            writer.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).unwrap();
+            writer.write_all(chunk).unwrap();
+            writer.write_all(b"\r\n").unwrap();
+        }
+        writer.write_all(b"0\r\n\r\n").unwrap();
+    });
+    let mut raw = Vec::new();
+    socket.read_to_end(&mut raw).unwrap();
+    upload.join().unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head") + 4;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    assert!(head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{head}");
+    let (mut rest, mut decoded) = (&raw[split..], Vec::new());
+    loop {
+        let line_end = rest.windows(2).position(|w| w == b"\r\n").expect("a chunk size line");
+        let size = usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap().trim(), 16).unwrap();
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            break;
+        }
+        decoded.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
+    (head, decoded)
 }
 
 #[test]

@@ -8,9 +8,11 @@ use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use http_body::Body as _;
 
 use super::tasks::{app_of_world, new_task, with_task_id};
 use super::{ApiError, read_body};
+use crate::bodies::ResponseStart;
 use crate::ipc::{HttpRequest, HttpResponse};
 use crate::node::Node;
 use crate::queue::{Ended, TaskStatus};
@@ -33,34 +35,75 @@ async fn proxy(node: &Node, name: &str, rest: &str, request: Request) -> Result<
     let (parts, body) = request.into_parts();
     let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     let headers = parts.headers.iter().map(|(name, value)| (name.to_string(), value.as_bytes().to_vec())).collect();
-    let body = read_body(body, node.limits.max_input, "request body").await?;
+    // A small body of known size goes with the request; any other streams.
+    let (body, streamed) = if body.is_end_stream() {
+        (Vec::new(), None)
+    } else if body.size_hint().exact().is_some_and(|len| len <= INLINE_BODY as u64) {
+        (read_body(body, INLINE_BODY, "request body").await?.to_vec(), None)
+    } else {
+        (Vec::new(), Some(body))
+    };
     let request = HttpRequest {
         method: parts.method.to_string(),
         path_with_query: format!("/{rest}{query}"),
         headers,
-        body: body.to_vec(),
+        body,
+        streamed: streamed.is_some(),
     };
-    let Ended { record, output } = node.dispatch.call(new_task(&app, request.encode().into(), None, false)).await?;
-    let response = match (record.status, &record.error) {
-        (TaskStatus::Complete, _) => {
-            let output = output.unwrap_or_default();
-            let response = HttpResponse::decode(&output).map_err(ApiError::internal)?;
-            into_response(response)?
-        }
-        (_, Some(error)) => ApiError::from(error).into_response(),
-        (status, None) => {
-            ApiError::internal(format!("task ended {} without an error", status.as_str())).into_response()
+    let task = new_task(&app, request.encode().into(), None, false);
+    let id = task.id.clone();
+    let (_open, head) = node.bodies.open(&id, streamed);
+    let call = node.dispatch.call(task);
+    tokio::pin!(call);
+    let response = tokio::select! {
+        // The head comes before the task's end, so a streamed response is seen first.
+        biased;
+        Ok(start) = head => streamed_response(start)?,
+        ended = &mut call => {
+            let Ended { record, output } = ended?;
+            match (record.status, &record.error) {
+                (TaskStatus::Complete, _) => {
+                    let output = output.unwrap_or_default();
+                    let response = HttpResponse::decode(&output).map_err(ApiError::internal)?;
+                    let ResponseParts { status, headers, body } = response.into();
+                    into_response(status, headers, Body::from(body))?
+                }
+                (_, Some(error)) => ApiError::from(error).into_response(),
+                (status, None) => {
+                    ApiError::internal(format!("task ended {} without an error", status.as_str())).into_response()
+                }
+            }
         }
     };
-    Ok(with_task_id(response, &record.id))
+    Ok(with_task_id(response, &id))
 }
 
-fn into_response(response: HttpResponse) -> Result<Response, ApiError> {
-    let status = StatusCode::from_u16(response.status)
-        .map_err(|_| ApiError::internal(format!("the guest answered with status {}", response.status)))?;
-    let mut out = Response::new(Body::from(response.body));
+/// Request bodies up to this size travel with the request; bigger ones, and
+/// those of unknown size, stream to the guest as it reads them.
+const INLINE_BODY: usize = 64 * 1024;
+
+struct ResponseParts {
+    status: u16,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+}
+
+impl From<HttpResponse> for ResponseParts {
+    fn from(response: HttpResponse) -> Self {
+        Self { status: response.status, headers: response.headers, body: response.body }
+    }
+}
+
+fn streamed_response(start: ResponseStart) -> Result<Response, ApiError> {
+    into_response(start.status, start.headers, start.body)
+}
+
+fn into_response(status: u16, headers: Vec<(String, Vec<u8>)>, body: Body) -> Result<Response, ApiError> {
+    let status = StatusCode::from_u16(status)
+        .map_err(|_| ApiError::internal(format!("the guest answered with status {status}")))?;
+    let mut out = Response::new(body);
     *out.status_mut() = status;
-    for (name, value) in response.headers {
+    for (name, value) in headers {
         let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::from_bytes(&value)) else { continue };
         out.headers_mut().append(name, value);
     }

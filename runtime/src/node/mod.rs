@@ -13,6 +13,7 @@ use anyhow::{Context as _, Result};
 use tokio::io::AsyncWriteExt;
 
 pub(crate) use self::logs::AppLogs;
+use crate::bodies::Bodies;
 use crate::metrics::Metrics;
 use crate::queue::{Dispatch, EmbeddedQueue, now_ms};
 use crate::registry::Registry;
@@ -39,6 +40,8 @@ pub(crate) struct Node {
     pub supervisor: Arc<Supervisor>,
     pub logs: Arc<AppLogs>,
     pub metrics: Arc<Metrics>,
+    /// Streamed HTTP bodies of the requests in progress.
+    pub bodies: Arc<Bodies>,
     pub limits: Limits,
 }
 
@@ -56,8 +59,10 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     let exe = std::env::current_exe().context("failed to find the beamlet executable")?;
     let capacity = Arc::new(Capacity::new(options.capacity));
     let metrics = Arc::new(Metrics::new());
-    let supervisor = Arc::new(Supervisor::new(exe, dispatch.clone(), logs.clone(), capacity, metrics.clone()));
-    let node = Arc::new(Node { registry, dispatch, supervisor, logs, metrics, limits: options.limits });
+    let bodies = Arc::new(Bodies::default());
+    let supervisor =
+        Arc::new(Supervisor::new(exe, dispatch.clone(), logs.clone(), capacity, metrics.clone(), bodies.clone()));
+    let node = Arc::new(Node { registry, dispatch, supervisor, logs, metrics, bodies, limits: options.limits });
     callbacks::spawn(node.clone(), ended);
     tokio::spawn(crate::autoscaler::run(node.supervisor.clone(), node.dispatch.clone(), node.metrics.clone()));
     for app in node.registry.list() {

@@ -4,6 +4,7 @@
 //! when the node's end of the socket closes (the node died: no orphans).
 
 mod cancel;
+mod flows;
 mod worker;
 
 use std::io::BufReader;
@@ -20,6 +21,7 @@ use crate::host::bindings::FunctionPre;
 use crate::ipc::{self, FromReplica, ReplicaSpec, RunTask, ToReplica};
 
 use self::cancel::Cancels;
+use self::flows::Flows;
 use self::worker::{GuestPre, Worker};
 use crate::registry::World;
 use wasmtime_wasi_http::p2::bindings::sync::ProxyPre;
@@ -50,7 +52,8 @@ pub(crate) fn main(fd: RawFd) -> Result<()> {
         Some(other) => bail!("expected a start frame from the node, got {other:?}"),
         None => return Ok(()),
     };
-    let workers = match start_workers(&spec, &replies) {
+    let flows = Arc::new(Flows::default());
+    let workers = match start_workers(&spec, &replies, &flows) {
         Ok(workers) => workers,
         Err(e) => {
             let message = format!("{e:#}");
@@ -60,10 +63,10 @@ pub(crate) fn main(fd: RawFd) -> Result<()> {
         }
     };
     replies.send(&FromReplica::Ready);
-    serve(input, workers)
+    serve(input, workers, &flows)
 }
 
-fn start_workers(spec: &ReplicaSpec, replies: &Replies) -> Result<Vec<Worker>> {
+fn start_workers(spec: &ReplicaSpec, replies: &Replies, flows: &Arc<Flows>) -> Result<Vec<Worker>> {
     let engine =
         engine::new_engine(Allocation::Pooling { slots: spec.workers + 1, memory_bytes: spec.memory_per_worker })?;
     engine::start_epoch_ticker(engine.clone());
@@ -88,11 +91,13 @@ fn start_workers(spec: &ReplicaSpec, replies: &Replies) -> Result<Vec<Worker>> {
         }
     };
     let spec = Arc::new(spec.clone());
-    (0..spec.workers).map(|index| Worker::start(index, spec.clone(), pre.clone(), replies.clone())).collect()
+    (0..spec.workers)
+        .map(|index| Worker::start(index, spec.clone(), pre.clone(), replies.clone(), flows.clone()))
+        .collect()
 }
 
 /// Reads the node's frames until it says drain or goes away.
-fn serve(mut input: BufReader<UnixStream>, workers: Vec<Worker>) -> Result<()> {
+fn serve(mut input: BufReader<UnixStream>, workers: Vec<Worker>, flows: &Flows) -> Result<()> {
     let (tasks, queue) = mpsc::channel::<RunTask>();
     let queue = Arc::new(Mutex::new(queue));
     let cancels = Arc::new(Cancels::default());
@@ -111,7 +116,12 @@ fn serve(mut input: BufReader<UnixStream>, workers: Vec<Worker>) -> Result<()> {
             Ok(Some(ToReplica::Run(task))) => {
                 tasks.send(task).expect("workers outlive the reader");
             }
-            Ok(Some(ToReplica::Cancel { seq })) => cancels.cancel(seq),
+            Ok(Some(ToReplica::Cancel { seq })) => {
+                cancels.cancel(seq);
+                flows.abort(seq);
+            }
+            Ok(Some(ToReplica::Body { seq, part })) => flows.request_part(seq, part),
+            Ok(Some(ToReplica::Credit { seq })) => flows.credit(seq),
             Ok(Some(ToReplica::Drain)) => break,
             Ok(Some(ToReplica::Start(_))) => bail!("the node sent a second start frame"),
             Ok(None) | Err(_) => {

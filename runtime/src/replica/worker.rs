@@ -12,15 +12,15 @@ use wasmtime::{Store, Trap, UpdateDeadline};
 
 use super::Replies;
 use super::cancel::Cancels;
+use super::flows::{Flows, RequestBody, stream_response};
 use crate::host::WorkerState;
 use crate::host::bindings::{Function, FunctionPre, GuestError, TaskContext};
 use crate::ipc::{FromReplica, Outcome, ReplicaSpec, RunTask, TaskDone};
-use crate::ipc::{HttpRequest, HttpResponse};
+use crate::ipc::HttpRequest;
 use http_body_util::BodyExt as _;
 use wasmtime_wasi_http::WasiHttpView as _;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::sync::{Proxy, ProxyPre};
-use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 /// A component ready to instantiate, by the world it targets.
 #[derive(Clone)]
@@ -48,6 +48,8 @@ pub(crate) struct Worker {
     replies: Replies,
     cancel: Arc<AtomicBool>,
     allowed_hosts: Arc<[String]>,
+    /// Streamed HTTP bodies of the runs in progress (shared with the reader).
+    flows: Arc<Flows>,
     live: Option<Live>,
 }
 
@@ -56,10 +58,16 @@ const STDERR_TAIL: usize = 2048;
 
 impl Worker {
     /// Creates the worker's first instance and runs `init`, logging the start.
-    pub(crate) fn start(index: u32, spec: Arc<ReplicaSpec>, pre: GuestPre, replies: Replies) -> Result<Self> {
+    pub(crate) fn start(
+        index: u32,
+        spec: Arc<ReplicaSpec>,
+        pre: GuestPre,
+        replies: Replies,
+        flows: Arc<Flows>,
+    ) -> Result<Self> {
         let allowed_hosts = spec.allowed_outbound_hosts.clone().into();
         let cancel = Arc::new(AtomicBool::new(false));
-        let mut worker = Self { index, spec, pre, replies, cancel, allowed_hosts, live: None };
+        let mut worker = Self { index, spec, pre, replies, cancel, allowed_hosts, flows, live: None };
         worker.instantiate().with_context(|| format!("failed to start worker {index}"))?;
         Ok(worker)
     }
@@ -150,7 +158,8 @@ impl Worker {
         }
         let live = self.live.as_mut().expect("instantiated above");
         let timeout = Duration::from_millis(task.timeout_ms);
-        live.store.data_mut().deadline = Some(started + timeout);
+        let deadline = started + timeout;
+        live.store.data_mut().deadline = Some(deadline);
         // `Err` is a trap (or a stop); the instance is then discarded.
         let result = match &live.guest {
             Guest::Function(bindings) => {
@@ -168,7 +177,10 @@ impl Worker {
                     Err(GuestError::Failed(message)) => Outcome::Failed(message),
                 })
             }
-            Guest::Proxy(proxy, runtime) => serve_http(&mut live.store, proxy, runtime, &task.input),
+            Guest::Proxy(proxy, runtime) => {
+                let stream = Stream { seq: task.seq, deadline, flows: &self.flows, replies: &self.replies };
+                serve_http(&mut live.store, proxy, runtime, &task.input, stream)
+            }
         };
         live.store.data_mut().deadline = None;
         done.stdout = live.store.data().stdout.take();
@@ -183,16 +195,31 @@ impl Worker {
     }
 }
 
-/// Runs one request through a `wasi:http/proxy` guest. The response body is
-/// read on `runtime` while the guest writes it, so large bodies never stall.
-/// Returns the outcome, or the trap.
+/// Where a `wasi:http` run's bodies flow.
+struct Stream<'a> {
+    seq: u64,
+    deadline: Instant,
+    flows: &'a Arc<Flows>,
+    replies: &'a Replies,
+}
+
+/// Runs one request through a `wasi:http/proxy` guest. The request body
+/// streams in and the response streams out while the guest runs (on
+/// `runtime`), so neither is held whole. Returns the outcome, or the trap.
 fn serve_http(
     store: &mut Store<WorkerState>,
     proxy: &Proxy,
     runtime: &tokio::runtime::Runtime,
     input: &[u8],
+    stream: Stream<'_>,
 ) -> Result<Outcome, wasmtime::Error> {
-    let request = match HttpRequest::decode(input).and_then(to_hyper) {
+    let request = match HttpRequest::decode(input) {
+        Ok(request) => request,
+        Err(e) => return Ok(Outcome::BadInput(format!("{e:#}"))),
+    };
+    let Stream { seq, deadline, flows, replies } = stream;
+    let mut flow = flows.open(seq, request.streamed);
+    let request = match to_hyper(request, flow.request.take(), seq, replies, deadline) {
         Ok(request) => request,
         Err(e) => return Ok(Outcome::BadInput(format!("{e:#}"))),
     };
@@ -204,19 +231,37 @@ fn serve_http(
         Ok::<_, wasmtime::Error>((request, out))
     })();
     let (request, out) = handles?;
-    let collector = runtime.spawn(collect_response(receiver));
+    let (replies, credits) = (replies.clone(), flow.credits.clone());
+    let collector = runtime.spawn(async move {
+        let response = receiver
+            .await
+            .map_err(|_| "the guest returned without setting a response".to_owned())?
+            .map_err(|code| format!("the guest answered with an error: {code:?}"))?;
+        stream_response(response, seq, replies, credits, deadline).await
+    });
     if let Err(trap) = proxy.wasi_http_incoming_handler().call_handle(&mut *store, request, out) {
         collector.abort();
         return Err(trap);
     }
-    Ok(match runtime.block_on(collector) {
-        Ok(Ok(response)) => Outcome::Complete(response.encode()),
+    let outcome = match runtime.block_on(collector) {
+        Ok(Ok(Some(response))) => Outcome::Complete(response.encode()),
+        // Streamed: the node has the response already.
+        Ok(Ok(None)) => Outcome::Complete(Vec::new()),
         Ok(Err(message)) => Outcome::Failed(message),
         Err(e) => Outcome::Failed(format!("failed to read the guest's response: {e}")),
-    })
+    };
+    drop(flow);
+    Ok(outcome)
 }
 
-fn to_hyper(request: HttpRequest) -> Result<http::Request<BoxedBody>> {
+/// The request as hyper takes it; `parts`: the rest of a streamed body.
+fn to_hyper(
+    request: HttpRequest,
+    parts: Option<tokio::sync::mpsc::UnboundedReceiver<Result<Vec<u8>, String>>>,
+    seq: u64,
+    replies: &Replies,
+    deadline: Instant,
+) -> Result<http::Request<BoxedBody>> {
     let host = request
         .headers
         .iter()
@@ -230,28 +275,16 @@ fn to_hyper(request: HttpRequest) -> Result<http::Request<BoxedBody>> {
     for (name, value) in &request.headers {
         builder = builder.header(name.as_str(), value.as_slice());
     }
-    let body = http_body_util::Full::new(bytes::Bytes::from(request.body))
-        .map_err(|never: std::convert::Infallible| match never {})
-        .boxed_unsync();
+    let body = match parts {
+        Some(parts) => RequestBody::new(request.body, parts, seq, replies.clone(), deadline).boxed_unsync(),
+        None => http_body_util::Full::new(bytes::Bytes::from(request.body))
+            .map_err(|never: std::convert::Infallible| match never {})
+            .boxed_unsync(),
+    };
     builder.body(body).context("the request is not valid HTTP")
 }
 
 type BoxedBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, wasmtime_wasi_http::Error>;
-
-async fn collect_response(
-    receiver: tokio::sync::oneshot::Receiver<
-        Result<http::Response<HyperOutgoingBody>, wasmtime_wasi_http::p2::bindings::http::types::ErrorCode>,
-    >,
-) -> std::result::Result<HttpResponse, String> {
-    let response = receiver
-        .await
-        .map_err(|_| "the guest returned without setting a response".to_owned())?
-        .map_err(|code| format!("the guest answered with an error: {code:?}"))?;
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await.map_err(|e| format!("the guest's response body failed: {e:?}"))?.to_bytes();
-    let headers = parts.headers.iter().map(|(name, value)| (name.to_string(), value.as_bytes().to_vec())).collect();
-    Ok(HttpResponse { status: parts.status.as_u16(), headers, body: body.to_vec() })
-}
 
 /// Says why a guest stopped: cancelled, timed out, out of memory, or a trap.
 fn classify_trap(store: &mut Store<WorkerState>, error: wasmtime::Error, stderr: &[u8]) -> Outcome {

@@ -51,6 +51,7 @@ pub(crate) struct Supervisor {
     logs: Arc<AppLogs>,
     capacity: Arc<Capacity>,
     metrics: Arc<Metrics>,
+    bodies: Arc<crate::bodies::Bodies>,
     next_replica: AtomicU64,
     apps: Mutex<HashMap<String, AppReplicas>>,
 }
@@ -71,8 +72,9 @@ impl Supervisor {
         logs: Arc<AppLogs>,
         capacity: Arc<Capacity>,
         metrics: Arc<Metrics>,
+        bodies: Arc<crate::bodies::Bodies>,
     ) -> Self {
-        Self { exe, dispatch, logs, capacity, metrics, next_replica: AtomicU64::new(0), apps: Mutex::default() }
+        Self { exe, dispatch, logs, capacity, metrics, bodies, next_replica: AtomicU64::new(0), apps: Mutex::default() }
     }
 
     /// Makes `app`'s version the one that runs: starts its baseline replicas
@@ -120,6 +122,7 @@ impl Supervisor {
             metrics: self.metrics.clone(),
             demand: Demand { cpu: runtime.cpu, memory: runtime.memory },
             times: times.clone(),
+            bodies: self.bodies.clone(),
         })
     }
 

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::TaskTimes;
 use super::placement::{Capacity, Demand};
+use crate::bodies::{self, Bodies, ResponseStart};
 use crate::ipc::{self, FromReplica, Outcome, ReplicaSpec, RunTask, TaskDone, ToReplica};
 use crate::node::AppLogs;
 use crate::queue::{Dispatch, ErrorCode, Finish, Lease, TaskError, TaskId, now_ms};
@@ -102,6 +103,7 @@ pub(crate) struct Plan {
     pub metrics: Arc<crate::metrics::Metrics>,
     pub demand: Demand,
     pub times: Arc<TaskTimes>,
+    pub bodies: Arc<Bodies>,
 }
 
 pub(crate) fn spawn(plan: Plan) -> ReplicaHandle {
@@ -171,7 +173,7 @@ async fn run_placed(plan: &Plan, info: &Arc<Mutex<ReplicaInfo>>, stop: &mut watc
     let mut failed_starts = 0;
     while !*stop.borrow() {
         let started = Instant::now();
-        let mut run = Run { plan, info, inflight: HashMap::new() };
+        let mut run = Run { plan, info, inflight: HashMap::new(), streams: HashMap::new() };
         let result = run.once(stop).await;
         run.requeue_inflight(result.as_ref().err());
         let Err(error) = result else { break };
@@ -213,6 +215,17 @@ struct Run<'a> {
     info: &'a Arc<Mutex<ReplicaInfo>>,
     /// Tasks sent to the process and not yet done, by run sequence number.
     inflight: HashMap<u64, Lease>,
+    /// Runs whose HTTP bodies stream; their failures are final.
+    streams: HashMap<u64, Streams>,
+}
+
+/// Where one run's streamed bodies go.
+#[derive(Default)]
+struct Streams {
+    /// Asks the request pump for more parts.
+    wants: Option<mpsc::UnboundedSender<u32>>,
+    /// The response body's parts, to the gateway.
+    response: Option<mpsc::UnboundedSender<Result<bytes::Bytes, String>>>,
 }
 
 impl Run<'_> {
@@ -261,6 +274,8 @@ impl Run<'_> {
         tracing::info!(app = %spec.app, replica = %spec.replica, pid = child.id(), "replica ready");
 
         let (cancel_tx, mut cancels) = mpsc::unbounded_channel::<TaskId>();
+        // Frames from body pumps and response credits, written in turn.
+        let (out, mut outgoing) = mpsc::unbounded_channel::<ToReplica>();
         let mut free = spec.workers;
         let mut draining = false;
         let mut seq = 0u64;
@@ -277,9 +292,15 @@ impl Run<'_> {
                         timeout_ms: u64::try_from(lease.timeout.as_millis()).unwrap_or(u64::MAX),
                         input: lease.input.to_vec(),
                     };
+                    let rest = plan.bodies.take_request(&lease.id);
                     self.inflight.insert(seq, lease);
                     self.set_busy();
                     send(&mut write, &ToReplica::Run(run)).await?;
+                    if let Some(body) = rest {
+                        let (wants, asks) = mpsc::unbounded_channel();
+                        tokio::spawn(bodies::pump_request(seq, body, asks, out.clone()));
+                        self.streams.entry(seq).or_default().wants = Some(wants);
+                    }
                 }
                 frame = frames.recv() => match frame {
                     Some(FromReplica::Done(done)) => {
@@ -288,6 +309,15 @@ impl Run<'_> {
                         self.set_busy();
                     }
                     Some(started @ FromReplica::WorkerStarted { .. }) => self.worker_started(started),
+                    Some(FromReplica::WantBody { seq, parts }) => {
+                        if let Some(wants) = self.streams.get(&seq).and_then(|s| s.wants.as_ref()) {
+                            let _ = wants.send(parts);
+                        }
+                    }
+                    Some(FromReplica::ResponseHead { seq, status, headers }) => {
+                        self.response_head(seq, status, headers, &out);
+                    }
+                    Some(FromReplica::ResponseBody { seq, part }) => self.response_part(seq, part),
                     Some(other) => tracing::warn!(replica = %spec.replica, "unexpected frame {other:?}"),
                     None if draining && self.inflight.is_empty() => {
                         let _ = child.wait().await;
@@ -295,6 +325,7 @@ impl Run<'_> {
                     }
                     None => return Err(exit_context(anyhow!("replica connection closed"), &mut child).await),
                 },
+                Some(frame) = outgoing.recv() => send(&mut write, &frame).await?,
                 Some(id) = cancels.recv() => {
                     let seq = self.inflight.iter().find(|(_, lease)| lease.id == id).map(|(seq, _)| *seq);
                     if let Some(seq) = seq {
@@ -317,6 +348,7 @@ impl Run<'_> {
                 Some(FromReplica::Ready) => return Ok(()),
                 Some(FromReplica::StartFailed { message }) => bail!("replica failed to start: {message}"),
                 Some(FromReplica::Done(_)) => bail!("replica reported a task before it was ready"),
+                Some(other) => bail!("replica sent {other:?} before it was ready"),
                 None => bail!("replica exited while starting"),
             }
         }
@@ -360,17 +392,66 @@ impl Run<'_> {
             }),
             Outcome::Cancelled => Finish::Cancelled,
         };
+        let finish = self.end_streams(done.seq, finish);
         self.plan.dispatch.finish(&lease.id, finish);
+    }
+
+    /// Passes a streamed response's head to the gateway, with a body that
+    /// will yield its parts; cancels the run when nobody waits for it.
+    fn response_head(&mut self, seq: u64, status: u16, headers: Vec<(String, Vec<u8>)>, out: &mpsc::UnboundedSender<ToReplica>) {
+        let Some(lease) = self.inflight.get(&seq) else { return };
+        let (parts, received) = mpsc::unbounded_channel();
+        let start = ResponseStart { status, headers, body: bodies::response_body(seq, received, out.clone()) };
+        let taken = self.plan.bodies.take_head(&lease.id).is_some_and(|head| head.send(start).is_ok());
+        self.streams.entry(seq).or_default().response = Some(parts);
+        if !taken {
+            self.client_gone(seq);
+        }
+    }
+
+    fn response_part(&mut self, seq: u64, part: Vec<u8>) {
+        let Some(response) = self.streams.get(&seq).and_then(|s| s.response.as_ref()) else { return };
+        if response.send(Ok(part.into())).is_err() {
+            self.client_gone(seq);
+        }
+    }
+
+    /// The client of a streamed response went away: stop the run.
+    fn client_gone(&mut self, seq: u64) {
+        if let Some(streams) = self.streams.get_mut(&seq)
+            && streams.response.take().is_some()
+            && let Some(lease) = self.inflight.get(&seq)
+        {
+            tracing::debug!(task = %lease.id, "the client of a streamed response went away; cancelling");
+            let _ = self.plan.dispatch.cancel(&lease.id);
+        }
+    }
+
+    /// Ends the streams of run `seq`. A run whose bodies moved cannot be
+    /// replayed, so its failure is final, and its client's body ends with it.
+    fn end_streams(&mut self, seq: u64, finish: Finish) -> Finish {
+        let Some(streams) = self.streams.remove(&seq) else { return finish };
+        let (finish, error) = match finish {
+            Finish::Retryable(error) | Finish::Rejected(error) => {
+                let message = error.message.clone();
+                (Finish::Rejected(error), Some(message))
+            }
+            Finish::Cancelled => (Finish::Cancelled, Some("the task was cancelled".to_owned())),
+            complete => (complete, None),
+        };
+        if let (Some(response), Some(message)) = (streams.response, error) {
+            let _ = response.send(Err(message));
+        }
+        finish
     }
 
     /// Puts back what a dead replica held; each counts as a failed attempt.
     fn requeue_inflight(&mut self, error: Option<&anyhow::Error>) {
         let reason = error.map_or_else(|| "replica stopped".to_owned(), |e| format!("{e:#}"));
-        for (_, lease) in self.inflight.drain() {
+        for (seq, lease) in std::mem::take(&mut self.inflight) {
             let message = format!("replica {} was lost while running the task: {reason}", self.plan.spec.replica);
-            self.plan
-                .dispatch
-                .finish(&lease.id, Finish::Retryable(TaskError { code: ErrorCode::ReplicaLost, message }));
+            let finish = self.end_streams(seq, Finish::Retryable(TaskError { code: ErrorCode::ReplicaLost, message }));
+            self.plan.dispatch.finish(&lease.id, finish);
         }
     }
 }

@@ -6,6 +6,9 @@
 //!   (the request's `x-test` header); the body is the request body
 //! - `/status/{code}`: that status, body `status {code}`
 //! - `/big?bytes=N`: N bytes of `x`
+//! - `/pipe`: 200 at once, then streams the request body back as it arrives,
+//!   part by part (both bodies stream; nothing is held whole)
+//! - `/partial`: sends its head and 1 MiB of body, then panics
 //! - `/trap`: panics
 //! - `/outbound[?to=HOST:PORT]`: tries `GET http://HOST:PORT/` (default
 //!   example.com) and reports what happened
@@ -64,6 +67,30 @@ fn read_body(request: &IncomingRequest) -> Vec<u8> {
     bytes
 }
 
+/// Writes each part of the request body back as soon as it is read.
+fn pipe(request: &IncomingRequest, out: ResponseOutparam) {
+    let body = request.consume().expect("body consumed once");
+    let input = body.stream().expect("stream taken once");
+    let response = OutgoingResponse::new(Fields::new());
+    let outgoing = response.body().expect("body taken once");
+    ResponseOutparam::set(out, Ok(response));
+    let mut output = outgoing.write().expect("stream taken once");
+    loop {
+        match input.blocking_read(64 * 1024) {
+            Ok(part) => {
+                for chunk in part.chunks(4096) {
+                    output.write_all(chunk).expect("write body");
+                }
+                output.flush().expect("flush body");
+            }
+            Err(wasi::io::streams::StreamError::Closed) => break,
+            Err(e) => panic!("reading the request body failed: {e:?}"),
+        }
+    }
+    drop(output);
+    OutgoingBody::finish(outgoing, None).expect("finish body");
+}
+
 fn outbound(authority: &str) -> String {
     let request = OutgoingRequest::new(Fields::new());
     request.set_scheme(Some(&Scheme::Http)).unwrap();
@@ -102,6 +129,18 @@ impl wasi::exports::http::incoming_handler::Guest for Handler {
             "/big" => {
                 let bytes = query.strip_prefix("bytes=").and_then(|n| n.parse().ok()).unwrap_or(0);
                 respond(out, 200, &[], &vec![b'x'; bytes]);
+            }
+            "/pipe" => pipe(&request, out),
+            "/partial" => {
+                let response = OutgoingResponse::new(Fields::new());
+                let outgoing = response.body().expect("body taken once");
+                ResponseOutparam::set(out, Ok(response));
+                let mut stream = outgoing.write().expect("stream taken once");
+                for chunk in vec![b'p'; 1 << 20].chunks(4096) {
+                    stream.write_all(chunk).expect("write body");
+                }
+                stream.flush().expect("flush body");
+                panic!("http guest trapped halfway through its body");
             }
             "/trap" => panic!("http guest trapped on purpose"),
             "/outbound" => {

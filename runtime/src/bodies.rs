@@ -1,0 +1,142 @@
+//! The node's end of streamed HTTP bodies (`wasi:http/proxy` apps).
+//!
+//! The gateway opens an [`Exchange`] for each request before queuing its task:
+//! the rest of the request body (when it was too big to send inline) and a
+//! slot for the response head. The replica slot that runs the task takes the
+//! body and pumps it to the replica part by part as the guest asks for it,
+//! and when the guest streams its response, hands the gateway the head and a
+//! body that yields the parts as they come. Once a body has started to move,
+//! the request cannot be replayed: the run's failure is final.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::ipc::ToReplica;
+use crate::queue::TaskId;
+
+/// The exchanges in progress, by task id.
+#[derive(Default)]
+pub(crate) struct Bodies(Mutex<HashMap<TaskId, Arc<Exchange>>>);
+
+pub(crate) struct Exchange {
+    /// The rest of the request body, taken by the run that streams it.
+    request: Mutex<Option<Body>>,
+    /// Where a streamed response's head goes.
+    head: Mutex<Option<oneshot::Sender<ResponseStart>>>,
+}
+
+/// A streamed response as the gateway gets it.
+pub(crate) struct ResponseStart {
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Body,
+}
+
+/// Keeps an exchange open; it closes when this is dropped (the request ended,
+/// or its client went away).
+pub(crate) struct Open<'a> {
+    bodies: &'a Bodies,
+    id: TaskId,
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.bodies.0.lock().unwrap().remove(&self.id);
+    }
+}
+
+impl Bodies {
+    /// Opens the exchange of task `id`; `rest`: the request body still to send.
+    pub(crate) fn open(&self, id: &TaskId, rest: Option<Body>) -> (Open<'_>, oneshot::Receiver<ResponseStart>) {
+        let (tx, rx) = oneshot::channel();
+        let exchange = Exchange { request: Mutex::new(rest), head: Mutex::new(Some(tx)) };
+        self.0.lock().unwrap().insert(id.clone(), Arc::new(exchange));
+        (Open { bodies: self, id: id.clone() }, rx)
+    }
+
+    /// The rest of task `id`'s request body, for the run about to start.
+    pub(crate) fn take_request(&self, id: &str) -> Option<Body> {
+        let exchange = self.0.lock().unwrap().get(id).cloned()?;
+        exchange.request.lock().unwrap().take()
+    }
+
+    /// Where task `id`'s response head goes; `None` when nobody waits for it.
+    pub(crate) fn take_head(&self, id: &str) -> Option<oneshot::Sender<ResponseStart>> {
+        let exchange = self.0.lock().unwrap().get(id).cloned()?;
+        exchange.head.lock().unwrap().take()
+    }
+}
+
+/// Sends `body` to run `seq` as [`ToReplica::Body`] frames (through `out`),
+/// one part per part the replica asks for on `wants`.
+pub(crate) async fn pump_request(
+    seq: u64,
+    mut body: Body,
+    mut wants: mpsc::UnboundedReceiver<u32>,
+    out: mpsc::UnboundedSender<ToReplica>,
+) {
+    let mut credit = 0u32;
+    loop {
+        while credit == 0 {
+            match wants.recv().await {
+                Some(parts) => credit = credit.saturating_add(parts),
+                None => return,
+            }
+        }
+        let part = match body.frame().await {
+            None => None,
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if data.is_empty() => continue,
+                Ok(data) => Some(Ok(data.to_vec())),
+                Err(_) => continue,
+            },
+            Some(Err(e)) => Some(Err(format!("the client's request body failed: {e}"))),
+        };
+        let last = !matches!(part, Some(Ok(_)));
+        if out.send(ToReplica::Body { seq, part }).is_err() || last {
+            return;
+        }
+        credit -= 1;
+    }
+}
+
+/// The response body of run `seq` as the gateway sends it: the parts the
+/// replica streams, each returning a credit once taken; an `Err` part (the
+/// run failed mid-body) aborts the client's connection.
+pub(crate) fn response_body(
+    seq: u64,
+    parts: mpsc::UnboundedReceiver<Result<Bytes, String>>,
+    out: mpsc::UnboundedSender<ToReplica>,
+) -> Body {
+    Body::from_stream(ResponseParts { seq, parts, out })
+}
+
+struct ResponseParts {
+    seq: u64,
+    parts: mpsc::UnboundedReceiver<Result<Bytes, String>>,
+    out: mpsc::UnboundedSender<ToReplica>,
+}
+
+impl futures_util::Stream for ResponseParts {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        match this.parts.poll_recv(cx) {
+            Poll::Ready(Some(Ok(part))) => {
+                let _ = this.out.send(ToReplica::Credit { seq: this.seq });
+                Poll::Ready(Some(Ok(part)))
+            }
+            Poll::Ready(Some(Err(message))) => Poll::Ready(Some(Err(std::io::Error::other(message)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
