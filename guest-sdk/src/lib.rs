@@ -73,10 +73,16 @@
 //! Use `println!` and `eprintln!`. The runtime captures each task's stdout and
 //! stderr into that task's logs (`beamlet logs NAME`); output from `init` goes
 //! to the worker's logs.
+//!
+//! # GPU
+//!
+//! [`gpu`] holds typed buffers, GEMM and the element-wise steps of an MLP, and
+//! custom CUDA kernels, for apps deployed with `gpu` in their config.
 
 mod context;
 mod error;
 mod export;
+pub mod gpu;
 
 #[doc(hidden)]
 #[path = "bindings.rs"]

@@ -1,13 +1,18 @@
 //! The CPU backend: buffers in host memory, GEMM by `matrixmultiply`
 //! (f16/bf16 computed in f32, as tensor cores accumulate), the same checks
-//! and errors as a GPU. Custom kernels are `unavailable` here.
+//! and errors as a GPU. Streams are trivial: every op runs when called, so
+//! `synchronize` has nothing to wait for. Custom kernels are `unavailable`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use half::{bf16, f16};
 
-use crate::{Backend, BinaryOp, BufferId, DType, DeviceInfo, GemmArgs, GpuError, Result, check_range};
+use crate::{
+    Backend, BinaryOp, BufferId, DType, DeviceInfo, DeviceLimits, GemmArgs, GpuError, KernelArg, KernelId,
+    KernelSource, LaunchConfig, ParamKind, Result, StreamId, checks,
+};
 
 /// A buffer's elements.
 enum Data {
@@ -67,6 +72,7 @@ pub struct CpuBackend {
 #[derive(Default)]
 struct State {
     buffers: HashMap<BufferId, Data>,
+    streams: HashSet<StreamId>,
     next: u64,
     used: u64,
 }
@@ -96,18 +102,20 @@ impl CpuBackend {
         let data = state.buffers.get(&id).ok_or_else(|| unknown(id))?;
         Ok((data.dtype(), data.to_f32()))
     }
+
+    fn stream(&self, stream: StreamId) -> Result<()> {
+        if !self.state.lock().unwrap().streams.contains(&stream) {
+            return Err(GpuError::InvalidArgument(format!("no stream {}", stream.0)));
+        }
+        Ok(())
+    }
 }
 
 fn unknown(id: BufferId) -> GpuError {
     GpuError::InvalidArgument(format!("no buffer {}", id.0))
 }
 
-fn same_dtype(dtypes: &[DType]) -> Result<()> {
-    if dtypes.windows(2).any(|w| w[0] != w[1]) {
-        return Err(GpuError::InvalidArgument(format!("buffers must share one element type, got {dtypes:?}")));
-    }
-    Ok(())
-}
+const NO_KERNELS: &str = "custom kernels need the cuda backend; this replica runs on --gpu-backend cpu";
 
 impl Backend for CpuBackend {
     fn info(&self) -> DeviceInfo {
@@ -116,13 +124,34 @@ impl Backend for CpuBackend {
             memory_bytes: self.memory_bytes,
             compute_capability: (0, 0),
             backend: "cpu",
+            quota_bytes: self.memory_bytes,
+            used_bytes: self.memory_used(),
         }
     }
 
-    fn alloc(&self, dtype: DType, len: u64) -> Result<BufferId> {
-        let bytes = len
-            .checked_mul(dtype.size() as u64)
-            .ok_or_else(|| GpuError::OutOfBounds(format!("{len} elements of {dtype:?} overflow")))?;
+    fn limits(&self) -> DeviceLimits {
+        DeviceLimits::TYPICAL_CUDA
+    }
+
+    fn open_stream(&self) -> Result<StreamId> {
+        let mut state = self.state.lock().unwrap();
+        state.next += 1;
+        let id = StreamId(state.next);
+        state.streams.insert(id);
+        Ok(id)
+    }
+
+    fn close_stream(&self, stream: StreamId) {
+        self.state.lock().unwrap().streams.remove(&stream);
+    }
+
+    fn synchronize(&self, stream: StreamId, _timeout: Duration) -> Result<()> {
+        self.stream(stream)
+    }
+
+    fn alloc(&self, stream: StreamId, dtype: DType, len: u64) -> Result<BufferId> {
+        self.stream(stream)?;
+        let bytes = checks::bytes(dtype, len)?;
         let mut state = self.state.lock().unwrap();
         if state.used.checked_add(bytes).is_none_or(|total| total > self.memory_bytes) {
             return Err(GpuError::OutOfMemory { requested: bytes });
@@ -135,7 +164,8 @@ impl Backend for CpuBackend {
         Ok(id)
     }
 
-    fn free(&self, id: BufferId) -> Result<()> {
+    fn free(&self, stream: StreamId, id: BufferId) -> Result<()> {
+        self.stream(stream)?;
         let mut state = self.state.lock().unwrap();
         let data = state.buffers.remove(&id).ok_or_else(|| unknown(id))?;
         state.used -= data.len() * data.dtype().size() as u64;
@@ -148,18 +178,12 @@ impl Backend for CpuBackend {
         Ok((data.dtype(), data.len()))
     }
 
-    fn write(&self, id: BufferId, offset: u64, bytes: &[u8]) -> Result<()> {
+    fn write(&self, stream: StreamId, id: BufferId, offset: u64, bytes: &[u8], _timeout: Duration) -> Result<()> {
+        self.stream(stream)?;
         let mut state = self.state.lock().unwrap();
         let data = state.buffers.get_mut(&id).ok_or_else(|| unknown(id))?;
-        let size = data.dtype().size();
-        if !bytes.len().is_multiple_of(size) {
-            return Err(GpuError::InvalidArgument(format!(
-                "{} bytes is not a whole number of {size}-byte elements",
-                bytes.len()
-            )));
-        }
-        let count = (bytes.len() / size) as u64;
-        check_range("write", offset, count, data.len())?;
+        let count = checks::write_elements(data.dtype(), bytes.len())?;
+        checks::range("write", offset, count, data.len())?;
         let start = index(offset, "offset")?;
         match data {
             Data::F32(v) => bytes.chunks_exact(4).zip(&mut v[start..]).for_each(|(b, x)| {
@@ -175,10 +199,11 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn read(&self, id: BufferId, offset: u64, len: u64) -> Result<Vec<u8>> {
+    fn read(&self, stream: StreamId, id: BufferId, offset: u64, len: u64, _timeout: Duration) -> Result<Vec<u8>> {
+        self.stream(stream)?;
         let state = self.state.lock().unwrap();
         let data = state.buffers.get(&id).ok_or_else(|| unknown(id))?;
-        check_range("read", offset, len, data.len())?;
+        checks::range("read", offset, len, data.len())?;
         let (start, end) = (index(offset, "offset")?, index(offset + len, "length")?);
         Ok(match data {
             Data::F32(v) => v[start..end].iter().flat_map(|x| x.to_le_bytes()).collect(),
@@ -187,12 +212,12 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn gemm(&self, args: &GemmArgs) -> Result<()> {
+    fn gemm(&self, stream: StreamId, args: &GemmArgs) -> Result<()> {
+        self.stream(stream)?;
         let (a_type, a) = self.values(args.a)?;
         let (b_type, b) = self.values(args.b)?;
-        let (c_type, c_len) = self.describe(args.c)?;
-        same_dtype(&[a_type, b_type, c_type])?;
-        args.check(a.len() as u64, b.len() as u64, c_len)?;
+        let c = self.describe(args.c)?;
+        args.check_buffers((a_type, a.len() as u64), (b_type, b.len() as u64), c)?;
         let (m, n, k) = (index(args.m, "m")?, index(args.n, "n")?, index(args.k, "k")?);
         let (lda, ldb, ldc) = (args.lda as isize, args.ldb as isize, args.ldc as isize);
         // Column-major strides: element (i, j) at i * row_stride + j * col_stride.
@@ -226,18 +251,11 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn binary(&self, op: BinaryOp, a: BufferId, b: BufferId, out: BufferId) -> Result<()> {
+    fn binary(&self, stream: StreamId, op: BinaryOp, a: BufferId, b: BufferId, out: BufferId) -> Result<()> {
+        self.stream(stream)?;
         let (a_type, a) = self.values(a)?;
         let (b_type, b) = self.values(b)?;
-        let (out_type, out_len) = self.describe(out)?;
-        same_dtype(&[a_type, b_type, out_type])?;
-        if a.len() != b.len() || a.len() as u64 != out_len {
-            return Err(GpuError::InvalidArgument(format!(
-                "{op:?} needs equal lengths, got {}, {} and {out_len}",
-                a.len(),
-                b.len()
-            )));
-        }
+        checks::binary((a_type, a.len() as u64), (b_type, b.len() as u64), self.describe(out)?)?;
         self.map_f32(out, |out| {
             for ((o, x), y) in out.iter_mut().zip(&a).zip(&b) {
                 *o = match op {
@@ -249,17 +267,10 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn add_bias(&self, x: BufferId, bias: BufferId, rows: u64, cols: u64) -> Result<()> {
+    fn add_bias(&self, stream: StreamId, x: BufferId, bias: BufferId, rows: u64, cols: u64) -> Result<()> {
+        self.stream(stream)?;
         let (bias_type, bias) = self.values(bias)?;
-        let (x_type, x_len) = self.describe(x)?;
-        same_dtype(&[x_type, bias_type])?;
-        let cells = rows.checked_mul(cols).ok_or_else(|| GpuError::OutOfBounds("rows x cols overflows".into()))?;
-        if cells != x_len || bias.len() as u64 != rows {
-            return Err(GpuError::InvalidArgument(format!(
-                "add_bias: x has {x_len} elements for {rows} x {cols}, bias has {} for {rows} rows",
-                bias.len()
-            )));
-        }
+        checks::add_bias(self.describe(x)?, (bias_type, bias.len() as u64), rows, cols)?;
         let rows = index(rows, "rows")?;
         self.map_f32(x, |x| {
             for column in x.chunks_mut(rows.max(1)) {
@@ -269,21 +280,21 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn relu(&self, x: BufferId) -> Result<()> {
+    fn relu(&self, stream: StreamId, x: BufferId) -> Result<()> {
+        self.stream(stream)?;
         self.map_f32(x, |x| {
             x.iter_mut().for_each(|v| *v = v.max(0.0));
             Ok(())
         })
     }
 
-    fn softmax_columns(&self, x: BufferId, rows: u64, cols: u64) -> Result<()> {
+    fn softmax_columns(&self, stream: StreamId, x: BufferId, rows: u64, cols: u64) -> Result<()> {
+        self.stream(stream)?;
         let (_, len) = self.describe(x)?;
-        if rows.checked_mul(cols) != Some(len) || rows == 0 {
-            return Err(GpuError::InvalidArgument(format!("softmax: {len} elements are not {rows} x {cols}")));
-        }
+        checks::softmax(len, rows, cols)?;
         let rows = index(rows, "rows")?;
         self.map_f32(x, |x| {
-            for column in x.chunks_mut(rows) {
+            for column in x.chunks_mut(rows.max(1)) {
                 let max = column.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let sum: f32 = column
                     .iter_mut()
@@ -298,6 +309,20 @@ impl Backend for CpuBackend {
         })
     }
 
+    /// Checks the kernel as a GPU would, then answers `unavailable`.
+    fn compile(&self, source: &KernelSource, entry: &str, params: &[ParamKind]) -> Result<KernelId> {
+        checks::kernel_source(source)?;
+        checks::entry(entry)?;
+        checks::params(params)?;
+        Err(GpuError::Unavailable(NO_KERNELS.into()))
+    }
+
+    fn launch(&self, stream: StreamId, _kernel: KernelId, config: &LaunchConfig, _args: &[KernelArg]) -> Result<()> {
+        self.stream(stream)?;
+        checks::launch(config, &self.limits())?;
+        Err(GpuError::Unavailable(NO_KERNELS.into()))
+    }
+
     fn memory_used(&self) -> u64 {
         self.state.lock().unwrap().used
     }
@@ -307,12 +332,53 @@ impl Backend for CpuBackend {
 mod tests {
     use super::*;
 
+    /// A backend and one stream, so the tests read as calls on a device.
+    struct Gpu(CpuBackend, StreamId);
+
+    impl Gpu {
+        fn new(memory_bytes: u64) -> Self {
+            let backend = CpuBackend::new("cpu", memory_bytes);
+            let stream = backend.open_stream().unwrap();
+            Gpu(backend, stream)
+        }
+        fn alloc(&self, dtype: DType, len: u64) -> Result<BufferId> {
+            self.0.alloc(self.1, dtype, len)
+        }
+        fn free(&self, id: BufferId) -> Result<()> {
+            self.0.free(self.1, id)
+        }
+        fn write(&self, id: BufferId, offset: u64, bytes: &[u8]) -> Result<()> {
+            self.0.write(self.1, id, offset, bytes, Duration::MAX)
+        }
+        fn read(&self, id: BufferId, offset: u64, len: u64) -> Result<Vec<u8>> {
+            self.0.read(self.1, id, offset, len, Duration::MAX)
+        }
+        fn gemm(&self, args: &GemmArgs) -> Result<()> {
+            self.0.gemm(self.1, args)
+        }
+        fn binary(&self, op: BinaryOp, a: BufferId, b: BufferId, out: BufferId) -> Result<()> {
+            self.0.binary(self.1, op, a, b, out)
+        }
+        fn add_bias(&self, x: BufferId, bias: BufferId, rows: u64, cols: u64) -> Result<()> {
+            self.0.add_bias(self.1, x, bias, rows, cols)
+        }
+        fn relu(&self, x: BufferId) -> Result<()> {
+            self.0.relu(self.1, x)
+        }
+        fn softmax_columns(&self, x: BufferId, rows: u64, cols: u64) -> Result<()> {
+            self.0.softmax_columns(self.1, x, rows, cols)
+        }
+        fn memory_used(&self) -> u64 {
+            self.0.memory_used()
+        }
+    }
+
     fn f32s(values: &[f32]) -> Vec<u8> {
         values.iter().flat_map(|v| v.to_le_bytes()).collect()
     }
 
-    fn read_f32(backend: &CpuBackend, id: BufferId) -> Vec<f32> {
-        let (_, len) = backend.describe(id).unwrap();
+    fn read_f32(backend: &Gpu, id: BufferId) -> Vec<f32> {
+        let (_, len) = backend.0.describe(id).unwrap();
         backend.read(id, 0, len).unwrap().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
     }
 
@@ -322,7 +388,7 @@ mod tests {
 
     #[test]
     fn buffers_are_zeroed_bounded_and_counted() {
-        let gpu = CpuBackend::new("cpu", 1024);
+        let gpu = Gpu::new(1024);
         let id = gpu.alloc(DType::F32, 4).unwrap();
         assert_eq!(read_f32(&gpu, id), vec![0.0; 4]);
         gpu.write(id, 2, &f32s(&[7.0, 8.0])).unwrap();
@@ -340,7 +406,7 @@ mod tests {
 
     #[test]
     fn gemm_column_major_with_transposes_and_leading_dimensions() {
-        let gpu = CpuBackend::new("cpu", 1 << 20);
+        let gpu = Gpu::new(1 << 20);
         // a = [[1, 2], [3, 4]] stored column-major: 1, 3, 2, 4.
         let a = gpu.alloc(DType::F32, 4).unwrap();
         gpu.write(a, 0, &f32s(&[1.0, 3.0, 2.0, 4.0])).unwrap();
@@ -365,7 +431,7 @@ mod tests {
 
     #[test]
     fn half_precision_gemm_matches_f32_within_rounding() {
-        let gpu = CpuBackend::new("cpu", 1 << 20);
+        let gpu = Gpu::new(1 << 20);
         for dtype in [DType::F16, DType::BF16] {
             let a = gpu.alloc(dtype, 4).unwrap();
             let b = gpu.alloc(dtype, 4).unwrap();
@@ -397,7 +463,7 @@ mod tests {
 
     #[test]
     fn mlp_ops() {
-        let gpu = CpuBackend::new("cpu", 1 << 20);
+        let gpu = Gpu::new(1 << 20);
         let x = gpu.alloc(DType::F32, 4).unwrap(); // 2 rows x 2 columns
         gpu.write(x, 0, &f32s(&[-1.0, 2.0, 3.0, -4.0])).unwrap();
         let bias = gpu.alloc(DType::F32, 2).unwrap();
@@ -417,5 +483,29 @@ mod tests {
         assert!(gpu.softmax_columns(x, 3, 2).is_err());
         let short = gpu.alloc(DType::F32, 3).unwrap();
         assert!(gpu.binary(BinaryOp::Add, x, short, y).is_err());
+        gpu.binary(BinaryOp::Add, x, y, x).unwrap();
+        assert_eq!(read_f32(&gpu, x)[1], p[1] + 144.0, "out may alias an input");
+    }
+
+    #[test]
+    fn streams_must_be_open() {
+        let gpu = Gpu::new(1024);
+        let id = gpu.alloc(DType::F32, 1).unwrap();
+        let closed = gpu.0.open_stream().unwrap();
+        gpu.0.close_stream(closed);
+        assert!(matches!(gpu.0.read(closed, id, 0, 1, Duration::MAX), Err(GpuError::InvalidArgument(_))));
+        assert!(matches!(gpu.0.synchronize(closed, Duration::ZERO), Err(GpuError::InvalidArgument(_))));
+        assert!(gpu.0.synchronize(gpu.1, Duration::ZERO).is_ok());
+    }
+
+    #[test]
+    fn custom_kernels_are_checked_then_unavailable() {
+        let gpu = Gpu::new(1024);
+        let source = KernelSource::CudaC("extern \"C\" __global__ void k() {}".into());
+        let err = gpu.0.compile(&source, "k", &[]).unwrap_err();
+        assert_eq!(err, GpuError::Unavailable(NO_KERNELS.into()));
+        assert!(matches!(gpu.0.compile(&source, "not valid", &[]), Err(GpuError::InvalidArgument(_))));
+        let bad = LaunchConfig { grid: [0, 1, 1], block: [1, 1, 1], shared_mem_bytes: 0 };
+        assert!(matches!(gpu.0.launch(gpu.1, KernelId(1), &bad, &[]), Err(GpuError::InvalidArgument(_))));
     }
 }

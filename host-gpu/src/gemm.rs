@@ -1,6 +1,6 @@
 //! GEMM arguments and their checks, shared by every backend.
 
-use crate::{BufferId, GpuError, Result};
+use crate::{BufferId, DType, GpuError, Result, checks};
 
 /// `c = alpha * op(a) * op(b) + beta * c` on column-major matrices, as cuBLAS
 /// takes it: `op(a)` is `m x k`, `op(b)` is `k x n`, `c` is `m x n`; a
@@ -37,6 +37,13 @@ fn span(name: &str, rows: u64, cols: u64, ld: u64) -> Result<u64> {
 }
 
 impl GemmArgs {
+    /// Checks element types (one for all three) and then [`GemmArgs::check`],
+    /// given each buffer's type and length.
+    pub fn check_buffers(&self, a: (DType, u64), b: (DType, u64), c: (DType, u64)) -> Result<()> {
+        checks::same_dtype(&[a.0, b.0, c.0])?;
+        self.check(a.1, b.1, c.1)
+    }
+
     /// Checks shapes and leading dimensions against the buffers' lengths.
     pub fn check(&self, a_len: u64, b_len: u64, c_len: u64) -> Result<()> {
         let (a_rows, a_cols) = if self.trans_a { (self.k, self.m) } else { (self.m, self.k) };

@@ -40,6 +40,7 @@ fn bench_spec(compiled: &Path) -> ReplicaSpec {
         fresh_instance_per_task: false,
         init_timeout_ms: 60_000,
         allowed_outbound_hosts: Vec::new(),
+        gpu: None,
     }
 }
 
@@ -48,7 +49,7 @@ fn bench_spec(compiled: &Path) -> ReplicaSpec {
 async fn replica_round_trips(spec: &ReplicaSpec, input: &str, warm: usize) -> Result<(Duration, Vec<Duration>)> {
     let exe = std::env::current_exe()?;
     let started = Instant::now();
-    let (mut child, stream) = crate::supervisor::start_process(&exe)?;
+    let (mut child, stream) = crate::supervisor::start_process(&exe, None)?;
     let (read, mut write) = stream.into_split();
     let mut read = tokio::io::BufReader::new(read);
     ipc::write_async(&mut write, &ToReplica::Start(spec.clone())).await?;
@@ -115,7 +116,12 @@ fn instantiate_times(compiled: &Path, iterations: usize) -> Result<(Vec<Duration
     for round in 0..iterations * 2 {
         let started = Instant::now();
         let mut store =
-            Store::new(&engine, WorkerState::new(MEMORY, std::sync::Arc::clone(&cancel), Vec::new().into()));
+            Store::new(&engine, WorkerState::new(
+                MEMORY,
+                std::sync::Arc::clone(&cancel),
+                Vec::new().into(),
+                WorkerGpu::Unavailable("bench".into()),
+            ));
         store.limiter(|state| &mut state.limiter);
         // No epoch ticker here: a deadline never reached.
         store.set_epoch_deadline(u64::MAX / 2);
@@ -147,6 +153,8 @@ async fn await_done(read: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<()
         }
     }
 }
+
+use crate::host::gpu::WorkerGpu;
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0

@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 
 use crate::client::Client;
-use crate::node::{Limits, ServeOptions};
+use crate::node::{GpuBackendChoice, Limits, ServeOptions};
 
 #[derive(Parser)]
 #[command(name = "beamlet", version, about = "Serverless functions as WebAssembly components")]
@@ -35,10 +35,16 @@ enum Command {
         /// Where apps, compiled components and queues are kept.
         #[arg(long, default_value = ".beamlet")]
         data_dir: PathBuf,
-        /// GPU backend for GPU apps (accepted for SPEC compatibility; this
-        /// build has no GPU support yet and refuses apps that ask for a GPU).
+        /// Where GPU apps' GPUs come from: the NVIDIA GPUs found (auto, cuda)
+        /// or GPUs backed by the CPU backend (cpu), for machines without one.
         #[arg(long, value_enum, default_value = "auto")]
-        gpu_backend: GpuBackend,
+        gpu_backend: GpuBackendChoice,
+        /// How many GPUs to offer [default: all found; 1 for --gpu-backend cpu].
+        #[arg(long)]
+        gpus: Option<u32>,
+        /// Memory each CPU-backed GPU reports (--gpu-backend cpu), e.g. 16Gi.
+        #[arg(long, default_value = "16Gi", value_parser = parse_size)]
+        cpu_gpu_memory: u64,
         /// Largest component upload, e.g. 64Mi.
         #[arg(long, default_value = "64Mi", value_parser = parse_size)]
         max_component_size: u64,
@@ -199,13 +205,6 @@ enum TaskCommand {
     Cancel { id: String },
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum GpuBackend {
-    Auto,
-    Cuda,
-    Cpu,
-}
-
 fn parse_size(text: &str) -> Result<u64, String> {
     crate::config::parse_size(text)
 }
@@ -240,7 +239,18 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 async fn run(command: Command) -> Result<()> {
     match command {
-        Command::Serve { listen, data_dir, gpu_backend: _, max_component_size, max_input_size, cpus, memory } => {
+        Command::Serve {
+            listen,
+            data_dir,
+            gpu_backend,
+            gpus,
+            cpu_gpu_memory,
+            max_component_size,
+            max_input_size,
+            cpus,
+            memory,
+        } => {
+            let gpus = crate::node::discover_gpus(gpu_backend, gpus, cpu_gpu_memory)?;
             let machine = crate::supervisor::Capacity::of_this_machine();
             let capacity = crate::supervisor::Demand {
                 cpu: cpus.unwrap_or(machine.cpu),
@@ -250,7 +260,7 @@ async fn run(command: Command) -> Result<()> {
                 max_component: usize::try_from(max_component_size).context("--max-component-size is too large")?,
                 max_input: usize::try_from(max_input_size).context("--max-input-size is too large")?,
             };
-            crate::node::serve(ServeOptions { listen, data_dir, limits, capacity }).await
+            crate::node::serve(ServeOptions { listen, data_dir, limits, capacity, gpus }).await
         }
         Command::Deploy { wasm, name, config, server } => {
             Client::new(&server.server)?.deploy(&wasm, &name, config.as_deref()).await

@@ -32,6 +32,29 @@ pub(crate) struct ReplicaSpec {
     pub init_timeout_ms: u64,
     /// Where guests may send HTTP requests (`host` or `host:port`).
     pub allowed_outbound_hosts: Vec<String>,
+    /// The GPU placed for this replica; `None` for a CPU app.
+    pub gpu: Option<GpuSpec>,
+}
+
+/// The GPU a replica owns while it lives.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub(crate) struct GpuSpec {
+    pub backend: GpuBackendKind,
+    /// The device's index on the node. A CUDA replica sees only this device
+    /// (`CUDA_VISIBLE_DEVICES`), as its device 0.
+    pub index: u32,
+    pub name: String,
+    pub memory_bytes: u64,
+    /// Device memory each worker may hold at once (the app's `gpu_memory`).
+    pub quota_per_worker: u64,
+}
+
+/// Which implementation backs a node's GPUs.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) enum GpuBackendKind {
+    Cuda,
+    /// Host memory and CPU code behind the same interface (`--gpu-backend cpu`).
+    Cpu,
 }
 
 /// A request for a `wasi:http/proxy` component: the input of its tasks.
@@ -128,6 +151,8 @@ pub(crate) enum Outcome {
     OutOfMemory(String),
     /// The run outlived its timeout and was stopped.
     Timeout,
+    /// The GPU failed under the run; the replica exits after reporting it.
+    DeviceLost(String),
     /// The node cancelled the run.
     Cancelled,
 }

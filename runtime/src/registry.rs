@@ -18,6 +18,7 @@ use crate::config::{self, AppConfig};
 use crate::engine::{self, Allocation};
 use crate::host::bindings::FunctionPre;
 use crate::host::{self, WorkerState};
+use crate::supervisor::Gpus;
 use wasmtime_wasi_http::p2::bindings::sync::ProxyPre;
 
 /// The WIT world a component was built for.
@@ -61,11 +62,9 @@ pub(crate) enum DeployError {
     BadName(String),
     #[error("the config is not valid: {0}")]
     BadConfig(#[from] config::ConfigError),
-    #[error(
-        "[runtime] gpu is set, but this beamlet has no GPU support yet (the GPU host interface is still to \
-         come); remove `gpu` and `gpu_memory` to run the app on CPU"
-    )]
-    GpuUnsupported,
+    /// `workers * gpu_memory` is more than any fitting GPU of the node has.
+    #[error("{0}")]
+    GpuTooSmall(String),
     #[error("the upload is empty: send the component's bytes in the multipart part `component`")]
     Empty,
     #[error(
@@ -158,12 +157,10 @@ impl Registry {
 
     /// Validates, compiles and records a new version of `name`. Blocking:
     /// compiling a component takes a while.
-    pub(crate) fn deploy(&self, name: &str, wasm: &[u8], config_toml: &str) -> Result<App, DeployError> {
+    pub(crate) fn deploy(&self, name: &str, wasm: &[u8], config_toml: &str, gpus: &Gpus) -> Result<App, DeployError> {
         validate_name(name)?;
         let config = config::parse(config_toml)?;
-        if config.runtime.gpu.is_some() {
-            return Err(DeployError::GpuUnsupported);
-        }
+        check_gpu_memory(&config.runtime, gpus)?;
         check_header(wasm)?;
         let digest = hex(&Sha256::digest(wasm));
         let compiled = self.compiled_path(&digest);
@@ -236,6 +233,31 @@ impl Registry {
     }
 }
 
+/// A GPU app's workers share one GPU: `workers * gpu_memory` must fit the
+/// memory of a GPU of its model. (A node without such a GPU takes the app;
+/// its replicas wait for one.)
+fn check_gpu_memory(runtime: &config::RuntimeConfig, gpus: &Gpus) -> Result<(), DeployError> {
+    let (Some(model), Some(per_worker)) = (&runtime.gpu, runtime.gpu_memory) else { return Ok(()) };
+    let needed = per_worker.saturating_mul(u64::from(runtime.workers));
+    let fitting: Vec<_> = gpus
+        .devices
+        .iter()
+        .filter(|gpu| model.eq_ignore_ascii_case("any") || gpu.name.to_lowercase().contains(&model.to_lowercase()))
+        .collect();
+    match fitting.iter().max_by_key(|gpu| gpu.memory_bytes) {
+        Some(largest) if largest.memory_bytes < needed => Err(DeployError::GpuTooSmall(format!(
+            "[runtime] workers * gpu_memory = {} * {} = {} is more than the {} of this node's largest fitting GPU \
+             ({}); lower gpu_memory or workers",
+            runtime.workers,
+            config::format_size(per_worker),
+            config::format_size(needed),
+            config::format_size(largest.memory_bytes),
+            largest.name
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn validate_name(name: &str) -> Result<(), DeployError> {
     let ok = (1..=63).contains(&name.len())
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
@@ -285,6 +307,22 @@ mod tests {
         for bad in ["", "Hello", "-x", "a_b", "a/b", &"x".repeat(64)] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn gpu_apps_must_fit_their_gpu() {
+        let gpus = |memory: u64| Gpus {
+            backend: Some(crate::ipc::GpuBackendKind::Cpu),
+            devices: vec![crate::supervisor::NodeGpu { index: 0, name: "cpu-backend-0".into(), memory_bytes: memory }],
+        };
+        let runtime = |toml: &str| config::parse(toml).unwrap().runtime;
+        let app = runtime("[runtime]\nworkers = 4\ngpu = \"any\"\ngpu_memory = \"1Gi\"\n");
+        assert!(check_gpu_memory(&app, &gpus(4 << 30)).is_ok(), "4 x 1Gi fits 4Gi");
+        let DeployError::GpuTooSmall(why) = check_gpu_memory(&app, &gpus(3 << 30)).unwrap_err() else { panic!() };
+        assert!(why.contains("4 * 1Gi = 4Gi") && why.contains("3Gi"), "{why}");
+        assert!(check_gpu_memory(&app, &Gpus::default()).is_ok(), "no GPU here: the replicas wait for one");
+        let other_model = runtime("[runtime]\ngpu = \"H100\"\ngpu_memory = \"64Gi\"\n");
+        assert!(check_gpu_memory(&other_model, &gpus(1 << 30)).is_ok(), "no H100 here to measure against");
     }
 
     #[test]

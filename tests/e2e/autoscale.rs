@@ -11,19 +11,6 @@ use crate::support::*;
 
 const LONG: Duration = Duration::from_secs(90);
 
-fn submit(server: &Server, app: &str, input: &str) -> String {
-    let response =
-        server.http.post(server.url(&format!("/v1/apps/{app}/tasks"))).body(input.to_owned()).send().unwrap();
-    assert_eq!(response.status(), 202);
-    response.json::<Value>().unwrap()["task_id"].as_str().unwrap().to_owned()
-}
-
-fn result(server: &Server, id: &str) -> Value {
-    let record = server.get(&format!("/v1/tasks/{id}?wait=90s"));
-    assert_eq!(record["status"], "COMPLETE", "{record}");
-    server.http.get(server.url(&format!("/v1/tasks/{id}/result"))).send().unwrap().json().unwrap()
-}
-
 fn live_replicas(status: &Value) -> usize {
     status["replicas"].as_array().map_or(0, |r| r.len())
 }

@@ -2,6 +2,7 @@
 //! processes, HTTP on 127.0.0.1. Nothing here checks speed.
 
 mod autoscale;
+mod gpu;
 mod http;
 mod queue;
 mod support;
@@ -111,9 +112,9 @@ fn bad_uploads_and_requests_get_clear_errors() {
     assert_eq!((status, error_code(&body)), (400, "BAD_CONFIG"), "{body}");
     assert!(error_message(&body).contains("memory"), "names the key: {body}");
 
-    let (status, body) = deploy_error("gpu", &hello, Some("[runtime]\ngpu = \"any\"\n"));
+    let (status, body) = deploy_error("gpu", &hello, Some("[runtime]\ngpu_memory = \"1Gi\"\n"));
     assert_eq!((status, error_code(&body)), (400, "BAD_CONFIG"), "{body}");
-    assert!(error_message(&body).contains("gpu"), "{body}");
+    assert!(error_message(&body).contains("gpu_memory") && error_message(&body).contains("needs a GPU"), "{body}");
 
     let (status, body) = deploy_error("net", &hello, Some("[runtime]\nallowed_outbound_hosts = [\"https://x/\"]\n"));
     assert_eq!((status, error_code(&body)), (400, "BAD_CONFIG"), "{body}");

@@ -10,11 +10,26 @@ use std::time::{Duration, Instant};
 use reqwest::blocking::{Client, Response, multipart};
 use serde_json::Value;
 
-pub const GUESTS: [&str; 8] =
-    ["hello", "sleep", "guest-trap", "guest-spin", "guest-hog", "guest-command", "guest-badinit", "guest-http"];
+pub const GUESTS: [&str; 10] = [
+    "hello",
+    "sleep",
+    "guest-trap",
+    "guest-spin",
+    "guest-hog",
+    "guest-command",
+    "guest-badinit",
+    "guest-http",
+    "guest-gpu",
+    "gpu-mlp",
+];
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// The repository's examples directory.
+pub fn examples() -> PathBuf {
+    workspace_root().join("examples")
 }
 
 /// Builds every guest for wasm32-wasip2 (once per test run) and returns the
@@ -277,4 +292,19 @@ pub fn receiver(failures: usize) -> (String, std::sync::Arc<std::sync::Mutex<Vec
         }
     });
     (url, received)
+}
+
+/// Queues a task; returns its id.
+pub fn submit(server: &Server, app: &str, input: &str) -> String {
+    let response =
+        server.http.post(server.url(&format!("/v1/apps/{app}/tasks"))).body(input.to_owned()).send().unwrap();
+    assert_eq!(response.status(), 202);
+    response.json::<Value>().unwrap()["task_id"].as_str().unwrap().to_owned()
+}
+
+/// Waits for a queued task to complete and returns its result.
+pub fn result(server: &Server, id: &str) -> Value {
+    let record = server.get(&format!("/v1/tasks/{id}?wait=90s"));
+    assert_eq!(record["status"], "COMPLETE", "{record}");
+    server.http.get(server.url(&format!("/v1/tasks/{id}/result"))).send().unwrap().json().unwrap()
 }

@@ -58,7 +58,7 @@ pub(crate) async fn deploy(
         return Err(ApiError::too_large("component upload", limit));
     }
     let registry_node = node.clone();
-    let app = tokio::task::spawn_blocking(move || registry_node.registry.deploy(&name, &component, &config))
+    let app = tokio::task::spawn_blocking(move || registry_node.registry.deploy(&name, &component, &config, &registry_node.gpus))
         .await
         .map_err(ApiError::internal)??;
     tracing::info!(app = %app.version.name, version = app.version.version, digest = %app.version.digest, "deployed");

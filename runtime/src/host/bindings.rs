@@ -3,6 +3,12 @@
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "function",
+    // Host calls may trap (a handle the resource table does not know).
+    imports: { default: trappable },
+    with: {
+        "beamlet:function/gpu.buffer": super::gpu::GpuBuffer,
+        "beamlet:function/gpu.kernel": super::gpu::GpuKernel,
+    },
 });
 
 pub(crate) use beamlet::function::types::{Context as TaskContext, Error as GuestError};

@@ -2,6 +2,7 @@
 //! linker here. A worker's store holds a [`WorkerState`].
 
 pub(crate) mod bindings;
+pub(crate) mod gpu;
 pub(crate) mod http;
 pub(crate) mod limits;
 pub(crate) mod logs;
@@ -16,6 +17,7 @@ use wasmtime::component::{Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use self::gpu::WorkerGpu;
 use self::limits::MemoryLimiter;
 use self::logs::LogPipe;
 
@@ -32,13 +34,20 @@ pub(crate) struct WorkerState {
     pub(crate) cancel: Arc<AtomicBool>,
     http: WasiHttpCtx,
     outbound: http::Outbound,
+    /// The replica's GPU as this worker sees it.
+    pub(crate) gpu: WorkerGpu,
 }
 
 impl WorkerState {
     /// A guest gets stdio (captured), clocks and random; no filesystem,
     /// environment, arguments or sockets, and outbound HTTP only to
     /// `allowed_hosts`.
-    pub(crate) fn new(memory_limit: u64, cancel: Arc<AtomicBool>, allowed_hosts: Arc<[String]>) -> Self {
+    pub(crate) fn new(
+        memory_limit: u64,
+        cancel: Arc<AtomicBool>,
+        allowed_hosts: Arc<[String]>,
+        gpu: WorkerGpu,
+    ) -> Self {
         let stdout = LogPipe::default();
         let stderr = LogPipe::default();
         let wasi = WasiCtx::builder()
@@ -58,6 +67,7 @@ impl WorkerState {
             cancel,
             http: WasiHttpCtx::new(),
             outbound: http::Outbound::new(allowed_hosts),
+            gpu,
         }
     }
 }
@@ -79,5 +89,6 @@ pub(crate) fn linker(engine: &Engine) -> Result<Linker<WorkerState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)?;
+    bindings::beamlet::function::gpu::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)?;
     Ok(linker)
 }

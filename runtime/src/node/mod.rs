@@ -2,6 +2,7 @@
 //! wired together by `beamlet serve`.
 
 mod callbacks;
+mod gpus;
 mod logs;
 
 use std::net::SocketAddr;
@@ -12,12 +13,13 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use tokio::io::AsyncWriteExt;
 
+pub(crate) use self::gpus::{GpuBackendChoice, discover as discover_gpus};
 pub(crate) use self::logs::AppLogs;
 use crate::bodies::Bodies;
 use crate::metrics::Metrics;
 use crate::queue::{Dispatch, EmbeddedQueue, now_ms};
 use crate::registry::Registry;
-use crate::supervisor::{Capacity, Demand, Supervisor};
+use crate::supervisor::{Capacity, Demand, Gpus, Supervisor};
 
 /// Request size limits, in bytes.
 pub(crate) struct Limits {
@@ -32,6 +34,7 @@ pub(crate) struct ServeOptions {
     pub limits: Limits,
     /// Cores and memory replicas may reserve on this node.
     pub capacity: Demand,
+    pub gpus: Gpus,
 }
 
 pub(crate) struct Node {
@@ -42,6 +45,8 @@ pub(crate) struct Node {
     pub metrics: Arc<Metrics>,
     /// Streamed HTTP bodies of the requests in progress.
     pub bodies: Arc<Bodies>,
+    /// The GPUs this node offers.
+    pub gpus: Gpus,
     pub limits: Limits,
 }
 
@@ -57,12 +62,13 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     let dispatch = Arc::new(dispatch);
     let logs = Arc::new(AppLogs::default());
     let exe = std::env::current_exe().context("failed to find the beamlet executable")?;
-    let capacity = Arc::new(Capacity::new(options.capacity));
+    let capacity = Arc::new(Capacity::new(options.capacity, options.gpus.clone()));
     let metrics = Arc::new(Metrics::new());
     let bodies = Arc::new(Bodies::default());
     let supervisor =
         Arc::new(Supervisor::new(exe, dispatch.clone(), logs.clone(), capacity, metrics.clone(), bodies.clone()));
-    let node = Arc::new(Node { registry, dispatch, supervisor, logs, metrics, bodies, limits: options.limits });
+    let gpus = options.gpus;
+    let node = Arc::new(Node { registry, dispatch, supervisor, logs, metrics, bodies, gpus, limits: options.limits });
     callbacks::spawn(node.clone(), ended);
     tokio::spawn(crate::autoscaler::run(node.supervisor.clone(), node.dispatch.clone(), node.metrics.clone()));
     for app in node.registry.list() {

@@ -18,7 +18,9 @@ use wasmtime::component::Component;
 use crate::engine::{self, Allocation};
 use crate::host;
 use crate::host::bindings::FunctionPre;
-use crate::ipc::{self, FromReplica, ReplicaSpec, RunTask, ToReplica};
+use crate::ipc::{self, FromReplica, GpuBackendKind, GpuSpec, ReplicaSpec, RunTask, ToReplica};
+use beamlet_gpu::Backend;
+use beamlet_gpu::cpu::CpuBackend;
 
 use self::cancel::Cancels;
 use self::flows::Flows;
@@ -90,10 +92,23 @@ fn start_workers(spec: &ReplicaSpec, replies: &Replies, flows: &Arc<Flows>) -> R
             GuestPre::Proxy(ProxyPre::new(pre).map_err(anyhow::Error::from)?, Arc::new(runtime))
         }
     };
+    let gpu = spec.gpu.as_ref().map(open_gpu).transpose()?;
     let spec = Arc::new(spec.clone());
     (0..spec.workers)
-        .map(|index| Worker::start(index, spec.clone(), pre.clone(), replies.clone(), flows.clone()))
+        .map(|index| Worker::start(index, spec.clone(), pre.clone(), replies.clone(), flows.clone(), gpu.clone()))
         .collect()
+}
+
+/// The replica's GPU, shared by its workers: one context, one cuBLAS handle
+/// and one kernel cache (SPEC §6).
+fn open_gpu(gpu: &GpuSpec) -> Result<Arc<dyn Backend>> {
+    match gpu.backend {
+        GpuBackendKind::Cpu => Ok(Arc::new(CpuBackend::new(gpu.name.clone(), gpu.memory_bytes))),
+        // The node made this device the only one the process sees.
+        GpuBackendKind::Cuda => beamlet_gpu::cuda::CudaBackend::new(0)
+            .map(|backend| Arc::new(backend) as Arc<dyn Backend>)
+            .map_err(|e| anyhow::anyhow!("failed to open GPU {} ({}): {e}", gpu.index, gpu.name)),
+    }
 }
 
 /// Reads the node's frames until it says drain or goes away.

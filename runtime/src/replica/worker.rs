@@ -14,6 +14,8 @@ use super::Replies;
 use super::cancel::Cancels;
 use super::flows::{Flows, RequestBody, stream_response};
 use crate::host::WorkerState;
+use crate::host::gpu::WorkerGpu;
+use beamlet_gpu::{Backend, Session};
 use crate::host::bindings::{Function, FunctionPre, GuestError, TaskContext};
 use crate::ipc::{FromReplica, Outcome, ReplicaSpec, RunTask, TaskDone};
 use crate::ipc::HttpRequest;
@@ -50,6 +52,8 @@ pub(crate) struct Worker {
     allowed_hosts: Arc<[String]>,
     /// Streamed HTTP bodies of the runs in progress (shared with the reader).
     flows: Arc<Flows>,
+    /// The replica's GPU, when the app has one.
+    gpu: Option<Arc<dyn Backend>>,
     live: Option<Live>,
 }
 
@@ -64,10 +68,11 @@ impl Worker {
         pre: GuestPre,
         replies: Replies,
         flows: Arc<Flows>,
+        gpu: Option<Arc<dyn Backend>>,
     ) -> Result<Self> {
         let allowed_hosts = spec.allowed_outbound_hosts.clone().into();
         let cancel = Arc::new(AtomicBool::new(false));
-        let mut worker = Self { index, spec, pre, replies, cancel, allowed_hosts, flows, live: None };
+        let mut worker = Self { index, spec, pre, replies, cancel, allowed_hosts, flows, gpu, live: None };
         worker.instantiate().with_context(|| format!("failed to start worker {index}"))?;
         Ok(worker)
     }
@@ -83,7 +88,19 @@ impl Worker {
             GuestPre::Function(pre) => pre.engine(),
             GuestPre::Proxy(pre, _) => pre.engine(),
         };
-        let state = WorkerState::new(self.spec.memory_per_worker, self.cancel.clone(), self.allowed_hosts.clone());
+        let gpu = match (&self.gpu, &self.spec.gpu) {
+            (Some(backend), Some(spec)) => {
+                let session = Session::new(backend.clone(), self.index as usize, spec.quota_per_worker)
+                    .map_err(|e| anyhow!("failed to open the worker's GPU stream: {e}"))?;
+                WorkerGpu::Ready(session)
+            }
+            _ => WorkerGpu::Unavailable(format!(
+                "app {:?} has no GPU; set gpu = \"any\" under [runtime] in its config",
+                self.spec.app
+            )),
+        };
+        let state =
+            WorkerState::new(self.spec.memory_per_worker, self.cancel.clone(), self.allowed_hosts.clone(), gpu);
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(1);
@@ -135,7 +152,12 @@ impl Worker {
             } else {
                 TaskDone::empty(seq, self.index, Outcome::Cancelled)
             };
+            let lost = matches!(done.outcome, Outcome::DeviceLost(_));
             self.replies.send(&FromReplica::Done(done));
+            if lost {
+                tracing::error!(app = %self.spec.app, replica = %self.spec.replica, "GPU device lost; exiting");
+                std::process::exit(3);
+            }
             if self.live.is_none()
                 && let Err(e) = self.instantiate()
             {
@@ -160,6 +182,7 @@ impl Worker {
         let timeout = Duration::from_millis(task.timeout_ms);
         let deadline = started + timeout;
         live.store.data_mut().deadline = Some(deadline);
+        live.store.data_mut().gpu.set_wait_limit(timeout);
         // `Err` is a trap (or a stop); the instance is then discarded.
         let result = match &live.guest {
             Guest::Function(bindings) => {
@@ -188,6 +211,14 @@ impl Worker {
         done.run_us = micros(started.elapsed());
         let keep = result.is_ok();
         done.outcome = result.unwrap_or_else(|trap| classify_trap(&mut live.store, trap, &done.stderr));
+        if live.store.data().gpu.is_lost() {
+            // A sticky device error: this context is dead for every worker.
+            // The task is retried elsewhere and the replica replaced.
+            done.outcome = Outcome::DeviceLost(format!(
+                "the GPU failed while running the task (device lost): {}; the replica is replaced",
+                describe(&done.outcome)
+            ));
+        }
         if !keep || self.spec.fresh_instance_per_task {
             self.live = None;
         }
@@ -330,7 +361,11 @@ fn stderr_note(stderr: &[u8]) -> String {
 pub(crate) fn describe(outcome: &Outcome) -> String {
     match outcome {
         Outcome::Complete(_) => "complete".into(),
-        Outcome::BadInput(m) | Outcome::Failed(m) | Outcome::Trap(m) | Outcome::OutOfMemory(m) => m.clone(),
+        Outcome::BadInput(m)
+        | Outcome::Failed(m)
+        | Outcome::Trap(m)
+        | Outcome::OutOfMemory(m)
+        | Outcome::DeviceLost(m) => m.clone(),
         Outcome::Timeout => "timed out".into(),
         Outcome::Cancelled => "cancelled".into(),
     }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub(crate) use self::placement::{Capacity, Demand};
+pub(crate) use self::placement::{Capacity, Demand, GpuDemand, Gpus, NodeGpu};
 use self::replica::{Plan, ReplicaHandle};
 pub(crate) use self::replica::{ReplicaInfo, ReplicaState, start_process};
 use crate::autoscaler::{Decision, Placement, ReplicaSample, Sample};
@@ -112,7 +112,13 @@ impl Supervisor {
             fresh_instance_per_task: runtime.instance == crate::config::InstanceMode::PerTask,
             init_timeout_ms: u64::try_from(runtime.timeout.as_millis()).unwrap_or(u64::MAX),
             allowed_outbound_hosts: runtime.allowed_outbound_hosts.clone(),
+            gpu: None,
         };
+        // Without `gpu_memory`, a worker may use the whole device.
+        let gpu = runtime
+            .gpu
+            .clone()
+            .map(|model| GpuDemand { model, quota_per_worker: runtime.gpu_memory.unwrap_or(u64::MAX) });
         replica::spawn(Plan {
             exe: self.exe.clone(),
             spec,
@@ -121,6 +127,7 @@ impl Supervisor {
             capacity: self.capacity.clone(),
             metrics: self.metrics.clone(),
             demand: Demand { cpu: runtime.cpu, memory: runtime.memory },
+            gpu,
             times: times.clone(),
             bodies: self.bodies.clone(),
         })

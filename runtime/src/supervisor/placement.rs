@@ -1,12 +1,15 @@
-//! What this node can hold: its cores and memory (GPUs come with the GPU
-//! work). Each replica reserves its app's `cpu` and `memory` while it lives;
-//! one that does not fit waits, reported as pending, until capacity frees.
+//! What this node can hold: its cores, memory and GPUs. Each replica
+//! reserves its app's `cpu` and `memory` while it lives, and a GPU app's
+//! replica a whole GPU of the model it asks for, which no other replica gets
+//! until it exits. One that does not fit waits, reported as pending, until
+//! capacity frees.
 
 use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
 use crate::config::format_size;
+use crate::ipc::{GpuBackendKind, GpuSpec};
 
 /// A replica's claim on the node.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -15,19 +18,57 @@ pub(crate) struct Demand {
     pub memory: u64,
 }
 
+/// A GPU of this node.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct NodeGpu {
+    pub index: u32,
+    pub name: String,
+    pub memory_bytes: u64,
+}
+
+/// The GPU a replica asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct GpuDemand {
+    /// `"any"` or part of a model name such as `"H100"` (case-insensitive).
+    pub model: String,
+    pub quota_per_worker: u64,
+}
+
+impl GpuDemand {
+    fn fits(&self, gpu: &NodeGpu) -> bool {
+        self.model.eq_ignore_ascii_case("any") || gpu.name.to_lowercase().contains(&self.model.to_lowercase())
+    }
+}
+
+/// The node's GPUs and what backs them.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Gpus {
+    pub backend: Option<GpuBackendKind>,
+    pub devices: Vec<NodeGpu>,
+}
+
 pub(crate) struct Capacity {
     total: Demand,
-    used: Mutex<Demand>,
+    gpus: Gpus,
+    used: Mutex<Used>,
     /// Woken whenever a reservation is released.
     pub(crate) freed: Notify,
+}
+
+struct Used {
+    cpu: f64,
+    memory: u64,
+    /// Per GPU of [`Gpus::devices`]: whether a replica holds it.
+    gpus: Vec<bool>,
 }
 
 /// Floating-point slack so that e.g. ten 0.1-core replicas fit one core.
 const EPSILON: f64 = 1e-9;
 
 impl Capacity {
-    pub(crate) fn new(total: Demand) -> Self {
-        Self { total, used: Mutex::new(Demand { cpu: 0.0, memory: 0 }), freed: Notify::new() }
+    pub(crate) fn new(total: Demand, gpus: Gpus) -> Self {
+        let used = Used { cpu: 0.0, memory: 0, gpus: vec![false; gpus.devices.len()] };
+        Self { total, gpus, used: Mutex::new(used), freed: Notify::new() }
     }
 
     /// This machine: its cores and physical memory.
@@ -36,8 +77,9 @@ impl Capacity {
         Demand { cpu, memory: physical_memory().unwrap_or(4 << 30) }
     }
 
-    /// Reserves `demand`, or says why it does not fit.
-    pub(crate) fn try_reserve(&self, demand: Demand) -> Result<(), String> {
+    /// Reserves `demand` (and a whole GPU for `gpu`), or says why it does not
+    /// fit. Returns the GPU reserved.
+    pub(crate) fn try_reserve(&self, demand: Demand, gpu: Option<&GpuDemand>) -> Result<Option<GpuSpec>, String> {
         let mut used = self.used.lock().unwrap();
         let free_cpu = self.total.cpu - used.cpu;
         let free_memory = self.total.memory.saturating_sub(used.memory);
@@ -55,16 +97,52 @@ impl Capacity {
                 format_size(self.total.memory)
             ));
         }
+        let placed = match gpu {
+            None => None,
+            Some(want) => {
+                let slot = self.free_gpu(&used, want)?;
+                used.gpus[slot] = true;
+                let device = &self.gpus.devices[slot];
+                Some(GpuSpec {
+                    backend: self.gpus.backend.unwrap_or(GpuBackendKind::Cpu),
+                    index: device.index,
+                    name: device.name.clone(),
+                    memory_bytes: device.memory_bytes,
+                    quota_per_worker: want.quota_per_worker.min(device.memory_bytes),
+                })
+            }
+        };
         used.cpu += demand.cpu;
         used.memory += demand.memory;
-        Ok(())
+        Ok(placed)
     }
 
-    pub(crate) fn release(&self, demand: Demand) {
+    fn free_gpu(&self, used: &Used, want: &GpuDemand) -> Result<usize, String> {
+        if self.gpus.devices.is_empty() {
+            return Err("waiting for a GPU; this node has none (on a machine without one, run `beamlet serve \
+                 --gpu-backend cpu --gpus 1` to serve GPU apps on the CPU backend)"
+                .into());
+        }
+        let fitting: Vec<usize> = (0..self.gpus.devices.len()).filter(|i| want.fits(&self.gpus.devices[*i])).collect();
+        if fitting.is_empty() {
+            let names: Vec<_> = self.gpus.devices.iter().map(|gpu| gpu.name.as_str()).collect();
+            return Err(format!("waiting for a {} GPU; this node has {}", want.model, names.join(", ")));
+        }
+        fitting.iter().copied().find(|i| !used.gpus[*i]).ok_or_else(|| {
+            format!("waiting for a free {} GPU; all {} of this node's are held by other replicas", want.model, fitting.len())
+        })
+    }
+
+    pub(crate) fn release(&self, demand: Demand, gpu: Option<&GpuSpec>) {
         {
             let mut used = self.used.lock().unwrap();
             used.cpu = (used.cpu - demand.cpu).max(0.0);
             used.memory = used.memory.saturating_sub(demand.memory);
+            if let Some(gpu) = gpu
+                && let Some(slot) = self.gpus.devices.iter().position(|device| device.index == gpu.index)
+            {
+                used.gpus[slot] = false;
+            }
         }
         self.freed.notify_waiters();
     }
@@ -83,20 +161,41 @@ mod tests {
 
     #[test]
     fn reservations_fit_until_full_and_free_on_release() {
-        let capacity = Capacity::new(Demand { cpu: 2.0, memory: 1 << 30 });
+        let capacity = Capacity::new(Demand { cpu: 2.0, memory: 1 << 30 }, Gpus::default());
         let half = Demand { cpu: 1.0, memory: 256 << 20 };
-        capacity.try_reserve(half).unwrap();
-        capacity.try_reserve(half).unwrap();
-        let why = capacity.try_reserve(half).unwrap_err();
+        capacity.try_reserve(half, None).unwrap();
+        capacity.try_reserve(half, None).unwrap();
+        let why = capacity.try_reserve(half, None).unwrap_err();
         assert!(why.contains("cores"), "{why}");
-        capacity.release(half);
-        capacity.try_reserve(half).unwrap();
+        capacity.release(half, None);
+        capacity.try_reserve(half, None).unwrap();
         let big = Demand { cpu: 0.0, memory: 2 << 30 };
-        assert!(capacity.try_reserve(big).unwrap_err().contains("memory"));
+        assert!(capacity.try_reserve(big, None).unwrap_err().contains("memory"));
         let tenth = Demand { cpu: 0.1, memory: 0 };
-        let capacity = Capacity::new(Demand { cpu: 1.0, memory: 0 });
+        let capacity = Capacity::new(Demand { cpu: 1.0, memory: 0 }, Gpus::default());
         for _ in 0..10 {
-            capacity.try_reserve(tenth).unwrap();
+            capacity.try_reserve(tenth, None).unwrap();
         }
+    }
+
+    #[test]
+    fn a_gpu_replica_gets_a_whole_gpu_of_its_model() {
+        let device = |index: u32, name: &str| NodeGpu { index, name: name.into(), memory_bytes: 80 << 30 };
+        let gpus = Gpus { backend: Some(GpuBackendKind::Cuda), devices: vec![device(0, "NVIDIA H100"), device(1, "NVIDIA L4")] };
+        let capacity = Capacity::new(Demand { cpu: 8.0, memory: 8 << 30 }, gpus);
+        let demand = Demand { cpu: 1.0, memory: 0 };
+        let want = |model: &str| GpuDemand { model: model.into(), quota_per_worker: 1 << 30 };
+        let h100 = capacity.try_reserve(demand, Some(&want("h100"))).unwrap().unwrap();
+        assert_eq!((h100.index, h100.backend, h100.quota_per_worker), (0, GpuBackendKind::Cuda, 1 << 30));
+        let why = capacity.try_reserve(demand, Some(&want("H100"))).unwrap_err();
+        assert!(why.contains("free H100"), "exclusive: {why}");
+        assert_eq!(capacity.try_reserve(demand, Some(&want("any"))).unwrap().unwrap().index, 1);
+        assert!(capacity.try_reserve(demand, Some(&want("any"))).is_err(), "both GPUs are held");
+        assert!(capacity.try_reserve(demand, Some(&want("A100"))).unwrap_err().contains("NVIDIA H100, NVIDIA L4"));
+        assert!(capacity.try_reserve(demand, None).unwrap().is_none(), "a CPU app still fits");
+        capacity.release(demand, Some(&h100));
+        assert_eq!(capacity.try_reserve(demand, Some(&want("H100"))).unwrap().unwrap().index, 0);
+        let none = Capacity::new(Demand { cpu: 8.0, memory: 8 << 30 }, Gpus::default());
+        assert!(none.try_reserve(demand, Some(&want("any"))).unwrap_err().contains("--gpu-backend cpu"));
     }
 }

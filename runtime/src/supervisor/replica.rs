@@ -16,9 +16,9 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{mpsc, watch};
 
 use super::TaskTimes;
-use super::placement::{Capacity, Demand};
+use super::placement::{Capacity, Demand, GpuDemand};
 use crate::bodies::{self, Bodies, ResponseStart};
-use crate::ipc::{self, FromReplica, Outcome, ReplicaSpec, RunTask, TaskDone, ToReplica};
+use crate::ipc::{self, FromReplica, GpuBackendKind, GpuSpec, Outcome, ReplicaSpec, RunTask, TaskDone, ToReplica};
 use crate::node::AppLogs;
 use crate::queue::{Dispatch, ErrorCode, Finish, Lease, TaskError, TaskId, now_ms};
 
@@ -70,6 +70,8 @@ pub(crate) struct ReplicaInfo {
     pub last_error: Option<String>,
     /// Why a pending replica waits.
     pub pending_reason: Option<String>,
+    /// The GPU it holds: `"0: NVIDIA H100 80GB HBM3"`.
+    pub gpu: Option<String>,
 }
 
 pub(crate) struct ReplicaHandle {
@@ -102,6 +104,8 @@ pub(crate) struct Plan {
     pub capacity: Arc<Capacity>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub demand: Demand,
+    /// The GPU a GPU app's replica needs.
+    pub gpu: Option<GpuDemand>,
     pub times: Arc<TaskTimes>,
     pub bodies: Arc<Bodies>,
 }
@@ -120,6 +124,7 @@ pub(crate) fn spawn(plan: Plan) -> ReplicaHandle {
         restarts: 0,
         last_error: None,
         pending_reason: None,
+        gpu: None,
     }));
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(supervise(plan, info.clone(), stop_rx));
@@ -127,9 +132,10 @@ pub(crate) fn spawn(plan: Plan) -> ReplicaHandle {
 }
 
 async fn supervise(plan: Plan, info: Arc<Mutex<ReplicaInfo>>, mut stop: watch::Receiver<bool>) {
-    if place(&plan, &info, &mut stop).await {
-        run_placed(&plan, &info, &mut stop).await;
-        plan.capacity.release(plan.demand);
+    if let Some(gpu) = place(&plan, &info, &mut stop).await {
+        let spec = ReplicaSpec { gpu: gpu.clone(), ..plan.spec.clone() };
+        run_placed(&plan, &spec, &info, &mut stop).await;
+        plan.capacity.release(plan.demand, gpu.as_ref());
     }
     let mut info = info.lock().unwrap();
     info.state = ReplicaState::Stopped;
@@ -137,18 +143,20 @@ async fn supervise(plan: Plan, info: Arc<Mutex<ReplicaInfo>>, mut stop: watch::R
     info.idle_since = None;
 }
 
-/// Waits until the node has room for the replica; `false` if it was stopped first.
-async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receiver<bool>) -> bool {
+/// Waits until the node has room for the replica; `None` if it was stopped
+/// first, else the GPU it got (if it asked for one).
+async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receiver<bool>) -> Option<Option<GpuSpec>> {
     loop {
         let freed = plan.capacity.freed.notified();
         tokio::pin!(freed);
         freed.as_mut().enable();
-        match plan.capacity.try_reserve(plan.demand) {
-            Ok(()) => {
+        match plan.capacity.try_reserve(plan.demand, plan.gpu.as_ref()) {
+            Ok(gpu) => {
                 let mut info = info.lock().unwrap();
                 info.pending_reason = None;
                 info.state = ReplicaState::Starting;
-                return true;
+                info.gpu = gpu.as_ref().map(|gpu| format!("{}: {}", gpu.index, gpu.name));
+                return Some(gpu);
             }
             Err(reason) => {
                 let mut info = info.lock().unwrap();
@@ -159,7 +167,7 @@ async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receive
             }
         }
         if *stop.borrow() {
-            return false;
+            return None;
         }
         tokio::select! {
             _ = freed => {}
@@ -168,12 +176,12 @@ async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receive
     }
 }
 
-async fn run_placed(plan: &Plan, info: &Arc<Mutex<ReplicaInfo>>, stop: &mut watch::Receiver<bool>) {
+async fn run_placed(plan: &Plan, spec: &ReplicaSpec, info: &Arc<Mutex<ReplicaInfo>>, stop: &mut watch::Receiver<bool>) {
     let mut backoff = MIN_BACKOFF;
     let mut failed_starts = 0;
     while !*stop.borrow() {
         let started = Instant::now();
-        let mut run = Run { plan, info, inflight: HashMap::new(), streams: HashMap::new() };
+        let mut run = Run { plan, spec, info, inflight: HashMap::new(), streams: HashMap::new() };
         let result = run.once(stop).await;
         run.requeue_inflight(result.as_ref().err());
         let Err(error) = result else { break };
@@ -212,6 +220,8 @@ async fn run_placed(plan: &Plan, info: &Arc<Mutex<ReplicaInfo>>, stop: &mut watc
 /// One process's life.
 struct Run<'a> {
     plan: &'a Plan,
+    /// The plan's spec with the GPU it was placed on.
+    spec: &'a ReplicaSpec,
     info: &'a Arc<Mutex<ReplicaInfo>>,
     /// Tasks sent to the process and not yet done, by run sequence number.
     inflight: HashMap<u64, Lease>,
@@ -251,8 +261,8 @@ impl Run<'_> {
     /// `Ok` when the replica drained and exited as asked.
     async fn once(&mut self, stop: &mut watch::Receiver<bool>) -> Result<()> {
         let plan = self.plan;
-        let spec = &plan.spec;
-        let (mut child, stream) = start_process(&plan.exe)?;
+        let spec = self.spec;
+        let (mut child, stream) = start_process(&plan.exe, spec.gpu.as_ref())?;
         {
             let mut info = self.info.lock().unwrap();
             info.state = ReplicaState::Starting;
@@ -386,6 +396,7 @@ impl Run<'_> {
             Outcome::Failed(message) => Finish::Rejected(TaskError { code: ErrorCode::GuestError, message }),
             Outcome::Trap(message) => Finish::Retryable(TaskError { code: ErrorCode::GuestTrap, message }),
             Outcome::OutOfMemory(message) => Finish::Retryable(TaskError { code: ErrorCode::OutOfMemory, message }),
+            Outcome::DeviceLost(message) => Finish::Retryable(TaskError { code: ErrorCode::ReplicaLost, message }),
             Outcome::Timeout => Finish::Retryable(TaskError {
                 code: ErrorCode::Timeout,
                 message: format!("the task ran past its timeout of {}", crate::config::format_duration(lease.timeout)),
@@ -464,6 +475,7 @@ fn outcome_name(outcome: &Outcome) -> &'static str {
         Outcome::Trap(_) => "trap",
         Outcome::OutOfMemory(_) => "out_of_memory",
         Outcome::Timeout => "timeout",
+        Outcome::DeviceLost(_) => "device_lost",
         Outcome::Cancelled => "cancelled",
     }
 }
@@ -472,12 +484,19 @@ async fn send(write: &mut OwnedWriteHalf, message: &ToReplica) -> Result<()> {
     ipc::write_async(write, message).await.context("failed to write to the replica")
 }
 
-/// Starts `beamlet replica` with its end of a fresh socket pair as fd 3.
-pub(crate) fn start_process(exe: &PathBuf) -> Result<(tokio::process::Child, tokio::net::UnixStream)> {
+/// Starts `beamlet replica` with its end of a fresh socket pair as fd 3. A
+/// replica on a CUDA GPU sees that device only.
+pub(crate) fn start_process(
+    exe: &PathBuf,
+    gpu: Option<&GpuSpec>,
+) -> Result<(tokio::process::Child, tokio::net::UnixStream)> {
     let (node_end, child_end) = std::os::unix::net::UnixStream::pair().context("failed to create a socket pair")?;
     let child_fd = child_end.as_raw_fd();
     let mut command = tokio::process::Command::new(exe);
     command.arg("replica").arg("--fd").arg(CHILD_FD.to_string()).stdin(Stdio::null()).kill_on_drop(true);
+    if let Some(gpu) = gpu.filter(|gpu| gpu.backend == GpuBackendKind::Cuda) {
+        command.env("CUDA_VISIBLE_DEVICES", gpu.index.to_string()).env("CUDA_DEVICE_ORDER", "PCI_BUS_ID");
+    }
     // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
     unsafe {
         command.pre_exec(move || {

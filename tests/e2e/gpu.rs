@@ -1,0 +1,99 @@
+//! GPU apps on the CPU backend (`serve --gpu-backend cpu`): the same host
+//! interface and checks a CUDA replica has, exclusive placement, quotas and
+//! the deploy check. (The CUDA side is tested in host-gpu/tests/cuda.rs and
+//! by scripts/bench-gpu on a machine with a GPU.)
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn call(server: &Server, app: &str, input: &str) -> Value {
+    let (status, body) = server.invoke_json(app, input);
+    assert_eq!(status, 200, "{input}: {body}");
+    body
+}
+
+fn error_of(body: &Value) -> &str {
+    body["error"].as_str().unwrap_or_default()
+}
+
+#[test]
+fn a_guest_gets_the_gpu_through_checked_handles_and_a_quota() {
+    let server = Server::start("gpu", &["--gpu-backend", "cpu", "--gpus", "1", "--cpu-gpu-memory", "1Gi"]);
+    let config = "[runtime]\nworkers = 1\ngpu = \"any\"\ngpu_memory = \"64Mi\"\n[task_queue]\nretries = 0\n";
+    server.deploy_guest("gpu", "guest-gpu", Some(config));
+
+    let info = call(&server, "gpu", r#"{"mode":"info"}"#);
+    assert_eq!((info["backend"].as_str(), info["quota"].as_u64()), (Some("cpu"), Some(64 << 20)), "{info}");
+    assert_eq!(info["memory"].as_u64(), Some(1 << 30));
+    let status = server.status("gpu");
+    assert_eq!(status["replicas"][0]["gpu"], "0: cpu-backend-0", "status names the GPU the replica holds: {status}");
+    assert_eq!(call(&server, "gpu", r#"{"mode":"gemm"}"#)["c"], serde_json::json!([2.0, 4.0, 6.0, 8.0]));
+
+    // Every bad call is an error value for the guest, never a crash.
+    let over = call(&server, "gpu", r#"{"mode":"alloc","bytes":134217728}"#);
+    assert_eq!(error_of(&over), "QuotaExceeded", "{over}");
+    assert_eq!(error_of(&call(&server, "gpu", r#"{"mode":"oob"}"#)), "OutOfBounds");
+    assert_eq!(error_of(&call(&server, "gpu", r#"{"mode":"gemm-mismatch"}"#)), "InvalidArgument");
+    let kernel = call(&server, "gpu", r#"{"mode":"kernel"}"#);
+    assert_eq!(error_of(&kernel), "Unavailable", "custom kernels need CUDA: {kernel}");
+
+    // The quota holds across tasks of one instance...
+    let held = call(&server, "gpu", r#"{"mode":"hold","bytes":50331648}"#);
+    assert_eq!(held["used"].as_u64(), Some(48 << 20), "{held}");
+    assert_eq!(error_of(&call(&server, "gpu", r#"{"mode":"alloc","bytes":33554432}"#)), "QuotaExceeded");
+    // ...and a trap frees what the instance held: the next instance starts at zero.
+    let (status, body) = server.invoke_json("gpu", r#"{"mode":"hold-then-trap","bytes":8388608}"#);
+    assert_eq!((status, error_code(&body)), (500, "GUEST_TRAP"), "{body}");
+    assert_eq!(call(&server, "gpu", r#"{"mode":"info"}"#)["used"].as_u64(), Some(0));
+    assert_eq!(call(&server, "gpu", r#"{"mode":"alloc","bytes":33554432}"#)["len"].as_u64(), Some(8 << 20));
+
+    // An app without `gpu` gets `unavailable`, saying why.
+    server.deploy_guest("cpu-only", "guest-gpu", None);
+    let body = call(&server, "cpu-only", r#"{"mode":"info"}"#);
+    assert_eq!(error_of(&body), "Unavailable");
+    assert!(body["message"].as_str().unwrap_or_default().contains("has no GPU"), "{body}");
+
+    // Deploy refuses workers * gpu_memory larger than the GPU.
+    let config = "[runtime]\nworkers = 4\ngpu = \"any\"\ngpu_memory = \"512Mi\"\n";
+    let response = server.deploy("big", &std::fs::read(wasm("guest-gpu")).unwrap(), Some(config));
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().unwrap();
+    assert_eq!(error_code(&body), "BAD_CONFIG");
+    assert!(error_message(&body).contains("workers * gpu_memory"), "{body}");
+
+    // One GPU, one replica: a second GPU app waits for it, then runs.
+    let config = "[runtime]\ngpu = \"any\"\ngpu_memory = \"64Mi\"\n";
+    server.deploy_guest("second", "guest-gpu", Some(config));
+    let status = server.wait_status("second", "a pending replica", LONG, |s| s["replicas"][0]["state"] == "pending");
+    let reason = status["replicas"][0]["pending_reason"].as_str().unwrap_or_default().to_owned();
+    assert!(reason.contains("free any GPU"), "exclusive: {status}");
+    let id = submit(&server, "second", r#"{"mode":"info"}"#);
+    assert_eq!(server.http.delete(server.url("/v1/apps/gpu")).send().unwrap().status(), 200);
+    assert_eq!(result(&server, &id)["backend"], "cpu", "it ran once the GPU was free");
+}
+
+#[test]
+fn the_gpu_mlp_example_matches_its_cpu_reference() {
+    let server = Server::start("gpu-mlp", &["--gpu-backend", "cpu"]);
+    let config = std::fs::read_to_string(examples().join("gpu-mlp").join("beamlet.toml")).unwrap();
+    server.deploy_guest("mlp", "gpu-mlp", Some(&config));
+    for seed in [1, 2, 42] {
+        let gpu = call(&server, "mlp", &format!(r#"{{"seed": {seed}}}"#));
+        let reference = call(&server, "mlp", &format!(r#"{{"seed": {seed}, "reference": true}}"#));
+        assert_eq!(gpu["backend"], "cpu");
+        let (gpu, reference) = (gpu["output"].as_array().unwrap(), reference["output"].as_array().unwrap());
+        assert_eq!(gpu.len(), 10);
+        let sum: f64 = gpu.iter().map(|p| p.as_f64().unwrap()).sum();
+        assert!((sum - 1.0).abs() < 1e-4, "probabilities sum to 1: {sum}");
+        for (g, r) in gpu.iter().zip(reference) {
+            assert!((g.as_f64().unwrap() - r.as_f64().unwrap()).abs() < 1e-4, "{gpu:?} vs {reference:?}");
+        }
+    }
+    let (status, body) = server.invoke_json("mlp", r#"{"input": [1, 2, 3]}"#);
+    assert_eq!((status, error_code(&body)), (400, "BAD_INPUT"), "{body}");
+}

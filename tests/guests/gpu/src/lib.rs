@@ -1,0 +1,88 @@
+//! Test fixture: exercises the GPU interface's checks from a guest. Every
+//! GPU error comes back as `{"error": "<Variant>", "message": ...}` so tests
+//! can tell them apart.
+//!
+//! - `{"mode": "info"}`: the device as the worker sees it
+//! - `{"mode": "alloc", "bytes": N}`: allocates and frees N bytes of f32
+//! - `{"mode": "hold", "bytes": N}`: allocates N bytes and keeps them for the
+//!   instance's life (so the quota stays spent across tasks)
+//! - `{"mode": "hold-then-trap", "bytes": N}`: allocates, then panics (the
+//!   instance, and with it the allocation, goes)
+//! - `{"mode": "oob"}`: reads past a buffer's end
+//! - `{"mode": "gemm-mismatch"}`: a GEMM whose leading dimension is too small
+//! - `{"mode": "kernel"}`: compiles a CUDA C kernel (unavailable on the CPU backend)
+//! - `{"mode": "gemm"}`: a 2x2 f32 GEMM whose result is known
+
+use std::sync::Mutex;
+
+use beamlet_sdk::gpu::{Buffer, Device, Gemm, GpuError, Kernel, Param};
+use beamlet_sdk::{Context, Error};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+#[derive(Deserialize)]
+struct Input {
+    mode: String,
+    #[serde(default)]
+    bytes: u64,
+}
+
+/// What `hold` keeps alive.
+static HELD: Mutex<Vec<Buffer<f32>>> = Mutex::new(Vec::new());
+
+fn report(error: GpuError) -> Value {
+    let variant = format!("{error:?}");
+    let variant = variant.split('(').next().unwrap_or_default().to_owned();
+    json!({"error": variant, "message": error.message()})
+}
+
+fn run(input: &Input) -> Result<Value, GpuError> {
+    Ok(match input.mode.as_str() {
+        "info" => {
+            let info = Device::info()?;
+            json!({"name": info.name, "backend": info.backend, "memory": info.memory_bytes,
+                   "quota": info.quota_bytes, "used": info.used_bytes})
+        }
+        "alloc" => {
+            let buffer = Buffer::<f32>::zeros(input.bytes / 4)?;
+            json!({"len": buffer.len()})
+        }
+        "hold" => {
+            HELD.lock().unwrap().push(Buffer::<f32>::zeros(input.bytes / 4)?);
+            json!({"held": HELD.lock().unwrap().len(), "used": Device::info()?.used_bytes})
+        }
+        "hold-then-trap" => {
+            HELD.lock().unwrap().push(Buffer::<f32>::zeros(input.bytes / 4)?);
+            panic!("trapping while holding GPU memory");
+        }
+        "oob" => {
+            let buffer = Buffer::<f32>::zeros(16)?;
+            json!({"read": buffer.read(10, 10)?})
+        }
+        "gemm-mismatch" => {
+            let (a, b, c) = (Buffer::<f32>::zeros(4)?, Buffer::<f32>::zeros(4)?, Buffer::<f32>::zeros(4)?);
+            Gemm::new(2, 2, 2).lda(1).run(&a, &b, &c)?;
+            json!({"ran": true})
+        }
+        "kernel" => {
+            let source = r#"extern "C" __global__ void noop(float *x) {}"#;
+            let kernel = Kernel::cuda_c(source, "noop", &[Param::Buffer])?;
+            json!({"compiled": kernel.entry()})
+        }
+        "gemm" => {
+            // Column-major: a = [[1, 3], [2, 4]], b = identity * 2.
+            let a = Buffer::from_slice(&[1.0f32, 2.0, 3.0, 4.0])?;
+            let b = Buffer::from_slice(&[2.0f32, 0.0, 0.0, 2.0])?;
+            let c = Buffer::<f32>::zeros(4)?;
+            Gemm::new(2, 2, 2).run(&a, &b, &c)?;
+            json!({"c": c.to_vec()?})
+        }
+        other => json!({"error": "UnknownMode", "message": other}),
+    })
+}
+
+fn handle(_ctx: &Context, input: Input) -> Result<Value, Error> {
+    Ok(run(&input).unwrap_or_else(report))
+}
+
+beamlet_sdk::export!(handle);
