@@ -1,5 +1,6 @@
 //! `GET /metrics`: Prometheus (OpenMetrics text) for every app: queue depth,
-//! running tasks, task duration, replicas by state, workers and scale events.
+//! running tasks, task duration, replicas by state, workers, scale events,
+//! GPUs held and GPU memory used.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -45,6 +46,8 @@ pub(crate) struct Metrics {
     task_seconds: Durations,
     runs: Family<AppOutcome, Counter>,
     scale_events: Family<AppDirection, Counter>,
+    gpus: Family<App, Gauge>,
+    gpu_memory: Family<App, Gauge>,
 }
 
 /// One app's live numbers, read at scrape time.
@@ -54,6 +57,9 @@ pub(crate) struct AppGauges {
     pub workers: u64,
     /// (state, count) for each replica state present.
     pub replicas: Vec<(String, u64)>,
+    /// GPUs its replicas hold, and the GPU memory their workers hold.
+    pub gpus: u64,
+    pub gpu_memory: u64,
 }
 
 fn task_histogram() -> Histogram {
@@ -73,6 +79,8 @@ impl Metrics {
             task_seconds: Family::new_with_constructor(task_histogram),
             runs: Family::default(),
             scale_events: Family::default(),
+            gpus: Family::default(),
+            gpu_memory: Family::default(),
         };
         registry.register("queue_depth", "Tasks queued (pending or awaiting a retry)", metrics.queued.clone());
         registry.register("running_tasks", "Tasks running on a worker", metrics.running.clone());
@@ -84,6 +92,12 @@ impl Metrics {
             "scale_events",
             "Replicas started (up) and stopped (down) by the autoscaler",
             metrics.scale_events.clone(),
+        );
+        registry.register("gpus", "GPUs held by the app's replicas", metrics.gpus.clone());
+        registry.register(
+            "gpu_memory_used_bytes",
+            "GPU memory held by the app's workers (as of their last tasks)",
+            metrics.gpu_memory.clone(),
         );
         *metrics.registry.lock().unwrap() = registry;
         metrics
@@ -106,7 +120,7 @@ impl Metrics {
     /// The text exposition, with gauges set from `apps` (name, numbers).
     pub(crate) fn render(&self, apps: &[(String, AppGauges)]) -> String {
         let registry = self.registry.lock().unwrap();
-        for family in [&self.queued, &self.running, &self.workers] {
+        for family in [&self.queued, &self.running, &self.workers, &self.gpus, &self.gpu_memory] {
             family.clear();
         }
         self.replicas.clear();
@@ -115,6 +129,8 @@ impl Metrics {
             self.queued.get_or_create(&app).set(gauges.queued as i64);
             self.running.get_or_create(&app).set(gauges.running as i64);
             self.workers.get_or_create(&app).set(gauges.workers as i64);
+            self.gpus.get_or_create(&app).set(gauges.gpus as i64);
+            self.gpu_memory.get_or_create(&app).set(gauges.gpu_memory as i64);
             for (state, count) in &gauges.replicas {
                 self.replicas.get_or_create(&AppState { app: name.clone(), state: state.clone() }).set(*count as i64);
             }
@@ -134,7 +150,14 @@ mod tests {
         let metrics = Metrics::new();
         metrics.run_ended("hello", "complete", Duration::from_millis(3));
         metrics.scaled("hello", 2, 0);
-        let gauges = AppGauges { queued: 4, running: 1, workers: 2, replicas: vec![("ready".into(), 2)] };
+        let gauges = AppGauges {
+            queued: 4,
+            running: 1,
+            workers: 2,
+            replicas: vec![("ready".into(), 2)],
+            gpus: 1,
+            gpu_memory: 4096,
+        };
         let text = metrics.render(&[("hello".into(), gauges)]);
         for expected in [
             r#"beamlet_queue_depth{app="hello"} 4"#,
@@ -143,6 +166,7 @@ mod tests {
             r#"beamlet_task_duration_seconds_count{app="hello"} 1"#,
             r#"beamlet_task_runs_total{app="hello",outcome="complete"} 1"#,
             r#"beamlet_scale_events_total{app="hello",direction="up"} 2"#,
+            r#"beamlet_gpu_memory_used_bytes{app="hello"} 4096"#,
         ] {
             assert!(text.contains(expected), "missing {expected} in:\n{text}");
         }

@@ -45,6 +45,9 @@ fn a_guest_gets_the_gpu_through_checked_handles_and_a_quota() {
     // The quota holds across tasks of one instance...
     let held = call(&server, "gpu", r#"{"mode":"hold","bytes":50331648}"#);
     assert_eq!(held["used"].as_u64(), Some(48 << 20), "{held}");
+    let metrics = server.http.get(server.url("/metrics")).send().unwrap().text().unwrap();
+    assert!(metrics.contains(r#"beamlet_gpu_memory_used_bytes{app="gpu"} 50331648"#), "{metrics}");
+    assert!(metrics.contains(r#"beamlet_gpus{app="gpu"} 1"#), "{metrics}");
     assert_eq!(error_of(&call(&server, "gpu", r#"{"mode":"alloc","bytes":33554432}"#)), "QuotaExceeded");
     // ...and a trap frees what the instance held: the next instance starts at zero.
     let (status, body) = server.invoke_json("gpu", r#"{"mode":"hold-then-trap","bytes":8388608}"#);

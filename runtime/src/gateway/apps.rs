@@ -189,7 +189,10 @@ pub(crate) async fn metrics(State(node): State<Arc<Node>>) -> impl axum::respons
                 .filter(|r| r.state == crate::supervisor::ReplicaState::Ready)
                 .map(|r| u64::from(r.workers))
                 .sum();
-            let gauges = AppGauges { queued: counts.queued, running: counts.running, workers, replicas: states };
+            let gpus = replicas.iter().filter(|r| r.gpu.is_some()).count() as u64;
+            let gpu_memory = replicas.iter().map(|r| r.gpu_memory_used).sum();
+            let gauges =
+                AppGauges { queued: counts.queued, running: counts.running, workers, replicas: states, gpus, gpu_memory };
             (name, gauges)
         })
         .collect();

@@ -40,6 +40,14 @@ impl WorkerGpu {
         matches!(self, WorkerGpu::Ready(session) if session.is_lost())
     }
 
+    /// Device memory the worker holds now.
+    pub(crate) fn used_bytes(&self) -> u64 {
+        match self {
+            WorkerGpu::Ready(session) => session.used_bytes(),
+            WorkerGpu::Unavailable(_) => 0,
+        }
+    }
+
     /// Bounds how long a read may wait for queued work: the task's time left.
     pub(crate) fn set_wait_limit(&mut self, limit: Duration) {
         if let WorkerGpu::Ready(session) = self {

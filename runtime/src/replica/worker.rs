@@ -209,6 +209,7 @@ impl Worker {
         done.stdout = live.store.data().stdout.take();
         done.stderr = live.store.data().stderr.take();
         done.run_us = micros(started.elapsed());
+        done.gpu_bytes = live.store.data().gpu.used_bytes();
         let keep = result.is_ok();
         done.outcome = result.unwrap_or_else(|trap| classify_trap(&mut live.store, trap, &done.stderr));
         if live.store.data().gpu.is_lost() {

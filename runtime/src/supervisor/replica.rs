@@ -72,6 +72,10 @@ pub(crate) struct ReplicaInfo {
     pub pending_reason: Option<String>,
     /// The GPU it holds: `"0: NVIDIA H100 80GB HBM3"`.
     pub gpu: Option<String>,
+    /// GPU memory its workers hold, as of their last runs.
+    pub gpu_memory_used: u64,
+    #[serde(skip)]
+    gpu_by_worker: HashMap<u32, u64>,
 }
 
 pub(crate) struct ReplicaHandle {
@@ -125,6 +129,8 @@ pub(crate) fn spawn(plan: Plan) -> ReplicaHandle {
         last_error: None,
         pending_reason: None,
         gpu: None,
+        gpu_memory_used: 0,
+        gpu_by_worker: HashMap::new(),
     }));
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(supervise(plan, info.clone(), stop_rx));
@@ -140,6 +146,7 @@ async fn supervise(plan: Plan, info: Arc<Mutex<ReplicaInfo>>, mut stop: watch::R
     let mut info = info.lock().unwrap();
     info.state = ReplicaState::Stopped;
     info.pid = None;
+    info.gpu = None;
     info.idle_since = None;
 }
 
@@ -377,7 +384,12 @@ impl Run<'_> {
             tracing::warn!(replica = %self.plan.spec.replica, seq = done.seq, "done for an unknown run");
             return;
         };
-        self.info.lock().unwrap().tasks_done += 1;
+        {
+            let mut info = self.info.lock().unwrap();
+            info.tasks_done += 1;
+            info.gpu_by_worker.insert(done.worker, done.gpu_bytes);
+            info.gpu_memory_used = info.gpu_by_worker.values().sum();
+        }
         let run_time = Duration::from_micros(done.run_us);
         self.plan.times.record(run_time);
         self.plan.metrics.run_ended(&lease.app, outcome_name(&done.outcome), run_time);
