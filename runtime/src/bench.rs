@@ -10,6 +10,7 @@ use wasmtime::component::Component;
 
 use crate::engine::{self, Allocation};
 use crate::host::bindings::FunctionPre;
+use crate::host::gpu::WorkerGpu;
 use crate::host::{self, WorkerState};
 use crate::ipc::{self, FromReplica, Outcome, ReplicaSpec, RunTask, ToReplica};
 
@@ -115,13 +116,15 @@ fn instantiate_times(compiled: &Path, iterations: usize) -> Result<(Vec<Duration
     let mut with_init = Vec::with_capacity(iterations);
     for round in 0..iterations * 2 {
         let started = Instant::now();
-        let mut store =
-            Store::new(&engine, WorkerState::new(
+        let mut store = Store::new(
+            &engine,
+            WorkerState::new(
                 MEMORY,
                 std::sync::Arc::clone(&cancel),
                 Vec::new().into(),
                 WorkerGpu::Unavailable("bench".into()),
-            ));
+            ),
+        );
         store.limiter(|state| &mut state.limiter);
         // No epoch ticker here: a deadline never reached.
         store.set_epoch_deadline(u64::MAX / 2);
@@ -153,8 +156,6 @@ async fn await_done(read: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<()
         }
     }
 }
-
-use crate::host::gpu::WorkerGpu;
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -257,6 +258,45 @@ pub(crate) async fn queue(wasm: &Path, input: &str, tasks: usize, concurrency: u
         submitted.as_secs_f64(),
         drained.as_secs_f64(),
         total as f64 / drained.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `beamlet bench load`: `connections` clients POST `data` to `url` back to
+/// back for `duration`; every answer must be a success.
+pub(crate) async fn load(url: &str, data: &str, connections: usize, duration: Duration) -> Result<()> {
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..connections.max(1) {
+        let (http, url, data) = (http.clone(), url.to_owned(), data.to_owned());
+        clients.spawn(async move {
+            let mut times = Vec::new();
+            while started.elapsed() < duration {
+                let sent = Instant::now();
+                let response = http.post(&url).body(data.clone()).send().await?;
+                let status = response.status();
+                let body = response.bytes().await?;
+                if !status.is_success() {
+                    bail!("{url} answered {status}: {}", String::from_utf8_lossy(&body));
+                }
+                times.push(sent.elapsed());
+            }
+            Ok(times)
+        });
+    }
+    let mut times = Vec::new();
+    while let Some(done) = clients.join_next().await {
+        times.extend(done??);
+    }
+    let elapsed = started.elapsed();
+    times.sort();
+    let rps = times.len() as f64 / elapsed.as_secs_f64();
+    println!(
+        "{{\"requests\": {}, \"rps\": {rps:.1}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}}}",
+        times.len(),
+        ms(pick(&times, 0.5)),
+        ms(pick(&times, 0.99))
     );
     Ok(())
 }

@@ -182,6 +182,18 @@ enum BenchQueue {
         #[arg(long, default_value_t = 2)]
         workers: u32,
     },
+    /// POST the same body to a URL from several connections for a while and
+    /// print req/s, p50 and p99 (a load generator for machines without wrk).
+    Load {
+        url: String,
+        #[arg(long, default_value = "{}")]
+        data: String,
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        /// e.g. 10s.
+        #[arg(long, default_value = "10s")]
+        duration: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -295,6 +307,10 @@ async fn run(command: Command) -> Result<()> {
         Command::Delete { name, server } => Client::new(&server.server)?.delete(&name).await,
         Command::Bench { queue: Some(BenchQueue::Queue { wasm, data, tasks, concurrency, workers }), .. } => {
             crate::bench::queue(&wasm, &data, tasks, concurrency, workers).await
+        }
+        Command::Bench { queue: Some(BenchQueue::Load { url, data, connections, duration }), .. } => {
+            let duration = crate::config::parse_duration(&duration).map_err(anyhow::Error::msg)?;
+            crate::bench::load(&url, &data, connections, duration).await
         }
         Command::Bench { queue: None, wasm, data, iterations, cold_starts } => {
             let wasm = wasm.context("give the component to measure: beamlet bench APP.wasm")?;

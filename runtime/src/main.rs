@@ -1,8 +1,8 @@
 //! `beamlet`: a serverless function runtime for WebAssembly components.
 
 mod autoscaler;
-mod bodies;
 mod bench;
+mod bodies;
 mod cli;
 mod client;
 mod config;

@@ -92,7 +92,9 @@ fn request_and_response_bodies_stream_both_ways() {
     // only works if neither body waits for its end.
     let mut socket = connect(&server);
     socket
-        .write_all(b"POST /http/pipe/pipe HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+        .write_all(
+            b"POST /http/pipe/pipe HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n",
+        )
         .unwrap();
     let mut seen = Vec::new();
     for i in 0..5 {

@@ -58,9 +58,11 @@ pub(crate) async fn deploy(
         return Err(ApiError::too_large("component upload", limit));
     }
     let registry_node = node.clone();
-    let app = tokio::task::spawn_blocking(move || registry_node.registry.deploy(&name, &component, &config, &registry_node.gpus))
-        .await
-        .map_err(ApiError::internal)??;
+    let app = tokio::task::spawn_blocking(move || {
+        registry_node.registry.deploy(&name, &component, &config, &registry_node.gpus)
+    })
+    .await
+    .map_err(ApiError::internal)??;
     tracing::info!(app = %app.version.name, version = app.version.version, digest = %app.version.digest, "deployed");
     node.supervisor.run(&app);
     let version = &app.version;
@@ -191,8 +193,14 @@ pub(crate) async fn metrics(State(node): State<Arc<Node>>) -> impl axum::respons
                 .sum();
             let gpus = replicas.iter().filter(|r| r.gpu.is_some()).count() as u64;
             let gpu_memory = replicas.iter().map(|r| r.gpu_memory_used).sum();
-            let gauges =
-                AppGauges { queued: counts.queued, running: counts.running, workers, replicas: states, gpus, gpu_memory };
+            let gauges = AppGauges {
+                queued: counts.queued,
+                running: counts.running,
+                workers,
+                replicas: states,
+                gpus,
+                gpu_memory,
+            };
             (name, gauges)
         })
         .collect();

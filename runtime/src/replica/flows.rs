@@ -17,8 +17,8 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use http_body_util::BodyExt as _;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt as _;
 use tokio::sync::{Semaphore, mpsc};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
@@ -127,10 +127,7 @@ impl Body for RequestBody {
     type Data = Bytes;
     type Error = wasmtime_wasi_http::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         if let Some(first) = this.first.take() {
             return Poll::Ready(Some(Ok(Frame::data(first))));
@@ -247,7 +244,9 @@ async fn send_part(
         let permit = tokio::time::timeout_at(deadline, credits.acquire())
             .await
             .map_err(|_| "the client did not read the response before the task's timeout".to_owned())?
-            .map_err(|_| "the response stream was closed (the task was cancelled or the client went away)".to_owned())?;
+            .map_err(|_| {
+                "the response stream was closed (the task was cancelled or the client went away)".to_owned()
+            })?;
         permit.forget();
         let part = pending.split_to(pending.len().min(BODY_PART));
         replies.send(&FromReplica::ResponseBody { seq, part: part.to_vec() });

@@ -14,11 +14,11 @@ use super::Replies;
 use super::cancel::Cancels;
 use super::flows::{Flows, RequestBody, stream_response};
 use crate::host::WorkerState;
-use crate::host::gpu::WorkerGpu;
-use beamlet_gpu::{Backend, Session};
 use crate::host::bindings::{Function, FunctionPre, GuestError, TaskContext};
-use crate::ipc::{FromReplica, Outcome, ReplicaSpec, RunTask, TaskDone};
+use crate::host::gpu::WorkerGpu;
 use crate::ipc::HttpRequest;
+use crate::ipc::{FromReplica, Outcome, ReplicaSpec, RunTask, TaskDone};
+use beamlet_gpu::{Backend, Session};
 use http_body_util::BodyExt as _;
 use wasmtime_wasi_http::WasiHttpView as _;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
@@ -99,8 +99,7 @@ impl Worker {
                 self.spec.app
             )),
         };
-        let state =
-            WorkerState::new(self.spec.memory_per_worker, self.cancel.clone(), self.allowed_hosts.clone(), gpu);
+        let state = WorkerState::new(self.spec.memory_per_worker, self.cancel.clone(), self.allowed_hosts.clone(), gpu);
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(1);

@@ -129,7 +129,11 @@ impl Capacity {
             return Err(format!("waiting for a {} GPU; this node has {}", want.model, names.join(", ")));
         }
         fitting.iter().copied().find(|i| !used.gpus[*i]).ok_or_else(|| {
-            format!("waiting for a free {} GPU; all {} of this node's are held by other replicas", want.model, fitting.len())
+            format!(
+                "waiting for a free {} GPU; all {} of this node's are held by other replicas",
+                want.model,
+                fitting.len()
+            )
         })
     }
 
@@ -181,7 +185,10 @@ mod tests {
     #[test]
     fn a_gpu_replica_gets_a_whole_gpu_of_its_model() {
         let device = |index: u32, name: &str| NodeGpu { index, name: name.into(), memory_bytes: 80 << 30 };
-        let gpus = Gpus { backend: Some(GpuBackendKind::Cuda), devices: vec![device(0, "NVIDIA H100"), device(1, "NVIDIA L4")] };
+        let gpus = Gpus {
+            backend: Some(GpuBackendKind::Cuda),
+            devices: vec![device(0, "NVIDIA H100"), device(1, "NVIDIA L4")],
+        };
         let capacity = Capacity::new(Demand { cpu: 8.0, memory: 8 << 30 }, gpus);
         let demand = Demand { cpu: 1.0, memory: 0 };
         let want = |model: &str| GpuDemand { model: model.into(), quota_per_worker: 1 << 30 };

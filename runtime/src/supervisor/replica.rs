@@ -421,7 +421,13 @@ impl Run<'_> {
 
     /// Passes a streamed response's head to the gateway, with a body that
     /// will yield its parts; cancels the run when nobody waits for it.
-    fn response_head(&mut self, seq: u64, status: u16, headers: Vec<(String, Vec<u8>)>, out: &mpsc::UnboundedSender<ToReplica>) {
+    fn response_head(
+        &mut self,
+        seq: u64,
+        status: u16,
+        headers: Vec<(String, Vec<u8>)>,
+        out: &mpsc::UnboundedSender<ToReplica>,
+    ) {
         let Some(lease) = self.inflight.get(&seq) else { return };
         let (parts, received) = mpsc::unbounded_channel();
         let start = ResponseStart { status, headers, body: bodies::response_body(seq, received, out.clone()) };

@@ -12,10 +12,12 @@
 //! - `{"mode": "gemm-mismatch"}`: a GEMM whose leading dimension is too small
 //! - `{"mode": "kernel"}`: compiles a CUDA C kernel (unavailable on the CPU backend)
 //! - `{"mode": "gemm"}`: a 2x2 f32 GEMM whose result is known
+//! - `{"mode": "fault"}`: launches a kernel that writes far past its buffer
+//!   (CUDA: a sticky error, so `device-lost` and a replaced replica)
 
 use std::sync::Mutex;
 
-use beamlet_sdk::gpu::{Buffer, Device, Gemm, GpuError, Kernel, Param};
+use beamlet_sdk::gpu::{Arg, Buffer, Device, Gemm, GpuError, Kernel, LaunchConfig, Param};
 use beamlet_sdk::{Context, Error};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -68,6 +70,14 @@ fn run(input: &Input) -> Result<Value, GpuError> {
             let source = r#"extern "C" __global__ void noop(float *x) {}"#;
             let kernel = Kernel::cuda_c(source, "noop", &[Param::Buffer])?;
             json!({"compiled": kernel.entry()})
+        }
+        "fault" => {
+            let source = r#"extern "C" __global__ void smash(float *x) { x[1ull << 40] = 1.0f; }"#;
+            let kernel = Kernel::cuda_c(source, "smash", &[Param::Buffer])?;
+            let buffer = Buffer::<f32>::zeros(16)?;
+            kernel.launch(LaunchConfig::new((1, 1, 1), (1, 1, 1)), &[Arg::buffer(&buffer)])?;
+            beamlet_sdk::gpu::synchronize(std::time::Duration::from_secs(30))?;
+            json!({"survived": true})
         }
         "gemm" => {
             // Column-major: a = [[1, 3], [2, 4]], b = identity * 2.

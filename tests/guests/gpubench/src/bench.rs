@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use beamlet_sdk::gpu::{self, Arg, Buffer, Element, Gemm, GpuError, Kernel, LaunchConfig, Param};
 use serde::Serialize;
 
+use crate::check::tolerance;
 use crate::data::{error, gemm_at, value};
 
 /// Long enough for an 8192³ GEMM loop on a slow device, short of a task's timeout.
@@ -29,6 +30,8 @@ pub struct Timed {
     pub sample: Vec<Sample>,
     /// Largest [`error`] in `sample`.
     pub max_err: f64,
+    /// Whether `max_err` is within the rounding of the result's dtype.
+    pub ok: bool,
 }
 
 fn timed(iters: u32, mut run: impl FnMut() -> Result<(), GpuError>) -> Result<f64, GpuError> {
@@ -42,9 +45,9 @@ fn timed(iters: u32, mut run: impl FnMut() -> Result<(), GpuError>) -> Result<f6
     Ok(started.elapsed().as_secs_f64() * 1e3 / f64::from(iters))
 }
 
-fn checked(iters: u32, ms_per_op: f64, sample: Vec<Sample>) -> Timed {
+fn checked<T: Element>(iters: u32, ms_per_op: f64, sample: Vec<Sample>) -> Timed {
     let max_err = sample.iter().map(|s| error(s.got, s.want)).fold(0.0, f64::max);
-    Timed { iters, ms_per_op, sample, max_err }
+    Timed { iters, ms_per_op, sample, max_err, ok: max_err <= tolerance::<T>() }
 }
 
 /// `c = a * b` for n x n matrices of `T`; samples the corners and the middle.
@@ -60,7 +63,7 @@ pub fn gemm<T: Element>(n: u64, iters: u32) -> Result<Timed, GpuError> {
         let want = gemm_at(|x| value(x, 1), |x| value(x, 2), 0.0, (n, n, n), (false, false), (1.0, 0.0), (i, j));
         sample.push(Sample { index, got, want });
     }
-    Ok(checked(iters, ms, sample))
+    Ok(checked::<T>(iters, ms, sample))
 }
 
 const SAXPY: &str = r#"
@@ -119,7 +122,7 @@ pub fn saxpy(n: u64, iters: u32) -> Result<Compiled<Timed>, GpuError> {
         let want = f64::from(y_at(index)) + runs * f64::from(A) * f64::from(x_at(index));
         sample.push(Sample { index, got: y.read(index, 1)?[0], want });
     }
-    Ok(Compiled { result: checked(iters, ms, sample), compile_ms })
+    Ok(Compiled { result: checked::<f32>(iters, ms, sample), compile_ms })
 }
 
 #[derive(Debug, Serialize)]

@@ -22,7 +22,7 @@ pub struct Checked {
 }
 
 /// The output's rounding: exact inputs, one rounding of each result.
-fn tolerance<T: Element>() -> f64 {
+pub(crate) fn tolerance<T: Element>() -> f64 {
     match T::DTYPE.name() {
         "f32" => 1e-5,
         "f16" => 2e-3,

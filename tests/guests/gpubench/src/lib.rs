@@ -5,7 +5,8 @@
 //!
 //! - `{"op": "gemm", "dtype": "bf16"|"f16"|"f32", "n": 8192, "iters": 10}`:
 //!   `c = a * b` on n x n matrices. Answers `ms_per_op`, `tflops` (2n³ per
-//!   run) and a `sample` of c's elements checked against the guest's own sum.
+//!   run) and a `sample` of c's elements checked against the guest's own sum
+//!   (`max_err`, and `ok` when it is within the dtype's rounding).
 //! - `{"op": "saxpy", "n": 67108864, "iters": 20}`: `y = 0.5 * x + y` with a
 //!   custom CUDA C kernel (CUDA only). Answers `ms_per_op` and `gb_per_s`
 //!   (12 bytes moved per element).
