@@ -186,6 +186,8 @@ pub(crate) enum FromReplica {
         init_us: u64,
         stdout: Vec<u8>,
         stderr: Vec<u8>,
+        /// GPU memory the worker holds after `init` (weights, say).
+        gpu_bytes: u64,
     },
     /// Every worker started; the replica takes tasks.
     Ready,

@@ -131,7 +131,15 @@ impl Worker {
         }
         let init_us = micros(init_started.elapsed());
         // The node logs the start when this frame arrives.
-        self.replies.send(&FromReplica::WorkerStarted { worker: self.index, instantiate_us, init_us, stdout, stderr });
+        let gpu_bytes = store.data().gpu.used_bytes();
+        self.replies.send(&FromReplica::WorkerStarted {
+            worker: self.index,
+            instantiate_us,
+            init_us,
+            stdout,
+            stderr,
+            gpu_bytes,
+        });
         self.live = Some(Live { store, guest });
         Ok(())
     }

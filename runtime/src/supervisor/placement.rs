@@ -128,12 +128,9 @@ impl Capacity {
             let names: Vec<_> = self.gpus.devices.iter().map(|gpu| gpu.name.as_str()).collect();
             return Err(format!("waiting for a {} GPU; this node has {}", want.model, names.join(", ")));
         }
+        let model = if want.model.eq_ignore_ascii_case("any") { String::new() } else { format!("{} ", want.model) };
         fitting.iter().copied().find(|i| !used.gpus[*i]).ok_or_else(|| {
-            format!(
-                "waiting for a free {} GPU; all {} of this node's are held by other replicas",
-                want.model,
-                fitting.len()
-            )
+            format!("waiting for a free {model}GPU; all {} of this node's are held by other replicas", fitting.len())
         })
     }
 

@@ -78,6 +78,13 @@ pub(crate) struct ReplicaInfo {
     gpu_by_worker: HashMap<u32, u64>,
 }
 
+impl ReplicaInfo {
+    fn set_gpu_bytes(&mut self, worker: u32, bytes: u64) {
+        self.gpu_by_worker.insert(worker, bytes);
+        self.gpu_memory_used = self.gpu_by_worker.values().sum();
+    }
+}
+
 pub(crate) struct ReplicaHandle {
     info: Arc<Mutex<ReplicaInfo>>,
     stop: watch::Sender<bool>,
@@ -373,7 +380,10 @@ impl Run<'_> {
 
     /// Logs a worker's start (first, or after its instance was replaced).
     fn worker_started(&self, frame: FromReplica) {
-        let FromReplica::WorkerStarted { worker, instantiate_us, init_us, stdout, stderr } = frame else { return };
+        let FromReplica::WorkerStarted { worker, instantiate_us, init_us, stdout, stderr, gpu_bytes } = frame else {
+            return;
+        };
+        self.info.lock().unwrap().set_gpu_bytes(worker, gpu_bytes);
         let spec = &self.plan.spec;
         self.plan.logs.capture(&spec.app, &format!("init {} worker {worker}", spec.replica), &stdout, &stderr);
         tracing::info!(app = %spec.app, replica = %spec.replica, worker, instantiate_us, init_us, "worker started");
@@ -387,8 +397,7 @@ impl Run<'_> {
         {
             let mut info = self.info.lock().unwrap();
             info.tasks_done += 1;
-            info.gpu_by_worker.insert(done.worker, done.gpu_bytes);
-            info.gpu_memory_used = info.gpu_by_worker.values().sum();
+            info.set_gpu_bytes(done.worker, done.gpu_bytes);
         }
         let run_time = Duration::from_micros(done.run_us);
         self.plan.times.record(run_time);
