@@ -33,6 +33,13 @@ impl Outbound {
 }
 
 impl WasiHttpHooks for Outbound {
+    /// Writes a guest may have in flight before its response body stream
+    /// pushes back: with one (the default), each small write waits for the
+    /// reader on another thread to take the previous one.
+    fn p2_outgoing_body_buffer_chunks(&mut self) -> usize {
+        16
+    }
+
     fn send_request(
         &mut self,
         request: http::Request<WasiBody>,
