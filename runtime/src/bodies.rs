@@ -15,10 +15,11 @@ use std::task::{Context, Poll};
 
 use axum::body::Body;
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use http_body_util::BodyExt as _;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::ipc::ToReplica;
+use crate::ipc::{BODY_PART, ToReplica};
 use crate::queue::TaskId;
 
 /// The exchanges in progress, by task id.
@@ -75,7 +76,9 @@ impl Bodies {
 }
 
 /// Sends `body` to run `seq` as [`ToReplica::Body`] frames (through `out`),
-/// one part per part the replica asks for on `wants`.
+/// one part per part the replica asks for on `wants`. A part gathers what
+/// the client has already sent, up to [`BODY_PART`] bytes, so small reads
+/// from the connection do not each cost a frame.
 pub(crate) async fn pump_request(
     seq: u64,
     mut body: Body,
@@ -90,20 +93,32 @@ pub(crate) async fn pump_request(
                 None => return,
             }
         }
-        let part = match body.frame().await {
-            None => None,
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) if data.is_empty() => continue,
-                Ok(data) => Some(Ok(data.to_vec())),
-                Err(_) => continue,
-            },
-            Some(Err(e)) => Some(Err(format!("the client's request body failed: {e}"))),
-        };
-        let last = !matches!(part, Some(Ok(_)));
-        if out.send(ToReplica::Body { seq, part }).is_err() || last {
+        let mut part = Vec::new();
+        // What ends the body after this part: `Some(None)` its end, `Some(Some(e))` a failure.
+        let mut end: Option<Option<String>> = None;
+        let mut next = Some(body.frame().await);
+        while let Some(frame) = next {
+            match frame {
+                None => end = Some(None),
+                Some(Err(e)) => end = Some(Some(format!("the client's request body failed: {e}"))),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        part.extend_from_slice(&data);
+                    }
+                }
+            }
+            next = if end.is_none() && part.len() < BODY_PART { body.frame().now_or_never() } else { None };
+        }
+        if !part.is_empty() {
+            if out.send(ToReplica::Body { seq, part: Some(Ok(part)) }).is_err() {
+                return;
+            }
+            credit -= 1;
+        }
+        if let Some(end) = end {
+            let _ = out.send(ToReplica::Body { seq, part: end.map(Err) });
             return;
         }
-        credit -= 1;
     }
 }
 
