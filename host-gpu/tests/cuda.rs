@@ -5,31 +5,17 @@
 //! error would end it for every test running beside it.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use beamlet_gpu::cpu::CpuBackend;
-use beamlet_gpu::cuda::CudaBackend;
 use beamlet_gpu::{
     BinaryOp, BufferId, DType, GemmArgs, GpuError, KernelArg, KernelSource, LaunchConfig, ParamKind, Session,
 };
+use common::{WAIT, gpu};
 use half::{bf16, f16};
-
-const WAIT: Duration = Duration::from_secs(30);
-
-/// A session on GPU 0, or `None` (after saying so) when there is none.
-fn gpu() -> Option<Session> {
-    match CudaBackend::new(0) {
-        Ok(backend) => Some(Session::new(Arc::new(backend), 0, 1 << 30).expect("open a stream")),
-        Err(e) => {
-            if std::env::var("REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("REQUIRE_GPU=1 but the CUDA backend is unavailable: {e}");
-            }
-            eprintln!("==== no GPU: CUDA tests skipped ({e}) ====");
-            None
-        }
-    }
-}
 
 fn cpu() -> Session {
     Session::new(Arc::new(CpuBackend::new("cpu", 1 << 30)), 0, 1 << 30).unwrap()

@@ -3,27 +3,11 @@
 //! it kills is shared by everything else in the process.
 #![cfg(feature = "cuda")]
 
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
-use beamlet_gpu::cuda::CudaBackend;
-use beamlet_gpu::{DType, GpuError, KernelArg, KernelSource, LaunchConfig, ParamKind, Session};
+use common::{WAIT, gpu};
 
-const WAIT: Duration = Duration::from_secs(30);
-
-/// A session on GPU 0, or `None` (after saying so) when there is none.
-fn gpu() -> Option<Session> {
-    match CudaBackend::new(0) {
-        Ok(backend) => Some(Session::new(Arc::new(backend), 0, 1 << 30).expect("open a stream")),
-        Err(e) => {
-            if std::env::var("REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("REQUIRE_GPU=1 but the CUDA backend is unavailable: {e}");
-            }
-            eprintln!("==== no GPU: CUDA tests skipped ({e}) ====");
-            None
-        }
-    }
-}
+use beamlet_gpu::{DType, GpuError, KernelArg, KernelSource, LaunchConfig, ParamKind};
 
 #[test]
 fn out_of_bounds_kernel_write_is_device_lost() {
