@@ -48,12 +48,6 @@ impl WorkerGpu {
         }
     }
 
-    /// Bounds how long a read may wait for queued work: the task's time left.
-    pub(crate) fn set_wait_limit(&mut self, limit: Duration) {
-        if let WorkerGpu::Ready(session) = self {
-            session.set_wait_limit(limit);
-        }
-    }
 }
 
 type GpuResult<T> = wasmtime::Result<Result<T, wit::GpuError>>;
@@ -93,9 +87,23 @@ impl WorkerState {
         Ok(self.table.get(buffer)?.0)
     }
 
-    /// Runs `op` on the session with the guest's error mapping.
+    /// Runs `op` on the session with the guest's error mapping. No wait
+    /// inside it (a read, a synchronize) outlasts the running call's
+    /// deadline: a guest blocked in a host call is out of reach of the epoch
+    /// interrupt that enforces the task's timeout.
     fn with_session<T>(&mut self, op: impl FnOnce(&mut Session) -> beamlet_gpu::Result<T>) -> GpuResult<T> {
-        Ok(self.gpu.session().and_then(|session| op(session).map_err(to_wit)))
+        let left = self.time_left();
+        Ok(self.gpu.session().and_then(|session| {
+            if let Some(left) = left {
+                session.set_wait_limit(left);
+            }
+            op(session).map_err(to_wit)
+        }))
+    }
+
+    /// Time until the running call's deadline, if it has one.
+    fn time_left(&self) -> Option<Duration> {
+        self.deadline.map(|deadline| deadline.saturating_duration_since(std::time::Instant::now()))
     }
 }
 
@@ -115,7 +123,8 @@ impl wit::Host for WorkerState {
     }
 
     fn synchronize(&mut self, timeout_ms: u64) -> GpuResult<()> {
-        self.with_session(|session| session.synchronize(Duration::from_millis(timeout_ms)))
+        let timeout = Duration::from_millis(timeout_ms).min(self.time_left().unwrap_or(Duration::MAX));
+        self.with_session(|session| session.synchronize(timeout))
     }
 
     fn gemm(

@@ -189,7 +189,6 @@ impl Worker {
         let timeout = Duration::from_millis(task.timeout_ms);
         let deadline = started + timeout;
         live.store.data_mut().deadline = Some(deadline);
-        live.store.data_mut().gpu.set_wait_limit(timeout);
         // `Err` is a trap (or a stop); the instance is then discarded.
         let result = match &live.guest {
             Guest::Function(bindings) => {
