@@ -177,6 +177,11 @@ impl CudaBackend {
             return Err(unavailable(format!("no GPU {ordinal}: this machine has {count}")));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| unavailable(format!("failed to open GPU {ordinal}: {e:?}")))?;
+        // SAFETY: no `CudaSlice` is ever made on this context object, so no
+        // event tracking is lost. With tracking on, `new_stream` runs a
+        // whole-context `cuCtxSynchronize` whenever the stream count is back
+        // at 0: an unbounded wait behind a closed stream's endless kernel.
+        unsafe { ctx.disable_event_tracking() };
         let attribute = |attribute: sys::CUdevice_attribute| -> Result<u32> {
             ctx.attribute(attribute)
                 .map(|v| v.max(0) as u32)
@@ -251,17 +256,28 @@ impl CudaBackend {
         let message = format!("failed to {what}: {error:?}");
         match error.0 {
             CUDA_ERROR_OUT_OF_MEMORY => GpuError::OutOfMemory { requested: 0 },
+            // Refused calls: nothing ran, the context is fine.
             CUDA_ERROR_INVALID_VALUE
             | CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES
+            | CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE
+            | CUDA_ERROR_LAUNCH_INCOMPATIBLE_TEXTURING
             | CUDA_ERROR_INVALID_HANDLE
             | CUDA_ERROR_NOT_FOUND => GpuError::InvalidArgument(message),
+            // A module or kernel the driver cannot load (a guest's bad PTX
+            // must not cost the replica its context).
             CUDA_ERROR_INVALID_PTX
             | CUDA_ERROR_INVALID_IMAGE
+            | CUDA_ERROR_INVALID_SOURCE
             | CUDA_ERROR_UNSUPPORTED_PTX_VERSION
+            | CUDA_ERROR_UNSUPPORTED_DEVSIDE_SYNC
             | CUDA_ERROR_NO_BINARY_FOR_GPU
             | CUDA_ERROR_JIT_COMPILER_NOT_FOUND
-            | CUDA_ERROR_SHARED_OBJECT_SYMBOL_NOT_FOUND => GpuError::CompileFailed(message),
-            CUDA_ERROR_NOT_SUPPORTED => GpuError::Unavailable(message),
+            | CUDA_ERROR_SHARED_OBJECT_SYMBOL_NOT_FOUND
+            | CUDA_ERROR_SHARED_OBJECT_INIT_FAILED
+            | CUDA_ERROR_FUNCTION_NOT_LOADED => GpuError::CompileFailed(message),
+            CUDA_ERROR_NOT_SUPPORTED | CUDA_ERROR_NOT_PERMITTED | CUDA_ERROR_JIT_COMPILATION_DISABLED => {
+                GpuError::Unavailable(message)
+            }
             // Everything else (illegal address, launch failure, misaligned
             // address, illegal instruction, ECC, an unknown error...) is
             // treated as sticky: the context is gone.
@@ -349,6 +365,8 @@ impl CudaBackend {
         n.div_ceil(u64::from(BUILTIN_BLOCK)).clamp(1, u64::from(self.sm_count) * 32) as u32
     }
 
+    /// The built-in kernels, compiled and loaded on first use (the context
+    /// must be bound: see [`CudaBackend::enter`]).
     fn builtins(&self) -> Result<&Builtins> {
         if let Some(builtins) = self.builtins.get() {
             return Ok(builtins);
@@ -380,8 +398,13 @@ impl CudaBackend {
     fn nvrtc(&self, source: &str) -> Result<String> {
         let options =
             nvrtc::CompileOptions { options: vec![format!("--gpu-architecture={}", self.arch)], ..Default::default() };
-        match nvrtc::compile_ptx_with_opts(source, options) {
-            Ok(ptx) => Ok(ptx.to_src()),
+        // cudarc unwraps a few NVRTC results (the log, the PTX as UTF-8):
+        // a panic there must not take the worker's thread with it.
+        let compiled =
+            catch_unwind(AssertUnwindSafe(|| nvrtc::compile_ptx_with_opts(source, options).map(|ptx| ptx.to_src())))
+                .map_err(|_| GpuError::CompileFailed("NVRTC failed unexpectedly (cudarc panicked)".into()))?;
+        match compiled {
+            Ok(ptx) => Ok(ptx),
             Err(nvrtc::CompileError::CompileError { log, .. }) => {
                 Err(GpuError::CompileFailed(log.to_string_lossy().trim().to_string()))
             }
@@ -435,6 +458,10 @@ impl CudaBackend {
 
     /// The kernel's parameter sizes, as the driver sees them.
     fn param_sizes(&self, function: Raw<sys::CUfunction>) -> Result<Vec<usize>> {
+        // With lazy loading (the default since CUDA 12.2) a function handle
+        // may not be loaded yet; load it so the query sees its real layout
+        // (and a kernel that cannot load fails here, not at its launch).
+        unsafe { sys::cuFuncLoad(function.0) }.result().map_err(|e| self.driver_error("load the kernel", e))?;
         let mut sizes = Vec::new();
         loop {
             let (mut offset, mut size) = (0usize, 0usize);
@@ -498,6 +525,8 @@ impl CudaBackend {
                 workspace
             }
         };
+        // Half switched (stream set, workspace not) is no stream at all.
+        blas.current = None;
         unsafe {
             blas::set_stream(blas.handle.0, stream as _).map_err(|e| self.blas_error(e))?;
             blas_sys::cublasSetWorkspace_v2(blas.handle.0, workspace as *mut c_void, blas.workspace_bytes)
@@ -751,8 +780,9 @@ impl Backend for CudaBackend {
         if a_len == 0 {
             return Ok(());
         }
-        let kernel = self.builtins()?.binary[dtype_index(a_type)];
+        // Bound first: the first call loads the built-ins' module.
         self.enter()?;
+        let kernel = self.builtins()?.binary[dtype_index(a_type)];
         let stream = self.stream(stream)?;
         let (mut op, mut a, mut b, mut out, mut n) = (op as i32, a, b, out, a_len);
         let mut params = [
@@ -771,8 +801,9 @@ impl Backend for CudaBackend {
         if x_len == 0 {
             return Ok(());
         }
-        let kernel = self.builtins()?.add_bias[dtype_index(x_type)];
+        // Bound first: the first call loads the built-ins' module.
         self.enter()?;
+        let kernel = self.builtins()?.add_bias[dtype_index(x_type)];
         let stream = self.stream(stream)?;
         let (mut x, mut bias, mut rows, mut n) = (x, bias, rows, x_len);
         let mut params = [
@@ -789,8 +820,9 @@ impl Backend for CudaBackend {
         if len == 0 {
             return Ok(());
         }
-        let kernel = self.builtins()?.relu[dtype_index(dtype)];
+        // Bound first: the first call loads the built-ins' module.
         self.enter()?;
+        let kernel = self.builtins()?.relu[dtype_index(dtype)];
         let stream = self.stream(stream)?;
         let (mut x, mut n) = (x, len);
         let mut params = [&mut x as *mut u64 as *mut c_void, &mut n as *mut u64 as *mut c_void];
@@ -803,8 +835,9 @@ impl Backend for CudaBackend {
         if len == 0 {
             return Ok(());
         }
-        let kernel = self.builtins()?.softmax[dtype_index(dtype)];
+        // Bound first: the first call loads the built-ins' module.
         self.enter()?;
+        let kernel = self.builtins()?.softmax[dtype_index(dtype)];
         let stream = self.stream(stream)?;
         // One block per column (the kernel strides over the rest).
         let grid = cols.min(u64::from(self.limits.max_grid_dims[0])) as u32;
@@ -895,7 +928,8 @@ impl Drop for CudaBackend {
     fn drop(&mut self) {
         // Best effort: a lost context frees everything with it anyway.
         let bound = self.ctx.bind_to_thread().is_ok();
-        let blas = self.blas.get_mut().unwrap();
+        // A panic in Drop while unwinding aborts: take poisoned locks as is.
+        let blas = self.blas.get_mut().unwrap_or_else(|e| e.into_inner());
         if bound {
             let _ = self.ctx.synchronize();
             unsafe {
@@ -903,12 +937,12 @@ impl Drop for CudaBackend {
                 for (_, workspace) in blas.workspaces.drain() {
                     let _ = driver::free_sync(workspace);
                 }
-                for (_, buffer) in self.buffers.get_mut().unwrap().drain() {
+                for (_, buffer) in self.buffers.get_mut().unwrap_or_else(|e| e.into_inner()).drain() {
                     if buffer.ptr != 0 {
                         let _ = driver::free_sync(buffer.ptr);
                     }
                 }
-                for (_, module) in self.cache.get_mut().unwrap().modules.drain() {
+                for (_, module) in self.cache.get_mut().unwrap_or_else(|e| e.into_inner()).modules.drain() {
                     let _ = driver::module::unload(module.0);
                 }
                 if let Some(builtins) = self.builtins.take() {
@@ -993,7 +1027,7 @@ template <class D> __device__ void softmax_columns(typename D::T* x, u64 rows, u
     __shared__ float scratch[1024];
     for (u64 col = blockIdx.x; col < cols; col += gridDim.x) {
         typename D::T* c = x + col * rows;
-        float m = __int_as_float(0xff800000);
+        float m = -__int_as_float(0x7f800000); // -inf (no math headers)
         for (u64 i = threadIdx.x; i < rows; i += blockDim.x) m = fmaxf(m, D::load(c[i]));
         m = block_max(m, scratch);
         float sum = 0.0f;
