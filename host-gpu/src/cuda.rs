@@ -129,6 +129,30 @@ fn unknown(id: BufferId) -> GpuError {
     GpuError::InvalidArgument(format!("no buffer {}", id.0))
 }
 
+/// Lets the device's default memory pool keep freed memory instead of
+/// returning it to the driver at every synchronize (its release threshold is
+/// 0 by default), so a worker that allocates per task reuses its memory.
+/// Best effort: without it allocation is only slower.
+fn keep_pool_memory(ctx: &CudaContext) {
+    let mut threshold = u64::MAX;
+    // SAFETY: the context is current on this thread (just created), and the
+    // attribute takes a pointer to a u64 that outlives the call.
+    let result = unsafe {
+        let mut pool = std::ptr::null_mut();
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result().and_then(|()| {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+            .result()
+        })
+    };
+    if let Err(e) = result {
+        eprintln!("beamlet-gpu: could not raise the memory pool's release threshold: {e:?}");
+    }
+}
+
 /// A size cuBLAS takes as a C `int`.
 fn blas_int(name: &str, value: u64) -> Result<i32> {
     i32::try_from(value)
@@ -182,6 +206,9 @@ impl CudaBackend {
         // whole-context `cuCtxSynchronize` whenever the stream count is back
         // at 0: an unbounded wait behind a closed stream's endless kernel.
         unsafe { ctx.disable_event_tracking() };
+        if ctx.has_async_alloc() {
+            keep_pool_memory(&ctx);
+        }
         let attribute = |attribute: sys::CUdevice_attribute| -> Result<u32> {
             ctx.attribute(attribute)
                 .map(|v| v.max(0) as u32)
