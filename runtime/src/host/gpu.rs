@@ -47,7 +47,6 @@ impl WorkerGpu {
             WorkerGpu::Unavailable(_) => 0,
         }
     }
-
 }
 
 type GpuResult<T> = wasmtime::Result<Result<T, wit::GpuError>>;
