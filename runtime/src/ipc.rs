@@ -44,6 +44,7 @@ pub(crate) struct GpuSpec {
     /// (`CUDA_VISIBLE_DEVICES`), as its device 0.
     pub index: u32,
     pub name: String,
+    pub uuid: Option<String>,
     pub memory_bytes: u64,
     /// Device memory each worker may hold at once (the app's `gpu_memory`).
     pub quota_per_worker: u64,

@@ -313,7 +313,12 @@ mod tests {
     fn gpu_apps_must_fit_their_gpu() {
         let gpus = |memory: u64| Gpus {
             backend: Some(crate::ipc::GpuBackendKind::Cpu),
-            devices: vec![crate::supervisor::NodeGpu { index: 0, name: "cpu-backend-0".into(), memory_bytes: memory }],
+            devices: vec![crate::supervisor::NodeGpu {
+                index: 0,
+                name: "cpu-backend-0".into(),
+                memory_bytes: memory,
+                uuid: None,
+            }],
         };
         let runtime = |toml: &str| config::parse(toml).unwrap().runtime;
         let app = runtime("[runtime]\nworkers = 4\ngpu = \"any\"\ngpu_memory = \"1Gi\"\n");

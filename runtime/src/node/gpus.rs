@@ -23,7 +23,12 @@ pub(crate) fn discover(choice: GpuBackendChoice, count: Option<u32>, cpu_memory:
     let cuda = || -> Result<Gpus> {
         let mut devices: Vec<NodeGpu> = beamlet_gpu::discover::list()?
             .into_iter()
-            .map(|gpu| NodeGpu { index: gpu.index, name: gpu.name, memory_bytes: gpu.memory_bytes })
+            .map(|gpu| NodeGpu {
+                index: gpu.index,
+                name: gpu.name,
+                memory_bytes: gpu.memory_bytes,
+                uuid: Some(gpu.uuid),
+            })
             .collect();
         devices.truncate(count.map_or(usize::MAX, |n| n as usize));
         Ok(Gpus { backend: Some(GpuBackendKind::Cuda), devices })
@@ -31,7 +36,12 @@ pub(crate) fn discover(choice: GpuBackendChoice, count: Option<u32>, cpu_memory:
     let gpus = match choice {
         GpuBackendChoice::Cpu => {
             let devices = (0..count.unwrap_or(1))
-                .map(|index| NodeGpu { index, name: format!("cpu-backend-{index}"), memory_bytes: cpu_memory })
+                .map(|index| NodeGpu {
+                    index,
+                    name: format!("cpu-backend-{index}"),
+                    memory_bytes: cpu_memory,
+                    uuid: None,
+                })
                 .collect();
             Gpus { backend: Some(GpuBackendKind::Cpu), devices }
         }
@@ -53,7 +63,7 @@ pub(crate) fn discover(choice: GpuBackendChoice, count: Option<u32>, cpu_memory:
         },
     };
     for gpu in &gpus.devices {
-        tracing::info!(index = gpu.index, name = %gpu.name, memory = %format_size(gpu.memory_bytes), backend = ?gpus.backend, "GPU");
+        tracing::info!(index = gpu.index, name = %gpu.name, uuid = gpu.uuid.as_deref().unwrap_or("-"), memory = %format_size(gpu.memory_bytes), backend = ?gpus.backend, "GPU");
     }
     Ok(gpus)
 }

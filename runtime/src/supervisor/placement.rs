@@ -24,6 +24,8 @@ pub(crate) struct NodeGpu {
     pub index: u32,
     pub name: String,
     pub memory_bytes: u64,
+    /// NVML's stable id (`GPU-8d6f...`); `None` for CPU-backed GPUs.
+    pub uuid: Option<String>,
 }
 
 /// The GPU a replica asks for.
@@ -107,6 +109,7 @@ impl Capacity {
                     backend: self.gpus.backend.unwrap_or(GpuBackendKind::Cpu),
                     index: device.index,
                     name: device.name.clone(),
+                    uuid: device.uuid.clone(),
                     memory_bytes: device.memory_bytes,
                     quota_per_worker: want.quota_per_worker.min(device.memory_bytes),
                 })
@@ -181,7 +184,7 @@ mod tests {
 
     #[test]
     fn a_gpu_replica_gets_a_whole_gpu_of_its_model() {
-        let device = |index: u32, name: &str| NodeGpu { index, name: name.into(), memory_bytes: 80 << 30 };
+        let device = |index: u32, name: &str| NodeGpu { index, name: name.into(), memory_bytes: 80 << 30, uuid: None };
         let gpus = Gpus {
             backend: Some(GpuBackendKind::Cuda),
             devices: vec![device(0, "NVIDIA H100"), device(1, "NVIDIA L4")],

@@ -70,7 +70,7 @@ pub(crate) struct ReplicaInfo {
     pub last_error: Option<String>,
     /// Why a pending replica waits.
     pub pending_reason: Option<String>,
-    /// The GPU it holds: `"0: NVIDIA H100 80GB HBM3"`.
+    /// The GPU it holds: `"0: NVIDIA H100 80GB HBM3 (GPU-8d6f...)"`.
     pub gpu: Option<String>,
     /// GPU memory its workers hold, as of their last runs.
     pub gpu_memory_used: u64,
@@ -169,7 +169,10 @@ async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receive
                 let mut info = info.lock().unwrap();
                 info.pending_reason = None;
                 info.state = ReplicaState::Starting;
-                info.gpu = gpu.as_ref().map(|gpu| format!("{}: {}", gpu.index, gpu.name));
+                info.gpu = gpu.as_ref().map(|gpu| match &gpu.uuid {
+                    Some(uuid) => format!("{}: {} ({uuid})", gpu.index, gpu.name),
+                    None => format!("{}: {}", gpu.index, gpu.name),
+                });
                 return Some(gpu);
             }
             Err(reason) => {
