@@ -58,14 +58,14 @@ async fn proxy(node: &Node, name: &str, rest: &str, request: Request) -> Result<
     let response = tokio::select! {
         // The head comes before the task's end, so a streamed response is seen first.
         biased;
-        Ok(start) = head => streamed_response(start)?,
+        Ok(ResponseStart { status, headers, body }) = head => into_response(status, headers, body)?,
         ended = &mut call => {
             let Ended { record, output } = ended?;
             match (record.status, &record.error) {
                 (TaskStatus::Complete, _) => {
                     let output = output.unwrap_or_default();
                     let response = HttpResponse::decode(&output).map_err(ApiError::internal)?;
-                    let ResponseParts { status, headers, body } = response.into();
+                    let HttpResponse { status, headers, body } = response;
                     into_response(status, headers, Body::from(body))?
                 }
                 (_, Some(error)) => ApiError::from(error).into_response(),
@@ -81,22 +81,6 @@ async fn proxy(node: &Node, name: &str, rest: &str, request: Request) -> Result<
 /// Request bodies up to this size travel with the request; bigger ones, and
 /// those of unknown size, stream to the guest as it reads them.
 const INLINE_BODY: usize = 64 * 1024;
-
-struct ResponseParts {
-    status: u16,
-    headers: Vec<(String, Vec<u8>)>,
-    body: Vec<u8>,
-}
-
-impl From<HttpResponse> for ResponseParts {
-    fn from(response: HttpResponse) -> Self {
-        Self { status: response.status, headers: response.headers, body: response.body }
-    }
-}
-
-fn streamed_response(start: ResponseStart) -> Result<Response, ApiError> {
-    into_response(start.status, start.headers, start.body)
-}
 
 fn into_response(status: u16, headers: Vec<(String, Vec<u8>)>, body: Body) -> Result<Response, ApiError> {
     let status = StatusCode::from_u16(status)
