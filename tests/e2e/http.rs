@@ -123,6 +123,21 @@ fn request_and_response_bodies_stream_both_ways() {
     assert_eq!(response.status(), 200);
     assert!(response.bytes().is_err(), "the broken body is reported as broken");
     assert_eq!(server.http.get(server.url("/http/pipe/hello")).send().unwrap().text().unwrap(), "Hello, world!\n");
+
+    // An upload that stalls cannot hold a worker past the task's timeout: the
+    // guest's read fails at the deadline, the client's response breaks off,
+    // and the worker serves the next request.
+    server.deploy_guest("slow", "guest-http", Some("[runtime]\ntimeout = \"1s\"\n[task_queue]\nretries = 0\n"));
+    let mut socket = connect(&server);
+    socket
+        .write_all(b"POST /http/slow/pipe HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        .unwrap();
+    let mut seen = Vec::new();
+    socket.read_to_end(&mut seen).unwrap();
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("HTTP/1.1 200") && text.contains("first"), "{text}");
+    assert!(!text.ends_with("0\r\n\r\n"), "the body did not end as if whole: {text}");
+    assert_eq!(server.http.get(server.url("/http/slow/hello")).send().unwrap().text().unwrap(), "Hello, world!\n");
 }
 
 fn connect(server: &Server) -> std::net::TcpStream {
