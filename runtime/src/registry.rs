@@ -239,12 +239,7 @@ impl Registry {
 fn check_gpu_memory(runtime: &config::RuntimeConfig, gpus: &Gpus) -> Result<(), DeployError> {
     let (Some(model), Some(per_worker)) = (&runtime.gpu, runtime.gpu_memory) else { return Ok(()) };
     let needed = per_worker.saturating_mul(u64::from(runtime.workers));
-    let fitting: Vec<_> = gpus
-        .devices
-        .iter()
-        .filter(|gpu| model.eq_ignore_ascii_case("any") || gpu.name.to_lowercase().contains(&model.to_lowercase()))
-        .collect();
-    match fitting.iter().max_by_key(|gpu| gpu.memory_bytes) {
+    match gpus.devices.iter().filter(|gpu| gpu.is_model(model)).max_by_key(|gpu| gpu.memory_bytes) {
         Some(largest) if largest.memory_bytes < needed => Err(DeployError::GpuTooSmall(format!(
             "[runtime] workers * gpu_memory = {} * {} = {} is more than the {} of this node's largest fitting GPU \
              ({}); lower gpu_memory or workers",

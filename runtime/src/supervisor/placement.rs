@@ -36,9 +36,10 @@ pub(crate) struct GpuDemand {
     pub quota_per_worker: u64,
 }
 
-impl GpuDemand {
-    fn fits(&self, gpu: &NodeGpu) -> bool {
-        self.model.eq_ignore_ascii_case("any") || gpu.name.to_lowercase().contains(&self.model.to_lowercase())
+impl NodeGpu {
+    /// Whether this GPU is of `model`: `"any"`, or part of its name (case-insensitive).
+    pub(crate) fn is_model(&self, model: &str) -> bool {
+        model.eq_ignore_ascii_case("any") || self.name.to_lowercase().contains(&model.to_lowercase())
     }
 }
 
@@ -126,7 +127,8 @@ impl Capacity {
                  --gpu-backend cpu --gpus 1` to serve GPU apps on the CPU backend)"
                 .into());
         }
-        let fitting: Vec<usize> = (0..self.gpus.devices.len()).filter(|i| want.fits(&self.gpus.devices[*i])).collect();
+        let fitting: Vec<usize> =
+            (0..self.gpus.devices.len()).filter(|i| self.gpus.devices[*i].is_model(&want.model)).collect();
         if fitting.is_empty() {
             let names: Vec<_> = self.gpus.devices.iter().map(|gpu| gpu.name.as_str()).collect();
             return Err(format!("waiting for a {} GPU; this node has {}", want.model, names.join(", ")));
