@@ -19,7 +19,7 @@ use crate::engine::{self, Allocation};
 use crate::host::bindings::FunctionPre;
 use crate::host::{self, WorkerState};
 use crate::supervisor::Gpus;
-use wasmtime_wasi_http::p2::bindings::sync::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 /// The WIT world a component was built for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -197,6 +197,39 @@ fn traps_timeouts_and_memory_exhaustion_fail_only_their_task() {
 }
 
 #[test]
+fn a_guest_waiting_in_a_host_call_is_stopped_by_its_timeout_and_by_cancel() {
+    let server = Server::start("blocked", &[]);
+    server.deploy_guest("spin", "guest-spin", Some("[runtime]\ntimeout = \"1s\"\n[task_queue]\nretries = 0\n"));
+    let sleep = r#"{"sleep": true}"#;
+
+    // The guest sleeps for an hour inside wasi poll: no wasm code runs for
+    // the epoch deadline to stop, yet the task ends at its timeout...
+    let (status, body) = server.invoke_json("spin", sleep);
+    assert_eq!((status, error_code(&body)), (504, "TIMEOUT"), "{body}");
+    let pid = server.ready_pids("spin");
+    // ...and the only worker is free for the next one, in the same process.
+    let (status, body) = server.invoke_json("spin", sleep);
+    assert_eq!((status, error_code(&body)), (504, "TIMEOUT"), "the worker came back: {body}");
+    assert_eq!(server.ready_pids("spin"), pid);
+
+    // A cancel reaches it too.
+    let submit = |input: &str| {
+        let response = server.http.post(server.url("/v1/apps/spin/tasks")).body(input.to_owned()).send().unwrap();
+        response.json::<Value>().unwrap()["task_id"].as_str().unwrap().to_owned()
+    };
+    let status_of = |id: &str| server.get(&format!("/v1/tasks/{id}"))["status"].as_str().unwrap().to_owned();
+    let sleeper = submit(sleep);
+    wait_for("the sleeping task to run", LONG, || (status_of(&sleeper) == "RUNNING").then_some(()));
+    let response = server.http.delete(server.url(&format!("/v1/tasks/{sleeper}"))).send().unwrap();
+    assert_eq!(response.status(), 200);
+    let next = submit(sleep);
+    wait_for("the next task to run on the freed worker", LONG, || (status_of(&next) == "RUNNING").then_some(()));
+    let task = server.get(&format!("/v1/tasks/{next}?wait=60s"));
+    assert_eq!(task["status"], "TIMEOUT", "{task}");
+    assert_eq!(server.ready_pids("spin"), pid);
+}
+
+#[test]
 fn an_app_whose_init_fails_answers_with_the_reason() {
     let server = Server::start("badinit", &[]);
     server.deploy_guest("badinit", "guest-badinit", None);

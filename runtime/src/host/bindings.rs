@@ -5,6 +5,8 @@ wasmtime::component::bindgen!({
     world: "function",
     // Host calls may trap (a handle the resource table does not know).
     imports: { default: trappable },
+    // Called with `call_async`: the linker's WASI is async.
+    exports: { default: async },
     with: {
         "beamlet:function/gpu.buffer": super::gpu::GpuBuffer,
         "beamlet:function/gpu.kernel": super::gpu::GpuKernel,

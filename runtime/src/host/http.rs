@@ -34,8 +34,8 @@ impl Outbound {
 
 impl WasiHttpHooks for Outbound {
     /// Writes a guest may have in flight before its response body stream
-    /// pushes back: with one (the default), each small write waits for the
-    /// reader on another thread to take the previous one.
+    /// pushes back: with one (the default), each small write suspends the
+    /// guest until the reader has taken the previous one.
     fn p2_outgoing_body_buffer_chunks(&mut self) -> usize {
         16
     }

@@ -8,7 +8,6 @@ pub(crate) mod limits;
 pub(crate) mod logs;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::Result;
@@ -20,6 +19,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use self::gpu::WorkerGpu;
 use self::limits::MemoryLimiter;
 use self::logs::LogPipe;
+use crate::replica::cancel::CancelFlag;
 
 /// Everything a worker's store carries for the guest.
 pub(crate) struct WorkerState {
@@ -31,7 +31,7 @@ pub(crate) struct WorkerState {
     /// When the running call must stop; checked on every epoch tick.
     pub(crate) deadline: Option<Instant>,
     /// Set by the node to cancel the running call.
-    pub(crate) cancel: Arc<AtomicBool>,
+    pub(crate) cancel: Arc<CancelFlag>,
     http: WasiHttpCtx,
     outbound: http::Outbound,
     /// The replica's GPU as this worker sees it.
@@ -44,7 +44,7 @@ impl WorkerState {
     /// `allowed_hosts`.
     pub(crate) fn new(
         memory_limit: u64,
-        cancel: Arc<AtomicBool>,
+        cancel: Arc<CancelFlag>,
         allowed_hosts: Arc<[String]>,
         gpu: WorkerGpu,
     ) -> Self {
@@ -87,8 +87,10 @@ impl WasiHttpView for WorkerState {
 /// The linker every component is instantiated with, whatever its world.
 pub(crate) fn linker(engine: &Engine) -> Result<Linker<WorkerState>> {
     let mut linker = Linker::new(engine);
-    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-    wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)?;
+    // Async WASI: a guest blocked in a host call (a sleep, a poll, a body
+    // read) is a pending future the worker can drop at the task's deadline.
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
     bindings::beamlet::function::gpu::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)?;
     Ok(linker)
 }

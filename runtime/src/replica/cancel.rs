@@ -5,6 +5,42 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use tokio::sync::Notify;
+
+/// A worker's "stop the running call" flag: the epoch callback reads it while
+/// the guest runs wasm code, and [`CancelFlag::wait`] wakes a call that is
+/// blocked in a host function.
+#[derive(Default)]
+pub(crate) struct CancelFlag {
+    set: AtomicBool,
+    wake: Notify,
+}
+
+impl CancelFlag {
+    pub(crate) fn is_set(&self) -> bool {
+        self.set.load(Ordering::Relaxed)
+    }
+
+    fn set(&self) {
+        self.set.store(true, Ordering::Relaxed);
+        // `notify_one` keeps a permit when nobody waits yet, so a cancel that
+        // lands just before the wait starts is not lost.
+        self.wake.notify_one();
+    }
+
+    fn reset(&self) {
+        self.set.store(false, Ordering::Relaxed);
+    }
+
+    /// Returns once the flag is set (a permit left over from an earlier run
+    /// only makes it look again).
+    pub(crate) async fn wait(&self) {
+        while !self.is_set() {
+            self.wake.notified().await;
+        }
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct Cancels {
     inner: Mutex<Inner>,
@@ -13,7 +49,7 @@ pub(crate) struct Cancels {
 #[derive(Default)]
 struct Inner {
     /// Runs in a worker now, with the flag its epoch callback watches.
-    running: HashMap<u64, Arc<AtomicBool>>,
+    running: HashMap<u64, Arc<CancelFlag>>,
     /// Runs cancelled before a worker took them.
     early: HashSet<u64>,
 }
@@ -22,7 +58,7 @@ impl Cancels {
     pub(crate) fn cancel(&self, seq: u64) {
         let mut inner = self.inner.lock().unwrap();
         match inner.running.get(&seq) {
-            Some(flag) => flag.store(true, Ordering::Relaxed),
+            Some(flag) => flag.set(),
             None => {
                 inner.early.insert(seq);
             }
@@ -30,12 +66,12 @@ impl Cancels {
     }
 
     /// Registers a run about to start; `false` if it was already cancelled.
-    pub(crate) fn begin(&self, seq: u64, flag: &Arc<AtomicBool>) -> bool {
+    pub(crate) fn begin(&self, seq: u64, flag: &Arc<CancelFlag>) -> bool {
         let mut inner = self.inner.lock().unwrap();
         if inner.early.remove(&seq) {
             return false;
         }
-        flag.store(false, Ordering::Relaxed);
+        flag.reset();
         inner.running.insert(seq, flag.clone());
         true
     }
@@ -52,14 +88,43 @@ mod tests {
     #[test]
     fn cancel_before_and_during_a_run() {
         let cancels = Cancels::default();
-        let flag = Arc::new(AtomicBool::new(false));
+        let flag = Arc::new(CancelFlag::default());
         cancels.cancel(1);
         assert!(!cancels.begin(1, &flag), "a run cancelled early never starts");
         assert!(cancels.begin(2, &flag));
         cancels.cancel(2);
-        assert!(flag.load(Ordering::Relaxed));
+        assert!(flag.is_set());
         cancels.end(2);
         assert!(cancels.begin(3, &flag));
-        assert!(!flag.load(Ordering::Relaxed), "the flag is reset for the next run");
+        assert!(!flag.is_set(), "the flag is reset for the next run");
+    }
+
+    #[test]
+    fn wait_returns_for_a_cancel_set_before_or_during_the_wait() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let cancels = Arc::new(Cancels::default());
+        let flag = Arc::new(CancelFlag::default());
+        assert!(cancels.begin(1, &flag));
+        cancels.cancel(1);
+        runtime.block_on(flag.wait());
+        cancels.end(1);
+
+        assert!(cancels.begin(2, &flag));
+        let later = std::thread::spawn({
+            let cancels = cancels.clone();
+            move || {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                cancels.cancel(2);
+            }
+        });
+        runtime.block_on(flag.wait());
+        later.join().unwrap();
+
+        // A permit left by run 2 does not end run 3's wait.
+        cancels.end(2);
+        assert!(cancels.begin(3, &flag));
+        let waited =
+            runtime.block_on(async { tokio::time::timeout(std::time::Duration::from_millis(20), flag.wait()).await });
+        assert!(waited.is_err(), "an uncancelled run keeps waiting");
     }
 }

@@ -3,7 +3,7 @@
 //! one task at a time. It exits when the node asks it to drain, and at once
 //! when the node's end of the socket closes (the node died: no orphans).
 
-mod cancel;
+pub(crate) mod cancel;
 mod flows;
 mod worker;
 
@@ -26,7 +26,7 @@ use self::cancel::Cancels;
 use self::flows::Flows;
 use self::worker::{GuestPre, Worker};
 use crate::registry::World;
-use wasmtime_wasi_http::p2::bindings::sync::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 /// The replica's end of the socket, shared by the workers for their replies.
 #[derive(Clone)]
@@ -82,15 +82,7 @@ fn start_workers(spec: &ReplicaSpec, replies: &Replies, flows: &Arc<Flows>) -> R
         linker.instantiate_pre(&component).map_err(anyhow::Error::from).context("failed to link the component")?;
     let pre = match spec.world {
         World::Function => GuestPre::Function(FunctionPre::new(pre).map_err(anyhow::Error::from)?),
-        World::HttpProxy => {
-            // Response bodies are read on this runtime while the guest writes them.
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .context("failed to start the HTTP body runtime")?;
-            GuestPre::Proxy(ProxyPre::new(pre).map_err(anyhow::Error::from)?, Arc::new(runtime))
-        }
+        World::HttpProxy => GuestPre::Proxy(ProxyPre::new(pre).map_err(anyhow::Error::from)?),
     };
     let gpu = spec.gpu.as_ref().map(open_gpu).transpose()?;
     let spec = Arc::new(spec.clone());

@@ -1,8 +1,13 @@
 //! One worker: a store and an instance of the app's component, running one
 //! task at a time. A trap or timeout discards the instance; the next task gets
 //! a fresh one (with `init` run again), so one bad task never poisons another.
+//!
+//! Guest calls are futures driven on the worker's own thread (a
+//! single-threaded runtime): a `wasi:http` response body is passed on by a
+//! task on that same thread while the guest writes it, and a call blocked in
+//! a host function is dropped when its deadline passes or it is cancelled
+//! (the epoch callback stops one that is running wasm code).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -11,7 +16,7 @@ use anyhow::{Context as _, Result, anyhow};
 use wasmtime::{Store, Trap, UpdateDeadline};
 
 use super::Replies;
-use super::cancel::Cancels;
+use super::cancel::{CancelFlag, Cancels};
 use super::flows::{Flows, RequestBody, stream_response};
 use crate::host::WorkerState;
 use crate::host::bindings::{Function, FunctionPre, GuestError, TaskContext};
@@ -22,19 +27,18 @@ use beamlet_gpu::{Backend, Session};
 use http_body_util::BodyExt as _;
 use wasmtime_wasi_http::WasiHttpView as _;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
-use wasmtime_wasi_http::p2::bindings::sync::{Proxy, ProxyPre};
+use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 
 /// A component ready to instantiate, by the world it targets.
 #[derive(Clone)]
 pub(crate) enum GuestPre {
     Function(FunctionPre<WorkerState>),
-    /// With the runtime that reads response bodies while the guest writes them.
-    Proxy(ProxyPre<WorkerState>, Arc<tokio::runtime::Runtime>),
+    Proxy(ProxyPre<WorkerState>),
 }
 
 enum Guest {
     Function(Function),
-    Proxy(Proxy, Arc<tokio::runtime::Runtime>),
+    Proxy(Proxy),
 }
 
 /// A live instance and the store that owns it.
@@ -48,7 +52,9 @@ pub(crate) struct Worker {
     spec: Arc<ReplicaSpec>,
     pre: GuestPre,
     replies: Replies,
-    cancel: Arc<AtomicBool>,
+    cancel: Arc<CancelFlag>,
+    /// Drives this worker's guest calls, on the worker's thread.
+    runtime: tokio::runtime::Runtime,
     allowed_hosts: Arc<[String]>,
     /// Streamed HTTP bodies of the runs in progress (shared with the reader).
     flows: Arc<Flows>,
@@ -71,8 +77,12 @@ impl Worker {
         gpu: Option<Arc<dyn Backend>>,
     ) -> Result<Self> {
         let allowed_hosts = spec.allowed_outbound_hosts.clone().into();
-        let cancel = Arc::new(AtomicBool::new(false));
-        let mut worker = Self { index, spec, pre, replies, cancel, allowed_hosts, flows, gpu, live: None };
+        let cancel = Arc::new(CancelFlag::default());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .with_context(|| format!("failed to start worker {index}'s runtime"))?;
+        let mut worker = Self { index, spec, pre, replies, cancel, runtime, allowed_hosts, flows, gpu, live: None };
         worker.instantiate().with_context(|| format!("failed to start worker {index}"))?;
         Ok(worker)
     }
@@ -86,7 +96,7 @@ impl Worker {
         let started = Instant::now();
         let engine = match &self.pre {
             GuestPre::Function(pre) => pre.engine(),
-            GuestPre::Proxy(pre, _) => pre.engine(),
+            GuestPre::Proxy(pre) => pre.engine(),
         };
         let gpu = match (&self.gpu, &self.spec.gpu) {
             (Some(backend), Some(spec)) => {
@@ -106,17 +116,22 @@ impl Worker {
         store.epoch_deadline_callback(|ctx| {
             Ok(if ctx.data().should_stop() { UpdateDeadline::Interrupt } else { UpdateDeadline::Continue(1) })
         });
-        let guest = match &self.pre {
-            GuestPre::Function(pre) => pre.instantiate(&mut store).map(Guest::Function),
-            GuestPre::Proxy(pre, runtime) => pre.instantiate(&mut store).map(|p| Guest::Proxy(p, runtime.clone())),
-        };
+        let guest = self.runtime.block_on(async {
+            match &self.pre {
+                GuestPre::Function(pre) => pre.instantiate_async(&mut store).await.map(Guest::Function),
+                GuestPre::Proxy(pre) => pre.instantiate_async(&mut store).await.map(Guest::Proxy),
+            }
+        });
         let guest = guest.map_err(anyhow::Error::from).context("failed to instantiate")?;
         let instantiate_us = micros(started.elapsed());
         let init_started = Instant::now();
-        store.data_mut().deadline = Some(init_started + Duration::from_millis(self.spec.init_timeout_ms));
+        let deadline = init_started + Duration::from_millis(self.spec.init_timeout_ms);
+        store.data_mut().deadline = Some(deadline);
         // `wasi:http/proxy` has no init export.
         let init = match &guest {
-            Guest::Function(bindings) => bindings.call_init(&mut store),
+            Guest::Function(bindings) => {
+                self.runtime.block_on(bounded(bindings.call_init(&mut store), deadline, &self.cancel))
+            }
             Guest::Proxy(..) => Ok(Ok(())),
         };
         store.data_mut().deadline = None;
@@ -189,36 +204,41 @@ impl Worker {
         let timeout = Duration::from_millis(task.timeout_ms);
         let deadline = started + timeout;
         live.store.data_mut().deadline = Some(deadline);
-        // `Err` is a trap (or a stop); the instance is then discarded.
-        let result = match &live.guest {
-            Guest::Function(bindings) => {
-                let ctx = TaskContext {
-                    task_id: task.task_id,
-                    attempt: task.attempt,
-                    app: self.spec.app.clone(),
-                    replica: self.spec.replica.clone(),
-                    worker: self.index,
-                    deadline_ms: unix_ms(SystemTime::now() + timeout),
-                };
-                bindings.call_handle(&mut live.store, &ctx, &task.input).map(|result| match result {
-                    Ok(output) => Outcome::Complete(output),
-                    Err(GuestError::BadInput(message)) => Outcome::BadInput(message),
-                    Err(GuestError::Failed(message)) => Outcome::Failed(message),
-                })
-            }
-            Guest::Proxy(proxy, runtime) => {
-                let stream = Stream { seq: task.seq, deadline, flows: &self.flows, replies: &self.replies };
-                serve_http(&mut live.store, proxy, runtime, &task.input, stream)
+        let Live { store, guest } = live;
+        let call = async {
+            match guest {
+                Guest::Function(bindings) => {
+                    let ctx = TaskContext {
+                        task_id: task.task_id,
+                        attempt: task.attempt,
+                        app: self.spec.app.clone(),
+                        replica: self.spec.replica.clone(),
+                        worker: self.index,
+                        deadline_ms: unix_ms(SystemTime::now() + timeout),
+                    };
+                    let result = bindings.call_handle(&mut *store, &ctx, &task.input).await?;
+                    Ok(match result {
+                        Ok(output) => Outcome::Complete(output),
+                        Err(GuestError::BadInput(message)) => Outcome::BadInput(message),
+                        Err(GuestError::Failed(message)) => Outcome::Failed(message),
+                    })
+                }
+                Guest::Proxy(proxy) => {
+                    let stream = Stream { seq: task.seq, deadline, flows: &self.flows, replies: &self.replies };
+                    serve_http(&mut *store, proxy, &task.input, stream).await
+                }
             }
         };
-        live.store.data_mut().deadline = None;
-        done.stdout = live.store.data().stdout.take();
-        done.stderr = live.store.data().stderr.take();
+        // `Err` is a trap (or a stop); the instance is then discarded.
+        let result = self.runtime.block_on(bounded(call, deadline, &self.cancel));
+        store.data_mut().deadline = None;
+        done.stdout = store.data().stdout.take();
+        done.stderr = store.data().stderr.take();
         done.run_us = micros(started.elapsed());
-        done.gpu_bytes = live.store.data().gpu.used_bytes();
+        done.gpu_bytes = store.data().gpu.used_bytes();
         let keep = result.is_ok();
-        done.outcome = result.unwrap_or_else(|trap| classify_trap(&mut live.store, trap, &done.stderr));
-        if live.store.data().gpu.is_lost() {
+        done.outcome = result.unwrap_or_else(|trap| classify_trap(store, trap, &done.stderr));
+        if store.data().gpu.is_lost() {
             // A sticky device error: this context is dead for every worker.
             // The task is retried elsewhere and the replica replaced.
             done.outcome = Outcome::DeviceLost(format!(
@@ -242,12 +262,12 @@ struct Stream<'a> {
 }
 
 /// Runs one request through a `wasi:http/proxy` guest. The request body
-/// streams in and the response streams out while the guest runs (on
-/// `runtime`), so neither is held whole. Returns the outcome, or the trap.
-fn serve_http(
+/// streams in and the response streams out while the guest runs (the
+/// response by a task on this worker's runtime), so neither is held whole.
+/// Returns the outcome, or the trap.
+async fn serve_http(
     store: &mut Store<WorkerState>,
     proxy: &Proxy,
-    runtime: &tokio::runtime::Runtime,
     input: &[u8],
     stream: Stream<'_>,
 ) -> Result<Outcome, wasmtime::Error> {
@@ -270,18 +290,16 @@ fn serve_http(
     })();
     let (request, out) = handles?;
     let (replies, credits) = (replies.clone(), flow.credits.clone());
-    let collector = runtime.spawn(async move {
+    // Aborted when this call ends early (a trap, the deadline, a cancel).
+    let mut collector = AbortOnDrop(tokio::spawn(async move {
         let response = receiver
             .await
             .map_err(|_| "the guest returned without setting a response".to_owned())?
             .map_err(|code| format!("the guest answered with an error: {code:?}"))?;
         stream_response(response, seq, replies, credits, deadline).await
-    });
-    if let Err(trap) = proxy.wasi_http_incoming_handler().call_handle(&mut *store, request, out) {
-        collector.abort();
-        return Err(trap);
-    }
-    let outcome = match runtime.block_on(collector) {
+    }));
+    proxy.wasi_http_incoming_handler().call_handle(&mut *store, request, out).await?;
+    let outcome = match (&mut collector.0).await {
         Ok(Ok(Some(response))) => Outcome::Complete(response.encode()),
         // Streamed: the node has the response already.
         Ok(Ok(None)) => Outcome::Complete(Vec::new()),
@@ -290,6 +308,33 @@ fn serve_http(
     };
     drop(flow);
     Ok(outcome)
+}
+
+/// A spawned task that ends with its handle.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs a guest call until it returns, its deadline passes or it is
+/// cancelled. The epoch callback stops a guest running wasm code; this stops
+/// one blocked in a host call (a sleep, a poll, a body read), by dropping the
+/// call. Either way the call ends in [`Trap::Interrupt`] and the instance is
+/// discarded.
+async fn bounded<T>(
+    call: impl Future<Output = wasmtime::Result<T>>,
+    deadline: Instant,
+    cancel: &CancelFlag,
+) -> wasmtime::Result<T> {
+    tokio::select! {
+        biased;
+        result = call => result,
+        () = tokio::time::sleep_until(deadline.into()) => Err(Trap::Interrupt.into()),
+        () = cancel.wait() => Err(Trap::Interrupt.into()),
+    }
 }
 
 /// The request as hyper takes it; `parts`: the rest of a streamed body.
@@ -392,6 +437,6 @@ impl WorkerState {
     }
 
     fn cancel_requested(&self) -> bool {
-        self.cancel.load(Ordering::Relaxed)
+        self.cancel.is_set()
     }
 }
