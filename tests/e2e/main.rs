@@ -281,15 +281,28 @@ fn a_killed_replica_is_replaced_and_its_task_retried() {
     server.deploy_guest("sleep", "sleep", Some("[task_queue]\nretries = 2\n"));
     let pid = server.wait_status("sleep", "a ready replica", LONG, |s| ready_pids(s).len() == 1);
     let pid = ready_pids(&pid)[0];
+    // Short tasks: the replica is then sent one more task than it has workers.
+    for _ in 0..3 {
+        assert_eq!(server.invoke_json("sleep", r#"{"ms": 0}"#).0, 200);
+    }
 
-    let response = server.http.post(server.url("/v1/apps/sleep/tasks")).body(r#"{"ms": 3000}"#).send().unwrap();
-    let id = response.json::<Value>().unwrap()["task_id"].as_str().unwrap().to_owned();
-    wait_for("the task to run", LONG, || (server.get(&format!("/v1/tasks/{id}"))["status"] == "RUNNING").then_some(()));
+    let submit = |input: &str| {
+        let response = server.http.post(server.url("/v1/apps/sleep/tasks")).body(input.to_owned()).send().unwrap();
+        response.json::<Value>().unwrap()["task_id"].as_str().unwrap().to_owned()
+    };
+    let running = |id: &str| (server.get(&format!("/v1/tasks/{id}"))["status"] == "RUNNING").then_some(());
+    let id = submit(r#"{"ms": 3000}"#);
+    wait_for("the task to run", LONG, || running(&id));
+    let waiting = submit(r#"{"ms": 0}"#);
+    wait_for("the next task to be sent to the busy replica", LONG, || running(&waiting));
     kill9(pid);
 
     let record = server.get(&format!("/v1/tasks/{id}?wait=60s"));
     assert_eq!(record["status"], "COMPLETE", "the task was retried on the new replica: {record}");
     assert_eq!(record["attempts"], 2);
+    let record = server.get(&format!("/v1/tasks/{waiting}?wait=60s"));
+    assert_eq!(record["status"], "COMPLETE", "{record}");
+    assert_eq!(record["attempts"], 1, "a task that had not started on the lost replica spent no attempt: {record}");
     let status = server.status("sleep");
     let pids = ready_pids(&status);
     assert_eq!(pids.len(), 1);

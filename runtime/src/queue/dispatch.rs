@@ -109,18 +109,34 @@ impl Dispatch {
         rx.await.map_err(|_| QueueError::UnknownTask(id))
     }
 
-    /// Waits for the app's next task and leases it. Cancel-safe: a lease is
-    /// taken only in the poll that returns it.
-    pub(crate) async fn next(&self, app: &str) -> Lease {
+    /// Waits for the app's next task and leases it; `ahead`: for a replica
+    /// whose workers are all busy (see [`Queue::lease_ahead`]). Cancel-safe:
+    /// a lease is taken only in the poll that returns it.
+    pub(crate) async fn next(&self, app: &str, ahead: bool) -> Lease {
         let arrivals = self.arrivals(app);
         loop {
             let notified = arrivals.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(lease) = self.queue.lease(app, now_ms()) {
+            let now = now_ms();
+            let lease = if ahead { self.queue.lease_ahead(app, now) } else { self.queue.lease(app, now) };
+            if let Some(lease) = lease {
                 return lease;
             }
             notified.await;
+        }
+    }
+
+    /// A task leased ahead has started.
+    pub(crate) fn started(&self, id: &str) {
+        self.queue.started(id, now_ms());
+    }
+
+    /// Puts a task leased ahead that never started back first in line.
+    pub(crate) fn release(&self, id: &str) {
+        self.routes.lock().unwrap().remove(id);
+        if let Some(record) = self.queue.release(id) {
+            self.wake(&record.app);
         }
     }
 

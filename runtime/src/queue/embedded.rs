@@ -180,6 +180,29 @@ impl EmbeddedQueue {
             journal.update(entry.row(false));
         }
     }
+
+    /// Pops the app's oldest queued task and marks it running; `record`:
+    /// write that to the store now.
+    fn take(&self, app: &str, now: u64, record: bool) -> Option<Lease> {
+        let mut inner = self.inner.lock().unwrap();
+        let id = inner.queued.get_mut(app)?.pop_front()?;
+        *inner.running_mut(app) += 1;
+        let entry = inner.tasks.get_mut(&id).expect("queued tasks are known");
+        entry.record.status = TaskStatus::Running;
+        entry.record.attempts += 1;
+        entry.record.started_at = Some(now);
+        if record {
+            self.update(entry);
+        }
+        Some(Lease {
+            id,
+            app: app.to_owned(),
+            input: entry.input.clone(),
+            attempt: entry.record.attempts,
+            timeout: entry.timeout,
+            max_result_size: entry.max_result_size,
+        })
+    }
 }
 
 impl Queue for EmbeddedQueue {
@@ -221,22 +244,35 @@ impl Queue for EmbeddedQueue {
     }
 
     fn lease(&self, app: &str, now: u64) -> Option<Lease> {
+        self.take(app, now, true)
+    }
+
+    fn lease_ahead(&self, app: &str, now: u64) -> Option<Lease> {
+        self.take(app, now, false)
+    }
+
+    fn started(&self, id: &str, now: u64) {
         let mut inner = self.inner.lock().unwrap();
-        let id = inner.queued.get_mut(app)?.pop_front()?;
-        *inner.running_mut(app) += 1;
-        let entry = inner.tasks.get_mut(&id).expect("queued tasks are known");
-        entry.record.status = TaskStatus::Running;
-        entry.record.attempts += 1;
-        entry.record.started_at = Some(now);
+        if let Some(entry) = inner.tasks.get_mut(id).filter(|entry| entry.record.status == TaskStatus::Running) {
+            entry.record.started_at = Some(now);
+            self.update(entry);
+        }
+    }
+
+    fn release(&self, id: &str) -> Option<TaskRecord> {
+        let mut inner = self.inner.lock().unwrap();
+        let entry = inner.tasks.get_mut(id).filter(|entry| entry.record.status == TaskStatus::Running)?;
+        entry.record.attempts -= 1;
+        entry.record.started_at = None;
+        // Back where it was: first in line, as queued or as waiting for a retry.
+        entry.record.status = if entry.record.error.is_some() { TaskStatus::Retry } else { TaskStatus::Pending };
+        let app = entry.record.app.clone();
+        let running = inner.running_mut(&app);
+        *running = running.saturating_sub(1);
+        inner.queued.entry(app).or_default().push_front(id.to_owned());
+        let entry = &inner.tasks[id];
         self.update(entry);
-        Some(Lease {
-            id,
-            app: app.to_owned(),
-            input: entry.input.clone(),
-            attempt: entry.record.attempts,
-            timeout: entry.timeout,
-            max_result_size: entry.max_result_size,
-        })
+        Some(entry.record.clone())
     }
 
     fn finish(&self, id: &str, finish: Finish, now: u64) -> Option<TaskRecord> {
@@ -488,6 +524,47 @@ mod tests {
         let next = q.lease("a", 101).unwrap();
         assert_eq!((next.id.as_str(), next.attempt, next.input.as_ref()), (running.as_str(), 2, &b"{}"[..]));
         assert_eq!(q.lease("a", 102).unwrap().id, queued);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_task_leased_ahead_counts_as_started_only_once_it_starts() {
+        let dir = std::env::temp_dir().join(format!("beamlet-queue-ahead-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tasks.db");
+        let (started, waiting);
+        {
+            let q = EmbeddedQueue::open(&path, 0).unwrap();
+            let mut t = task(0);
+            t.max_queued = 10;
+            started = q.enqueue(NewTask { id: new_task_id(), ..t.clone() }, 0).unwrap().id;
+            waiting = q.enqueue(NewTask { id: new_task_id(), ..t.clone() }, 0).unwrap().id;
+            assert_eq!(q.lease_ahead("a", 1).unwrap().attempt, 1);
+            assert_eq!(q.lease_ahead("a", 1).unwrap().attempt, 1);
+            assert_eq!(q.counts("a"), Counts { queued: 0, running: 2 });
+            q.started(&started, 2);
+            tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(q.sync()).unwrap();
+        }
+        // The node died: the started task had its one attempt; the other never ran.
+        let q = EmbeddedQueue::open(&path, 100).unwrap();
+        assert_eq!(q.get(&started).unwrap().status, TaskStatus::Failed, "no retries left");
+        let record = q.get(&waiting).unwrap();
+        assert_eq!((record.status, record.attempts), (TaskStatus::Pending, 0));
+
+        // A replica lost with it still waiting: back first in line, no attempt spent.
+        let mut t = task(0);
+        t.max_queued = 10;
+        let later = q.enqueue(t, 101).unwrap().id;
+        assert_eq!(q.lease_ahead("a", 102).unwrap().id, waiting);
+        let record = q.release(&waiting).unwrap();
+        assert_eq!((record.status, record.attempts, record.started_at), (TaskStatus::Pending, 0, None));
+        assert_eq!(q.counts("a"), Counts { queued: 2, running: 0 });
+        assert_eq!(q.lease("a", 103).unwrap().id, waiting);
+        assert_eq!(q.lease("a", 104).unwrap().id, later);
+        assert!(q.release(&later).is_some_and(|r| r.status == TaskStatus::Pending));
+        assert!(q.finish(&waiting, Finish::Cancelled, 105).is_some());
+        assert!(q.release(&waiting).is_none(), "an ended task is not released");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -217,6 +217,16 @@ pub(crate) trait Queue: Send + Sync + 'static {
     fn enqueue(&self, task: NewTask, now: u64) -> Result<TaskRecord, QueueError>;
     /// Takes the app's oldest queued task, marking it running.
     fn lease(&self, app: &str, now: u64) -> Option<Lease>;
+    /// Takes the app's oldest queued task for a replica that will start it
+    /// once one of its workers frees. It is running from then on, but the
+    /// store records that only at [`Queue::started`]: a restart meanwhile
+    /// finds it queued, its attempt not counted.
+    fn lease_ahead(&self, app: &str, now: u64) -> Option<Lease>;
+    /// A task leased ahead has started.
+    fn started(&self, id: &str, now: u64);
+    /// A task leased ahead never started (its replica was lost): back to the
+    /// front of the queue, its attempt not counted.
+    fn release(&self, id: &str) -> Option<TaskRecord>;
     /// Records how a run ended; a retryable failure with attempts left goes
     /// back to the queue as `Retry`. Unknown or already-ended tasks are `None`
     /// (a cancelled task whose worker reports late).

@@ -2,7 +2,7 @@
 //! it has free workers, and restarts it (with backoff) when it dies. The tasks
 //! a dead replica held go back to the queue.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -198,7 +198,8 @@ async fn run_placed(plan: &Plan, spec: &ReplicaSpec, info: &Arc<Mutex<ReplicaInf
     let mut failed_starts = 0;
     while !*stop.borrow() {
         let started = Instant::now();
-        let mut run = Run { plan, spec, info, inflight: HashMap::new(), streams: HashMap::new() };
+        let mut run =
+            Run { plan, spec, info, inflight: HashMap::new(), ahead: VecDeque::new(), streams: HashMap::new() };
         let result = run.once(stop).await;
         run.requeue_inflight(result.as_ref().err());
         let Err(error) = result else { break };
@@ -242,6 +243,9 @@ struct Run<'a> {
     info: &'a Arc<Mutex<ReplicaInfo>>,
     /// Tasks sent to the process and not yet done, by run sequence number.
     inflight: HashMap<u64, Lease>,
+    /// Runs sent while every worker was busy, oldest first: the replica takes
+    /// runs in order, so each starts when a worker reports one done.
+    ahead: VecDeque<u64>,
     /// Runs whose HTTP bodies stream; their failures are final.
     streams: HashMap<u64, Streams>,
 }
@@ -303,14 +307,16 @@ impl Run<'_> {
         let (cancel_tx, mut cancels) = mpsc::unbounded_channel::<TaskId>();
         // Frames from body pumps and response credits, written in turn.
         let (out, mut outgoing) = mpsc::unbounded_channel::<ToReplica>();
-        let mut free = spec.workers;
+        let mut pace = Pace::default();
         let mut draining = false;
         let mut seq = 0u64;
         loop {
             tokio::select! {
-                lease = plan.dispatch.next(&spec.app), if free > 0 && !draining => {
+                lease = plan.dispatch.next(&spec.app, self.all_busy()), if self.inflight.len() < pace.window(spec.workers) && !draining => {
                     seq += 1;
-                    free -= 1;
+                    if self.all_busy() {
+                        self.ahead.push_back(seq);
+                    }
                     plan.dispatch.route(&lease.id, &cancel_tx);
                     let run = RunTask {
                         seq,
@@ -331,7 +337,7 @@ impl Run<'_> {
                 }
                 frame = frames.recv() => match frame {
                     Some(FromReplica::Done(done)) => {
-                        free += 1;
+                        pace.record(done.run_us);
                         self.done(done);
                         self.set_busy();
                     }
@@ -392,7 +398,20 @@ impl Run<'_> {
         tracing::info!(app = %spec.app, replica = %spec.replica, worker, instantiate_us, init_us, "worker started");
     }
 
+    fn all_busy(&self) -> bool {
+        self.inflight.len() >= self.spec.workers as usize
+    }
+
     fn done(&mut self, done: TaskDone) {
+        // The worker that sent this takes the oldest run waiting in the
+        // replica, unless the replica is going down with the GPU.
+        self.ahead.retain(|seq| *seq != done.seq);
+        if !matches!(done.outcome, Outcome::DeviceLost(_))
+            && let Some(next) = self.ahead.pop_front()
+            && let Some(lease) = self.inflight.get(&next)
+        {
+            self.plan.dispatch.started(&lease.id);
+        }
         let Some(lease) = self.inflight.remove(&done.seq) else {
             tracing::warn!(replica = %self.plan.spec.replica, seq = done.seq, "done for an unknown run");
             return;
@@ -486,9 +505,18 @@ impl Run<'_> {
         finish
     }
 
-    /// Puts back what a dead replica held; each counts as a failed attempt.
+    /// Puts back what a dead replica held: each run it started counts as a
+    /// failed attempt; a run still waiting for a worker goes back first in line.
     fn requeue_inflight(&mut self, error: Option<&anyhow::Error>) {
         let reason = error.map_or_else(|| "replica stopped".to_owned(), |e| format!("{e:#}"));
+        for seq in std::mem::take(&mut self.ahead) {
+            // A run whose request body already moved cannot start over.
+            if !self.streams.contains_key(&seq)
+                && let Some(lease) = self.inflight.remove(&seq)
+            {
+                self.plan.dispatch.release(&lease.id);
+            }
+        }
         for (seq, lease) in std::mem::take(&mut self.inflight) {
             let message = format!("replica {} was lost while running the task: {reason}", self.plan.spec.replica);
             let finish = self.end_streams(seq, Finish::Retryable(TaskError { code: ErrorCode::ReplicaLost, message }));
@@ -507,6 +535,37 @@ fn outcome_name(outcome: &Outcome) -> &'static str {
         Outcome::Timeout => "timeout",
         Outcome::DeviceLost(_) => "device_lost",
         Outcome::Cancelled => "cancelled",
+    }
+}
+
+/// How many runs a replica is sent at once. Each worker takes one; when the
+/// app's tasks are short, each may also have one waiting in the replica, so a
+/// worker that finishes starts the next at once instead of after a round trip
+/// through the node. Long tasks are never held back this way: one waiting
+/// behind a busy worker here could have run on another replica.
+#[derive(Default)]
+struct Pace {
+    /// Recent average run time, in microseconds (`None` before any ran).
+    average_us: Option<f64>,
+}
+
+impl Pace {
+    /// Runs this short on average are sent ahead.
+    const SHORT_US: f64 = 2_000.0;
+    /// Weight of the newest run in the average.
+    const WEIGHT: f64 = 0.1;
+
+    fn record(&mut self, run_us: u64) {
+        let run_us = run_us as f64;
+        self.average_us = Some(self.average_us.map_or(run_us, |avg| avg + Self::WEIGHT * (run_us - avg)));
+    }
+
+    fn window(&self, workers: u32) -> usize {
+        let ahead = match self.average_us {
+            Some(avg) if avg <= Self::SHORT_US => workers,
+            _ => 0,
+        };
+        (workers + ahead) as usize
     }
 }
 
