@@ -40,6 +40,15 @@ impl WorkerGpu {
         matches!(self, WorkerGpu::Ready(session) if session.is_lost())
     }
 
+    /// Waits up to `grace` for the GPU work the worker queued; `false` if
+    /// it is still running then.
+    pub(crate) fn settles(&mut self, grace: Duration) -> bool {
+        match self {
+            WorkerGpu::Ready(session) => !matches!(session.synchronize(grace), Err(GpuError::Timeout)),
+            WorkerGpu::Unavailable(_) => true,
+        }
+    }
+
     /// Device memory the worker holds now.
     pub(crate) fn used_bytes(&self) -> u64 {
         match self {

@@ -60,8 +60,14 @@ pub(crate) struct Worker {
     flows: Arc<Flows>,
     /// The replica's GPU, when the app has one.
     gpu: Option<Arc<dyn Backend>>,
+    /// GPU work outlived its task: the replica must exit to free the device.
+    gpu_stuck: bool,
     live: Option<Live>,
 }
+
+/// How long a stopped task's GPU work may take to finish before the replica
+/// is replaced to stop it.
+const GPU_SETTLE: Duration = Duration::from_secs(2);
 
 /// The tail of a guest's stderr quoted in a trap message (panic messages land there).
 const STDERR_TAIL: usize = 2048;
@@ -82,7 +88,19 @@ impl Worker {
             .enable_all()
             .build()
             .with_context(|| format!("failed to start worker {index}'s runtime"))?;
-        let mut worker = Self { index, spec, pre, replies, cancel, runtime, allowed_hosts, flows, gpu, live: None };
+        let mut worker = Self {
+            index,
+            spec,
+            pre,
+            replies,
+            cancel,
+            runtime,
+            allowed_hosts,
+            flows,
+            gpu,
+            gpu_stuck: false,
+            live: None,
+        };
         worker.instantiate().with_context(|| format!("failed to start worker {index}"))?;
         Ok(worker)
     }
@@ -180,6 +198,15 @@ impl Worker {
                 tracing::error!(app = %self.spec.app, replica = %self.spec.replica, "GPU device lost; exiting");
                 std::process::exit(3);
             }
+            if self.gpu_stuck {
+                tracing::error!(
+                    app = %self.spec.app,
+                    replica = %self.spec.replica,
+                    "GPU work of a stopped task was still running {GPU_SETTLE:?} after it ended (a kernel that \
+                     does not finish?); exiting, which frees the GPU"
+                );
+                std::process::exit(3);
+            }
             if self.live.is_none()
                 && let Err(e) = self.instantiate()
             {
@@ -245,6 +272,14 @@ impl Worker {
                 "the GPU failed while running the task (device lost): {}; the replica is replaced",
                 describe(&done.outcome)
             ));
+        }
+        // A task that stopped (trap, timeout, cancel) or ran to its deadline
+        // (a GPU wait cut short by it) may leave GPU work running. Only
+        // destroying the context stops a kernel that never ends, and it
+        // would hold the device for every later task.
+        let overran = Instant::now() >= deadline;
+        if (!keep || overran) && !store.data_mut().gpu.settles(GPU_SETTLE) {
+            self.gpu_stuck = true;
         }
         if !keep || self.spec.fresh_instance_per_task {
             self.live = None;

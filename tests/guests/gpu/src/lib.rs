@@ -13,6 +13,7 @@
 //! - `{"mode": "kernel"}`: compiles a CUDA C kernel (unavailable on the CPU backend)
 //! - `{"mode": "gemm"}`: a 2x2 f32 GEMM whose result is known
 //! - `{"mode": "fault"}`: launches a kernel that writes far past its buffer
+//! - `{"mode": "endless"}`: launches a kernel that never ends and waits for it
 //!   (CUDA: a sticky error, so `device-lost` and a replaced replica)
 
 use std::sync::Mutex;
@@ -78,6 +79,17 @@ fn run(input: &Input) -> Result<Value, GpuError> {
             kernel.launch(LaunchConfig::new((1, 1, 1), (1, 1, 1)), &[Arg::buffer(&buffer)])?;
             beamlet_sdk::gpu::synchronize(std::time::Duration::from_secs(30))?;
             json!({"survived": true})
+        }
+        "endless" => {
+            let source = r#"extern "C" __global__ void forever(float *x) {
+                volatile float *p = x;
+                while (true) { p[0] += 1.0f; }
+            }"#;
+            let kernel = Kernel::cuda_c(source, "forever", &[Param::Buffer])?;
+            let buffer = Buffer::<f32>::zeros(16)?;
+            kernel.launch(LaunchConfig::new((1, 1, 1), (1, 1, 1)), &[Arg::buffer(&buffer)])?;
+            beamlet_sdk::gpu::synchronize(std::time::Duration::from_secs(600))?;
+            json!({"finished": true})
         }
         "gemm" => {
             // Column-major: a = [[1, 3], [2, 4]], b = identity * 2.
