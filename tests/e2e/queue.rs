@@ -152,6 +152,35 @@ fn queued_and_running_tasks_survive_kill_9_of_serve() {
     assert!(result["slept_ms"].as_u64().is_some_and(|ms| ms >= 1), "finished results are kept: {result}");
 }
 
+#[test]
+fn a_callback_not_delivered_when_the_node_dies_is_delivered_after_its_restart() {
+    let server = Server::start("callback-restart", &[]);
+    server.deploy_guest("hello", "hello", None);
+    // Nothing listens there yet: every delivery fails.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let response = server
+        .http
+        .post(server.url(&format!("/v1/apps/hello/tasks?callback_url=http://{addr}/hook")))
+        .body(r#"{"name": "Cy"}"#)
+        .send()
+        .unwrap();
+    let id = response.json::<Value>().unwrap()["task_id"].as_str().unwrap().to_owned();
+    assert_eq!(wait_task(&server, &id)["status"], "COMPLETE");
+    let data_dir = server.kill();
+
+    let (_, hook) = receiver_at(&addr, 0);
+    let server = Server::start_in(data_dir, &[]);
+    wait_for("the callback after the restart", LONG, || (!hook.lock().unwrap().is_empty()).then_some(()));
+    let delivery = &hook.lock().unwrap()[0];
+    assert_eq!(
+        (delivery.headers["x-beamlet-task-id"].as_str(), delivery.headers["x-beamlet-status"].as_str()),
+        (id.as_str(), "COMPLETE")
+    );
+    let body: Value = serde_json::from_slice(&delivery.body).unwrap();
+    assert_eq!(body["message"], "Hello, Cy!");
+    drop(server);
+}
+
 fn expected_signature(secret: &str, timestamp: &str, body: &[u8]) -> String {
     use hmac::Mac;
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
@@ -186,6 +215,12 @@ fn callbacks_are_signed_retried_and_overridable_per_task() {
     }
     drop(hook);
 
+    // A call whose caller waits sends the app's callback too, with its output.
+    assert_eq!(server.invoke_json("hello", r#"{"name":"Bo"}"#).0, 200);
+    wait_for("the invoke's callback", LONG, || (app_hook.lock().unwrap().len() == 3).then_some(()));
+    let body: Value = serde_json::from_slice(&app_hook.lock().unwrap()[2].body).unwrap();
+    assert_eq!(body["message"], "Hello, Bo!");
+
     let (task_url, task_hook) = receiver(0);
     let response = server
         .http
@@ -200,7 +235,7 @@ fn callbacks_are_signed_retried_and_overridable_per_task() {
     assert_eq!(delivery.headers["x-beamlet-status"], "FAILED");
     let body: Value = serde_json::from_slice(&delivery.body).unwrap();
     assert_eq!(body["error"]["code"], "BAD_INPUT", "{body}");
-    assert_eq!(app_hook.lock().unwrap().len(), 2, "the per-task URL replaced the app's");
+    assert_eq!(app_hook.lock().unwrap().len(), 3, "the per-task URL replaced the app's");
 
     let (status, body) = submit(&server, "hello", "{}");
     assert_eq!(status, 202, "{body}");

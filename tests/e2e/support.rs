@@ -264,8 +264,13 @@ pub struct Received {
 /// A plain HTTP receiver on 127.0.0.1 that answers 500 to its first
 /// `failures` requests and 200 after.
 pub fn receiver(failures: usize) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Received>>>) {
+    receiver_at("127.0.0.1:0", failures)
+}
+
+/// [`receiver`] on a given address.
+pub fn receiver_at(addr: &str, failures: usize) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Received>>>) {
     use std::io::{BufRead, BufReader, Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener = std::net::TcpListener::bind(addr).unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let log = received.clone();

@@ -18,24 +18,36 @@ use tokio::sync::mpsc;
 use super::Node;
 use crate::queue::{TaskRecord, TaskStatus};
 
-/// Attempts per callback, with doubling waits starting at `FIRST_RETRY`.
-const ATTEMPTS: u32 = 6;
+/// Attempts per callback, with doubling waits from `FIRST_RETRY` up to
+/// `LONGEST_WAIT` (about two minutes in all). A callback not settled yet when
+/// the node stops is delivered when it starts again.
+const ATTEMPTS: u32 = 10;
 const FIRST_RETRY: Duration = Duration::from_millis(250);
+const LONGEST_WAIT: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub(crate) fn spawn(node: Arc<Node>, mut ended: mpsc::UnboundedReceiver<TaskRecord>) {
+pub(crate) fn spawn(node: Arc<Node>, mut ended: mpsc::UnboundedReceiver<(TaskRecord, Option<Bytes>)>) {
     let http = reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build().expect("a default HTTP client builds");
     tokio::spawn(async move {
-        while let Some(record) = ended.recv().await {
+        while let Some((record, output)) = ended.recv().await {
             let Some(url) = record.callback_url.clone() else { continue };
-            let Some(app) = node.registry.get(&record.app) else { continue };
+            let Some(app) = node.registry.get(&record.app) else {
+                // The app is gone, and with it the secret to sign with.
+                node.dispatch.callback_settled(&record.id);
+                continue;
+            };
             let body = match (record.status, &record.error) {
-                (TaskStatus::Complete, _) => node.dispatch.output(&record.id).unwrap_or_default(),
+                (TaskStatus::Complete, _) => output.unwrap_or_default(),
                 (_, error) => {
                     Bytes::from(serde_json::to_vec(&serde_json::json!({ "error": error })).unwrap_or_default())
                 }
             };
-            tokio::spawn(deliver(http.clone(), url, app.version.callback_secret, record, body));
+            let node = node.clone();
+            let http = http.clone();
+            tokio::spawn(async move {
+                deliver(http, url, app.version.callback_secret, &record, body).await;
+                node.dispatch.callback_settled(&record.id);
+            });
         }
     });
 }
@@ -50,7 +62,7 @@ pub(crate) fn signature(secret: &str, timestamp: u64, body: &[u8]) -> String {
     format!("sha256={}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
 
-async fn deliver(http: reqwest::Client, url: String, secret: String, record: TaskRecord, body: Bytes) {
+async fn deliver(http: reqwest::Client, url: String, secret: String, record: &TaskRecord, body: Bytes) {
     let mut wait = FIRST_RETRY;
     for attempt in 1..=ATTEMPTS {
         let timestamp = crate::queue::now_ms() / 1000;
@@ -73,7 +85,7 @@ async fn deliver(http: reqwest::Client, url: String, secret: String, record: Tas
         tracing::warn!(task = %record.id, %url, attempt, "callback failed: {failure}");
         if attempt < ATTEMPTS {
             tokio::time::sleep(wait).await;
-            wait *= 2;
+            wait = (wait * 2).min(LONGEST_WAIT);
         }
     }
     tracing::error!(task = %record.id, %url, "callback given up after {ATTEMPTS} attempts");

@@ -24,14 +24,18 @@ pub(crate) struct Dispatch {
     routes: Mutex<HashMap<TaskId, mpsc::UnboundedSender<TaskId>>>,
     /// Woken when any app gains a task (the autoscaler listens).
     demand: Notify,
-    /// Every task that ends with a callback URL, for delivery.
-    callbacks: mpsc::UnboundedSender<TaskRecord>,
+    /// Every task that ends with a callback URL, with its output, for delivery.
+    callbacks: mpsc::UnboundedSender<(TaskRecord, Option<Bytes>)>,
 }
 
 impl Dispatch {
-    /// The receiver gets every task that ends with a callback URL.
-    pub(crate) fn new(queue: Arc<dyn Queue>) -> (Self, mpsc::UnboundedReceiver<TaskRecord>) {
+    /// The receiver gets every task that ends with a callback URL: first
+    /// those whose callback a restart interrupted, then each as it ends.
+    pub(crate) fn new(queue: Arc<dyn Queue>) -> (Self, mpsc::UnboundedReceiver<(TaskRecord, Option<Bytes>)>) {
         let (callbacks, ended) = mpsc::unbounded_channel();
+        for pending in queue.pending_callbacks() {
+            let _ = callbacks.send(pending);
+        }
         let dispatch = Self {
             queue,
             arrivals: Mutex::default(),
@@ -57,13 +61,14 @@ impl Dispatch {
         self.demand.notified()
     }
 
-    /// Tells everyone waiting on a task that ended how it ended.
     /// Tells everyone waiting on a task that ended how it ended; a call whose
     /// caller waited is forgotten once told.
     fn resolve(&self, record: &TaskRecord) {
         self.routes.lock().unwrap().remove(&record.id);
         if record.callback_url.is_some() {
-            let _ = self.callbacks.send(record.clone());
+            // The output now: a call whose caller waits is forgotten below.
+            let output = if record.status == TaskStatus::Complete { self.queue.output(&record.id) } else { None };
+            let _ = self.callbacks.send((record.clone(), output));
         }
         let waiters = self.waiters.lock().unwrap().remove(&record.id).unwrap_or_default();
         if !waiters.is_empty() {
@@ -202,6 +207,11 @@ impl Dispatch {
                 waiters.remove(id);
             }
         }
+    }
+
+    /// The task's callback was delivered, or given up on.
+    pub(crate) fn callback_settled(&self, id: &str) {
+        self.queue.callback_settled(id);
     }
 
     pub(crate) fn get(&self, id: &str) -> Option<TaskRecord> {

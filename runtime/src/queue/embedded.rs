@@ -41,6 +41,8 @@ struct Entry {
     max_result_size: u64,
     /// When a still-queued task expires (ms).
     expires_at: u64,
+    /// It ended and its callback is not delivered yet.
+    callback_pending: bool,
 }
 
 impl Entry {
@@ -64,6 +66,7 @@ impl Entry {
             input: if with_input { self.input.clone() } else { Bytes::new() },
             output: self.output.clone(),
             callback_url: r.callback_url.clone(),
+            callback_pending: self.callback_pending,
         }
     }
 
@@ -92,6 +95,7 @@ impl Entry {
             result_ttl: Duration::from_millis(row.result_ttl_ms),
             max_result_size: row.max_result_size,
             expires_at: row.expires_at,
+            callback_pending: row.callback_pending,
         }
     }
 }
@@ -109,6 +113,8 @@ impl Inner {
         entry.record.error = error;
         entry.record.ended_at = Some(now);
         entry.input = Bytes::new();
+        // Written with the end itself: a restart before delivery delivers it then.
+        entry.callback_pending = entry.record.callback_url.is_some();
         let app = entry.record.app.clone();
         if was_running {
             let running = self.running_mut(&app);
@@ -235,6 +241,7 @@ impl Queue for EmbeddedQueue {
             result_ttl: task.result_ttl,
             max_result_size: task.max_result_size,
             expires_at: now.saturating_add(millis(task.ttl)),
+            callback_pending: false,
         };
         if let Some(journal) = self.journal.as_ref().filter(|_| entry.record.durable) {
             journal.insert(entry.row(true));
@@ -273,6 +280,26 @@ impl Queue for EmbeddedQueue {
         let entry = &inner.tasks[id];
         self.update(entry);
         Some(entry.record.clone())
+    }
+
+    fn pending_callbacks(&self) -> Vec<(TaskRecord, Option<Bytes>)> {
+        let inner = self.inner.lock().unwrap();
+        let mut pending: Vec<_> = inner
+            .tasks
+            .values()
+            .filter(|entry| entry.callback_pending)
+            .map(|entry| (entry.record.clone(), entry.output.clone()))
+            .collect();
+        pending.sort_by_key(|(record, _)| record.ended_at);
+        pending
+    }
+
+    fn callback_settled(&self, id: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(entry) = inner.tasks.get_mut(id).filter(|entry| entry.callback_pending) {
+            entry.callback_pending = false;
+            self.update(entry);
+        }
     }
 
     fn finish(&self, id: &str, finish: Finish, now: u64) -> Option<TaskRecord> {
@@ -524,6 +551,40 @@ mod tests {
         let next = q.lease("a", 101).unwrap();
         assert_eq!((next.id.as_str(), next.attempt, next.input.as_ref()), (running.as_str(), 2, &b"{}"[..]));
         assert_eq!(q.lease("a", 102).unwrap().id, queued);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_undelivered_callback_survives_a_restart_until_settled() {
+        let dir = std::env::temp_dir().join(format!("beamlet-queue-callback-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tasks.db");
+        let sync =
+            |q: &EmbeddedQueue| tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(q.sync());
+        let id;
+        {
+            let q = EmbeddedQueue::open(&path, 0).unwrap();
+            let mut t = task(0);
+            t.callback_url = Some("http://127.0.0.1:9/hook".into());
+            id = q.enqueue(t, 0).unwrap().id;
+            q.enqueue(task(0), 0).unwrap();
+            assert!(q.pending_callbacks().is_empty(), "nothing to deliver before the end");
+            q.lease("a", 1).unwrap();
+            q.finish(&id, Finish::Complete(Bytes::from_static(b"out")), 2).unwrap();
+            sync(&q).unwrap();
+        }
+        {
+            let q = EmbeddedQueue::open(&path, 3).unwrap();
+            let pending = q.pending_callbacks();
+            assert_eq!(pending.len(), 1, "only the task with a callback URL");
+            assert_eq!((pending[0].0.id.as_str(), pending[0].1.as_deref()), (id.as_str(), Some(&b"out"[..])));
+            q.callback_settled(&id);
+            sync(&q).unwrap();
+        }
+        let q = EmbeddedQueue::open(&path, 4).unwrap();
+        assert!(q.pending_callbacks().is_empty(), "a settled callback is not sent again");
+        assert_eq!(q.get(&id).unwrap().status, TaskStatus::Complete);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

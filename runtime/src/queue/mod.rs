@@ -227,6 +227,11 @@ pub(crate) trait Queue: Send + Sync + 'static {
     /// A task leased ahead never started (its replica was lost): back to the
     /// front of the queue, its attempt not counted.
     fn release(&self, id: &str) -> Option<TaskRecord>;
+    /// Ended tasks whose callback was not delivered yet (after a restart),
+    /// oldest end first, with their outputs.
+    fn pending_callbacks(&self) -> Vec<(TaskRecord, Option<Bytes>)>;
+    /// The task's callback was delivered, or given up on.
+    fn callback_settled(&self, id: &str);
     /// Records how a run ended; a retryable failure with attempts left goes
     /// back to the queue as `Retry`. Unknown or already-ended tasks are `None`
     /// (a cancelled task whose worker reports late).

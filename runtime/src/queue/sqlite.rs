@@ -31,6 +31,8 @@ pub(crate) struct TaskRow {
     pub input: Bytes,
     pub output: Option<Bytes>,
     pub callback_url: Option<String>,
+    /// The task ended and its callback is not delivered yet.
+    pub callback_pending: bool,
 }
 
 enum Op {
@@ -68,11 +70,12 @@ CREATE TABLE IF NOT EXISTS tasks (
     error_message TEXT,
     input BLOB NOT NULL,
     output BLOB,
-    callback_url TEXT
+    callback_url TEXT,
+    callback_pending INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 ";
-const SCHEMA_VERSION: &str = "1";
+const SCHEMA_VERSION: &str = "2";
 
 impl Journal {
     /// Opens (or creates) the store at `path` and returns every stored task.
@@ -89,6 +92,15 @@ impl Journal {
                 conn.execute("INSERT INTO meta (key, value) VALUES ('schema', ?1)", [SCHEMA_VERSION])?;
             }
             Some(SCHEMA_VERSION) => {}
+            // Version 1 had no record of undelivered callbacks.
+            Some("1") => {
+                let tx = conn.unchecked_transaction()?;
+                tx.execute_batch(
+                    "ALTER TABLE tasks ADD COLUMN callback_pending INTEGER NOT NULL DEFAULT 0;
+                     UPDATE meta SET value = '2' WHERE key = 'schema';",
+                )?;
+                tx.commit().with_context(|| format!("failed to upgrade the task store {path:?}"))?;
+            }
             Some(other) => {
                 anyhow::bail!("the task store {path:?} has schema {other}, this beamlet reads {SCHEMA_VERSION}")
             }
@@ -126,7 +138,8 @@ impl Journal {
 fn load(conn: &Connection) -> Result<Vec<TaskRow>> {
     let mut statement = conn.prepare(
         "SELECT id, app, status, attempts, retries, timeout_ms, result_ttl_ms, max_result_size, created_at,
-                started_at, ended_at, expires_at, error_code, error_message, input, output, callback_url
+                started_at, ended_at, expires_at, error_code, error_message, input, output, callback_url,
+                callback_pending
          FROM tasks ORDER BY created_at, id",
     )?;
     let rows = statement.query_map([], |row| {
@@ -148,6 +161,7 @@ fn load(conn: &Connection) -> Result<Vec<TaskRow>> {
             input: Bytes::from(row.get::<_, Vec<u8>>(14)?),
             output: row.get::<_, Option<Vec<u8>>>(15)?.map(Bytes::from),
             callback_url: row.get(16)?,
+            callback_pending: row.get(17)?,
         })
     })?;
     rows.collect::<rusqlite::Result<_>>().context("failed to read the task store")
@@ -181,12 +195,13 @@ fn commit(conn: &mut Connection, batch: Vec<Op>, syncs: &mut Vec<oneshot::Sender
         let mut insert = tx.prepare_cached(
             "INSERT OR REPLACE INTO tasks (id, app, status, attempts, retries, timeout_ms, result_ttl_ms,
                  max_result_size, created_at, started_at, ended_at, expires_at, error_code, error_message, input, output,
-                 callback_url)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                 callback_url, callback_pending)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
         )?;
         let mut update = tx.prepare_cached(
             "UPDATE tasks SET status = ?2, attempts = ?3, started_at = ?4, ended_at = ?5, error_code = ?6,
-                 error_message = ?7, output = ?8, input = CASE WHEN ?9 THEN x'' ELSE input END
+                 error_message = ?7, output = ?8, input = CASE WHEN ?9 THEN x'' ELSE input END,
+                 callback_pending = ?10
              WHERE id = ?1",
         )?;
         let mut delete = tx.prepare_cached("DELETE FROM tasks WHERE id = ?1")?;
@@ -211,6 +226,7 @@ fn commit(conn: &mut Connection, batch: Vec<Op>, syncs: &mut Vec<oneshot::Sender
                         r.input.as_ref(),
                         r.output.as_deref(),
                         r.callback_url,
+                        r.callback_pending,
                     ])?;
                 }
                 Op::Update(r) => {
@@ -226,6 +242,7 @@ fn commit(conn: &mut Connection, batch: Vec<Op>, syncs: &mut Vec<oneshot::Sender
                         r.error_message,
                         r.output.as_deref(),
                         drop_input,
+                        r.callback_pending,
                     ])?;
                 }
                 Op::Delete(id) => {
@@ -237,4 +254,38 @@ fn commit(conn: &mut Connection, batch: Vec<Op>, syncs: &mut Vec<oneshot::Sender
     }
     tx.commit()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_1_store_is_upgraded_in_place() {
+        let dir = std::env::temp_dir().join(format!("beamlet-store-v1-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tasks.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            let v1 = SCHEMA.replace(",\n    callback_pending INTEGER NOT NULL DEFAULT 0", "");
+            assert!(!v1.contains("callback_pending"));
+            conn.execute_batch(&v1).unwrap();
+            conn.execute("INSERT INTO meta (key, value) VALUES ('schema', '1')", []).unwrap();
+            conn.execute(
+                "INSERT INTO tasks (id, app, status, attempts, retries, timeout_ms, result_ttl_ms, max_result_size,
+                     created_at, expires_at, input, callback_url)
+                 VALUES ('t1', 'a', 'COMPLETE', 1, 0, 1000, 1000, 10, 0, 10, x'', 'http://127.0.0.1:9/')",
+                [],
+            )
+            .unwrap();
+        }
+        let (_journal, rows) = Journal::open(&path).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert!(!rows[0].callback_pending, "tasks of a version 1 store have no pending callback");
+        let conn = Connection::open(&path).unwrap();
+        let version: String = conn.query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
