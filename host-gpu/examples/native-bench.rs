@@ -200,7 +200,24 @@ fn run() -> Result<(), Error> {
     let context_s = started.elapsed().as_secs_f64();
     let stream = ctx.new_stream()?;
     let handle = blas::create_handle()?;
-    unsafe { blas::set_stream(handle, stream.cu_stream() as _)? };
+    // As beamlet-gpu's backend: f16/bf16 accumulate in f32 all the way.
+    unsafe {
+        cudarc::cublas::sys::cublasSetMathMode(
+            handle,
+            cudarc::cublas::sys::cublasMath_t::CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION,
+        )
+        .result()?;
+        blas::set_stream(handle, stream.cu_stream() as _)?;
+    }
+    // The same target as the backend's NVRTC: this device's compute capability.
+    let (major, minor) = ctx.compute_capability()?;
+    let compile = |source: &str| {
+        let options = cudarc::nvrtc::CompileOptions {
+            options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
+            ..Default::default()
+        };
+        cudarc::nvrtc::compile_ptx_with_opts(source, options)
+    };
     let native = Native { stream: stream.clone(), blas: handle };
 
     let a = values(n * n, 1);
@@ -248,7 +265,7 @@ fn run() -> Result<(), Error> {
 
     // Native saxpy (NVRTC) and tiny-kernel launches.
     let compiled = Instant::now();
-    let module = ctx.load_module(cudarc::nvrtc::compile_ptx(SAXPY)?)?;
+    let module = ctx.load_module(compile(SAXPY)?)?;
     let compile_ms = compiled.elapsed().as_secs_f64() * 1e3;
     let saxpy = module.load_function("saxpy")?;
     let x = stream.clone_htod(&values(saxpy_n, 3))?;
@@ -262,7 +279,7 @@ fn run() -> Result<(), Error> {
         unsafe { launch.launch(config)? };
         Ok(stream.synchronize()?)
     })? * 1e3;
-    let empty = ctx.load_module(cudarc::nvrtc::compile_ptx(EMPTY)?)?.load_function("empty")?;
+    let empty = ctx.load_module(compile(EMPTY)?)?.load_function("empty")?;
     let one = CudaLaunch { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
     let native_launch_us = per_launch_us(
         &mut (),

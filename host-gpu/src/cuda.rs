@@ -99,6 +99,8 @@ pub struct CudaBackend {
     limits: DeviceLimits,
     /// `compute_XY`, what NVRTC compiles for.
     arch: String,
+    /// Why NVRTC's PTX would not load here (NVRTC newer than the driver).
+    nvrtc_mismatch: Option<String>,
     sm_count: u32,
     async_alloc: bool,
     lost: AtomicBool,
@@ -196,6 +198,7 @@ impl CudaBackend {
                 version % 1000 / 10
             )));
         }
+        let nvrtc_mismatch = nvrtc_newer_than(version);
         let count = CudaContext::device_count().map_err(|e| unavailable(format!("failed to count GPUs: {e:?}")))?;
         if ordinal >= count.max(0) as usize {
             return Err(unavailable(format!("no GPU {ordinal}: this machine has {count}")));
@@ -243,8 +246,21 @@ impl CudaBackend {
         };
         let handle =
             blas::create_handle().map_err(|e| unavailable(format!("failed to create a cuBLAS handle: {e:?}")))?;
+        // f16/bf16 GEMMs accumulate in f32 all the way: no split-K partial
+        // sums rounded to the output type (cuBLAS may pick split-K for small
+        // shapes). The native benchmark sets the same.
+        // SAFETY: the handle was just created.
+        unsafe {
+            blas_sys::cublasSetMathMode(
+                handle,
+                blas_sys::cublasMath_t::CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION,
+            )
+            .result()
+            .map_err(|e| unavailable(format!("failed to set cuBLAS's math mode: {e:?}")))?;
+        }
         Ok(Self {
             arch: format!("compute_{major}{minor}"),
+            nvrtc_mismatch,
             async_alloc: ctx.has_async_alloc(),
             ctx,
             info,
@@ -348,12 +364,13 @@ impl CudaBackend {
 
     /// Polls `stream` until it is idle. It yields between polls for the first
     /// 20 ms, so an op that takes milliseconds is seen done within
-    /// microseconds (a sleep would add up to its timer slack), then sleeps in
-    /// steps growing to 1 ms so a long wait does not burn a core.
+    /// microseconds (a sleep would add up to its timer slack), then sleeps
+    /// 1/512 of the time waited so far (at most 1 ms): a long wait does not
+    /// burn a core and is seen done at most ~0.2% late, as a timed benchmark
+    /// against `cuStreamSynchronize` (which spins) needs.
     fn wait(&self, stream: sys::CUstream, timeout: Duration) -> Result<()> {
         const SPIN: Duration = Duration::from_millis(20);
         let start = Instant::now();
-        let mut nap = Duration::from_micros(50);
         loop {
             match unsafe { sys::cuStreamQuery(stream) } {
                 sys::CUresult::CUDA_SUCCESS => return Ok(()),
@@ -367,8 +384,8 @@ impl CudaBackend {
             if waited < SPIN {
                 std::thread::yield_now();
             } else {
+                let nap = (waited / 512).clamp(Duration::from_micros(20), Duration::from_millis(1));
                 std::thread::sleep(nap.min(timeout - waited));
-                nap = (nap * 3 / 2).min(Duration::from_millis(1));
             }
         }
     }
@@ -423,6 +440,9 @@ impl CudaBackend {
 
     /// CUDA C to PTX for this device; the NVRTC log on failure.
     fn nvrtc(&self, source: &str) -> Result<String> {
+        if let Some(mismatch) = &self.nvrtc_mismatch {
+            return Err(GpuError::CompileFailed(mismatch.clone()));
+        }
         let options =
             nvrtc::CompileOptions { options: vec![format!("--gpu-architecture={}", self.arch)], ..Default::default() };
         // cudarc unwraps a few NVRTC results (the log, the PTX as UTF-8):
@@ -592,6 +612,26 @@ impl CudaBackend {
 
 /// Checks that the driver, NVRTC and cuBLAS can be loaded, so cudarc never
 /// panics on a missing one.
+/// Why PTX from the NVRTC found here would not load on a driver that
+/// supports CUDA `driver_version` (as `cuDriverGetVersion` says it): PTX from
+/// a newer NVRTC uses an ISA the driver cannot JIT.
+fn nvrtc_newer_than(driver_version: i32) -> Option<String> {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: `probe_libraries` found libnvrtc; plain out-parameters.
+    let ok = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+        == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS;
+    (ok && major * 1000 + minor * 10 > driver_version).then(|| {
+        format!(
+            "NVRTC {major}.{minor} is newer than the NVIDIA driver's CUDA {}.{}: the PTX it makes cannot load; \
+             put the NVRTC of CUDA {}.{} first on LD_LIBRARY_PATH or update the driver",
+            driver_version / 1000,
+            driver_version % 1000 / 10,
+            driver_version / 1000,
+            driver_version % 1000 / 10
+        )
+    })
+}
+
 fn probe_libraries() -> Result<()> {
     // SAFETY: each probe only tries to dlopen the library's candidate names.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -634,6 +674,11 @@ impl Backend for CudaBackend {
             let mut blas = self.blas.lock().unwrap();
             if blas.current == Some(id) {
                 blas.current = None;
+                // The handle must not keep a stream that is about to go.
+                if self.enter().is_ok() {
+                    // SAFETY: the handle is live; the null stream always is.
+                    let _ = unsafe { blas::set_stream(blas.handle.0, std::ptr::null_mut()) };
+                }
             }
             blas.workspaces.remove(&id)
         };
