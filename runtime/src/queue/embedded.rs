@@ -448,7 +448,7 @@ impl Queue for EmbeddedQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::new_task_id;
+    use crate::queue::{ScratchStore, new_task_id};
 
     fn task(retries: u32) -> NewTask {
         NewTask {
@@ -464,6 +464,11 @@ mod tests {
             max_queued: 2,
             durable: true,
         }
+    }
+
+    /// Waits until everything `q` changed is on disk.
+    fn synced(q: &EmbeddedQueue) {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(q.sync()).unwrap();
     }
 
     fn trap() -> Finish {
@@ -521,10 +526,8 @@ mod tests {
 
     #[test]
     fn reopening_restores_queued_requeues_running_and_keeps_results() {
-        let dir = std::env::temp_dir().join(format!("beamlet-queue-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("tasks.db");
+        let store = ScratchStore::new("queue-test");
+        let path = store.path();
         let (done, running, spent, queued);
         {
             let q = EmbeddedQueue::open(&path, 0).unwrap();
@@ -539,7 +542,7 @@ mod tests {
             q.finish(&done, Finish::Complete(Bytes::from_static(b"out")), 5).unwrap();
             q.lease("a", 6).unwrap();
             q.lease("a", 7).unwrap();
-            tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(q.sync()).unwrap();
+            synced(&q);
         }
         let q = EmbeddedQueue::open(&path, 100).unwrap();
         assert_eq!(q.get(&done).unwrap().status, TaskStatus::Complete);
@@ -551,17 +554,12 @@ mod tests {
         let next = q.lease("a", 101).unwrap();
         assert_eq!((next.id.as_str(), next.attempt, next.input.as_ref()), (running.as_str(), 2, &b"{}"[..]));
         assert_eq!(q.lease("a", 102).unwrap().id, queued);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn an_undelivered_callback_survives_a_restart_until_settled() {
-        let dir = std::env::temp_dir().join(format!("beamlet-queue-callback-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("tasks.db");
-        let sync =
-            |q: &EmbeddedQueue| tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(q.sync());
+        let store = ScratchStore::new("queue-callback");
+        let path = store.path();
         let id;
         {
             let q = EmbeddedQueue::open(&path, 0).unwrap();
@@ -572,7 +570,7 @@ mod tests {
             assert!(q.pending_callbacks().is_empty(), "nothing to deliver before the end");
             q.lease("a", 1).unwrap();
             q.finish(&id, Finish::Complete(Bytes::from_static(b"out")), 2).unwrap();
-            sync(&q).unwrap();
+            synced(&q);
         }
         {
             let q = EmbeddedQueue::open(&path, 3).unwrap();
@@ -580,20 +578,17 @@ mod tests {
             assert_eq!(pending.len(), 1, "only the task with a callback URL");
             assert_eq!((pending[0].0.id.as_str(), pending[0].1.as_deref()), (id.as_str(), Some(&b"out"[..])));
             q.callback_settled(&id);
-            sync(&q).unwrap();
+            synced(&q);
         }
         let q = EmbeddedQueue::open(&path, 4).unwrap();
         assert!(q.pending_callbacks().is_empty(), "a settled callback is not sent again");
         assert_eq!(q.get(&id).unwrap().status, TaskStatus::Complete);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_task_leased_ahead_counts_as_started_only_once_it_starts() {
-        let dir = std::env::temp_dir().join(format!("beamlet-queue-ahead-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("tasks.db");
+        let store = ScratchStore::new("queue-ahead");
+        let path = store.path();
         let (started, waiting);
         {
             let q = EmbeddedQueue::open(&path, 0).unwrap();
@@ -605,7 +600,7 @@ mod tests {
             assert_eq!(q.lease_ahead("a", 1).unwrap().attempt, 1);
             assert_eq!(q.counts("a"), Counts { queued: 0, running: 2 });
             q.started(&started, 2);
-            tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(q.sync()).unwrap();
+            synced(&q);
         }
         // The node died: the started task had its one attempt; the other never ran.
         let q = EmbeddedQueue::open(&path, 100).unwrap();
@@ -626,6 +621,5 @@ mod tests {
         assert!(q.release(&later).is_some_and(|r| r.status == TaskStatus::Pending));
         assert!(q.finish(&waiting, Finish::Cancelled, 105).is_some());
         assert!(q.release(&waiting).is_none(), "an ended task is not released");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

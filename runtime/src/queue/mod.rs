@@ -270,3 +270,29 @@ fn millis_since_epoch(t: std::time::SystemTime) -> u64 {
 pub(crate) fn new_task_id() -> TaskId {
     uuid::Uuid::now_v7().to_string()
 }
+
+/// A task store file in a fresh directory of its own, removed when dropped
+/// (tests of the durable store).
+#[cfg(test)]
+pub(crate) struct ScratchStore(std::path::PathBuf);
+
+#[cfg(test)]
+impl ScratchStore {
+    pub(crate) fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("beamlet-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    pub(crate) fn path(&self) -> std::path::PathBuf {
+        self.0.join("tasks.db")
+    }
+}
+
+#[cfg(test)]
+impl Drop for ScratchStore {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

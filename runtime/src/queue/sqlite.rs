@@ -262,10 +262,8 @@ mod tests {
 
     #[test]
     fn a_version_1_store_is_upgraded_in_place() {
-        let dir = std::env::temp_dir().join(format!("beamlet-store-v1-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("tasks.db");
+        let store = crate::queue::ScratchStore::new("store-v1");
+        let path = store.path();
         {
             let conn = Connection::open(&path).unwrap();
             let v1 = SCHEMA.replace(",\n    callback_pending INTEGER NOT NULL DEFAULT 0", "");
@@ -286,6 +284,5 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         let version: String = conn.query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| r.get(0)).unwrap();
         assert_eq!(version, SCHEMA_VERSION);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
