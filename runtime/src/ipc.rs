@@ -66,6 +66,7 @@ pub(crate) struct HttpRequest {
     pub path_with_query: String,
     pub headers: Vec<(String, Vec<u8>)>,
     /// The body, or its first part when `streamed`.
+    #[serde(with = "raw")]
     pub body: Vec<u8>,
     /// The rest of the body follows as [`ToReplica::Body`] frames, each asked
     /// for with [`FromReplica::WantBody`].
@@ -77,6 +78,7 @@ pub(crate) struct HttpRequest {
 pub(crate) struct HttpResponse {
     pub status: u16,
     pub headers: Vec<(String, Vec<u8>)>,
+    #[serde(with = "raw")]
     pub body: Vec<u8>,
 }
 
@@ -112,6 +114,7 @@ pub(crate) struct RunTask {
     pub task_id: String,
     pub attempt: u32,
     pub timeout_ms: u64,
+    #[serde(with = "raw")]
     pub input: Vec<u8>,
 }
 
@@ -129,6 +132,7 @@ pub(crate) enum ToReplica {
     /// or its end (`None`). `Err`: the client's upload broke off.
     Body {
         seq: u64,
+        #[serde(with = "raw_part")]
         part: Option<Result<Vec<u8>, String>>,
     },
     /// The node passed on one more [`FromReplica::ResponseBody`] part of run
@@ -141,7 +145,7 @@ pub(crate) enum ToReplica {
 /// How a run ended, as the replica saw it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub(crate) enum Outcome {
-    Complete(Vec<u8>),
+    Complete(#[serde(with = "raw")] Vec<u8>),
     /// The handler returned `error::bad-input`.
     BadInput(String),
     /// The handler returned `error::failed`.
@@ -163,7 +167,9 @@ pub(crate) struct TaskDone {
     pub seq: u64,
     pub worker: u32,
     pub outcome: Outcome,
+    #[serde(with = "raw")]
     pub stdout: Vec<u8>,
+    #[serde(with = "raw")]
     pub stderr: Vec<u8>,
     /// Time spent in the guest, in microseconds.
     pub run_us: u64,
@@ -185,7 +191,9 @@ pub(crate) enum FromReplica {
         worker: u32,
         instantiate_us: u64,
         init_us: u64,
+        #[serde(with = "raw")]
         stdout: Vec<u8>,
+        #[serde(with = "raw")]
         stderr: Vec<u8>,
         /// GPU memory the worker holds after `init` (weights, say).
         gpu_bytes: u64,
@@ -211,6 +219,7 @@ pub(crate) enum FromReplica {
     },
     ResponseBody {
         seq: u64,
+        #[serde(with = "raw")]
         part: Vec<u8>,
     },
     Done(TaskDone),
@@ -221,6 +230,89 @@ pub(crate) enum FromReplica {
 pub(crate) const BODY_WINDOW: u32 = 8;
 /// The size a streamed response body is sent in (the last part may be smaller).
 pub(crate) const BODY_PART: usize = 64 * 1024;
+
+/// Byte strings as one run of bytes: serde's default for `Vec<u8>` is a
+/// sequence of `u8`, encoded and decoded one call per byte. postcard writes
+/// both the same way (a length, then the bytes), so only the speed differs.
+mod raw {
+    use serde::de::{Deserializer, SeqAccess, Visitor};
+    use serde::ser::Serializer;
+
+    pub(super) fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(bytes)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        deserializer.deserialize_byte_buf(Bytes)
+    }
+
+    struct Bytes;
+
+    impl<'de> Visitor<'de> for Bytes {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("bytes")
+        }
+
+        fn visit_bytes<E>(self, bytes: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(bytes.to_vec())
+        }
+
+        fn visit_byte_buf<E>(self, bytes: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(bytes)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(byte) = seq.next_element()? {
+                bytes.push(byte);
+            }
+            Ok(bytes)
+        }
+    }
+}
+
+/// A request body part ([`ToReplica::Body`]) with its bytes as [`raw`].
+mod raw_part {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize)]
+    enum PartRef<'a> {
+        End,
+        Data(#[serde(with = "super::raw")] &'a [u8]),
+        Broken(&'a str),
+    }
+
+    #[derive(Deserialize)]
+    enum Part {
+        End,
+        Data(#[serde(with = "super::raw")] Vec<u8>),
+        Broken(String),
+    }
+
+    pub(super) fn serialize<S: Serializer>(
+        part: &Option<Result<Vec<u8>, String>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match part {
+            None => PartRef::End,
+            Some(Ok(bytes)) => PartRef::Data(bytes),
+            Some(Err(message)) => PartRef::Broken(message),
+        }
+        .serialize(serializer)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Result<Vec<u8>, String>>, D::Error> {
+        Ok(match Part::deserialize(deserializer)? {
+            Part::End => None,
+            Part::Data(bytes) => Some(Ok(bytes)),
+            Part::Broken(message) => Some(Err(message)),
+        })
+    }
+}
 
 fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>> {
     let mut frame = postcard::to_extend(message, vec![0u8; 4]).context("failed to encode frame")?;
@@ -301,6 +393,42 @@ mod tests {
         }
         assert!(matches!(read_blocking::<ToReplica>(&mut cursor).unwrap(), Some(ToReplica::Drain)));
         assert!(read_blocking::<ToReplica>(&mut cursor).unwrap().is_none());
+    }
+
+    #[test]
+    fn byte_payloads_round_trip() {
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let mut buf = Vec::new();
+        for part in [Some(Ok(big.clone())), Some(Err("upload broke off".to_owned())), None, Some(Ok(Vec::new()))] {
+            write_blocking(&mut buf, &ToReplica::Body { seq: 3, part }).unwrap();
+        }
+        let mut done = TaskDone::empty(4, 1, Outcome::Complete(big.clone()));
+        done.stderr = b"oops".to_vec();
+        write_blocking(&mut buf, &FromReplica::Done(done)).unwrap();
+        let mut cursor = std::io::Cursor::new(buf);
+        let mut parts = Vec::new();
+        for _ in 0..4 {
+            match read_blocking::<ToReplica>(&mut cursor).unwrap() {
+                Some(ToReplica::Body { seq: 3, part }) => parts.push(part),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(
+            parts,
+            vec![Some(Ok(big.clone())), Some(Err("upload broke off".to_owned())), None, Some(Ok(Vec::new()))]
+        );
+        match read_blocking::<FromReplica>(&mut cursor).unwrap() {
+            Some(FromReplica::Done(done)) => {
+                assert_eq!((done.outcome, done.stderr), (Outcome::Complete(big), b"oops".to_vec()));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // The same bytes on the wire as serde's default for a Vec<u8>.
+        let response = HttpResponse { status: 200, headers: Vec::new(), body: vec![1, 2, 3] };
+        assert_eq!(
+            response.encode(),
+            postcard::to_allocvec(&(200u16, Vec::<(String, Vec<u8>)>::new(), vec![1u8, 2, 3])).unwrap()
+        );
     }
 
     #[test]
