@@ -13,6 +13,13 @@ pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// Wasm stack per call, generous enough for serde-heavy handlers.
 const MAX_WASM_STACK: usize = 1 << 20;
 
+/// The stack a guest call runs on (as a fiber), host calls included: what
+/// the wasm does not use is the host's. GPU host calls compile CUDA C
+/// (NVRTC) and JIT PTX (the driver) on it, which want a thread's usual
+/// 8 MiB, not the 1 MiB wasmtime's 2 MiB default would leave. Only the
+/// pages a call touches are ever committed.
+const CALL_STACK: usize = 8 << 20;
+
 /// How the engine places instances in memory.
 pub(crate) enum Allocation {
     /// On demand: the node only compiles and type-checks components.
@@ -30,7 +37,11 @@ const TABLES_PER_COMPONENT: u32 = 16;
 
 pub(crate) fn new_engine(allocation: Allocation) -> Result<Engine> {
     let mut config = Config::new();
-    config.wasm_component_model(true).epoch_interruption(true).max_wasm_stack(MAX_WASM_STACK);
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(MAX_WASM_STACK)
+        .async_stack_size(CALL_STACK);
     if let Allocation::Pooling { slots, memory_bytes } = allocation {
         let mut pool = PoolingAllocationConfig::new();
         let memory = usize::try_from(memory_bytes).context("failed to size the memory pool")?;
