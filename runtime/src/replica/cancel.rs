@@ -28,7 +28,7 @@ impl CancelFlag {
         self.wake.notify_one();
     }
 
-    fn reset(&self) {
+    pub(crate) fn reset(&self) {
         self.set.store(false, Ordering::Relaxed);
     }
 

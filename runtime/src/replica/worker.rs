@@ -144,6 +144,8 @@ impl Worker {
         let instantiate_us = micros(started.elapsed());
         let init_started = Instant::now();
         let deadline = init_started + Duration::from_millis(self.spec.init_timeout_ms);
+        // A cancel of the task that ended the last instance is not for `init`.
+        self.cancel.reset();
         store.data_mut().deadline = Some(deadline);
         // `wasi:http/proxy` has no init export.
         let init = match &guest {

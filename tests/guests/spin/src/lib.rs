@@ -1,7 +1,9 @@
 //! Test fixture: a handler that never returns, for timeouts, cancellation and
 //! epoch interruption. Input `{"after_ms": N}` is accepted and ignored; an empty
 //! input works too. With `{"sleep": true}` it waits in a host call (wasi poll)
-//! instead of running wasm code.
+//! instead of running wasm code. Its `init` waits a moment in a host call too,
+//! so a new instance after a cancelled task shows whether that cancel leaks
+//! into `init`.
 
 use beamlet_sdk::{Context, Error};
 use serde::Deserialize;
@@ -30,4 +32,9 @@ fn spin(ctx: &Context, input: Option<Input>) -> Result<(), Error> {
     }
 }
 
-beamlet_sdk::export!(spin);
+fn warm_up() -> Result<(), Error> {
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    Ok(())
+}
+
+beamlet_sdk::export!(spin, init = warm_up);
