@@ -181,6 +181,49 @@ fn a_callback_not_delivered_when_the_node_dies_is_delivered_after_its_restart() 
     drop(server);
 }
 
+#[test]
+fn no_task_is_lost_when_replicas_die_and_tasks_are_cancelled_under_load() {
+    let server = Server::start("no-loss", &[]);
+    let config = "[runtime]\nworkers = 2\n[task_queue]\nretries = 3\nmax_queued = 1000\n";
+    server.deploy_guest("sleep", "sleep", Some(config));
+    server.wait_status("sleep", "a ready replica", LONG, |s| ready_pids(s).len() == 1);
+    // Short tasks: the replica is sent runs ahead of its workers.
+    let ids: Vec<String> = (0..300).map(|i| submit_ok(&server, "sleep", &format!(r#"{{"ms": {}}}"#, i % 3))).collect();
+    let cancelled: Vec<&String> = ids.iter().skip(7).step_by(15).collect();
+    for (round, id) in cancelled.iter().enumerate() {
+        let _ = cancel(&server, id);
+        if round % 10 == 5 {
+            // Kill the replica while it holds runs in progress and runs sent ahead.
+            if let Some(pid) = server.ready_pids("sleep").first() {
+                kill9(*pid);
+            }
+        }
+    }
+    let mut complete = 0;
+    for id in &ids {
+        let record = wait_task(&server, id);
+        let status = record["status"].as_str().unwrap();
+        if cancelled.contains(&id) {
+            assert!(status == "CANCELLED" || status == "COMPLETE", "{record}");
+        } else {
+            assert_eq!(status, "COMPLETE", "every task not cancelled completes: {record}");
+        }
+        if status == "COMPLETE" {
+            complete += 1;
+            let attempts = record["attempts"].as_u64().unwrap();
+            assert!((1..=4).contains(&attempts), "{record}");
+        }
+    }
+    assert!(complete >= ids.len() - cancelled.len(), "{complete} complete");
+    let status = server.status("sleep");
+    assert_eq!(
+        (status["queue"]["queued"].as_u64(), status["queue"]["running"].as_u64()),
+        (Some(0), Some(0)),
+        "{status}"
+    );
+    assert!(status["replicas"][0]["restarts"].as_u64() >= Some(1), "a replica was killed mid-way: {status}");
+}
+
 fn expected_signature(secret: &str, timestamp: &str, body: &[u8]) -> String {
     use hmac::Mac;
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
