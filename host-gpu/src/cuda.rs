@@ -610,8 +610,6 @@ impl CudaBackend {
     }
 }
 
-/// Checks that the driver, NVRTC and cuBLAS can be loaded, so cudarc never
-/// panics on a missing one.
 /// Why PTX from the NVRTC found here would not load on a driver that
 /// supports CUDA `driver_version` (as `cuDriverGetVersion` says it): PTX from
 /// a newer NVRTC uses an ISA the driver cannot JIT.
@@ -620,18 +618,17 @@ fn nvrtc_newer_than(driver_version: i32) -> Option<String> {
     // SAFETY: `probe_libraries` found libnvrtc; plain out-parameters.
     let ok = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
         == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS;
+    let driver = format!("{}.{}", driver_version / 1000, driver_version % 1000 / 10);
     (ok && major * 1000 + minor * 10 > driver_version).then(|| {
         format!(
-            "NVRTC {major}.{minor} is newer than the NVIDIA driver's CUDA {}.{}: the PTX it makes cannot load; \
-             put the NVRTC of CUDA {}.{} first on LD_LIBRARY_PATH or update the driver",
-            driver_version / 1000,
-            driver_version % 1000 / 10,
-            driver_version / 1000,
-            driver_version % 1000 / 10
+            "NVRTC {major}.{minor} is newer than the NVIDIA driver's CUDA {driver}: the PTX it makes cannot load; \
+             put the NVRTC of CUDA {driver} first on LD_LIBRARY_PATH or update the driver"
         )
     })
 }
 
+/// Checks that the driver, NVRTC and cuBLAS can be loaded, so cudarc never
+/// panics on a missing one.
 fn probe_libraries() -> Result<()> {
     // SAFETY: each probe only tries to dlopen the library's candidate names.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
