@@ -74,10 +74,7 @@ fn run(input: &Input) -> Result<Value, GpuError> {
         }
         "fault" => {
             let source = r#"extern "C" __global__ void smash(float *x) { x[1ull << 40] = 1.0f; }"#;
-            let kernel = Kernel::cuda_c(source, "smash", &[Param::Buffer])?;
-            let buffer = Buffer::<f32>::zeros(16)?;
-            kernel.launch(LaunchConfig::new((1, 1, 1), (1, 1, 1)), &[Arg::buffer(&buffer)])?;
-            beamlet_sdk::gpu::synchronize(std::time::Duration::from_secs(30))?;
+            run_one_thread(source, "smash", 30)?;
             json!({"survived": true})
         }
         "endless" => {
@@ -85,10 +82,7 @@ fn run(input: &Input) -> Result<Value, GpuError> {
                 volatile float *p = x;
                 while (true) { p[0] += 1.0f; }
             }"#;
-            let kernel = Kernel::cuda_c(source, "forever", &[Param::Buffer])?;
-            let buffer = Buffer::<f32>::zeros(16)?;
-            kernel.launch(LaunchConfig::new((1, 1, 1), (1, 1, 1)), &[Arg::buffer(&buffer)])?;
-            beamlet_sdk::gpu::synchronize(std::time::Duration::from_secs(600))?;
+            run_one_thread(source, "forever", 600)?;
             json!({"finished": true})
         }
         "gemm" => {
@@ -101,6 +95,15 @@ fn run(input: &Input) -> Result<Value, GpuError> {
         }
         other => json!({"error": "UnknownMode", "message": other}),
     })
+}
+
+/// Compiles `entry(float *x)`, runs it on one thread over a small buffer
+/// and waits up to `wait_s` seconds for it.
+fn run_one_thread(source: &str, entry: &str, wait_s: u64) -> Result<(), GpuError> {
+    let kernel = Kernel::cuda_c(source, entry, &[Param::Buffer])?;
+    let buffer = Buffer::<f32>::zeros(16)?;
+    kernel.launch(LaunchConfig::new((1, 1, 1), (1, 1, 1)), &[Arg::buffer(&buffer)])?;
+    beamlet_sdk::gpu::synchronize(std::time::Duration::from_secs(wait_s))
 }
 
 fn handle(_ctx: &Context, input: Input) -> Result<Value, Error> {
