@@ -175,12 +175,15 @@ pub(crate) struct TaskDone {
     pub run_us: u64,
     /// GPU memory the worker holds after the run, in bytes.
     pub gpu_bytes: u64,
+    /// The replica exits after this report (its GPU failed or is stuck): no
+    /// worker takes another run.
+    pub exits: bool,
 }
 
 impl TaskDone {
     /// A run that ended without running the guest, so with no output or logs.
     pub(crate) fn empty(seq: u64, worker: u32, outcome: Outcome) -> Self {
-        Self { seq, worker, outcome, stdout: Vec::new(), stderr: Vec::new(), run_us: 0, gpu_bytes: 0 }
+        Self { seq, worker, outcome, stdout: Vec::new(), stderr: Vec::new(), run_us: 0, gpu_bytes: 0, exits: false }
     }
 }
 

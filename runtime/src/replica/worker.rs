@@ -187,26 +187,27 @@ impl Worker {
                 Err(_) => return,
             };
             let seq = task.seq;
-            let done = if cancels.begin(seq, &self.cancel) {
+            let mut done = if cancels.begin(seq, &self.cancel) {
                 let done = self.run_one(task);
                 cancels.end(seq);
                 done
             } else {
                 TaskDone::empty(seq, self.index, Outcome::Cancelled)
             };
-            let lost = matches!(done.outcome, Outcome::DeviceLost(_));
-            self.replies.send(&FromReplica::Done(done));
-            if lost {
-                tracing::error!(app = %self.spec.app, replica = %self.spec.replica, "GPU device lost; exiting");
-                std::process::exit(3);
-            }
-            if self.gpu_stuck {
-                tracing::error!(
-                    app = %self.spec.app,
-                    replica = %self.spec.replica,
+            let exit = if matches!(done.outcome, Outcome::DeviceLost(_)) {
+                Some("GPU device lost".to_owned())
+            } else if self.gpu_stuck {
+                Some(format!(
                     "GPU work of a stopped task was still running {GPU_SETTLE:?} after it ended (a kernel that \
-                     does not finish?); exiting, which frees the GPU"
-                );
+                     does not finish?); destroying the context frees the GPU"
+                ))
+            } else {
+                None
+            };
+            done.exits = exit.is_some();
+            self.replies.send(&FromReplica::Done(done));
+            if let Some(reason) = exit {
+                tracing::error!(app = %self.spec.app, replica = %self.spec.replica, "{reason}; exiting");
                 std::process::exit(3);
             }
             if self.live.is_none()

@@ -404,9 +404,9 @@ impl Run<'_> {
 
     fn done(&mut self, done: TaskDone) {
         // The worker that sent this takes the oldest run waiting in the
-        // replica, unless the replica is going down with the GPU.
+        // replica, unless the replica is going down (its GPU failed).
         self.ahead.retain(|seq| *seq != done.seq);
-        if !matches!(done.outcome, Outcome::DeviceLost(_))
+        if !done.exits
             && let Some(next) = self.ahead.pop_front()
             && let Some(lease) = self.inflight.get(&next)
         {
