@@ -42,6 +42,38 @@ fn open() -> Result<Nvml, DiscoverError> {
     Err(DiscoverError::NoNvml(errors.join("; ")))
 }
 
+/// What a GPU is doing now, as NVML last sampled it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GpuUsage {
+    /// Percent of the last sample period a kernel ran.
+    pub utilization_percent: Option<u32>,
+    /// Device memory in use by every process on the GPU.
+    pub memory_used_bytes: Option<u64>,
+}
+
+/// An open NVML session for sampling GPUs while the node runs (at each
+/// metrics scrape), so the library is loaded once.
+pub struct Monitor {
+    nvml: Nvml,
+}
+
+impl Monitor {
+    pub fn open() -> Result<Self, DiscoverError> {
+        Ok(Self { nvml: open()? })
+    }
+
+    /// GPU `index`'s usage now; what NVML cannot tell is `None`.
+    pub fn usage(&self, index: u32) -> GpuUsage {
+        let Ok(device) = self.nvml.device_by_index(index) else {
+            return GpuUsage::default();
+        };
+        GpuUsage {
+            utilization_percent: device.utilization_rates().ok().map(|u| u.gpu),
+            memory_used_bytes: device.memory_info().ok().map(|m| m.used),
+        }
+    }
+}
+
 /// Every GPU NVML reports; an empty list on a driver with no GPUs.
 pub fn list() -> Result<Vec<GpuDevice>, DiscoverError> {
     let nvml = open()?;
@@ -76,6 +108,22 @@ mod tests {
                 assert!(e.to_string().contains("NVML is not available"), "{e}");
                 eprintln!("no NVML here: {e}");
             }
+        }
+    }
+
+    #[test]
+    fn a_monitor_samples_each_gpu_or_says_why_not() {
+        match (super::Monitor::open(), super::list()) {
+            (Ok(monitor), Ok(gpus)) => {
+                for gpu in &gpus {
+                    let usage = monitor.usage(gpu.index);
+                    assert!(usage.memory_used_bytes.is_some_and(|used| used <= gpu.memory_bytes), "{usage:?}");
+                    assert!(usage.utilization_percent.is_none_or(|percent| percent <= 100), "{usage:?}");
+                }
+                assert_eq!(monitor.usage(u32::MAX), super::GpuUsage::default(), "no such GPU");
+            }
+            (Err(e), _) => assert!(e.to_string().contains("NVML is not available"), "{e}"),
+            (Ok(_), Err(e)) => panic!("NVML opened but listing failed: {e}"),
         }
     }
 }

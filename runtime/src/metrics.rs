@@ -1,6 +1,7 @@
 //! `GET /metrics`: Prometheus (OpenMetrics text) for every app: queue depth,
 //! running tasks, task duration, replicas by state, workers, scale events,
-//! GPUs held and GPU memory used.
+//! GPUs held and GPU memory used; per GPU of the node, whether a replica
+//! holds it, its memory, and (CUDA, through NVML) its utilization.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -35,6 +36,12 @@ struct AppDirection {
     direction: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Device {
+    gpu: String,
+    name: String,
+}
+
 type Durations = Family<App, Histogram, fn() -> Histogram>;
 
 pub(crate) struct Metrics {
@@ -48,6 +55,10 @@ pub(crate) struct Metrics {
     scale_events: Family<AppDirection, Counter>,
     gpus: Family<App, Gauge>,
     gpu_memory: Family<App, Gauge>,
+    device_held: Family<Device, Gauge>,
+    device_memory: Family<Device, Gauge>,
+    device_memory_used: Family<Device, Gauge>,
+    device_utilization: Family<Device, Gauge>,
 }
 
 /// One app's live numbers, read at scrape time.
@@ -60,6 +71,17 @@ pub(crate) struct AppGauges {
     /// GPUs its replicas hold, and the GPU memory their workers hold.
     pub gpus: u64,
     pub gpu_memory: u64,
+}
+
+/// One GPU of the node, read at scrape time.
+pub(crate) struct DeviceGauges {
+    pub index: u32,
+    pub name: String,
+    /// A replica holds it.
+    pub held: bool,
+    pub memory_bytes: u64,
+    /// What NVML sampled; all `None` on the CPU backend.
+    pub usage: beamlet_gpu::discover::GpuUsage,
 }
 
 fn task_histogram() -> Histogram {
@@ -81,6 +103,10 @@ impl Metrics {
             scale_events: Family::default(),
             gpus: Family::default(),
             gpu_memory: Family::default(),
+            device_held: Family::default(),
+            device_memory: Family::default(),
+            device_memory_used: Family::default(),
+            device_utilization: Family::default(),
         };
         registry.register("queue_depth", "Tasks queued (pending or awaiting a retry)", metrics.queued.clone());
         registry.register("running_tasks", "Tasks running on a worker", metrics.running.clone());
@@ -98,6 +124,18 @@ impl Metrics {
             "gpu_memory_used_bytes",
             "GPU memory held by the app's workers (as of their last tasks)",
             metrics.gpu_memory.clone(),
+        );
+        registry.register("gpu_held", "Whether a replica holds this GPU of the node", metrics.device_held.clone());
+        registry.register("gpu_memory_bytes", "Memory of this GPU of the node", metrics.device_memory.clone());
+        registry.register(
+            "gpu_memory_in_use_bytes",
+            "Memory in use on this GPU by every process, as NVML reports it (CUDA only)",
+            metrics.device_memory_used.clone(),
+        );
+        registry.register(
+            "gpu_utilization_percent",
+            "Percent of NVML's last sample period a kernel ran on this GPU (CUDA only)",
+            metrics.device_utilization.clone(),
         );
         *metrics.registry.lock().unwrap() = registry;
         metrics
@@ -117,13 +155,25 @@ impl Metrics {
         }
     }
 
-    /// The text exposition, with gauges set from `apps` (name, numbers).
-    pub(crate) fn render(&self, apps: &[(String, AppGauges)]) -> String {
+    /// The text exposition, with gauges set from `apps` (name, numbers) and
+    /// the node's GPUs.
+    pub(crate) fn render(&self, apps: &[(String, AppGauges)], devices: &[DeviceGauges]) -> String {
         let registry = self.registry.lock().unwrap();
         for family in [&self.queued, &self.running, &self.workers, &self.gpus, &self.gpu_memory] {
             family.clear();
         }
         self.replicas.clear();
+        for device in devices {
+            let labels = Device { gpu: device.index.to_string(), name: device.name.clone() };
+            self.device_held.get_or_create(&labels).set(i64::from(device.held));
+            self.device_memory.get_or_create(&labels).set(device.memory_bytes as i64);
+            if let Some(used) = device.usage.memory_used_bytes {
+                self.device_memory_used.get_or_create(&labels).set(used as i64);
+            }
+            if let Some(percent) = device.usage.utilization_percent {
+                self.device_utilization.get_or_create(&labels).set(i64::from(percent));
+            }
+        }
         for (name, gauges) in apps {
             let app = App { app: name.clone() };
             self.queued.get_or_create(&app).set(gauges.queued as i64);
@@ -158,7 +208,17 @@ mod tests {
             gpus: 1,
             gpu_memory: 4096,
         };
-        let text = metrics.render(&[("hello".into(), gauges)]);
+        let device = |index: u32, held: bool, usage| DeviceGauges {
+            index,
+            name: format!("gpu-{index}"),
+            held,
+            memory_bytes: 80 << 30,
+            usage,
+        };
+        let sampled =
+            beamlet_gpu::discover::GpuUsage { utilization_percent: Some(87), memory_used_bytes: Some(1 << 30) };
+        let devices = [device(0, true, sampled), device(1, false, Default::default())];
+        let text = metrics.render(&[("hello".into(), gauges)], &devices);
         for expected in [
             r#"beamlet_queue_depth{app="hello"} 4"#,
             r#"beamlet_running_tasks{app="hello"} 1"#,
@@ -167,10 +227,16 @@ mod tests {
             r#"beamlet_task_runs_total{app="hello",outcome="complete"} 1"#,
             r#"beamlet_scale_events_total{app="hello",direction="up"} 2"#,
             r#"beamlet_gpu_memory_used_bytes{app="hello"} 4096"#,
+            r#"beamlet_gpu_held{gpu="0",name="gpu-0"} 1"#,
+            r#"beamlet_gpu_held{gpu="1",name="gpu-1"} 0"#,
+            r#"beamlet_gpu_memory_bytes{gpu="1",name="gpu-1"} 85899345920"#,
+            r#"beamlet_gpu_utilization_percent{gpu="0",name="gpu-0"} 87"#,
+            r#"beamlet_gpu_memory_in_use_bytes{gpu="0",name="gpu-0"} 1073741824"#,
         ] {
             assert!(text.contains(expected), "missing {expected} in:\n{text}");
         }
-        let text = metrics.render(&[]);
+        assert!(!text.contains(r#"beamlet_gpu_utilization_percent{gpu="1""#), "not sampled, not shown:\n{text}");
+        let text = metrics.render(&[], &[]);
         assert!(!text.contains(r#"beamlet_queue_depth{app="hello"}"#), "removed apps drop out of the gauges");
     }
 }

@@ -48,6 +48,9 @@ fn a_guest_gets_the_gpu_through_checked_handles_and_a_quota() {
     let metrics = server.http.get(server.url("/metrics")).send().unwrap().text().unwrap();
     assert!(metrics.contains(r#"beamlet_gpu_memory_used_bytes{app="gpu"} 50331648"#), "{metrics}");
     assert!(metrics.contains(r#"beamlet_gpus{app="gpu"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"beamlet_gpu_held{gpu="0",name="cpu-backend-0"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"beamlet_gpu_memory_bytes{gpu="0",name="cpu-backend-0"} 1073741824"#), "{metrics}");
+    assert!(!metrics.contains("beamlet_gpu_utilization_percent{"), "NVML does not sample CPU-backed GPUs: {metrics}");
     assert_eq!(error_of(&call(&server, "gpu", r#"{"mode":"alloc","bytes":33554432}"#)), "QuotaExceeded");
     // ...and a trap frees what the instance held: the next instance starts at zero.
     let (status, body) = server.invoke_json("gpu", r#"{"mode":"hold-then-trap","bytes":8388608}"#);

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, read_body};
-use crate::metrics::AppGauges;
+use crate::metrics::{AppGauges, DeviceGauges};
 use crate::node::Node;
 use crate::registry::App;
 
@@ -204,5 +204,18 @@ pub(crate) async fn metrics(State(node): State<Arc<Node>>) -> impl axum::respons
             (name, gauges)
         })
         .collect();
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], node.metrics.render(&apps))
+    let devices: Vec<DeviceGauges> = node
+        .supervisor
+        .gpus_held()
+        .into_iter()
+        .map(|(gpu, held)| DeviceGauges {
+            index: gpu.index,
+            usage: node.gpu_monitor.as_ref().map(|monitor| monitor.usage(gpu.index)).unwrap_or_default(),
+            name: gpu.name,
+            held,
+            memory_bytes: gpu.memory_bytes,
+        })
+        .collect();
+    let text = node.metrics.render(&apps, &devices);
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
 }

@@ -16,6 +16,7 @@ use tokio::io::AsyncWriteExt;
 pub(crate) use self::gpus::{GpuBackendChoice, discover as discover_gpus};
 pub(crate) use self::logs::AppLogs;
 use crate::bodies::Bodies;
+use crate::ipc::GpuBackendKind;
 use crate::metrics::Metrics;
 use crate::queue::{Dispatch, EmbeddedQueue, now_ms};
 use crate::registry::Registry;
@@ -47,6 +48,8 @@ pub(crate) struct Node {
     pub bodies: Arc<Bodies>,
     /// The GPUs this node offers.
     pub gpus: Gpus,
+    /// Samples the CUDA GPUs' usage for `/metrics`; `None` on the CPU backend.
+    pub gpu_monitor: Option<beamlet_gpu::discover::Monitor>,
     pub limits: Limits,
 }
 
@@ -68,7 +71,15 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     let supervisor =
         Arc::new(Supervisor::new(exe, dispatch.clone(), logs.clone(), capacity, metrics.clone(), bodies.clone()));
     let gpus = options.gpus;
-    let node = Arc::new(Node { registry, dispatch, supervisor, logs, metrics, bodies, gpus, limits: options.limits });
+    let gpu_monitor = (gpus.backend == Some(GpuBackendKind::Cuda))
+        .then(|| {
+            beamlet_gpu::discover::Monitor::open()
+                .inspect_err(|e| tracing::warn!("GPU usage will not be in /metrics: {e}"))
+                .ok()
+        })
+        .flatten();
+    let limits = options.limits;
+    let node = Arc::new(Node { registry, dispatch, supervisor, logs, metrics, bodies, gpus, gpu_monitor, limits });
     callbacks::spawn(node.clone(), ended);
     tokio::spawn(crate::autoscaler::run(node.supervisor.clone(), node.dispatch.clone(), node.metrics.clone()));
     for app in node.registry.list() {

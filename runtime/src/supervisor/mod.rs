@@ -133,6 +133,11 @@ impl Supervisor {
         })
     }
 
+    /// Each of the node's GPUs, and whether a replica holds it.
+    pub(crate) fn gpus_held(&self) -> Vec<(NodeGpu, bool)> {
+        self.capacity.gpus_held()
+    }
+
     /// Drains and stops every replica of `name`.
     pub(crate) fn remove(&self, name: &str) {
         if let Some(replicas) = self.apps.lock().unwrap().remove(name) {

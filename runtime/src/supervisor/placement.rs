@@ -139,6 +139,12 @@ impl Capacity {
         })
     }
 
+    /// Each of the node's GPUs, and whether a replica holds it.
+    pub(crate) fn gpus_held(&self) -> Vec<(NodeGpu, bool)> {
+        let used = self.used.lock().unwrap();
+        self.gpus.devices.iter().cloned().zip(used.gpus.iter().copied()).collect()
+    }
+
     pub(crate) fn release(&self, demand: Demand, gpu: Option<&GpuSpec>) {
         {
             let mut used = self.used.lock().unwrap();
