@@ -178,12 +178,26 @@ pub(crate) struct TaskDone {
     /// The replica exits after this report (its GPU failed or is stuck): no
     /// worker takes another run.
     pub exits: bool,
+    /// The worker builds a new instance (after a trap or a timeout, or for
+    /// each task) before it takes another run, and says so with
+    /// [`FromReplica::WorkerStarted`]; the replica exits if that fails.
+    pub restarts: bool,
 }
 
 impl TaskDone {
     /// A run that ended without running the guest, so with no output or logs.
     pub(crate) fn empty(seq: u64, worker: u32, outcome: Outcome) -> Self {
-        Self { seq, worker, outcome, stdout: Vec::new(), stderr: Vec::new(), run_us: 0, gpu_bytes: 0, exits: false }
+        Self {
+            seq,
+            worker,
+            outcome,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            run_us: 0,
+            gpu_bytes: 0,
+            exits: false,
+            restarts: false,
+        }
     }
 }
 

@@ -312,6 +312,30 @@ fn a_killed_replica_is_replaced_and_its_task_retried() {
 }
 
 #[test]
+fn a_task_waiting_for_a_worker_to_rebuild_its_instance_spends_no_attempt_when_the_replica_dies() {
+    let server = Server::start("rebuild", &[]);
+    let config = "[runtime]\nworkers = 1\ntimeout = \"30s\"\n[task_queue]\nretries = 0\n";
+    server.deploy_guest("slow", "guest-slowstart", Some(config));
+    let status = server.wait_status("slow", "a ready replica", LONG, |s| ready_pids(s).len() == 1);
+    let pid = ready_pids(&status)[0];
+    // The trap ends the instance; the only worker spends 3 s in the next `init`.
+    let (status, body) = server.invoke_json("slow", r#"{"trap": true}"#);
+    assert_eq!((status, error_code(&body)), (500, "GUEST_TRAP"), "{body}");
+    let response = server.http.post(server.url("/v1/apps/slow/tasks")).body("{}").send().unwrap();
+    let waiting = response.json::<Value>().unwrap()["task_id"].as_str().unwrap().to_owned();
+    let sent = |id: &str| (server.get(&format!("/v1/tasks/{id}"))["status"] == "RUNNING").then_some(());
+    wait_for("the task to be sent to the replica", LONG, || sent(&waiting));
+    kill9(pid);
+
+    let record = server.get(&format!("/v1/tasks/{waiting}?wait=60s"));
+    assert_eq!(
+        record["status"], "COMPLETE",
+        "it never started on the lost replica, so it was not its last try: {record}"
+    );
+    assert_eq!(record["attempts"], 1, "{record}");
+}
+
+#[test]
 fn apps_survive_a_node_restart_and_replicas_die_with_their_node() {
     let server = Server::start("restart", &[]);
     server.deploy_guest("hello", "hello", None);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use reqwest::blocking::{Client, Response, multipart};
 use serde_json::Value;
 
-pub const GUESTS: [&str; 10] = [
+pub const GUESTS: [&str; 11] = [
     "hello",
     "sleep",
     "guest-trap",
@@ -18,6 +18,7 @@ pub const GUESTS: [&str; 10] = [
     "guest-hog",
     "guest-command",
     "guest-badinit",
+    "guest-slowstart",
     "guest-http",
     "guest-gpu",
     "gpu-mlp",

@@ -205,6 +205,7 @@ impl Worker {
                 None
             };
             done.exits = exit.is_some();
+            done.restarts = !done.exits && self.live.is_none();
             self.replies.send(&FromReplica::Done(done));
             if let Some(reason) = exit {
                 tracing::error!(app = %self.spec.app, replica = %self.spec.replica, "{reason}; exiting");

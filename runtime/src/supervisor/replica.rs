@@ -198,8 +198,15 @@ async fn run_placed(plan: &Plan, spec: &ReplicaSpec, info: &Arc<Mutex<ReplicaInf
     let mut failed_starts = 0;
     while !*stop.borrow() {
         let started = Instant::now();
-        let mut run =
-            Run { plan, spec, info, inflight: HashMap::new(), ahead: VecDeque::new(), streams: HashMap::new() };
+        let mut run = Run {
+            plan,
+            spec,
+            info,
+            inflight: HashMap::new(),
+            ahead: VecDeque::new(),
+            restarting: 0,
+            streams: HashMap::new(),
+        };
         let result = run.once(stop).await;
         run.requeue_inflight(result.as_ref().err());
         let Err(error) = result else { break };
@@ -246,6 +253,9 @@ struct Run<'a> {
     /// Runs sent while every worker was busy, oldest first: the replica takes
     /// runs in order, so each starts when a worker reports one done.
     ahead: VecDeque<u64>,
+    /// Workers building a new instance before their next run: busy until
+    /// they report it started.
+    restarting: usize,
     /// Runs whose HTTP bodies stream; their failures are final.
     streams: HashMap<u64, Streams>,
 }
@@ -341,7 +351,7 @@ impl Run<'_> {
                         self.done(done);
                         self.set_busy();
                     }
-                    Some(started @ FromReplica::WorkerStarted { .. }) => self.worker_started(started),
+                    Some(started @ FromReplica::WorkerStarted { .. }) => self.worker_restarted(started),
                     Some(FromReplica::WantBody { seq, parts }) => {
                         if let Some(wants) = self.streams.get(&seq).and_then(|s| s.wants.as_ref()) {
                             let _ = wants.send(parts);
@@ -398,19 +408,36 @@ impl Run<'_> {
         tracing::info!(app = %spec.app, replica = %spec.replica, worker, instantiate_us, init_us, "worker started");
     }
 
+    /// A worker built a new instance after its last run and takes the
+    /// oldest run waiting in the replica, if any.
+    fn worker_restarted(&mut self, frame: FromReplica) {
+        self.worker_started(frame);
+        self.restarting = self.restarting.saturating_sub(1);
+        self.start_next();
+    }
+
     fn all_busy(&self) -> bool {
-        self.inflight.len() >= self.spec.workers as usize
+        self.inflight.len() + self.restarting >= self.spec.workers as usize
+    }
+
+    /// The oldest run waiting in the replica has started on a worker.
+    fn start_next(&mut self) {
+        if let Some(next) = self.ahead.pop_front()
+            && let Some(lease) = self.inflight.get(&next)
+        {
+            self.plan.dispatch.started(&lease.id);
+        }
     }
 
     fn done(&mut self, done: TaskDone) {
         // The worker that sent this takes the oldest run waiting in the
-        // replica, unless the replica is going down (its GPU failed).
+        // replica: now, or once it has a new instance. Not if the replica is
+        // going down (its GPU failed), nor if that new instance fails to start.
         self.ahead.retain(|seq| *seq != done.seq);
-        if !done.exits
-            && let Some(next) = self.ahead.pop_front()
-            && let Some(lease) = self.inflight.get(&next)
-        {
-            self.plan.dispatch.started(&lease.id);
+        if done.restarts {
+            self.restarting += 1;
+        } else if !done.exits {
+            self.start_next();
         }
         let Some(lease) = self.inflight.remove(&done.seq) else {
             tracing::warn!(replica = %self.plan.spec.replica, seq = done.seq, "done for an unknown run");
