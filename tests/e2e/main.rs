@@ -336,6 +336,25 @@ fn a_task_waiting_for_a_worker_to_rebuild_its_instance_spends_no_attempt_when_th
 }
 
 #[test]
+fn replicas_start_from_the_running_binary_even_after_its_file_is_replaced() {
+    let data_dir = temp_dir("upgrade");
+    let exe = data_dir.join("beamlet");
+    let built = std::path::Path::new(env!("CARGO_BIN_EXE_beamlet"));
+    std::fs::hard_link(built, &exe).or_else(|_| std::fs::copy(built, &exe).map(drop)).unwrap();
+    let server = Server::start_from(&exe, data_dir.clone(), &[]);
+    // An upgrade in place: a new file under the same name (here one that
+    // could never be a replica).
+    let replacement = data_dir.join("beamlet.new");
+    std::fs::write(&replacement, "#!/bin/sh\nexit 7\n").unwrap();
+    std::fs::set_permissions(&replacement, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&replacement, &exe).unwrap();
+
+    server.deploy_guest("hello", "hello", None);
+    let (status, body) = server.invoke_json("hello", r#"{"name":"Ada"}"#);
+    assert_eq!((status, &body["message"]), (200, &Value::from("Hello, Ada!")), "{body}");
+}
+
+#[test]
 fn apps_survive_a_node_restart_and_replicas_die_with_their_node() {
     let server = Server::start("restart", &[]);
     server.deploy_guest("hello", "hello", None);

@@ -108,9 +108,14 @@ impl Server {
     /// Starts a node; unless `extra` sets `--cpus`, it offers 64 cores so that
     /// tests running many apps at once are not held back by placement.
     pub fn start_in(data_dir: PathBuf, extra: &[&str]) -> Self {
+        Self::start_from(Path::new(env!("CARGO_BIN_EXE_beamlet")), data_dir, extra)
+    }
+
+    /// [`Server::start_in`] with the `beamlet` binary at `exe`.
+    pub fn start_from(exe: &Path, data_dir: PathBuf, extra: &[&str]) -> Self {
         let cpus: &[&str] = if extra.contains(&"--cpus") { &[] } else { &["--cpus", "64"] };
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path(&data_dir)).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_beamlet"))
+        let mut child = Command::new(exe)
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(&data_dir)
             .args(cpus)

@@ -53,6 +53,17 @@ pub(crate) struct Node {
     pub limits: Limits,
 }
 
+/// What replicas are started from: this very binary, even after its file is
+/// replaced (an upgrade in place while the node runs), so a node and its
+/// replicas always speak the same frames.
+fn replica_executable() -> Result<PathBuf> {
+    let this = PathBuf::from("/proc/self/exe");
+    if this.exists() {
+        return Ok(this);
+    }
+    std::env::current_exe().context("failed to find the beamlet executable")
+}
+
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
@@ -64,7 +75,7 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     let (dispatch, ended) = Dispatch::new(Arc::new(queue));
     let dispatch = Arc::new(dispatch);
     let logs = Arc::new(AppLogs::default());
-    let exe = std::env::current_exe().context("failed to find the beamlet executable")?;
+    let exe = replica_executable()?;
     let capacity = Arc::new(Capacity::new(options.capacity, options.gpus.clone()));
     let metrics = Arc::new(Metrics::new());
     let bodies = Arc::new(Bodies::default());

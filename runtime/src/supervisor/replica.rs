@@ -610,6 +610,8 @@ pub(crate) fn start_process(
     let child_fd = child_end.as_raw_fd();
     let mut command = tokio::process::Command::new(exe);
     command.arg("replica").arg("--fd").arg(CHILD_FD.to_string()).stdin(Stdio::null()).kill_on_drop(true);
+    // `ps` shows the binary's name, not the path it is started from.
+    command.arg0(std::env::current_exe().unwrap_or_else(|_| "beamlet".into()));
     if let Some(gpu) = gpu.filter(|gpu| gpu.backend == GpuBackendKind::Cuda) {
         command.env("CUDA_VISIBLE_DEVICES", gpu.index.to_string()).env("CUDA_DEVICE_ORDER", "PCI_BUS_ID");
     }
