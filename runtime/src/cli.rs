@@ -63,6 +63,10 @@ enum Command {
         /// Memory replicas may reserve on this node, e.g. 16Gi [default: this machine's].
         #[arg(long, value_parser = parse_size)]
         memory: Option<u64>,
+        /// On Ctrl-C or SIGTERM, how long replicas may finish the tasks they
+        /// hold before the node exits (a second signal exits at once).
+        #[arg(long, default_value = "30s", value_parser = crate::config::parse_duration)]
+        shutdown_grace: std::time::Duration,
     },
     /// Upload a component as a new version of an app.
     Deploy {
@@ -277,6 +281,7 @@ async fn run(command: Command) -> Result<()> {
             cpus,
             memory,
             threads: _,
+            shutdown_grace,
         } => {
             let gpus = crate::node::discover_gpus(gpu_backend, gpus, cpu_gpu_memory)?;
             let machine = crate::supervisor::Capacity::of_this_machine();
@@ -288,7 +293,7 @@ async fn run(command: Command) -> Result<()> {
                 max_component: usize::try_from(max_component_size).context("--max-component-size is too large")?,
                 max_input: usize::try_from(max_input_size).context("--max-input-size is too large")?,
             };
-            crate::node::serve(ServeOptions { listen, data_dir, limits, capacity, gpus }).await
+            crate::node::serve(ServeOptions { listen, data_dir, limits, capacity, gpus, shutdown_grace }).await
         }
         Command::Deploy { wasm, name, config, server } => {
             Client::new(&server.server)?.deploy(&wasm, &name, config.as_deref()).await

@@ -140,6 +140,38 @@ fn request_and_response_bodies_stream_both_ways() {
     assert_eq!(server.http.get(server.url("/http/slow/hello")).send().unwrap().text().unwrap(), "Hello, world!\n");
 }
 
+#[test]
+fn a_redeploy_lets_a_streaming_request_finish_on_the_old_version() {
+    let server = Server::start("drain-stream", &[]);
+    let config = "[runtime]\nworkers = 1\n[task_queue]\nretries = 0\n";
+    server.deploy_guest("pipe", "guest-http", Some(config));
+    let mut socket = connect(&server);
+    socket
+        .write_all(
+            b"POST /http/pipe/pipe HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n",
+        )
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut echo = |socket: &mut std::net::TcpStream, line: &str| {
+        socket.write_all(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes()).unwrap();
+        while !String::from_utf8_lossy(&seen).contains(line) {
+            let mut buf = [0u8; 4096];
+            let n = socket.read(&mut buf).unwrap();
+            assert!(n > 0, "the connection closed before {line:?} came back: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+    };
+    echo(&mut socket, "before the redeploy\n");
+    // The replica serving the request now drains: the rest of the body must
+    // still reach it.
+    server.deploy_guest("pipe", "guest-http", Some(config));
+    echo(&mut socket, "after the redeploy\n");
+    socket.write_all(b"0\r\n\r\n").unwrap();
+    socket.read_to_end(&mut seen).unwrap();
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("0\r\n\r\n"), "the body ended whole: {text}");
+}
+
 fn connect(server: &Server) -> std::net::TcpStream {
     let socket = std::net::TcpStream::connect(server.url("").trim_start_matches("http://")).unwrap();
     // Not a timing check: a hung exchange fails the test instead of hanging it.

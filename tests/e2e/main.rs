@@ -355,6 +355,39 @@ fn replicas_start_from_the_running_binary_even_after_its_file_is_replaced() {
 }
 
 #[test]
+fn a_task_cancelled_on_a_draining_replica_stops_at_once() {
+    let server = Server::start("drain-cancel", &[]);
+    let config = "[runtime]\nworkers = 1\ntimeout = \"600s\"\n[task_queue]\nretries = 0\n";
+    server.deploy_guest("spin", "guest-spin", Some(config));
+    let id = submit(&server, "spin", "{}");
+    let running = || (server.get(&format!("/v1/tasks/{id}"))["status"] == "RUNNING").then_some(());
+    wait_for("the task to run", LONG, running);
+    let old = ready_pids(&server.status("spin"))[0];
+    // A new version: the old replica drains, finishing what it runs...
+    server.deploy_guest("spin", "guest-spin", Some(config));
+    // ...unless that is cancelled.
+    let response = server.http.delete(server.url(&format!("/v1/tasks/{id}"))).send().unwrap();
+    assert_eq!(response.status(), 200);
+    wait_for("the draining replica to stop the cancelled task and exit", LONG, || (!alive(old)).then_some(()));
+}
+
+#[test]
+fn a_node_stopped_by_sigterm_lets_its_replicas_finish_their_tasks() {
+    let server = Server::start("shutdown", &[]);
+    server.deploy_guest("sleep", "sleep", Some("[task_queue]\nretries = 0\n"));
+    let id = submit(&server, "sleep", r#"{"ms": 1500}"#);
+    let running = || (server.get(&format!("/v1/tasks/{id}"))["status"] == "RUNNING").then_some(());
+    wait_for("the task to run", LONG, running);
+    let data_dir = server.terminate();
+
+    let server = Server::start_in(data_dir, &[]);
+    let record = server.get(&format!("/v1/tasks/{id}"));
+    assert_eq!(record["status"], "COMPLETE", "it finished before the node exited: {record}");
+    assert_eq!(record["attempts"], 1, "{record}");
+    assert_eq!(result(&server, &id)["slept_ms"].as_u64().map(|ms| ms >= 1500), Some(true));
+}
+
+#[test]
 fn apps_survive_a_node_restart_and_replicas_die_with_their_node() {
     let server = Server::start("restart", &[]);
     server.deploy_guest("hello", "hello", None);

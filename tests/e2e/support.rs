@@ -150,6 +150,16 @@ impl Server {
         self.data_dir.clone()
     }
 
+    /// Stops the node with SIGTERM, as an operator would, and waits for it
+    /// to exit; panics unless it exits cleanly.
+    pub fn terminate(mut self) -> PathBuf {
+        // SAFETY: sending a signal has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) }, 0);
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "serve exited with {status} after SIGTERM:\n{}", self.log());
+        self.data_dir.clone()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

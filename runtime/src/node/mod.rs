@@ -36,6 +36,8 @@ pub(crate) struct ServeOptions {
     /// Cores and memory replicas may reserve on this node.
     pub capacity: Demand,
     pub gpus: Gpus,
+    /// How long replicas may finish their tasks after Ctrl-C or SIGTERM.
+    pub shutdown_grace: Duration,
 }
 
 pub(crate) struct Node {
@@ -117,23 +119,59 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
         data_dir = ?options.data_dir, cpus = options.capacity.cpu, memory = %crate::config::format_size(options.capacity.memory),
         "beamlet node serving on http://{addr}"
     );
-    let (stopping, mut stopped) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, crate::gateway::router(node)).with_graceful_shutdown(async move {
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         shutdown_signal().await;
+        tracing::info!(
+            "shutting down: replicas finish the tasks they hold (up to {:?}; again to stop now)",
+            options.shutdown_grace
+        );
         let _ = stopping.send(true);
+        shutdown_signal().await;
+        tracing::warn!("stopping now; tasks still running run again on the next start");
+        std::process::exit(130);
     });
+    let mut signalled = stopped.clone();
+    let server = axum::serve(listener, crate::gateway::router(node.clone()))
+        .with_graceful_shutdown(async move {
+            let _ = signalled.wait_for(|stopped| *stopped).await;
+        })
+        .into_future();
+    let mut server = tokio::spawn(server);
+    let mut signalled = stopped;
     tokio::select! {
-        result = server => result.context("the HTTP server failed"),
-        // Requests still waiting on tasks get a grace period, not forever.
-        _ = async { let _ = stopped.wait_for(|stopped| *stopped).await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
-            tracing::warn!("requests still open {SHUTDOWN_GRACE:?} after the shutdown signal; exiting anyway");
-            Ok(())
-        }
+        result = &mut server => return result.context("the HTTP server stopped")?.context("the HTTP server failed"),
+        _ = signalled.wait_for(|stopped| *stopped) => {}
     }
+    drain(&node, options.shutdown_grace).await;
+    // Calls whose tasks just ended still get their answers written; calls
+    // still waiting (their tasks never started) lose their connections.
+    if tokio::time::timeout(ANSWER_GRACE, &mut server).await.is_err() {
+        tracing::warn!("requests still open after the replicas stopped; closing them");
+    }
+    Ok(())
 }
 
-/// How long open requests may finish after Ctrl-C or SIGTERM.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long answers may take to be written once the replicas have stopped.
+const ANSWER_GRACE: Duration = Duration::from_secs(1);
+
+/// Stops every replica, each finishing the tasks it holds, for at most
+/// `grace`; then makes sure every change to the task store is on disk.
+/// Tasks still running when the grace runs out run again on the next start.
+async fn drain(node: &Node, grace: Duration) {
+    node.supervisor.stop_all();
+    let deadline = tokio::time::Instant::now() + grace;
+    while !node.supervisor.all_stopped() {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!("replicas still running tasks {grace:?} after the shutdown signal; stopping them");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if node.dispatch.sync().await.is_err() {
+        tracing::error!("the task store could not save its last changes");
+    }
+}
 
 async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -141,5 +179,4 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = async { match term.as_mut() { Some(term) => { term.recv().await; } None => std::future::pending().await } } => {}
     }
-    tracing::info!("shutting down");
 }

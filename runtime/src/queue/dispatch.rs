@@ -209,6 +209,11 @@ impl Dispatch {
         }
     }
 
+    /// Resolves once every change so far is in the task store.
+    pub(crate) fn sync(&self) -> oneshot::Receiver<()> {
+        self.queue.sync()
+    }
+
     /// The task's callback was delivered, or given up on.
     pub(crate) fn callback_settled(&self, id: &str) {
         self.queue.callback_settled(id);

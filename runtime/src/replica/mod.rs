@@ -118,18 +118,35 @@ fn serve(mut input: BufReader<UnixStream>, workers: Vec<Worker>, flows: &Flows) 
                 .context("failed to spawn a worker thread")
         })
         .collect::<Result<_>>()?;
+    // Frames keep coming while the replica drains: cancels and body parts
+    // for the runs it still holds.
+    let mut tasks = Some(tasks);
+    let mut threads = Some(threads);
     loop {
         match ipc::read_blocking::<ToReplica>(&mut input) {
-            Ok(Some(ToReplica::Run(task))) => {
-                tasks.send(task).expect("workers outlive the reader");
-            }
+            Ok(Some(ToReplica::Run(task))) => match &tasks {
+                Some(tasks) => tasks.send(task).expect("workers outlive the reader"),
+                None => bail!("the node sent a run after asking the replica to drain"),
+            },
             Ok(Some(ToReplica::Cancel { seq })) => {
                 cancels.cancel(seq);
                 flows.abort(seq);
             }
             Ok(Some(ToReplica::Body { seq, part })) => flows.request_part(seq, part),
             Ok(Some(ToReplica::Credit { seq })) => flows.credit(seq),
-            Ok(Some(ToReplica::Drain)) => break,
+            Ok(Some(ToReplica::Drain)) => {
+                // Workers finish the runs already sent, then return; the
+                // replica exits once they all have.
+                tasks = None;
+                if let Some(threads) = threads.take() {
+                    std::thread::spawn(move || {
+                        for thread in threads {
+                            let _ = thread.join();
+                        }
+                        std::process::exit(0);
+                    });
+                }
+            }
             Ok(Some(ToReplica::Start(_))) => bail!("the node sent a second start frame"),
             Ok(None) | Err(_) => {
                 // The node died or the socket broke: stop now, whatever runs.
@@ -137,9 +154,4 @@ fn serve(mut input: BufReader<UnixStream>, workers: Vec<Worker>, flows: &Flows) 
             }
         }
     }
-    drop(tasks);
-    for thread in threads {
-        let _ = thread.join();
-    }
-    Ok(())
 }

@@ -7,7 +7,7 @@ mod replica;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,6 +54,8 @@ pub(crate) struct Supervisor {
     bodies: Arc<crate::bodies::Bodies>,
     next_replica: AtomicU64,
     apps: Mutex<HashMap<String, AppReplicas>>,
+    /// The node is shutting down: no replica starts.
+    closed: AtomicBool,
 }
 
 struct AppReplicas {
@@ -74,7 +76,17 @@ impl Supervisor {
         metrics: Arc<Metrics>,
         bodies: Arc<crate::bodies::Bodies>,
     ) -> Self {
-        Self { exe, dispatch, logs, capacity, metrics, bodies, next_replica: AtomicU64::new(0), apps: Mutex::default() }
+        Self {
+            exe,
+            dispatch,
+            logs,
+            capacity,
+            metrics,
+            bodies,
+            next_replica: AtomicU64::new(0),
+            apps: Mutex::default(),
+            closed: AtomicBool::new(false),
+        }
     }
 
     /// Makes `app`'s version the one that runs: starts its baseline replicas
@@ -83,7 +95,7 @@ impl Supervisor {
         let mut apps = self.apps.lock().unwrap();
         let name = app.version.name.clone();
         let times = apps.get(&name).map(|a| a.times.clone()).unwrap_or_default();
-        let baseline = app.config.autoscaler.baseline_replicas();
+        let baseline = if self.closed.load(Ordering::SeqCst) { 0 } else { app.config.autoscaler.baseline_replicas() };
         let current = (0..baseline).map(|_| self.start_replica(app, &times)).collect();
         let previous =
             apps.insert(name, AppReplicas { app: app.clone(), current, draining: Vec::new(), times, last: None });
@@ -96,6 +108,23 @@ impl Supervisor {
             replicas.draining.extend(previous.current);
             replicas.draining.retain(|handle| !handle.is_stopped());
         }
+    }
+
+    /// Node shutdown: every replica finishes the runs it was sent and exits;
+    /// none starts from now on.
+    pub(crate) fn stop_all(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        for replicas in self.apps.lock().unwrap().values() {
+            for handle in replicas.current.iter().chain(&replicas.draining) {
+                handle.stop();
+            }
+        }
+    }
+
+    /// Whether every replica has exited (after [`Supervisor::stop_all`]).
+    pub(crate) fn all_stopped(&self) -> bool {
+        let apps = self.apps.lock().unwrap();
+        apps.values().flat_map(|replicas| replicas.current.iter().chain(&replicas.draining)).all(|h| h.is_stopped())
     }
 
     fn start_replica(&self, app: &App, times: &Arc<TaskTimes>) -> ReplicaHandle {
@@ -198,7 +227,8 @@ impl Supervisor {
     pub(crate) fn apply(&self, name: &str, decision: Decision) {
         let mut apps = self.apps.lock().unwrap();
         let Some(replicas) = apps.get_mut(name) else { return };
-        for _ in 0..decision.start {
+        let starts = if self.closed.load(Ordering::SeqCst) { 0 } else { decision.start };
+        for _ in 0..starts {
             let handle = self.start_replica(&replicas.app, &replicas.times);
             replicas.current.push(handle);
         }
@@ -232,7 +262,7 @@ impl Supervisor {
         let mut apps = self.apps.lock().unwrap();
         let replicas = apps.get_mut(name)?;
         let live = replicas.current.iter().filter(|h| !h.is_stopped()).count();
-        if live as u32 >= replicas.app.config.autoscaler.max_replicas() {
+        if live as u32 >= replicas.app.config.autoscaler.max_replicas() || self.closed.load(Ordering::SeqCst) {
             return Some(false);
         }
         let handle = self.start_replica(&replicas.app, &replicas.times);
