@@ -124,6 +124,30 @@ fn cancel_expiry_backpressure_and_listing() {
 }
 
 #[test]
+fn deleting_an_app_cancels_its_running_tasks_too() {
+    let server = Server::start("delete-running", &[]);
+    let config = "[runtime]\nworkers = 1\ntimeout = \"3s\"\n[task_queue]\nretries = 2\n";
+    server.deploy_guest("doomed", "sleep", Some(config));
+    let running = submit_ok(&server, "doomed", r#"{"ms": 10000}"#);
+    let queued = submit_ok(&server, "doomed", r#"{"ms": 1}"#);
+    wait_status(&server, &running, "RUNNING");
+    let pid = ready_pids(&server.status("doomed"))[0];
+    assert_eq!(server.http.delete(server.url("/v1/apps/doomed")).send().unwrap().status(), 200);
+
+    for id in [&running, &queued] {
+        let record = task(&server, id);
+        assert_eq!(record["status"], "CANCELLED", "{record}");
+        assert_eq!(record["error"]["message"], "app \"doomed\" was removed", "{record}");
+    }
+    wait_for("the removed app's replica to stop its task and exit", LONG, || (!alive(pid)).then_some(()));
+    // A new app of the same name starts clean: the old tasks stay cancelled.
+    server.deploy_guest("doomed", "hello", None);
+    assert_eq!(server.invoke_json("doomed", r#"{"name": "new"}"#).0, 200);
+    assert_eq!(task(&server, &running)["status"], "CANCELLED");
+    assert_eq!(server.status("doomed")["queue"]["queued"], 0);
+}
+
+#[test]
 fn queued_and_running_tasks_survive_kill_9_of_serve() {
     let server = Server::start("durable", &[]);
     server.deploy_guest("sleep", "sleep", Some("[task_queue]\nretries = 3\n"));

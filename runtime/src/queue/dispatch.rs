@@ -162,8 +162,14 @@ impl Dispatch {
     }
 
     pub(crate) fn cancel(&self, id: &str) -> Result<TaskRecord, QueueError> {
+        self.cancel_because(id, "the task was cancelled")
+    }
+
+    /// Cancels a queued or running task (telling its replica to stop it),
+    /// `why` its error message.
+    fn cancel_because(&self, id: &str, why: &str) -> Result<TaskRecord, QueueError> {
         let route = self.routes.lock().unwrap().get(id).cloned();
-        let record = match self.queue.cancel(id, now_ms())? {
+        let record = match self.queue.cancel(id, why, now_ms())? {
             Cancelled::Queued(record) => record,
             Cancelled::Running(record) => {
                 if let Some(route) = route {
@@ -241,10 +247,14 @@ impl Dispatch {
         }
     }
 
-    /// Cancels the queued tasks of a removed app.
+    /// Cancels the queued and running tasks of a removed app: none of them
+    /// may linger, to be retried or run by a later app of the same name.
     pub(crate) fn remove_app(&self, app: &str) {
-        let error = TaskError { code: ErrorCode::Cancelled, message: format!("app {app:?} was removed") };
-        self.end_queued(app, TaskStatus::Cancelled, error);
+        let why = format!("app {app:?} was removed");
+        self.end_queued(app, TaskStatus::Cancelled, TaskError { code: ErrorCode::Cancelled, message: why.clone() });
+        for record in self.queue.list(app, Some(TaskStatus::Running), usize::MAX) {
+            let _ = self.cancel_because(&record.id, &why);
+        }
     }
 
     /// Fails the queued tasks of an app that cannot start, saying why.

@@ -333,13 +333,13 @@ impl Queue for EmbeddedQueue {
         Some(entry.record.clone())
     }
 
-    fn cancel(&self, id: &str, now: u64) -> Result<Cancelled, QueueError> {
+    fn cancel(&self, id: &str, why: &str, now: u64) -> Result<Cancelled, QueueError> {
         let mut inner = self.inner.lock().unwrap();
         let status = inner.tasks.get(id).ok_or_else(|| QueueError::UnknownTask(id.to_owned()))?.record.status;
         if status.is_terminal() {
             return Err(QueueError::AlreadyEnded { id: id.to_owned(), status });
         }
-        let error = TaskError { code: ErrorCode::Cancelled, message: "the task was cancelled".into() };
+        let error = TaskError { code: ErrorCode::Cancelled, message: why.to_owned() };
         let entry = inner.end(id, TaskStatus::Cancelled, Some(error), now).expect("checked above");
         self.update(entry);
         let record = entry.record.clone();
@@ -504,8 +504,8 @@ mod tests {
         let q = EmbeddedQueue::in_memory();
         let a = q.enqueue(task(0), 0).unwrap().id;
         let b = q.enqueue(task(0), 0).unwrap().id;
-        assert!(matches!(q.cancel(&b, 1), Ok(Cancelled::Queued(_))));
-        assert!(matches!(q.cancel(&b, 1), Err(QueueError::AlreadyEnded { .. })));
+        assert!(matches!(q.cancel(&b, "no", 1), Ok(Cancelled::Queued(_))));
+        assert!(matches!(q.cancel(&b, "no", 1), Err(QueueError::AlreadyEnded { .. })));
         let expired = q.sweep(10_000);
         assert_eq!(expired.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec![a.as_str()]);
         assert_eq!(q.get(&a).unwrap().status, TaskStatus::Expired);

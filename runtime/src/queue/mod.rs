@@ -236,7 +236,8 @@ pub(crate) trait Queue: Send + Sync + 'static {
     /// back to the queue as `Retry`. Unknown or already-ended tasks are `None`
     /// (a cancelled task whose worker reports late).
     fn finish(&self, id: &str, finish: Finish, now: u64) -> Option<TaskRecord>;
-    fn cancel(&self, id: &str, now: u64) -> Result<Cancelled, QueueError>;
+    /// Ends a queued or running task as cancelled, `why` its error message.
+    fn cancel(&self, id: &str, why: &str, now: u64) -> Result<Cancelled, QueueError>;
     fn get(&self, id: &str) -> Option<TaskRecord>;
     fn output(&self, id: &str) -> Option<Bytes>;
     /// Drops an ended task at once (a call whose caller has its answer).
