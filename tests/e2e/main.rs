@@ -372,6 +372,21 @@ fn a_task_cancelled_on_a_draining_replica_stops_at_once() {
 }
 
 #[test]
+fn a_second_node_on_the_same_data_dir_is_refused() {
+    let server = Server::start("two-nodes", &[]);
+    server.deploy_guest("hello", "hello", None);
+    let out = Command::new(env!("CARGO_BIN_EXE_beamlet"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&server.data_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is in use by another beamlet serve"), "{stderr}");
+    assert_eq!(server.invoke_json("hello", r#"{"name":"Ada"}"#).0, 200, "the first node serves on");
+}
+
+#[test]
 fn a_node_stopped_by_sigterm_lets_its_replicas_finish_their_tasks() {
     let server = Server::start("shutdown", &[]);
     server.deploy_guest("sleep", "sleep", Some("[task_queue]\nretries = 0\n"));

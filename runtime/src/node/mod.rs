@@ -66,11 +66,43 @@ fn replica_executable() -> Result<PathBuf> {
     std::env::current_exe().context("failed to find the beamlet executable")
 }
 
+/// Makes this node the only one using `data_dir` while the returned file is
+/// open: two nodes on one store would both run every task.
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    use std::os::fd::AsRawFd as _;
+
+    let path = data_dir.join("lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("failed to open {path:?}"))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let holder = holder.trim();
+        let holder = if holder.is_empty() { String::new() } else { format!(" (pid {holder})") };
+        anyhow::bail!(
+            "data dir {data_dir:?} is in use by another beamlet serve{holder}; stop it, or give this one its own \
+             --data-dir"
+        );
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     let data_dir = options.data_dir.clone();
     std::fs::create_dir_all(&data_dir).with_context(|| format!("failed to create data dir {data_dir:?}"))?;
+    let _lock = lock_data_dir(&data_dir)?;
     let registry = tokio::task::spawn_blocking(move || Registry::open(&data_dir)).await??;
     let store = options.data_dir.join("tasks.db");
     let queue = tokio::task::spawn_blocking(move || EmbeddedQueue::open(&store, now_ms())).await??;
