@@ -18,7 +18,7 @@ use crate::config::{self, AppConfig};
 use crate::engine::{self, Allocation};
 use crate::host::bindings::FunctionPre;
 use crate::host::{self, WorkerState};
-use crate::supervisor::Gpus;
+use crate::supervisor::{Demand, Gpus};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 /// The WIT world a component was built for.
@@ -65,6 +65,9 @@ pub(crate) enum DeployError {
     /// `workers * gpu_memory` is more than any fitting GPU of the node has.
     #[error("{0}")]
     GpuTooSmall(String),
+    /// The app's `cpu` or `memory` is more than the whole node has.
+    #[error("{0}")]
+    TooBigForNode(String),
     #[error("the upload is empty: send the component's bytes in the multipart part `component`")]
     Empty,
     #[error(
@@ -157,9 +160,18 @@ impl Registry {
 
     /// Validates, compiles and records a new version of `name`. Blocking:
     /// compiling a component takes a while.
-    pub(crate) fn deploy(&self, name: &str, wasm: &[u8], config_toml: &str, gpus: &Gpus) -> Result<App, DeployError> {
+    /// `node`: the cores and memory replicas may reserve on this node.
+    pub(crate) fn deploy(
+        &self,
+        name: &str,
+        wasm: &[u8],
+        config_toml: &str,
+        node: Demand,
+        gpus: &Gpus,
+    ) -> Result<App, DeployError> {
         validate_name(name)?;
         let config = config::parse(config_toml)?;
+        check_fits_node(&config.runtime, node)?;
         check_gpu_memory(&config.runtime, gpus)?;
         check_header(wasm)?;
         let digest = hex(&Sha256::digest(wasm));
@@ -233,6 +245,25 @@ impl Registry {
     }
 }
 
+/// A replica reserves its app's `cpu` and `memory`: more than the node has
+/// in all could never start.
+fn check_fits_node(runtime: &config::RuntimeConfig, node: Demand) -> Result<(), DeployError> {
+    if runtime.cpu > node.cpu {
+        return Err(DeployError::TooBigForNode(format!(
+            "[runtime] cpu = {} is more than the {} cores this node has for replicas (serve --cpus); lower cpu",
+            runtime.cpu, node.cpu
+        )));
+    }
+    if runtime.memory > node.memory {
+        return Err(DeployError::TooBigForNode(format!(
+            "[runtime] memory = {} is more than the {} this node has for replicas (serve --memory); lower memory",
+            config::format_size(runtime.memory),
+            config::format_size(node.memory)
+        )));
+    }
+    Ok(())
+}
+
 /// A GPU app's workers share one GPU: `workers * gpu_memory` must fit the
 /// memory of a GPU of its model. (A node without such a GPU takes the app;
 /// its replicas wait for one.)
@@ -302,6 +333,24 @@ mod tests {
         for bad in ["", "Hello", "-x", "a_b", "a/b", &"x".repeat(64)] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn replicas_must_fit_the_node() {
+        let runtime = |toml: &str| config::parse(toml).unwrap().runtime;
+        let node = Demand { cpu: 2.0, memory: 8 << 30 };
+        assert!(check_fits_node(&runtime("[runtime]\ncpu = 2\nmemory = \"8Gi\"\n"), node).is_ok());
+        let DeployError::TooBigForNode(why) = check_fits_node(&runtime("[runtime]\ncpu = 1000\n"), node).unwrap_err()
+        else {
+            panic!()
+        };
+        assert!(why.contains("cpu = 1000") && why.contains("2 cores"), "{why}");
+        let DeployError::TooBigForNode(why) =
+            check_fits_node(&runtime("[runtime]\nmemory = \"1Ti\"\n"), node).unwrap_err()
+        else {
+            panic!()
+        };
+        assert!(why.contains("memory = 1Ti") && why.contains("8Gi"), "{why}");
     }
 
     #[test]

@@ -78,6 +78,8 @@ fn a_guest_gets_the_gpu_through_checked_handles_and_a_quota() {
     let status = server.wait_status("second", "a pending replica", LONG, |s| s["replicas"][0]["state"] == "pending");
     let reason = status["replicas"][0]["pending_reason"].as_str().unwrap_or_default().to_owned();
     assert!(reason.contains("waiting for a free GPU"), "exclusive: {status}");
+    let (status, body) = server.invoke_json("second", r#"{"mode":"info"}"#);
+    assert_eq!((status, error_code(&body)), (503, "NO_CAPACITY"), "{body}");
     let id = submit(&server, "second", r#"{"mode":"info"}"#);
     assert_eq!(server.http.delete(server.url("/v1/apps/gpu")).send().unwrap().status(), 200);
     assert_eq!(result(&server, &id)["backend"], "cpu", "it ran once the GPU was free");

@@ -59,7 +59,7 @@ pub(crate) async fn deploy(
     }
     let registry_node = node.clone();
     let app = tokio::task::spawn_blocking(move || {
-        registry_node.registry.deploy(&name, &component, &config, &registry_node.gpus)
+        registry_node.registry.deploy(&name, &component, &config, registry_node.capacity, &registry_node.gpus)
     })
     .await
     .map_err(ApiError::internal)??;

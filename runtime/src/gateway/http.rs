@@ -10,7 +10,7 @@ use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use http_body::Body as _;
 
-use super::tasks::{app_of_world, new_task, with_task_id};
+use super::tasks::{app_of_world, new_task, refuse_without_capacity, with_task_id};
 use super::{ApiError, read_body};
 use crate::bodies::ResponseStart;
 use crate::ipc::{HttpRequest, HttpResponse};
@@ -32,6 +32,7 @@ pub(crate) async fn path(
 
 async fn proxy(node: &Node, name: &str, rest: &str, request: Request) -> Result<Response, ApiError> {
     let app = app_of_world(node, name, World::HttpProxy)?;
+    refuse_without_capacity(node, name)?;
     let (parts, body) = request.into_parts();
     let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     let headers = parts.headers.iter().map(|(name, value)| (name.to_string(), value.as_bytes().to_vec())).collect();

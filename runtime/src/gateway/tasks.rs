@@ -15,6 +15,7 @@ use super::{ApiError, read_body};
 use crate::node::Node;
 use crate::queue::{Ended, NewTask, TaskRecord, TaskStatus, new_task_id};
 use crate::registry::{App, World};
+use crate::supervisor::ReplicaState;
 
 const TASK_ID_HEADER: &str = "x-beamlet-task-id";
 /// The longest `?wait=` a status call may hold.
@@ -32,6 +33,25 @@ pub(super) fn app_of_world(node: &Node, name: &str, world: World) -> Result<App,
             "app {name:?} is a beamlet:function handler: call it with POST /v1/apps/{name}/invoke or /tasks"
         ))),
     }
+}
+
+/// A call whose caller waits is refused at once when every replica of the
+/// app waits for capacity (a GPU, cores, memory): it could otherwise wait
+/// until its `ttl`. Tasks submitted to `/tasks` wait for capacity instead.
+pub(super) fn refuse_without_capacity(node: &Node, name: &str) -> Result<(), ApiError> {
+    let replicas = node.supervisor.replicas(name);
+    let Some(first) = replicas.first() else { return Ok(()) };
+    if replicas.iter().any(|replica| replica.state != ReplicaState::Pending) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "NO_CAPACITY",
+        format!(
+            "app {name:?} has no replica that can run the call: {}; submit it to /tasks to wait for one",
+            first.pending_reason.as_deref().unwrap_or("its replicas are pending")
+        ),
+    ))
 }
 
 /// A task of the `function` app `name` with the request body as input.
@@ -79,7 +99,11 @@ pub(super) fn with_task_id(mut response: Response, id: &str) -> Response {
 
 /// `POST /v1/apps/{name}/invoke`: runs the task and answers with its output.
 pub(crate) async fn invoke(State(node): State<Arc<Node>>, Path(name): Path<String>, body: Body) -> Response {
-    let task = match task_for(&node, &name, body, None, false).await {
+    let task = match refuse_without_capacity(&node, &name) {
+        Ok(()) => task_for(&node, &name, body, None, false).await,
+        Err(e) => Err(e),
+    };
+    let task = match task {
         Ok(task) => task,
         Err(e) => return e.into_response(),
     };

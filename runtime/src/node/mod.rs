@@ -48,6 +48,8 @@ pub(crate) struct Node {
     pub metrics: Arc<Metrics>,
     /// Streamed HTTP bodies of the requests in progress.
     pub bodies: Arc<Bodies>,
+    /// The cores and memory replicas may reserve on this node, in all.
+    pub capacity: Demand,
     /// The GPUs this node offers.
     pub gpus: Gpus,
     /// Samples the CUDA GPUs' usage for `/metrics`; `None` on the CPU backend.
@@ -123,8 +125,9 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
                 .ok()
         })
         .flatten();
-    let limits = options.limits;
-    let node = Arc::new(Node { registry, dispatch, supervisor, logs, metrics, bodies, gpus, gpu_monitor, limits });
+    let (limits, capacity) = (options.limits, options.capacity);
+    let node =
+        Arc::new(Node { registry, dispatch, supervisor, logs, metrics, bodies, capacity, gpus, gpu_monitor, limits });
     callbacks::spawn(node.clone(), ended);
     tokio::spawn(crate::autoscaler::run(node.supervisor.clone(), node.dispatch.clone(), node.metrics.clone()));
     for app in node.registry.list() {
