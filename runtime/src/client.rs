@@ -86,7 +86,10 @@ impl Client {
         if body["world"] == "wasi:http/proxy" {
             println!("call it: curl -s {}/http/{name}/", self.base);
         } else {
-            println!("call it: curl -s -X POST {}/v1/apps/{name}/invoke -d '{{}}'", self.base);
+            println!(
+                "call it: curl -s -X POST {}/v1/apps/{name}/invoke -d 'INPUT' (your handler's JSON input)",
+                self.base
+            );
         }
         Ok(())
     }
@@ -155,10 +158,11 @@ impl Client {
             println!(
                 "{:<24} {:>7} {:>8} {:>7} {:>7}",
                 app["name"].as_str().unwrap_or_default(),
-                app["version"],
-                app["replicas"],
-                app["queue"]["queued"],
-                app["queue"]["running"]
+                // Padding applies to strings, not to JSON values.
+                app["version"].to_string(),
+                app["replicas"].to_string(),
+                app["queue"]["queued"].to_string(),
+                app["queue"]["running"].to_string()
             );
         }
         Ok(())

@@ -571,6 +571,12 @@ pub fn format_size(bytes: u64) -> String {
         .map_or_else(|| bytes.to_string(), |(unit, scale)| format!("{}{unit}", bytes / scale))
 }
 
+/// [`format_size`] for messages: a size without a unit says "bytes".
+pub fn describe_size(bytes: u64) -> String {
+    let size = format_size(bytes);
+    if size.ends_with(|c: char| c.is_ascii_digit()) { format!("{size} bytes") } else { size }
+}
+
 /// Formats a duration as its nonzero parts, largest first (`"3m"`, `"1h30m"`,
 /// `"1s500ms"`, `"0s"`), to whole milliseconds; [`parse_duration`] reads it back.
 pub fn format_duration(duration: Duration) -> String {

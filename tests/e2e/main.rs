@@ -133,6 +133,15 @@ fn bad_uploads_and_requests_get_clear_errors() {
     assert_eq!((status, error_code(&body)), (404, "UNKNOWN_APP"), "{body}");
     let body = server.get("/v1/tasks/no-such-task");
     assert_eq!(error_code(&body), "UNKNOWN_TASK");
+    // Errors the routing itself answers have the API's JSON shape too.
+    let response = server.http.post(server.url("/v1/apps/hello")).send().unwrap();
+    assert_eq!(response.status(), 405);
+    assert!(response.headers().contains_key("allow"));
+    assert_eq!(error_code(&response.json().unwrap()), "METHOD_NOT_ALLOWED");
+    let response = server.http.get(server.url("/v1/apps/hello/tasks?limit=-1")).send().unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().unwrap();
+    assert!(error_code(&body) == "BAD_REQUEST" && error_message(&body).contains("limit"), "{body}");
 
     server.deploy_guest("hello", "hello", None);
     let response = server.invoke("hello", &"x".repeat(2 * 1024 * 1024));

@@ -1,7 +1,9 @@
 //! Every error the API returns, mapped to its status in one place.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::extract::Request;
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -61,6 +63,44 @@ impl IntoResponse for ApiError {
         let body = json!({ "error": { "code": self.code, "message": self.message } });
         (self.status, Json(body)).into_response()
     }
+}
+
+/// Gives the errors the framework answers by itself (a method a path does
+/// not take, a query or path that does not parse, a body of the wrong type)
+/// the API's JSON shape. A guest's own responses (they name their task) and
+/// JSON bodies pass untouched.
+pub(crate) async fn as_json(request: Request, next: Next) -> Response {
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let response = next.run(request).await;
+    let status = response.status();
+    let headers = response.headers();
+    let is_json = headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let is_error = status.is_client_error() || status.is_server_error();
+    if !is_error || is_json || headers.contains_key(super::tasks::TASK_ID_HEADER) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, 64 * 1024).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let (code, message) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            ("METHOD_NOT_ALLOWED", format!("{method} is not allowed on {path}; the Allow header lists what is"))
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => ("PAYLOAD_TOO_LARGE", text),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("UNSUPPORTED_MEDIA_TYPE", text),
+        status if status.is_client_error() => ("BAD_REQUEST", text),
+        _ => ("INTERNAL", text),
+    };
+    let message = if message.is_empty() { status.canonical_reason().unwrap_or("error").to_owned() } else { message };
+    let mut out = ApiError::new(status, code, message).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name, value.clone());
+        }
+    }
+    out
 }
 
 impl From<DeployError> for ApiError {

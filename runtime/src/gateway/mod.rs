@@ -40,6 +40,7 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         .fallback(|| async {
             ApiError::new(axum::http::StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint; see the API in README.md")
         })
+        .layer(axum::middleware::from_fn(errors::as_json))
         .with_state(node)
 }
 

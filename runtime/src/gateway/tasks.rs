@@ -17,7 +17,7 @@ use crate::queue::{Ended, NewTask, TaskRecord, TaskStatus, new_task_id};
 use crate::registry::{App, World};
 use crate::supervisor::ReplicaState;
 
-const TASK_ID_HEADER: &str = "x-beamlet-task-id";
+pub(super) const TASK_ID_HEADER: &str = "x-beamlet-task-id";
 /// The longest `?wait=` a status call may hold.
 const MAX_WAIT: Duration = Duration::from_secs(300);
 
@@ -134,7 +134,7 @@ fn output_response(ended: &Ended) -> Response {
         (status, _) => ApiError::new(
             StatusCode::CONFLICT,
             "NOT_FINISHED",
-            format!("task {} is {status:?}; wait for it with GET /v1/tasks/{}?wait=30s", record.id, record.id),
+            format!("task {} is {}; wait for it with GET /v1/tasks/{}?wait=30s", record.id, status.as_str(), record.id),
         )
         .into_response(),
     }

@@ -457,8 +457,8 @@ impl Run<'_> {
                 code: ErrorCode::ResultTooLarge,
                 message: format!(
                     "the handler's output is {}, over the app's [task_queue] max_result_size of {}",
-                    crate::config::format_size(output.len() as u64),
-                    crate::config::format_size(lease.max_result_size)
+                    crate::config::describe_size(output.len() as u64),
+                    crate::config::describe_size(lease.max_result_size)
                 ),
             }),
             Outcome::Complete(output) => Finish::Complete(output.into()),
