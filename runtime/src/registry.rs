@@ -32,6 +32,16 @@ pub(crate) enum World {
     HttpProxy,
 }
 
+impl World {
+    /// The world's name, as the API shows it.
+    pub(crate) fn wit_name(self) -> &'static str {
+        match self {
+            Self::Function => "beamlet:function/function",
+            Self::HttpProxy => "wasi:http/proxy",
+        }
+    }
+}
+
 /// One deployed version of an app, as stored and as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct AppVersion {
@@ -65,6 +75,9 @@ pub(crate) enum DeployError {
     /// `workers * gpu_memory` is more than any fitting GPU of the node has.
     #[error("{0}")]
     GpuTooSmall(String),
+    /// A new version of another world while the app has tasks to run.
+    #[error("{0}")]
+    WorldChange(String),
     /// The app's `cpu` or `memory` is more than the whole node has.
     #[error("{0}")]
     TooBigForNode(String),
@@ -160,7 +173,9 @@ impl Registry {
 
     /// Validates, compiles and records a new version of `name`. Blocking:
     /// compiling a component takes a while.
-    /// `node`: the cores and memory replicas may reserve on this node.
+    /// `node`: the cores and memory replicas may reserve on this node;
+    /// `unfinished`: the app's queued and running tasks, which a new version
+    /// of another world could not run.
     pub(crate) fn deploy(
         &self,
         name: &str,
@@ -168,6 +183,7 @@ impl Registry {
         config_toml: &str,
         node: Demand,
         gpus: &Gpus,
+        unfinished: u64,
     ) -> Result<App, DeployError> {
         validate_name(name)?;
         let config = config::parse(config_toml)?;
@@ -189,6 +205,14 @@ impl Registry {
         write_atomic(&self.component_path(&digest), wasm)?;
         let mut apps = self.apps.lock().unwrap();
         let previous = apps.get(name).map(|app| &app.version);
+        if let Some(previous) = previous.filter(|previous| previous.world != world && unfinished > 0) {
+            return Err(DeployError::WorldChange(format!(
+                "app {name:?} is a {} app with {unfinished} queued or running tasks, which a {} component cannot \
+                 run; wait for them or cancel them, or delete the app first",
+                previous.world.wit_name(),
+                world.wit_name()
+            )));
+        }
         let version = AppVersion {
             name: name.to_owned(),
             version: previous.map_or(1, |v| v.version + 1),

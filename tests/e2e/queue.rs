@@ -148,6 +148,27 @@ fn deleting_an_app_cancels_its_running_tasks_too() {
 }
 
 #[test]
+fn a_new_world_is_refused_while_the_app_has_tasks_it_could_not_run() {
+    let server = Server::start("world-change", &[]);
+    server.deploy_guest("morph", "sleep", Some("[runtime]\nworkers = 1\n"));
+    let running = submit_ok(&server, "morph", r#"{"ms": 60000}"#);
+    let queued = submit_ok(&server, "morph", r#"{"ms": 1}"#);
+    wait_status(&server, &running, "RUNNING");
+    let http = std::fs::read(wasm("guest-http")).unwrap();
+    let response = server.deploy("morph", &http, None);
+    assert_eq!(response.status(), 409);
+    let body: Value = response.json().unwrap();
+    assert_eq!(error_code(&body), "WORLD_CHANGED", "{body}");
+    assert!(error_message(&body).contains("2 queued or running tasks"), "{body}");
+    assert_eq!(server.status("morph")["version"], 1, "the app is as it was");
+
+    for id in [&running, &queued] {
+        assert_eq!(cancel(&server, id).0, 200);
+    }
+    assert_eq!(server.deploy("morph", &http, None).status(), 201, "nothing left that it could not run");
+}
+
+#[test]
 fn queued_and_running_tasks_survive_kill_9_of_serve() {
     let server = Server::start("durable", &[]);
     server.deploy_guest("sleep", "sleep", Some("[task_queue]\nretries = 3\n"));

@@ -58,8 +58,11 @@ pub(crate) async fn deploy(
         return Err(ApiError::too_large("component upload", limit));
     }
     let registry_node = node.clone();
+    let counts = node.dispatch.counts(&name);
+    let unfinished = counts.queued + counts.running;
     let app = tokio::task::spawn_blocking(move || {
-        registry_node.registry.deploy(&name, &component, &config, registry_node.capacity, &registry_node.gpus)
+        let node = &registry_node;
+        node.registry.deploy(&name, &component, &config, node.capacity, &node.gpus, unfinished)
     })
     .await
     .map_err(ApiError::internal)??;

@@ -112,6 +112,9 @@ impl From<DeployError> for ApiError {
             DeployError::CoreModule => "NOT_A_COMPONENT",
             DeployError::Compile(_) => "COMPILE_FAILED",
             DeployError::WrongWorld { .. } => "WRONG_WORLD",
+            DeployError::WorldChange(_) => {
+                return Self::new(StatusCode::CONFLICT, "WORLD_CHANGED", error.to_string());
+            }
             DeployError::Internal(_) => return Self::internal(&error),
         };
         Self::new(StatusCode::BAD_REQUEST, code, error.to_string())
