@@ -321,6 +321,28 @@ fn a_killed_replica_is_replaced_and_its_task_retried() {
 }
 
 #[test]
+fn a_hung_replica_is_killed_and_its_task_retried() {
+    let server = Server::start("hung", &[]);
+    server.deploy_guest("sleep", "sleep", Some("[runtime]\ntimeout = \"3s\"\n[task_queue]\nretries = 1\n"));
+    let submit = server.http.post(server.url("/v1/apps/sleep/tasks")).body(r#"{"ms": 1000}"#).send().unwrap();
+    let id = submit.json::<Value>().unwrap()["task_id"].as_str().unwrap().to_owned();
+    let running = || (server.get(&format!("/v1/tasks/{id}"))["status"] == "RUNNING").then_some(());
+    wait_for("the task to run", LONG, running);
+    let pid = ready_pids(&server.status("sleep"))[0];
+    // Stopped, the replica can neither finish the task nor stop it at its
+    // timeout: the node must notice on its own.
+    // SAFETY: sending a signal has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+
+    let record = server.get(&format!("/v1/tasks/{id}?wait=90s"));
+    assert_eq!(record["status"], "COMPLETE", "retried on a new replica: {record}");
+    assert_eq!(record["attempts"], 2, "{record}");
+    wait_for("the hung replica to be killed", LONG, || (!alive(pid)).then_some(()));
+    let status = server.status("sleep");
+    assert!(status["replicas"][0]["last_error"].as_str().unwrap_or_default().contains("hung"), "{status}");
+}
+
+#[test]
 fn a_task_waiting_for_a_worker_to_rebuild_its_instance_spends_no_attempt_when_the_replica_dies() {
     let server = Server::start("rebuild", &[]);
     let config = "[runtime]\nworkers = 1\ntimeout = \"30s\"\n[task_queue]\nretries = 0\n";

@@ -31,6 +31,9 @@ const STABLE_AFTER: Duration = Duration::from_secs(10);
 const FAILED_STARTS: u32 = 3;
 /// Time a replica gets beyond its `init` timeout to start all workers.
 const START_GRACE: Duration = Duration::from_secs(30);
+/// A run still unanswered this long past its timeout means the replica is
+/// hung (it stops a run at its timeout itself): it is killed and replaced.
+const HUNG_AFTER: Duration = Duration::from_secs(10);
 
 /// Where a replica is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -204,6 +207,7 @@ async fn run_placed(plan: &Plan, spec: &ReplicaSpec, info: &Arc<Mutex<ReplicaInf
             info,
             inflight: HashMap::new(),
             ahead: VecDeque::new(),
+            started: HashMap::new(),
             restarting: 0,
             streams: HashMap::new(),
         };
@@ -253,6 +257,8 @@ struct Run<'a> {
     /// Runs sent while every worker was busy, oldest first: the replica takes
     /// runs in order, so each starts when a worker reports one done.
     ahead: VecDeque<u64>,
+    /// When each run that a worker took started.
+    started: HashMap<u64, Instant>,
     /// Workers building a new instance before their next run: busy until
     /// they report it started.
     restarting: usize,
@@ -320,12 +326,16 @@ impl Run<'_> {
         let mut pace = Pace::default();
         let mut draining = false;
         let mut seq = 0u64;
+        let mut watchdog = tokio::time::interval(Duration::from_secs(1));
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 lease = plan.dispatch.next(&spec.app, self.all_busy()), if self.inflight.len() < pace.window(spec.workers) && !draining => {
                     seq += 1;
                     if self.all_busy() {
                         self.ahead.push_back(seq);
+                    } else {
+                        self.started.insert(seq, Instant::now());
                     }
                     plan.dispatch.route(&lease.id, &cancel_tx);
                     let run = RunTask {
@@ -380,8 +390,26 @@ impl Run<'_> {
                     self.set_state(ReplicaState::Draining);
                     send(&mut write, &ToReplica::Drain).await?;
                 }
+                _ = watchdog.tick() => {
+                    if let Some(id) = self.overdue() {
+                        let _ = child.kill().await;
+                        bail!(
+                            "task {id} was still unanswered {HUNG_AFTER:?} past its timeout: the replica was hung, \
+                             so it was killed"
+                        );
+                    }
+                }
             }
         }
+    }
+
+    /// A run unanswered [`HUNG_AFTER`] past its timeout, if any.
+    fn overdue(&self) -> Option<&TaskId> {
+        let now = Instant::now();
+        self.started.iter().find_map(|(seq, started)| {
+            let lease = self.inflight.get(seq)?;
+            (now.saturating_duration_since(*started) > lease.timeout + HUNG_AFTER).then_some(&lease.id)
+        })
     }
 
     async fn await_ready(&self, frames: &mut mpsc::UnboundedReceiver<FromReplica>) -> Result<()> {
@@ -425,6 +453,7 @@ impl Run<'_> {
         if let Some(next) = self.ahead.pop_front()
             && let Some(lease) = self.inflight.get(&next)
         {
+            self.started.insert(next, Instant::now());
             self.plan.dispatch.started(&lease.id);
         }
     }
@@ -434,6 +463,7 @@ impl Run<'_> {
         // replica: now, or once it has a new instance. Not if the replica is
         // going down (its GPU failed), nor if that new instance fails to start.
         self.ahead.retain(|seq| *seq != done.seq);
+        self.started.remove(&done.seq);
         if done.restarts {
             self.restarting += 1;
         } else if !done.exits {
