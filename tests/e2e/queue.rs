@@ -169,6 +169,18 @@ fn a_new_world_is_refused_while_the_app_has_tasks_it_could_not_run() {
 }
 
 #[test]
+fn a_call_whose_caller_goes_away_is_cancelled() {
+    let server = Server::start("abandoned", &[]);
+    server.deploy_guest("spin", "guest-spin", Some("[runtime]\nworkers = 1\ntimeout = \"600s\"\n"));
+    server.wait_status("spin", "a ready replica", LONG, |s| ready_pids(s).len() == 1);
+    let impatient = reqwest::blocking::Client::builder().timeout(Duration::from_secs(1)).build().unwrap();
+    assert!(impatient.post(server.url("/v1/apps/spin/invoke")).body("{}").send().is_err(), "it never answers");
+    server.wait_status("spin", "the abandoned call's task to stop", LONG, |status| {
+        status["queue"]["running"] == 0 && status["replicas"][0]["busy"] == 0
+    });
+}
+
+#[test]
 fn queued_and_running_tasks_survive_kill_9_of_serve() {
     let server = Server::start("durable", &[]);
     server.deploy_guest("sleep", "sleep", Some("[task_queue]\nretries = 3\n"));

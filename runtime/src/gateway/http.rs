@@ -54,13 +54,20 @@ async fn proxy(node: &Node, name: &str, rest: &str, request: Request) -> Result<
     let task = new_task(&app, request.encode().into(), None, false);
     let id = task.id.clone();
     let (_open, head) = node.bodies.open(&id, streamed);
+    // Until the response starts, a caller that goes away cancels the task;
+    // after, its streamed body does.
+    let abandoned = node.dispatch.cancel_on_drop(&id);
     let call = node.dispatch.call(task);
     tokio::pin!(call);
     let response = tokio::select! {
         // The head comes before the task's end, so a streamed response is seen first.
         biased;
-        Ok(ResponseStart { status, headers, body }) = head => into_response(status, headers, body)?,
+        Ok(ResponseStart { status, headers, body }) = head => {
+            abandoned.disarm();
+            into_response(status, headers, body)?
+        }
         ended = &mut call => {
+            abandoned.disarm();
             let Ended { record, output } = ended?;
             match (record.status, &record.error) {
                 (TaskStatus::Complete, _) => {

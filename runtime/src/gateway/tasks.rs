@@ -108,7 +108,10 @@ pub(crate) async fn invoke(State(node): State<Arc<Node>>, Path(name): Path<Strin
         Err(e) => return e.into_response(),
     };
     let id = task.id.clone();
-    let response = match node.dispatch.call(task).await {
+    let abandoned = node.dispatch.cancel_on_drop(&id);
+    let ended = node.dispatch.call(task).await;
+    abandoned.disarm();
+    let response = match ended {
         Ok(ended) => output_response(&ended),
         Err(e) => ApiError::from(e).into_response(),
     };

@@ -114,6 +114,13 @@ impl Dispatch {
         rx.await.map_err(|_| QueueError::UnknownTask(id))
     }
 
+    /// Cancels task `id` when the guard drops before [`CancelOnDrop::disarm`]:
+    /// a call whose caller went away (its connection closed, so the handler's
+    /// future was dropped), whose result nobody would see.
+    pub(crate) fn cancel_on_drop(&self, id: &str) -> CancelOnDrop<'_> {
+        CancelOnDrop { dispatch: self, id: Some(id.to_owned()) }
+    }
+
     /// Waits for the app's next task and leases it; `ahead`: for a replica
     /// whose workers are all busy (see [`Queue::lease_ahead`]). Cancel-safe:
     /// a lease is taken only in the poll that returns it.
@@ -265,6 +272,28 @@ impl Dispatch {
     fn end_queued(&self, app: &str, status: TaskStatus, error: TaskError) {
         for record in self.queue.end_queued(app, status, error, now_ms()) {
             self.resolve(&record);
+        }
+    }
+}
+
+/// See [`Dispatch::cancel_on_drop`].
+pub(crate) struct CancelOnDrop<'a> {
+    dispatch: &'a Dispatch,
+    /// `None` once disarmed.
+    id: Option<TaskId>,
+}
+
+impl CancelOnDrop<'_> {
+    /// The caller has its answer (or something else now owns the task).
+    pub(crate) fn disarm(mut self) {
+        self.id = None;
+    }
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            let _ = self.dispatch.cancel_because(&id, "the caller went away before the task ended");
         }
     }
 }
