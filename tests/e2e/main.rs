@@ -128,6 +128,13 @@ fn bad_uploads_and_requests_get_clear_errors() {
 
     let response = server.http.put(server.url("/v1/apps/raw")).body(hello.clone()).send().unwrap();
     assert_eq!(response.status(), 400, "deploy without multipart is refused");
+    let twice = reqwest::blocking::multipart::Form::new()
+        .part("component", reqwest::blocking::multipart::Part::bytes(hello.clone()).file_name("a.wasm"))
+        .part("component", reqwest::blocking::multipart::Part::bytes(hello.clone()).file_name("b.wasm"));
+    let response = server.http.put(server.url("/v1/apps/twice")).multipart(twice).send().unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().unwrap();
+    assert!(error_message(&body).contains("two `component` parts"), "{body}");
 
     let (status, body) = server.invoke_json("nope", "{}");
     assert_eq!((status, error_code(&body)), (404, "UNKNOWN_APP"), "{body}");

@@ -39,11 +39,18 @@ pub(crate) async fn deploy(
             ApiError::bad_request(format!("failed to read the upload: {}", e.body_text()))
         }
     };
-    let (mut component, mut config) = (None, String::new());
+    let (mut component, mut config, mut twice) = (None, None, None);
     while let Some(field) = multipart.next_field().await.map_err(upload_error)? {
-        match field.name().unwrap_or_default() {
+        let name = field.name().unwrap_or_default().to_owned();
+        if (name == "component" && component.is_some()) || (name == "config" && config.is_some()) {
+            // Read on, so the client is not cut off mid-upload.
+            field.bytes().await.map_err(upload_error)?;
+            twice = Some(name);
+            continue;
+        }
+        match name.as_str() {
             "component" => component = Some(field.bytes().await.map_err(upload_error)?),
-            "config" => config = field.text().await.map_err(upload_error)?,
+            "config" => config = Some(field.text().await.map_err(upload_error)?),
             other => {
                 return Err(ApiError::bad_request(format!(
                     "unknown multipart part {other:?}; send `component` (the .wasm) and optionally `config` (TOML)"
@@ -51,6 +58,10 @@ pub(crate) async fn deploy(
             }
         }
     }
+    if let Some(name) = twice {
+        return Err(ApiError::bad_request(format!("the upload has two `{name}` parts; send one")));
+    }
+    let config = config.unwrap_or_default();
     let component = component.ok_or_else(|| {
         ApiError::bad_request("the upload has no `component` part; attach the .wasm file as `component`")
     })?;
