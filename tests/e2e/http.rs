@@ -90,22 +90,10 @@ fn request_and_response_bodies_stream_both_ways() {
 
     // Full duplex: each line must come back before the next is sent, which
     // only works if neither body waits for its end.
-    let mut socket = connect(&server);
-    socket
-        .write_all(
-            b"POST /http/pipe/pipe HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n",
-        )
-        .unwrap();
+    let mut socket = open_pipe(&server, "/http/pipe/pipe");
     let mut seen = Vec::new();
     for i in 0..5 {
-        let line = format!("ping {i}\n");
-        socket.write_all(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes()).unwrap();
-        while !String::from_utf8_lossy(&seen).contains(&line) {
-            let mut buf = [0u8; 4096];
-            let n = socket.read(&mut buf).unwrap();
-            assert!(n > 0, "the connection closed before {line:?} came back: {}", String::from_utf8_lossy(&seen));
-            seen.extend_from_slice(&buf[..n]);
-        }
+        echo(&mut socket, &mut seen, &format!("ping {i}\n"));
     }
     socket.write_all(b"0\r\n\r\n").unwrap();
     socket.read_to_end(&mut seen).unwrap();
@@ -145,31 +133,36 @@ fn a_redeploy_lets_a_streaming_request_finish_on_the_old_version() {
     let server = Server::start("drain-stream", &[]);
     let config = "[runtime]\nworkers = 1\n[task_queue]\nretries = 0\n";
     server.deploy_guest("pipe", "guest-http", Some(config));
-    let mut socket = connect(&server);
-    socket
-        .write_all(
-            b"POST /http/pipe/pipe HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n",
-        )
-        .unwrap();
+    let mut socket = open_pipe(&server, "/http/pipe/pipe");
     let mut seen = Vec::new();
-    let mut echo = |socket: &mut std::net::TcpStream, line: &str| {
-        socket.write_all(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes()).unwrap();
-        while !String::from_utf8_lossy(&seen).contains(line) {
-            let mut buf = [0u8; 4096];
-            let n = socket.read(&mut buf).unwrap();
-            assert!(n > 0, "the connection closed before {line:?} came back: {}", String::from_utf8_lossy(&seen));
-            seen.extend_from_slice(&buf[..n]);
-        }
-    };
-    echo(&mut socket, "before the redeploy\n");
+    echo(&mut socket, &mut seen, "before the redeploy\n");
     // The replica serving the request now drains: the rest of the body must
     // still reach it.
     server.deploy_guest("pipe", "guest-http", Some(config));
-    echo(&mut socket, "after the redeploy\n");
+    echo(&mut socket, &mut seen, "after the redeploy\n");
     socket.write_all(b"0\r\n\r\n").unwrap();
     socket.read_to_end(&mut seen).unwrap();
     let text = String::from_utf8_lossy(&seen);
     assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("0\r\n\r\n"), "the body ended whole: {text}");
+}
+
+/// Starts a chunked POST to `path`, its body to be sent with [`echo`].
+fn open_pipe(server: &Server, path: &str) -> std::net::TcpStream {
+    let mut socket = connect(server);
+    let head = format!("POST {path} HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n");
+    socket.write_all(head.as_bytes()).unwrap();
+    socket
+}
+
+/// Sends `line` as one chunk and reads into `seen` until it has come back.
+fn echo(socket: &mut std::net::TcpStream, seen: &mut Vec<u8>, line: &str) {
+    socket.write_all(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes()).unwrap();
+    while !String::from_utf8_lossy(seen).contains(line) {
+        let mut buf = [0u8; 4096];
+        let n = socket.read(&mut buf).unwrap();
+        assert!(n > 0, "the connection closed before {line:?} came back: {}", String::from_utf8_lossy(seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
 }
 
 fn connect(server: &Server) -> std::net::TcpStream {
