@@ -626,8 +626,13 @@ impl Pace {
     }
 }
 
+/// Writes a frame to the replica. One that stops reading its socket (hung)
+/// fails the write after [`HUNG_AFTER`] instead of blocking the node's side.
 async fn send(write: &mut OwnedWriteHalf, message: &ToReplica) -> Result<()> {
-    ipc::write_async(write, message).await.context("failed to write to the replica")
+    match tokio::time::timeout(HUNG_AFTER, ipc::write_async(write, message)).await {
+        Ok(written) => written.context("failed to write to the replica"),
+        Err(_) => bail!("the replica did not read its socket for {HUNG_AFTER:?}: it was hung, so it was killed"),
+    }
 }
 
 /// Starts `beamlet replica` with its end of a fresh socket pair as fd 3. A
