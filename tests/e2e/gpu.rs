@@ -105,3 +105,20 @@ fn the_gpu_mlp_example_matches_its_cpu_reference() {
     let (status, body) = server.invoke_json("mlp", r#"{"input": [1, 2, 3]}"#);
     assert_eq!((status, error_code(&body)), (400, "BAD_INPUT"), "{body}");
 }
+
+#[test]
+fn a_scale_to_zero_app_that_cannot_start_gives_its_gpu_back() {
+    let server = Server::start("gpu-failing", &["--gpu-backend", "cpu", "--gpus", "1"]);
+    let config = "[runtime]\ngpu = \"any\"\n[autoscaler]\nkind = \"queue_depth\"\nmax_tasks_per_replica = 1\n";
+    server.deploy_guest("broken", "guest-badinit", Some(config));
+    let id = submit(&server, "broken", "{}");
+    let record = server.get(&format!("/v1/tasks/{id}?wait=60s"));
+    assert_eq!((record["status"].as_str(), error_code(&record)), (Some("FAILED"), "START_FAILED"), "{record}");
+    // Nothing left to run: its crash-looping replica is surplus and stops,
+    // freeing the only GPU for another app.
+    server.wait_status("broken", "the failing replica to stop", LONG, |s| {
+        s["replicas"].as_array().is_some_and(Vec::is_empty)
+    });
+    server.deploy_guest("healthy", "guest-gpu", Some("[runtime]\ngpu = \"any\"\ngpu_memory = \"64Mi\"\n"));
+    assert_eq!(call(&server, "healthy", r#"{"mode":"info"}"#)["backend"], "cpu");
+}

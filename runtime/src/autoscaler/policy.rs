@@ -51,6 +51,9 @@ pub(crate) enum Placement {
     Pending,
     /// Placed; its process is starting its workers.
     Starting,
+    /// Its process failed (to start, or while running) and it waits to be
+    /// restarted: it holds its cores, memory and GPU but runs nothing.
+    Failing,
     /// All workers are up; it takes tasks.
     Ready,
 }
@@ -148,16 +151,21 @@ pub(crate) fn desired(sample: &Sample, config: &AutoscalerConfig) -> (u32, Strin
 }
 
 /// Replicas to start and stop now: scale up at once; stop a surplus replica only
-/// when it is pending, or ready, running no task and idle for at least `keep_warm`.
+/// when it is failing or pending, or ready, running no task and idle for at
+/// least `keep_warm`.
 pub(crate) fn decide(sample: &Sample, config: &AutoscalerConfig, now: Instant) -> Decision {
     let (desired, mut reason) = desired(sample, config);
     let have = u32::try_from(sample.replicas.len()).unwrap_or(u32::MAX);
     let by = |placement| sample.replicas.iter().filter(|r| r.placement == placement).count();
     reason += &format!(
-        "; have {have} ({} pending, {} starting, {} ready)",
+        "; have {have} ({} pending, {} starting, {} ready{})",
         by(Placement::Pending),
         by(Placement::Starting),
-        by(Placement::Ready)
+        by(Placement::Ready),
+        match by(Placement::Failing) {
+            0 => String::new(),
+            failing => format!(", {failing} failing"),
+        }
     );
     let start = desired.saturating_sub(have);
     if start > 0 {
@@ -173,7 +181,9 @@ pub(crate) fn decide(sample: &Sample, config: &AutoscalerConfig, now: Instant) -
     // keep_warm only applies under a policy; a fixed pool has no load to wait for.
     let keep_warm = if config.policy.is_some() { config.keep_warm } else { Duration::ZERO };
     let idle_for = |r: &ReplicaSample| r.idle_since.map(|since| now.saturating_duration_since(since));
-    let pending = sample.replicas.iter().filter(|r| r.placement == Placement::Pending && r.busy == 0);
+    let not_running = |placement| sample.replicas.iter().filter(move |r| r.placement == placement && r.busy == 0);
+    let failing = not_running(Placement::Failing).map(|r| (r.id.clone(), "failing".to_owned()));
+    let pending = not_running(Placement::Pending).map(|r| (r.id.clone(), "pending".to_owned()));
     let mut idle: Vec<_> = sample
         .replicas
         .iter()
@@ -182,8 +192,8 @@ pub(crate) fn decide(sample: &Sample, config: &AutoscalerConfig, now: Instant) -
         .collect();
     // Longest idle first; the id breaks ties so the choice is stable.
     idle.sort_by(|(a, ra), (b, rb)| b.cmp(a).then_with(|| ra.id.cmp(&rb.id)));
-    let chosen: Vec<(String, String)> = pending
-        .map(|r| (r.id.clone(), "pending".to_owned()))
+    let chosen: Vec<(String, String)> = failing
+        .chain(pending)
         .chain(idle.into_iter().map(|(idle, r)| (r.id.clone(), format!("idle {idle:?}"))))
         .take(surplus)
         .collect();
@@ -405,6 +415,20 @@ mod tests {
         let early = decide(&sample, &config, t0 + 5 * SECOND);
         assert_eq!(early.stop, ["pending"]);
         assert!(early.reason.ends_with("; keep 2 surplus: busy, starting, or idle under keep_warm 10s"));
+    }
+
+    #[test]
+    fn failing_replicas_are_surplus_at_once() {
+        // A scale-to-zero app whose replicas keep failing to start must not
+        // hold their GPUs, cores and memory with nothing to run.
+        let config = queue_depth(1, 2, 0);
+        let now = Instant::now();
+        let mut sample = load(0, 0, 1, None);
+        sample.replicas =
+            vec![replica("crashed", Placement::Failing, 0, None), replica("starting", Placement::Starting, 0, None)];
+        let decision = decide(&sample, &config, now);
+        assert_eq!((decision.desired, decision.stop.as_slice()), (0, ["crashed".to_owned()].as_slice()));
+        assert!(decision.reason.contains("1 failing) -> stop crashed (failing)"), "{}", decision.reason);
     }
 
     #[test]

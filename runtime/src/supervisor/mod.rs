@@ -212,6 +212,7 @@ impl Supervisor {
                     placement: match info.state {
                         ReplicaState::Pending => Placement::Pending,
                         ReplicaState::Ready => Placement::Ready,
+                        ReplicaState::Backoff => Placement::Failing,
                         _ => Placement::Starting,
                     },
                     id: info.id,
