@@ -401,11 +401,12 @@ impl RawTaskQueue {
 
 /// Checks a callback URL (from the config or a task submission).
 pub fn check_callback_url(url: &str) -> Result<(), String> {
-    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
-    match rest {
-        Some(rest) if !rest.is_empty() => Ok(()),
-        _ => Err(format!("{url:?} must be an http:// or https:// URL")),
+    let must = || format!("{url:?} must be an http:// or https:// URL");
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("{} ({e})", must()))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none_or(str::is_empty) {
+        return Err(must());
     }
+    Ok(())
 }
 
 /// Deserializes one table of the file into `T`, naming the table and key on failure.
@@ -746,6 +747,8 @@ callback_url = "https://example.com/beamlet/done"
             ("[task_queue]\nmax_result_size = 0", "[task_queue] max_result_size"),
             ("[task_queue]\ncallback_url = \"ftp://example.com\"", "[task_queue] callback_url"),
             ("[task_queue]\ncallback_url = \"https://\"", "[task_queue] callback_url"),
+            ("[task_queue]\ncallback_url = \"http://[::1\"", "[task_queue] callback_url"),
+            ("[task_queue]\ncallback_url = \"http:// spaces\"", "[task_queue] callback_url"),
         ];
         for (text, key) in cases {
             let message = error(text);
