@@ -427,17 +427,33 @@ fn a_second_node_on_the_same_data_dir_is_refused() {
 #[test]
 fn a_node_stopped_by_sigterm_lets_its_replicas_finish_their_tasks() {
     let server = Server::start("shutdown", &[]);
-    server.deploy_guest("sleep", "sleep", Some("[task_queue]\nretries = 0\n"));
+    server.deploy_guest("sleep", "sleep", Some("[runtime]\nworkers = 1\n[task_queue]\nretries = 0\n"));
     let id = submit(&server, "sleep", r#"{"ms": 1500}"#);
     let running = || (server.get(&format!("/v1/tasks/{id}"))["status"] == "RUNNING").then_some(());
     wait_for("the task to run", LONG, running);
+    // Behind it: a queued task, long-polled, and a call whose caller waits.
+    let queued = submit(&server, "sleep", r#"{"ms": 1}"#);
+    let client = || reqwest::blocking::Client::builder().timeout(LONG).build().unwrap();
+    let poll_url = server.url(&format!("/v1/tasks/{queued}?wait=60s"));
+    let poll = std::thread::spawn(move || client().get(poll_url).send().map(|r| (r.status().as_u16(), r.text())));
+    let call_url = server.url("/v1/apps/sleep/invoke");
+    let call = std::thread::spawn(move || client().post(call_url).body(r#"{"ms": 1}"#).send().map(|r| r.json()));
+    server.wait_status("sleep", "the call to queue", LONG, |s| s["queue"]["queued"] == 2);
     let data_dir = server.terminate();
+
+    // Both answered before the node exited: the call refused, the poll as it stood.
+    let call: Value = call.join().unwrap().expect("an answer, not a dropped connection").unwrap();
+    assert_eq!(error_code(&call), "SHUTTING_DOWN", "{call}");
+    let (status, body) = poll.join().unwrap().expect("an answer, not a dropped connection");
+    assert_eq!(status, 200);
+    assert!(body.unwrap().contains("\"PENDING\""), "the queued task as it was");
 
     let server = Server::start_in(data_dir, &[]);
     let record = server.get(&format!("/v1/tasks/{id}"));
     assert_eq!(record["status"], "COMPLETE", "it finished before the node exited: {record}");
     assert_eq!(record["attempts"], 1, "{record}");
     assert_eq!(result(&server, &id)["slept_ms"].as_u64().map(|ms| ms >= 1500), Some(true));
+    assert_eq!(result(&server, &queued)["slept_ms"].as_u64().map(|ms| ms >= 1), Some(true), "kept, then run");
 }
 
 #[test]

@@ -21,7 +21,9 @@ pub(crate) async fn run(supervisor: Arc<Supervisor>, dispatch: Arc<Dispatch>, me
         let demand = dispatch.demand();
         tokio::pin!(demand);
         demand.as_mut().enable();
-        for name in supervisor.apps() {
+        // A node shutting down starts nothing, nor logs that it would.
+        let apps = if supervisor.is_closed() { Vec::new() } else { supervisor.apps() };
+        for name in apps {
             let Some((sample, config)) = supervisor.sample(&name, dispatch.counts(&name)) else { continue };
             let decision = policy::decide(&sample, &config, Instant::now());
             if decision.start > 0 || !decision.stop.is_empty() {

@@ -128,6 +128,7 @@ impl From<QueueError> for ApiError {
             QueueError::UnknownTask(id) => Self::unknown_task(id),
             QueueError::AlreadyEnded { .. } => Self::new(StatusCode::CONFLICT, "ALREADY_ENDED", error.to_string()),
             QueueError::Store => Self::new(StatusCode::SERVICE_UNAVAILABLE, "STORE_FAILED", error.to_string()),
+            QueueError::ShuttingDown => Self::new(StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN", error.to_string()),
         }
     }
 }
@@ -146,6 +147,7 @@ impl From<&TaskError> for ApiError {
             ErrorCode::Timeout => (StatusCode::GATEWAY_TIMEOUT, "TIMEOUT"),
             ErrorCode::Cancelled => (StatusCode::CONFLICT, "CANCELLED"),
             ErrorCode::Expired => (StatusCode::SERVICE_UNAVAILABLE, "EXPIRED"),
+            ErrorCode::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN"),
         };
         Self::new(status, code, error.message.clone())
     }

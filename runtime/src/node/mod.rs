@@ -158,8 +158,8 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!(
-            "shutting down: replicas finish the tasks they hold (up to {:?}; again to stop now)",
-            options.shutdown_grace
+            "shutting down: replicas finish the tasks they hold (up to {}; again to stop now)",
+            crate::config::format_duration(options.shutdown_grace)
         );
         let _ = stopping.send(true);
         shutdown_signal().await;
@@ -195,6 +195,8 @@ const ANSWER_GRACE: Duration = Duration::from_secs(1);
 /// Tasks still running when the grace runs out run again on the next start.
 async fn drain(node: &Node, grace: Duration) {
     node.supervisor.stop_all();
+    let apps: Vec<String> = node.registry.list().into_iter().map(|app| app.version.name).collect();
+    node.dispatch.close(&apps);
     let deadline = tokio::time::Instant::now() + grace;
     while !node.supervisor.all_stopped() {
         if tokio::time::Instant::now() >= deadline {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::{
     Cancelled, Counts, Ended, ErrorCode, Finish, Lease, NewTask, Queue, QueueError, TaskError, TaskId, TaskRecord,
@@ -26,6 +26,8 @@ pub(crate) struct Dispatch {
     demand: Notify,
     /// Every task that ends with a callback URL, with its output, for delivery.
     callbacks: mpsc::UnboundedSender<(TaskRecord, Option<Bytes>)>,
+    /// Set when the node shuts down ([`Dispatch::close`]).
+    closing: watch::Sender<bool>,
 }
 
 impl Dispatch {
@@ -43,6 +45,7 @@ impl Dispatch {
             routes: Mutex::default(),
             demand: Notify::new(),
             callbacks,
+            closing: watch::Sender::new(false),
         };
         (dispatch, ended)
     }
@@ -103,6 +106,9 @@ impl Dispatch {
     /// Queues a task whose caller waits for its end, and waits. The waiter is
     /// in place before any worker can take the task, so a fast end is seen.
     pub(crate) async fn call(&self, task: NewTask) -> Result<Ended, QueueError> {
+        if *self.closing.borrow() {
+            return Err(QueueError::ShuttingDown);
+        }
         let id = task.id.clone();
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().unwrap().entry(id.clone()).or_default().push(tx);
@@ -203,7 +209,13 @@ impl Dispatch {
                 return current.map(|record| self.ended(record));
             }
         }
-        match tokio::time::timeout(timeout, rx).await.ok().and_then(Result::ok) {
+        let mut closing = self.closing.subscribe();
+        let ended = tokio::select! {
+            ended = tokio::time::timeout(timeout, rx) => ended.ok().and_then(Result::ok),
+            // A node shutting down answers long-polls now, not at its exit.
+            _ = closing.wait_for(|closing| *closing) => None,
+        };
+        match ended {
             Some(ended) => Some(ended),
             None => {
                 self.forget_closed_waiters(id);
@@ -258,7 +270,8 @@ impl Dispatch {
     /// may linger, to be retried or run by a later app of the same name.
     pub(crate) fn remove_app(&self, app: &str) {
         let why = format!("app {app:?} was removed");
-        self.end_queued(app, TaskStatus::Cancelled, TaskError { code: ErrorCode::Cancelled, message: why.clone() });
+        let error = TaskError { code: ErrorCode::Cancelled, message: why.clone() };
+        self.end_queued(app, false, TaskStatus::Cancelled, error);
         for record in self.queue.list(app, Some(TaskStatus::Running), usize::MAX) {
             let _ = self.cancel_because(&record.id, &why);
         }
@@ -266,11 +279,23 @@ impl Dispatch {
 
     /// Fails the queued tasks of an app that cannot start, saying why.
     pub(crate) fn fail_queued(&self, app: &str, message: String) {
-        self.end_queued(app, TaskStatus::Failed, TaskError { code: ErrorCode::StartFailed, message });
+        self.end_queued(app, false, TaskStatus::Failed, TaskError { code: ErrorCode::StartFailed, message });
     }
 
-    fn end_queued(&self, app: &str, status: TaskStatus, error: TaskError) {
-        for record in self.queue.end_queued(app, status, error, now_ms()) {
+    /// Node shutdown: calls are refused from now on, calls still queued end
+    /// at once (no replica will take them), and long-polls answer with the
+    /// task as it is. Tasks submitted to the queue stay for the next start.
+    pub(crate) fn close(&self, apps: &[String]) {
+        let _ = self.closing.send(true);
+        let message = "the node is shutting down before the call could run; call again once it is back".to_owned();
+        for app in apps {
+            let error = TaskError { code: ErrorCode::ShuttingDown, message: message.clone() };
+            self.end_queued(app, true, TaskStatus::Cancelled, error);
+        }
+    }
+
+    fn end_queued(&self, app: &str, calls_only: bool, status: TaskStatus, error: TaskError) {
+        for record in self.queue.end_queued(app, calls_only, status, error, now_ms()) {
             self.resolve(&record);
         }
     }

@@ -420,9 +420,21 @@ impl Queue for EmbeddedQueue {
             .collect()
     }
 
-    fn end_queued(&self, app: &str, status: TaskStatus, error: TaskError, now: u64) -> Vec<TaskRecord> {
+    fn end_queued(
+        &self,
+        app: &str,
+        calls_only: bool,
+        status: TaskStatus,
+        error: TaskError,
+        now: u64,
+    ) -> Vec<TaskRecord> {
         let mut inner = self.inner.lock().unwrap();
         let queued: Vec<String> = inner.queued.remove(app).map(Vec::from).unwrap_or_default();
+        let (kept, queued): (Vec<String>, Vec<String>) =
+            queued.into_iter().partition(|id| calls_only && inner.tasks.get(id).is_some_and(|e| e.record.durable));
+        if !kept.is_empty() {
+            inner.queued.insert(app.to_owned(), kept.into());
+        }
         queued
             .iter()
             .filter_map(|id| {

@@ -64,7 +64,7 @@ names!(TaskStatus {
 names!(ErrorCode {
     BadInput = "BAD_INPUT", GuestError = "GUEST_ERROR", GuestTrap = "GUEST_TRAP", OutOfMemory = "OUT_OF_MEMORY",
     Timeout = "TIMEOUT", ReplicaLost = "REPLICA_LOST", ResultTooLarge = "RESULT_TOO_LARGE", StartFailed = "START_FAILED",
-    Cancelled = "CANCELLED", Expired = "EXPIRED",
+    Cancelled = "CANCELLED", Expired = "EXPIRED", ShuttingDown = "SHUTTING_DOWN",
 });
 
 impl TaskStatus {
@@ -105,6 +105,8 @@ pub(crate) enum ErrorCode {
     StartFailed,
     Cancelled,
     Expired,
+    /// The node is stopping and will not run the call.
+    ShuttingDown,
 }
 
 /// What a caller sees of a task.
@@ -200,6 +202,10 @@ pub(crate) enum QueueError {
     AlreadyEnded { id: TaskId, status: TaskStatus },
     #[error("the task store could not save the task; see the node's log (is the data dir's disk full?)")]
     Store,
+    #[error(
+        "the node is shutting down and takes no more calls; call again once it is back (tasks sent to /tasks are kept)"
+    )]
+    ShuttingDown,
 }
 
 /// What cancelling did.
@@ -251,8 +257,16 @@ pub(crate) trait Queue: Send + Sync + 'static {
     /// Resolves once every change made so far is durable (at once for a
     /// store that keeps nothing); an error if it could not be made durable.
     fn sync(&self) -> oneshot::Receiver<()>;
-    /// Ends every queued task of `app` with `status` and `error`.
-    fn end_queued(&self, app: &str, status: TaskStatus, error: TaskError, now: u64) -> Vec<TaskRecord>;
+    /// Ends every queued task of `app` with `status` and `error`; with
+    /// `calls_only`, only those whose caller waits (not durable).
+    fn end_queued(
+        &self,
+        app: &str,
+        calls_only: bool,
+        status: TaskStatus,
+        error: TaskError,
+        now: u64,
+    ) -> Vec<TaskRecord>;
 }
 
 /// Milliseconds since the Unix epoch: the queue's clock.

@@ -121,6 +121,11 @@ impl Supervisor {
         }
     }
 
+    /// Whether [`Supervisor::stop_all`] was called.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
     /// Whether every replica has exited (after [`Supervisor::stop_all`]).
     pub(crate) fn all_stopped(&self) -> bool {
         let apps = self.apps.lock().unwrap();
