@@ -80,6 +80,8 @@ async fn deliver(http: reqwest::Client, url: String, secret: String, record: &Ta
                 return;
             }
             Ok(response) => format!("HTTP {}", response.status()),
+            Err(e) if e.is_timeout() => format!("no answer within {REQUEST_TIMEOUT:?}"),
+            Err(e) if e.is_connect() => format!("could not connect: {e}"),
             Err(e) => e.to_string(),
         };
         tracing::warn!(task = %record.id, %url, attempt, "callback failed: {failure}");
