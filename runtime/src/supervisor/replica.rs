@@ -128,7 +128,8 @@ pub(crate) fn spawn(plan: Plan) -> ReplicaHandle {
     let info = Arc::new(Mutex::new(ReplicaInfo {
         id: plan.spec.replica.clone(),
         version: plan.spec.version,
-        state: ReplicaState::Pending,
+        // Placed at once when it fits; `place` says pending when it does not.
+        state: ReplicaState::Starting,
         workers: plan.spec.workers,
         pid: None,
         started_at: None,
@@ -180,6 +181,7 @@ async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receive
             }
             Err(reason) => {
                 let mut info = info.lock().unwrap();
+                info.state = ReplicaState::Pending;
                 if info.pending_reason.as_ref() != Some(&reason) {
                     tracing::info!(app = %plan.spec.app, replica = %plan.spec.replica, "replica pending: {reason}");
                 }
