@@ -328,6 +328,25 @@ fn a_killed_replica_is_replaced_and_its_task_retried() {
 }
 
 #[test]
+fn a_replica_restarted_after_a_crash_is_not_busy_with_its_lost_tasks() {
+    let server = Server::start("crash-busy", &[]);
+    server.deploy_guest("sleep", "sleep", Some("[runtime]\nworkers = 2\n[task_queue]\nretries = 0\n"));
+    let ids: Vec<String> = (0..2).map(|_| submit(&server, "sleep", r#"{"ms": 60000}"#)).collect();
+    for id in &ids {
+        let running = || (server.get(&format!("/v1/tasks/{id}"))["status"] == "RUNNING").then_some(());
+        wait_for("the task to run", LONG, running);
+    }
+    kill9(ready_pids(&server.status("sleep"))[0]);
+    for id in &ids {
+        assert_eq!(server.get(&format!("/v1/tasks/{id}?wait=60s"))["status"], "FAILED");
+    }
+    // Its busy count drives scale-down and keep_warm: it must not keep the lost tasks.
+    server.wait_status("sleep", "the new replica, idle", LONG, |s| {
+        s["replicas"][0]["state"] == "ready" && s["replicas"][0]["busy"] == 0
+    });
+}
+
+#[test]
 fn a_hung_replica_is_killed_and_its_task_retried() {
     let server = Server::start("hung", &[]);
     server.deploy_guest("sleep", "sleep", Some("[runtime]\ntimeout = \"3s\"\n[task_queue]\nretries = 1\n"));
@@ -454,6 +473,24 @@ fn a_node_stopped_by_sigterm_lets_its_replicas_finish_their_tasks() {
     assert_eq!(record["attempts"], 1, "{record}");
     assert_eq!(result(&server, &id)["slept_ms"].as_u64().map(|ms| ms >= 1500), Some(true));
     assert_eq!(result(&server, &queued)["slept_ms"].as_u64().map(|ms| ms >= 1), Some(true), "kept, then run");
+}
+
+#[test]
+fn sigterm_with_no_request_open_still_lets_running_tasks_finish() {
+    // No connection open when the signal comes: the HTTP server ends at
+    // once, and the replicas must be drained all the same.
+    let server = Server::start("shutdown-idle", &[]);
+    server.deploy_guest("sleep", "sleep", Some("[runtime]\nworkers = 2\n[task_queue]\nretries = 0\n"));
+    let ids: Vec<String> = (0..2).map(|_| submit(&server, "sleep", r#"{"ms": 1500}"#)).collect();
+    for id in &ids {
+        let running = || (server.get(&format!("/v1/tasks/{id}"))["status"] == "RUNNING").then_some(());
+        wait_for("the task to run", LONG, running);
+    }
+    let server = Server::start_in(server.terminate(), &[]);
+    for id in &ids {
+        let record = server.get(&format!("/v1/tasks/{id}"));
+        assert_eq!((&record["status"], &record["attempts"]), (&Value::from("COMPLETE"), &Value::from(1)), "{record}");
+    }
 }
 
 #[test]

@@ -175,8 +175,11 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     let mut server = tokio::spawn(server);
     let mut signalled = stopped;
     tokio::select! {
-        result = &mut server => return result.context("the HTTP server stopped")?.context("the HTTP server failed"),
+        // The server also ends at the signal (when no request is open): the
+        // replicas must be drained all the same.
+        biased;
         _ = signalled.wait_for(|stopped| *stopped) => {}
+        result = &mut server => return result.context("the HTTP server stopped")?.context("the HTTP server failed"),
     }
     drain(&node, options.shutdown_grace).await;
     // Calls whose tasks just ended still get their answers written; calls

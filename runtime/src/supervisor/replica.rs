@@ -581,6 +581,7 @@ impl Run<'_> {
             let finish = self.end_streams(seq, Finish::Retryable(TaskError { code: ErrorCode::ReplicaLost, message }));
             self.plan.dispatch.finish(&lease.id, finish);
         }
+        self.set_busy();
     }
 }
 
