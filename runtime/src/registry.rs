@@ -339,8 +339,13 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Writes `bytes` to `path` through a temporary file and a rename, so a
+/// reader sees the old file or the whole new one. Concurrent writers (two
+/// deploys of one component) each use a temporary file of their own.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
     std::fs::write(&tmp, bytes).with_context(|| format!("failed to write {tmp:?}"))?;
     std::fs::rename(&tmp, path).with_context(|| format!("failed to write {path:?}"))
 }
@@ -348,6 +353,23 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_atomic_writes_of_one_file_all_succeed() {
+        let dir = crate::queue::ScratchStore::new("write-atomic");
+        let path = dir.path().with_file_name("component.wasm");
+        let writers: Vec<_> = (0..8u8)
+            .map(|i| {
+                let path = path.clone();
+                std::thread::spawn(move || write_atomic(&path, &vec![i; 1 << 20]))
+            })
+            .collect();
+        for writer in writers {
+            writer.join().unwrap().unwrap();
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.len() == 1 << 20 && bytes.iter().all(|b| *b == bytes[0]), "one writer's whole file");
+    }
 
     #[test]
     fn names() {
