@@ -333,8 +333,7 @@ fn a_replica_restarted_after_a_crash_is_not_busy_with_its_lost_tasks() {
     server.deploy_guest("sleep", "sleep", Some("[runtime]\nworkers = 2\n[task_queue]\nretries = 0\n"));
     let ids: Vec<String> = (0..2).map(|_| submit(&server, "sleep", r#"{"ms": 60000}"#)).collect();
     for id in &ids {
-        let running = || (server.get(&format!("/v1/tasks/{id}"))["status"] == "RUNNING").then_some(());
-        wait_for("the task to run", LONG, running);
+        wait_running(&server, id);
     }
     kill9(ready_pids(&server.status("sleep"))[0]);
     for id in &ids {
@@ -352,8 +351,7 @@ fn a_hung_replica_is_killed_and_its_task_retried() {
     server.deploy_guest("sleep", "sleep", Some("[runtime]\ntimeout = \"3s\"\n[task_queue]\nretries = 1\n"));
     let submit = server.http.post(server.url("/v1/apps/sleep/tasks")).body(r#"{"ms": 1000}"#).send().unwrap();
     let id = submit.json::<Value>().unwrap()["task_id"].as_str().unwrap().to_owned();
-    let running = || (server.get(&format!("/v1/tasks/{id}"))["status"] == "RUNNING").then_some(());
-    wait_for("the task to run", LONG, running);
+    wait_running(&server, &id);
     let pid = ready_pids(&server.status("sleep"))[0];
     // Stopped, the replica can neither finish the task nor stop it at its
     // timeout: the node must notice on its own.
@@ -417,8 +415,7 @@ fn a_task_cancelled_on_a_draining_replica_stops_at_once() {
     let config = "[runtime]\nworkers = 1\ntimeout = \"600s\"\n[task_queue]\nretries = 0\n";
     server.deploy_guest("spin", "guest-spin", Some(config));
     let id = submit(&server, "spin", "{}");
-    let running = || (server.get(&format!("/v1/tasks/{id}"))["status"] == "RUNNING").then_some(());
-    wait_for("the task to run", LONG, running);
+    wait_running(&server, &id);
     let old = ready_pids(&server.status("spin"))[0];
     // A new version: the old replica drains, finishing what it runs...
     server.deploy_guest("spin", "guest-spin", Some(config));
@@ -448,8 +445,7 @@ fn a_node_stopped_by_sigterm_lets_its_replicas_finish_their_tasks() {
     let server = Server::start("shutdown", &[]);
     server.deploy_guest("sleep", "sleep", Some("[runtime]\nworkers = 1\n[task_queue]\nretries = 0\n"));
     let id = submit(&server, "sleep", r#"{"ms": 1500}"#);
-    let running = || (server.get(&format!("/v1/tasks/{id}"))["status"] == "RUNNING").then_some(());
-    wait_for("the task to run", LONG, running);
+    wait_running(&server, &id);
     // Behind it: a queued task, long-polled, and a call whose caller waits.
     let queued = submit(&server, "sleep", r#"{"ms": 1}"#);
     let client = || reqwest::blocking::Client::builder().timeout(LONG).build().unwrap();
@@ -483,8 +479,7 @@ fn sigterm_with_no_request_open_still_lets_running_tasks_finish() {
     server.deploy_guest("sleep", "sleep", Some("[runtime]\nworkers = 2\n[task_queue]\nretries = 0\n"));
     let ids: Vec<String> = (0..2).map(|_| submit(&server, "sleep", r#"{"ms": 1500}"#)).collect();
     for id in &ids {
-        let running = || (server.get(&format!("/v1/tasks/{id}"))["status"] == "RUNNING").then_some(());
-        wait_for("the task to run", LONG, running);
+        wait_running(&server, id);
     }
     let server = Server::start_in(server.terminate(), &[]);
     for id in &ids {
@@ -506,4 +501,11 @@ fn apps_survive_a_node_restart_and_replicas_die_with_their_node() {
     let (status, body) = server.invoke_json("hello", r#"{"name":"again"}"#);
     assert_eq!((status, &body["message"]), (200, &Value::from("Hello, again!")));
     assert_eq!(server.status("hello")["version"], 1);
+}
+
+/// Waits until task `id` runs (or was sent to a replica to run).
+fn wait_running(server: &Server, id: &str) {
+    wait_for(&format!("task {id} to run"), LONG, || {
+        (server.get(&format!("/v1/tasks/{id}"))["status"] == "RUNNING").then_some(())
+    });
 }
