@@ -55,7 +55,8 @@ pub(super) fn refuse_without_capacity(node: &Node, name: &str) -> Result<(), Api
 }
 
 /// A task of the `function` app `name` with the request body as input.
-/// `durable`: journal it (queued tasks); `false` for calls whose caller waits.
+/// `durable`: journal it (queued tasks); `false` for calls whose caller waits
+/// (refused when the app has no replica that can run them).
 async fn task_for(
     node: &Node,
     name: &str,
@@ -64,6 +65,9 @@ async fn task_for(
     durable: bool,
 ) -> Result<NewTask, ApiError> {
     let app = app_of_world(node, name, World::Function)?;
+    if !durable {
+        refuse_without_capacity(node, name)?;
+    }
     if let Some(url) = &callback_url {
         crate::config::check_callback_url(url).map_err(|e| ApiError::bad_request(format!("callback_url: {e}")))?;
     }
@@ -99,11 +103,7 @@ pub(super) fn with_task_id(mut response: Response, id: &str) -> Response {
 
 /// `POST /v1/apps/{name}/invoke`: runs the task and answers with its output.
 pub(crate) async fn invoke(State(node): State<Arc<Node>>, Path(name): Path<String>, body: Body) -> Response {
-    let task = match refuse_without_capacity(&node, &name) {
-        Ok(()) => task_for(&node, &name, body, None, false).await,
-        Err(e) => Err(e),
-    };
-    let task = match task {
+    let task = match task_for(&node, &name, body, None, false).await {
         Ok(task) => task,
         Err(e) => return e.into_response(),
     };

@@ -95,7 +95,7 @@ impl Supervisor {
         let mut apps = self.apps.lock().unwrap();
         let name = app.version.name.clone();
         let times = apps.get(&name).map(|a| a.times.clone()).unwrap_or_default();
-        let baseline = if self.closed.load(Ordering::SeqCst) { 0 } else { app.config.autoscaler.baseline_replicas() };
+        let baseline = if self.is_closed() { 0 } else { app.config.autoscaler.baseline_replicas() };
         let current = (0..baseline).map(|_| self.start_replica(app, &times)).collect();
         let previous =
             apps.insert(name, AppReplicas { app: app.clone(), current, draining: Vec::new(), times, last: None });
@@ -233,7 +233,7 @@ impl Supervisor {
     pub(crate) fn apply(&self, name: &str, decision: Decision) {
         let mut apps = self.apps.lock().unwrap();
         let Some(replicas) = apps.get_mut(name) else { return };
-        let starts = if self.closed.load(Ordering::SeqCst) { 0 } else { decision.start };
+        let starts = if self.is_closed() { 0 } else { decision.start };
         for _ in 0..starts {
             let handle = self.start_replica(&replicas.app, &replicas.times);
             replicas.current.push(handle);
@@ -268,7 +268,7 @@ impl Supervisor {
         let mut apps = self.apps.lock().unwrap();
         let replicas = apps.get_mut(name)?;
         let live = replicas.current.iter().filter(|h| !h.is_stopped()).count();
-        if live as u32 >= replicas.app.config.autoscaler.max_replicas() || self.closed.load(Ordering::SeqCst) {
+        if live as u32 >= replicas.app.config.autoscaler.max_replicas() || self.is_closed() {
             return Some(false);
         }
         let handle = self.start_replica(&replicas.app, &replicas.times);
