@@ -81,12 +81,16 @@ pub fn wasm(guest: &str) -> PathBuf {
     guests().join(format!("{file}.wasm"))
 }
 
-/// A running `beamlet serve`, killed when dropped.
+/// A running `beamlet serve`, killed when dropped. A test that passes leaves
+/// no data dir behind (each holds compiled components); a failing one keeps
+/// it and its log under target/e2e-data for a look.
 pub struct Server {
     child: Child,
     pub base: String,
     pub data_dir: PathBuf,
     pub http: Client,
+    /// The data dir goes on to another node ([`Server::kill`], [`Server::terminate`]).
+    handed_on: bool,
 }
 
 fn log_path(data_dir: &Path) -> PathBuf {
@@ -135,7 +139,7 @@ impl Server {
         // No pooled connections: a server may close one after refusing an
         // oversized body, and a test must not trip over that reuse.
         let http = Client::builder().timeout(Duration::from_secs(120)).pool_max_idle_per_host(0).build().unwrap();
-        Self { child, base, data_dir, http }
+        Self { child, base, data_dir, http, handed_on: false }
     }
 
     /// What the node (and its replicas) logged so far.
@@ -147,6 +151,7 @@ impl Server {
     pub fn kill(mut self) -> PathBuf {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.handed_on = true;
         self.data_dir.clone()
     }
 
@@ -157,6 +162,7 @@ impl Server {
         assert_eq!(unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) }, 0);
         let status = self.child.wait().unwrap();
         assert!(status.success(), "serve exited with {status} after SIGTERM:\n{}", self.log());
+        self.handed_on = true;
         self.data_dir.clone()
     }
 
@@ -230,6 +236,10 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if !self.handed_on && !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+            let _ = std::fs::remove_file(log_path(&self.data_dir));
+        }
     }
 }
 
