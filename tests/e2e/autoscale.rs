@@ -99,6 +99,15 @@ fn a_replica_that_does_not_fit_is_pending_until_capacity_frees() {
     assert!(error_message(&body).contains("cores"), "says why: {body}");
     let id = submit(&server, "sleep", r#"{"ms": 1}"#);
     assert_eq!(server.get(&format!("/v1/tasks/{id}"))["status"], "PENDING", "the task waits, it is not dropped");
+    // An app scaled to zero has no replica to be pending when the call
+    // comes: the call is refused once the replica it starts finds no room.
+    let config = "[runtime]\ncpu = 1\n[autoscaler]\nkind = \"queue_depth\"\nmin_replicas = 0\n";
+    server.deploy_guest("cold", "sleep", Some(config));
+    let (status, body) = server.invoke_json("cold", r#"{"ms": 1}"#);
+    assert_eq!((status, error_code(&body)), (503, "NO_CAPACITY"), "{body}");
+    assert!(error_message(&body).contains("cores"), "says why: {body}");
+    let response = server.http.delete(server.url("/v1/apps/cold")).send().unwrap();
+    assert_eq!(response.status(), 200);
     let response = server.http.delete(server.url("/v1/apps/hello")).send().unwrap();
     assert_eq!(response.status(), 200);
     let done = result(&server, &id);

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::policy;
+use crate::gateway::no_capacity;
 use crate::metrics::Metrics;
 use crate::queue::Dispatch;
 use crate::supervisor::Supervisor;
@@ -17,14 +18,28 @@ const DEMAND_INTERVAL: Duration = Duration::from_millis(5);
 pub(crate) async fn run(supervisor: Arc<Supervisor>, dispatch: Arc<Dispatch>, metrics: Arc<Metrics>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_capacity_check = Instant::now();
     loop {
         let demand = dispatch.demand();
         tokio::pin!(demand);
         demand.as_mut().enable();
         // A node shutting down starts nothing, nor logs that it would.
         let apps = if supervisor.is_closed() { Vec::new() } else { supervisor.apps() };
+        let check_capacity = last_capacity_check.elapsed() >= TICK;
+        if check_capacity {
+            last_capacity_check = Instant::now();
+        }
         for name in apps {
-            let Some((sample, config)) = supervisor.sample(&name, dispatch.counts(&name)) else { continue };
+            let counts = dispatch.counts(&name);
+            // A call queued while its app had no replica, whose new replica
+            // then found no room, would wait until its ttl: refuse it.
+            if check_capacity
+                && counts.queued > 0
+                && let Some(reason) = supervisor.no_capacity(&name)
+            {
+                dispatch.refuse_calls(&name, no_capacity(&name, &reason));
+            }
+            let Some((sample, config)) = supervisor.sample(&name, counts) else { continue };
             let decision = policy::decide(&sample, &config, Instant::now());
             if decision.start > 0 || !decision.stop.is_empty() {
                 tracing::info!(app = %name, desired = decision.desired, "scaling: {}", decision.reason);

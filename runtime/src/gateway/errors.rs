@@ -148,6 +148,7 @@ impl From<&TaskError> for ApiError {
             ErrorCode::Cancelled => (StatusCode::CONFLICT, "CANCELLED"),
             ErrorCode::Expired => (StatusCode::SERVICE_UNAVAILABLE, "EXPIRED"),
             ErrorCode::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN"),
+            ErrorCode::NoCapacity => (StatusCode::SERVICE_UNAVAILABLE, "NO_CAPACITY"),
         };
         Self::new(status, code, error.message.clone())
     }

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 pub(crate) use self::errors::ApiError;
+pub(crate) use self::tasks::no_capacity;
 use crate::node::Node;
 
 pub(crate) fn router(node: Arc<Node>) -> Router {

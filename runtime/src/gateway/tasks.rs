@@ -15,7 +15,6 @@ use super::{ApiError, read_body};
 use crate::node::Node;
 use crate::queue::{Ended, NewTask, TaskRecord, TaskStatus, new_task_id};
 use crate::registry::{App, World};
-use crate::supervisor::ReplicaState;
 
 pub(super) const TASK_ID_HEADER: &str = "x-beamlet-task-id";
 /// The longest `?wait=` a status call may hold.
@@ -38,20 +37,18 @@ pub(super) fn app_of_world(node: &Node, name: &str, world: World) -> Result<App,
 /// A call whose caller waits is refused at once when every replica of the
 /// app waits for capacity (a GPU, cores, memory): it could otherwise wait
 /// until its `ttl`. Tasks submitted to `/tasks` wait for capacity instead.
+/// (A call queued while the app had no replica yet is refused by the
+/// autoscaler's loop once the replica it started turns out pending.)
 pub(super) fn refuse_without_capacity(node: &Node, name: &str) -> Result<(), ApiError> {
-    let replicas = node.supervisor.replicas(name);
-    let Some(first) = replicas.first() else { return Ok(()) };
-    if replicas.iter().any(|replica| replica.state != ReplicaState::Pending) {
-        return Ok(());
+    match node.supervisor.no_capacity(name) {
+        Some(reason) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "NO_CAPACITY", no_capacity(name, &reason))),
+        None => Ok(()),
     }
-    Err(ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "NO_CAPACITY",
-        format!(
-            "app {name:?} has no replica that can run the call: {}; submit it to /tasks to wait for one",
-            first.pending_reason.as_deref().unwrap_or("its replicas are pending")
-        ),
-    ))
+}
+
+/// The message of a call refused for want of capacity.
+pub(crate) fn no_capacity(name: &str, reason: &str) -> String {
+    format!("app {name:?} has no replica that can run the call: {reason}; submit it to /tasks to wait for one")
 }
 
 /// A task of the `function` app `name` with the request body as input.

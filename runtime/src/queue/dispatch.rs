@@ -282,6 +282,12 @@ impl Dispatch {
         self.end_queued(app, false, TaskStatus::Failed, TaskError { code: ErrorCode::StartFailed, message });
     }
 
+    /// Ends the app's queued calls (their callers wait) with `message`: no
+    /// replica can run them. Queued tasks wait for capacity.
+    pub(crate) fn refuse_calls(&self, app: &str, message: String) {
+        self.end_queued(app, true, TaskStatus::Failed, TaskError { code: ErrorCode::NoCapacity, message });
+    }
+
     /// Node shutdown: calls are refused from now on, calls still queued end
     /// at once (no replica will take them), and long-polls answer with the
     /// task as it is. Tasks submitted to the queue stay for the next start.

@@ -64,7 +64,7 @@ names!(TaskStatus {
 names!(ErrorCode {
     BadInput = "BAD_INPUT", GuestError = "GUEST_ERROR", GuestTrap = "GUEST_TRAP", OutOfMemory = "OUT_OF_MEMORY",
     Timeout = "TIMEOUT", ReplicaLost = "REPLICA_LOST", ResultTooLarge = "RESULT_TOO_LARGE", StartFailed = "START_FAILED",
-    Cancelled = "CANCELLED", Expired = "EXPIRED", ShuttingDown = "SHUTTING_DOWN",
+    Cancelled = "CANCELLED", Expired = "EXPIRED", ShuttingDown = "SHUTTING_DOWN", NoCapacity = "NO_CAPACITY",
 });
 
 impl TaskStatus {
@@ -107,6 +107,8 @@ pub(crate) enum ErrorCode {
     Expired,
     /// The node is stopping and will not run the call.
     ShuttingDown,
+    /// Every replica of the app waits for capacity: the call is refused.
+    NoCapacity,
 }
 
 /// What a caller sees of a task.

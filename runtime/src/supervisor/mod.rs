@@ -199,6 +199,18 @@ impl Supervisor {
             .collect()
     }
 
+    /// Why no replica of `name` can run a call now: it has replicas and every
+    /// one waits for capacity (a GPU, cores, memory). `None` when one runs,
+    /// starts or drains, or when it has none yet (the autoscaler starts one).
+    pub(crate) fn no_capacity(&self, name: &str) -> Option<String> {
+        let replicas = self.replicas(name);
+        let first = replicas.first()?;
+        if replicas.iter().any(|replica| replica.state != ReplicaState::Pending) {
+            return None;
+        }
+        Some(first.pending_reason.clone().unwrap_or_else(|| "its replicas are pending".to_owned()))
+    }
+
     /// What the autoscaler needs to decide for `name`.
     pub(crate) fn sample(&self, name: &str, counts: Counts) -> Option<(Sample, AutoscalerConfig)> {
         let apps = self.apps.lock().unwrap();
