@@ -1,11 +1,14 @@
 //! The CPU backend: buffers in host memory, GEMM by `matrixmultiply`
 //! (f16/bf16 computed in f32, as tensor cores accumulate), the same checks
-//! and errors as a GPU. Streams are trivial: every op runs when called, so
-//! `synchronize` has nothing to wait for. Custom kernels are `unavailable`.
+//! and errors as a GPU. Each stream is a thread that runs its work in order,
+//! as a GPU stream does: an op is checked and queued at once, `synchronize`
+//! and `read` wait for it at most their timeout, and one worker's long GEMM
+//! holds back no other worker. Custom kernels are `unavailable`.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use half::{bf16, f16};
 
@@ -30,22 +33,6 @@ impl Data {
         }
     }
 
-    fn dtype(&self) -> DType {
-        match self {
-            Data::F32(_) => DType::F32,
-            Data::F16(_) => DType::F16,
-            Data::BF16(_) => DType::BF16,
-        }
-    }
-
-    fn len(&self) -> u64 {
-        (match self {
-            Data::F32(v) => v.len(),
-            Data::F16(v) => v.len(),
-            Data::BF16(v) => v.len(),
-        }) as u64
-    }
-
     fn to_f32(&self) -> Vec<f32> {
         match self {
             Data::F32(v) => v.clone(),
@@ -63,6 +50,109 @@ impl Data {
     }
 }
 
+/// A buffer: its type and length are fixed, so ops are checked without
+/// touching its elements, which only its stream's thread reads and writes.
+#[derive(Clone)]
+struct Buffer {
+    dtype: DType,
+    len: u64,
+    data: Arc<Mutex<Data>>,
+}
+
+impl Buffer {
+    fn shape(&self) -> (DType, u64) {
+        (self.dtype, self.len)
+    }
+
+    fn values(&self) -> Vec<f32> {
+        self.data.lock().unwrap().to_f32()
+    }
+
+    /// Runs `f` on the elements as f32, writing them back.
+    fn map_f32(&self, f: impl FnOnce(&mut [f32])) {
+        let mut data = self.data.lock().unwrap();
+        let mut values = data.to_f32();
+        f(&mut values);
+        data.set_f32(&values);
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A stream: work queued to its thread, and how far that thread has got.
+struct Stream {
+    jobs: mpsc::Sender<Job>,
+    progress: Arc<Progress>,
+}
+
+#[derive(Default)]
+struct Progress {
+    state: Mutex<Counts>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Counts {
+    queued: u64,
+    done: u64,
+    /// A job panicked: the stream is lost, as a GPU's after a fault.
+    failed: Option<String>,
+}
+
+impl Stream {
+    fn open() -> Result<Self> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let progress = Arc::new(Progress::default());
+        let shared = progress.clone();
+        std::thread::Builder::new()
+            .name("cpu-gpu-stream".into())
+            .spawn(move || {
+                for job in queue {
+                    let outcome = std::panic::catch_unwind(AssertUnwindSafe(job));
+                    let mut counts = shared.state.lock().unwrap();
+                    counts.done += 1;
+                    if let Err(panic) = outcome {
+                        let message = panic.downcast_ref::<&str>().map(|s| s.to_string());
+                        counts.failed.get_or_insert(message.unwrap_or_else(|| "an op panicked".into()));
+                    }
+                    shared.changed.notify_all();
+                }
+            })
+            .map_err(|e| GpuError::Unavailable(format!("failed to start a stream thread: {e}")))?;
+        Ok(Self { jobs, progress })
+    }
+
+    fn queue(&self, job: impl FnOnce() + Send + 'static) -> Result<()> {
+        self.progress.state.lock().unwrap().queued += 1;
+        self.jobs.send(Box::new(job)).map_err(|_| GpuError::DeviceLost("the stream's thread is gone".into()))
+    }
+
+    /// Waits until the work queued so far has run, at most `timeout`.
+    fn wait(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now().checked_add(timeout);
+        let mut counts = self.progress.state.lock().unwrap();
+        let target = counts.queued;
+        loop {
+            if let Some(message) = &counts.failed {
+                return Err(GpuError::DeviceLost(message.clone()));
+            }
+            if counts.done >= target {
+                return Ok(());
+            }
+            counts = match deadline {
+                None => self.progress.changed.wait(counts).unwrap(),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(GpuError::Timeout);
+                    }
+                    self.progress.changed.wait_timeout(counts, left).unwrap().0
+                }
+            };
+        }
+    }
+}
+
 pub struct CpuBackend {
     name: String,
     memory_bytes: u64,
@@ -71,8 +161,10 @@ pub struct CpuBackend {
 
 #[derive(Default)]
 struct State {
-    buffers: HashMap<BufferId, Data>,
-    streams: HashSet<StreamId>,
+    buffers: HashMap<BufferId, Buffer>,
+    /// Shared with the calls waiting on them; a closed stream's thread ends
+    /// once its queued work has run.
+    streams: HashMap<StreamId, Arc<Stream>>,
     next: u64,
     used: u64,
 }
@@ -87,27 +179,13 @@ impl CpuBackend {
         Self { name: name.into(), memory_bytes, state: Mutex::default() }
     }
 
-    /// Runs `f` on a buffer's values as f32, writing them back.
-    fn map_f32(&self, id: BufferId, f: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<()> {
-        let mut state = self.state.lock().unwrap();
-        let data = state.buffers.get_mut(&id).ok_or_else(|| unknown(id))?;
-        let mut values = data.to_f32();
-        f(&mut values)?;
-        data.set_f32(&values);
-        Ok(())
+    fn buffer(&self, id: BufferId) -> Result<Buffer> {
+        self.state.lock().unwrap().buffers.get(&id).cloned().ok_or_else(|| unknown(id))
     }
 
-    fn values(&self, id: BufferId) -> Result<(DType, Vec<f32>)> {
+    fn stream(&self, stream: StreamId) -> Result<Arc<Stream>> {
         let state = self.state.lock().unwrap();
-        let data = state.buffers.get(&id).ok_or_else(|| unknown(id))?;
-        Ok((data.dtype(), data.to_f32()))
-    }
-
-    fn stream(&self, stream: StreamId) -> Result<()> {
-        if !self.state.lock().unwrap().streams.contains(&stream) {
-            return Err(GpuError::InvalidArgument(format!("no stream {}", stream.0)));
-        }
-        Ok(())
+        state.streams.get(&stream).cloned().ok_or_else(|| GpuError::InvalidArgument(format!("no stream {}", stream.0)))
     }
 }
 
@@ -134,10 +212,11 @@ impl Backend for CpuBackend {
     }
 
     fn open_stream(&self) -> Result<StreamId> {
+        let opened = Arc::new(Stream::open()?);
         let mut state = self.state.lock().unwrap();
         state.next += 1;
         let id = StreamId(state.next);
-        state.streams.insert(id);
+        state.streams.insert(id, opened);
         Ok(id)
     }
 
@@ -145,47 +224,52 @@ impl Backend for CpuBackend {
         self.state.lock().unwrap().streams.remove(&stream);
     }
 
-    fn synchronize(&self, stream: StreamId, _timeout: Duration) -> Result<()> {
-        self.stream(stream)
+    fn synchronize(&self, stream: StreamId, timeout: Duration) -> Result<()> {
+        self.stream(stream)?.wait(timeout)
     }
 
     fn alloc(&self, stream: StreamId, dtype: DType, len: u64) -> Result<BufferId> {
         self.stream(stream)?;
         let bytes = checks::bytes(dtype, len)?;
-        let mut state = self.state.lock().unwrap();
-        if state.used.checked_add(bytes).is_none_or(|total| total > self.memory_bytes) {
-            return Err(GpuError::OutOfMemory { requested: bytes });
+        let elements = index(len, "length")?;
+        {
+            let mut state = self.state.lock().unwrap();
+            if state.used.checked_add(bytes).is_none_or(|total| total > self.memory_bytes) {
+                return Err(GpuError::OutOfMemory { requested: bytes });
+            }
+            state.used += bytes;
         }
-        let data = Data::zeroed(dtype, index(len, "length")?);
-        state.used += bytes;
+        // Zeroed pages come from the OS lazily: cheap outside the lock.
+        let buffer = Buffer { dtype, len, data: Arc::new(Mutex::new(Data::zeroed(dtype, elements))) };
+        let mut state = self.state.lock().unwrap();
         state.next += 1;
         let id = BufferId(state.next);
-        state.buffers.insert(id, data);
+        state.buffers.insert(id, buffer);
         Ok(id)
     }
 
+    /// The handle is gone at once; the elements go once the work queued
+    /// before has run (it holds them until then).
     fn free(&self, stream: StreamId, id: BufferId) -> Result<()> {
         self.stream(stream)?;
         let mut state = self.state.lock().unwrap();
-        let data = state.buffers.remove(&id).ok_or_else(|| unknown(id))?;
-        state.used -= data.len() * data.dtype().size() as u64;
+        let buffer = state.buffers.remove(&id).ok_or_else(|| unknown(id))?;
+        state.used -= buffer.len * buffer.dtype.size() as u64;
         Ok(())
     }
 
     fn describe(&self, id: BufferId) -> Result<(DType, u64)> {
-        let state = self.state.lock().unwrap();
-        let data = state.buffers.get(&id).ok_or_else(|| unknown(id))?;
-        Ok((data.dtype(), data.len()))
+        self.buffer(id).map(|buffer| buffer.shape())
     }
 
     fn write(&self, stream: StreamId, id: BufferId, offset: u64, bytes: &[u8], _timeout: Duration) -> Result<()> {
-        self.stream(stream)?;
-        let mut state = self.state.lock().unwrap();
-        let data = state.buffers.get_mut(&id).ok_or_else(|| unknown(id))?;
-        let count = checks::write_elements(data.dtype(), bytes.len())?;
-        checks::range("write", offset, count, data.len())?;
+        let stream = self.stream(stream)?;
+        let buffer = self.buffer(id)?;
+        let count = checks::write_elements(buffer.dtype, bytes.len())?;
+        checks::range("write", offset, count, buffer.len)?;
         let start = index(offset, "offset")?;
-        match data {
+        let bytes = bytes.to_vec();
+        stream.queue(move || match &mut *buffer.data.lock().unwrap() {
             Data::F32(v) => bytes.chunks_exact(4).zip(&mut v[start..]).for_each(|(b, x)| {
                 *x = f32::from_le_bytes(b.try_into().expect("chunks of 4"));
             }),
@@ -195,117 +279,125 @@ impl Backend for CpuBackend {
             Data::BF16(v) => bytes.chunks_exact(2).zip(&mut v[start..]).for_each(|(b, x)| {
                 *x = bf16::from_le_bytes(b.try_into().expect("chunks of 2"));
             }),
-        }
-        Ok(())
-    }
-
-    fn read(&self, stream: StreamId, id: BufferId, offset: u64, len: u64, _timeout: Duration) -> Result<Vec<u8>> {
-        self.stream(stream)?;
-        let state = self.state.lock().unwrap();
-        let data = state.buffers.get(&id).ok_or_else(|| unknown(id))?;
-        checks::range("read", offset, len, data.len())?;
-        let (start, end) = (index(offset, "offset")?, index(offset + len, "length")?);
-        Ok(match data {
-            Data::F32(v) => v[start..end].iter().flat_map(|x| x.to_le_bytes()).collect(),
-            Data::F16(v) => v[start..end].iter().flat_map(|x| x.to_le_bytes()).collect(),
-            Data::BF16(v) => v[start..end].iter().flat_map(|x| x.to_le_bytes()).collect(),
         })
     }
 
+    fn read(&self, stream: StreamId, id: BufferId, offset: u64, len: u64, timeout: Duration) -> Result<Vec<u8>> {
+        let stream = self.stream(stream)?;
+        let buffer = self.buffer(id)?;
+        checks::range("read", offset, len, buffer.len)?;
+        let (start, end) = (index(offset, "offset")?, index(offset + len, "length")?);
+        let (sender, bytes) = mpsc::sync_channel(1);
+        stream.queue(move || {
+            let read = match &*buffer.data.lock().unwrap() {
+                Data::F32(v) => v[start..end].iter().flat_map(|x| x.to_le_bytes()).collect(),
+                Data::F16(v) => v[start..end].iter().flat_map(|x| x.to_le_bytes()).collect(),
+                Data::BF16(v) => v[start..end].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
+            };
+            let _ = sender.send(read);
+        })?;
+        stream.wait(timeout)?;
+        bytes.recv().map_err(|_| GpuError::DeviceLost("the stream dropped a read".into()))
+    }
+
     fn gemm(&self, stream: StreamId, args: &GemmArgs) -> Result<()> {
-        self.stream(stream)?;
-        let (a_type, a) = self.values(args.a)?;
-        let (b_type, b) = self.values(args.b)?;
-        let c = self.describe(args.c)?;
-        args.check_buffers((a_type, a.len() as u64), (b_type, b.len() as u64), c)?;
+        let stream = self.stream(stream)?;
+        let (a, b, c) = (self.buffer(args.a)?, self.buffer(args.b)?, self.buffer(args.c)?);
+        args.check_buffers(a.shape(), b.shape(), c.shape())?;
         let (m, n, k) = (index(args.m, "m")?, index(args.n, "n")?, index(args.k, "k")?);
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
         let (lda, ldb, ldc) = (args.lda as isize, args.ldb as isize, args.ldc as isize);
         // Column-major strides: element (i, j) at i * row_stride + j * col_stride.
         let (rsa, csa) = if args.trans_a { (lda, 1) } else { (1, lda) };
         let (rsb, csb) = if args.trans_b { (ldb, 1) } else { (1, ldb) };
-        self.map_f32(args.c, |c| {
-            if m == 0 || n == 0 {
-                return Ok(());
-            }
-            // SAFETY: `check` proved every strided index of a (m x k), b (k x n)
-            // and c (m x n) lies inside these slices, and c is a distinct buffer.
-            unsafe {
-                matrixmultiply::sgemm(
-                    m,
-                    k,
-                    n,
-                    args.alpha,
-                    a.as_ptr(),
-                    rsa,
-                    csa,
-                    b.as_ptr(),
-                    rsb,
-                    csb,
-                    args.beta,
-                    c.as_mut_ptr(),
-                    1,
-                    ldc,
-                );
-            }
-            Ok(())
+        let (alpha, beta) = (args.alpha, args.beta);
+        stream.queue(move || {
+            let (a, b) = (a.values(), b.values());
+            c.map_f32(|c| {
+                // SAFETY: `check_buffers` proved every strided index of a
+                // (m x k), b (k x n) and c (m x n) lies inside these slices,
+                // and c is a distinct buffer.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        m,
+                        k,
+                        n,
+                        alpha,
+                        a.as_ptr(),
+                        rsa,
+                        csa,
+                        b.as_ptr(),
+                        rsb,
+                        csb,
+                        beta,
+                        c.as_mut_ptr(),
+                        1,
+                        ldc,
+                    );
+                }
+            });
         })
     }
 
     fn binary(&self, stream: StreamId, op: BinaryOp, a: BufferId, b: BufferId, out: BufferId) -> Result<()> {
-        self.stream(stream)?;
-        let (a_type, a) = self.values(a)?;
-        let (b_type, b) = self.values(b)?;
-        checks::binary((a_type, a.len() as u64), (b_type, b.len() as u64), self.describe(out)?)?;
-        self.map_f32(out, |out| {
-            for ((o, x), y) in out.iter_mut().zip(&a).zip(&b) {
-                *o = match op {
-                    BinaryOp::Add => x + y,
-                    BinaryOp::Mul => x * y,
-                };
-            }
-            Ok(())
+        let stream = self.stream(stream)?;
+        let (a, b, out) = (self.buffer(a)?, self.buffer(b)?, self.buffer(out)?);
+        checks::binary(a.shape(), b.shape(), out.shape())?;
+        stream.queue(move || {
+            let (a, b) = (a.values(), b.values());
+            out.map_f32(|out| {
+                for ((o, x), y) in out.iter_mut().zip(&a).zip(&b) {
+                    *o = match op {
+                        BinaryOp::Add => x + y,
+                        BinaryOp::Mul => x * y,
+                    };
+                }
+            });
         })
     }
 
     fn add_bias(&self, stream: StreamId, x: BufferId, bias: BufferId, rows: u64, cols: u64) -> Result<()> {
-        self.stream(stream)?;
-        let (bias_type, bias) = self.values(bias)?;
-        checks::add_bias(self.describe(x)?, (bias_type, bias.len() as u64), rows, cols)?;
+        let stream = self.stream(stream)?;
+        let (x, bias) = (self.buffer(x)?, self.buffer(bias)?);
+        checks::add_bias(x.shape(), bias.shape(), rows, cols)?;
         let rows = index(rows, "rows")?;
-        self.map_f32(x, |x| {
-            for column in x.chunks_mut(rows.max(1)) {
-                column.iter_mut().zip(&bias).for_each(|(v, b)| *v += b);
-            }
-            Ok(())
+        stream.queue(move || {
+            let bias = bias.values();
+            x.map_f32(|x| {
+                for column in x.chunks_mut(rows.max(1)) {
+                    column.iter_mut().zip(&bias).for_each(|(v, b)| *v += b);
+                }
+            });
         })
     }
 
     fn relu(&self, stream: StreamId, x: BufferId) -> Result<()> {
-        self.stream(stream)?;
-        self.map_f32(x, |x| {
-            x.iter_mut().for_each(|v| *v = v.max(0.0));
-            Ok(())
-        })
+        let stream = self.stream(stream)?;
+        let x = self.buffer(x)?;
+        stream.queue(move || x.map_f32(|x| x.iter_mut().for_each(|v| *v = v.max(0.0))))
     }
 
     fn softmax_columns(&self, stream: StreamId, x: BufferId, rows: u64, cols: u64) -> Result<()> {
-        self.stream(stream)?;
-        let (_, len) = self.describe(x)?;
-        checks::softmax(len, rows, cols)?;
+        let stream = self.stream(stream)?;
+        let x = self.buffer(x)?;
+        checks::softmax(x.len, rows, cols)?;
         let rows = index(rows, "rows")?;
-        self.map_f32(x, |x| {
-            for column in x.chunks_mut(rows.max(1)) {
-                let max = column.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = column
-                    .iter_mut()
-                    .map(|v| {
-                        *v = (*v - max).exp();
-                        *v
-                    })
-                    .sum();
-                column.iter_mut().for_each(|v| *v /= sum);
-            }
-            Ok(())
+        stream.queue(move || {
+            x.map_f32(|x| {
+                for column in x.chunks_mut(rows.max(1)) {
+                    let max = column.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let sum: f32 = column
+                        .iter_mut()
+                        .map(|v| {
+                            *v = (*v - max).exp();
+                            *v
+                        })
+                        .sum();
+                    column.iter_mut().for_each(|v| *v /= sum);
+                }
+            });
         })
     }
 
@@ -496,6 +588,47 @@ mod tests {
         assert!(matches!(gpu.0.read(closed, id, 0, 1, Duration::MAX), Err(GpuError::InvalidArgument(_))));
         assert!(matches!(gpu.0.synchronize(closed, Duration::ZERO), Err(GpuError::InvalidArgument(_))));
         assert!(gpu.0.synchronize(gpu.1, Duration::ZERO).is_ok());
+    }
+
+    /// Queues a job on `stream` that waits until the returned sender speaks
+    /// (or is dropped): a stream busy for as long as a test wants.
+    fn hold(gpu: &CpuBackend, stream: StreamId) -> mpsc::Sender<()> {
+        let (release, gate) = mpsc::channel::<()>();
+        gpu.stream(stream).unwrap().queue(move || {
+            let _ = gate.recv();
+        })
+        .unwrap();
+        release
+    }
+
+    #[test]
+    fn a_busy_stream_holds_back_only_its_own_work_and_waits_are_bounded() {
+        let gpu = Gpu::new(1 << 20);
+        let id = gpu.alloc(DType::F32, 2).unwrap();
+        let release = hold(&gpu.0, gpu.1);
+        gpu.write(id, 0, &f32s(&[1.0, 2.0])).unwrap();
+        gpu.relu(id).unwrap();
+        let short = Duration::from_millis(20);
+        assert_eq!(gpu.0.synchronize(gpu.1, short), Err(GpuError::Timeout));
+        assert_eq!(gpu.0.read(gpu.1, id, 0, 2, short), Err(GpuError::Timeout));
+
+        // Another worker's stream runs meanwhile.
+        let other = gpu.0.open_stream().unwrap();
+        let theirs = gpu.0.alloc(other, DType::F32, 1).unwrap();
+        gpu.0.write(other, theirs, 0, &f32s(&[5.0]), Duration::MAX).unwrap();
+        assert_eq!(gpu.0.read(other, theirs, 0, 1, Duration::MAX).unwrap(), f32s(&[5.0]));
+
+        release.send(()).unwrap();
+        gpu.0.synchronize(gpu.1, Duration::MAX).unwrap();
+        assert_eq!(read_f32(&gpu, id), vec![1.0, 2.0], "queued work ran in order once the stream freed");
+    }
+
+    #[test]
+    fn a_failed_op_loses_the_stream() {
+        let gpu = Gpu::new(1024);
+        gpu.0.stream(gpu.1).unwrap().queue(|| panic!("simulated fault")).unwrap();
+        let err = gpu.0.synchronize(gpu.1, Duration::MAX).unwrap_err();
+        assert_eq!(err, GpuError::DeviceLost("simulated fault".into()));
     }
 
     #[test]

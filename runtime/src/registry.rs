@@ -72,9 +72,10 @@ pub(crate) enum DeployError {
     BadName(String),
     #[error("the config is not valid: {0}")]
     BadConfig(#[from] config::ConfigError),
-    /// `workers * gpu_memory` is more than any fitting GPU of the node has.
+    /// No GPU of the node fits the app: none of its model, or none with
+    /// `workers * gpu_memory`.
     #[error("{0}")]
-    GpuTooSmall(String),
+    NoFittingGpu(String),
     /// A new version of another world while the app has tasks to run.
     #[error("{0}")]
     WorldChange(String),
@@ -188,7 +189,7 @@ impl Registry {
         validate_name(name)?;
         let config = config::parse(config_toml)?;
         check_fits_node(&config.runtime, node)?;
-        check_gpu_memory(&config.runtime, gpus)?;
+        check_gpu(&config.runtime, gpus)?;
         check_header(wasm)?;
         let digest = hex(&Sha256::digest(wasm));
         let compiled = self.compiled_path(&digest);
@@ -288,14 +289,30 @@ fn check_fits_node(runtime: &config::RuntimeConfig, node: Demand) -> Result<(), 
     Ok(())
 }
 
-/// A GPU app's workers share one GPU: `workers * gpu_memory` must fit the
-/// memory of a GPU of its model. (A node without such a GPU takes the app;
-/// its replicas wait for one.)
-fn check_gpu_memory(runtime: &config::RuntimeConfig, gpus: &Gpus) -> Result<(), DeployError> {
-    let (Some(model), Some(per_worker)) = (&runtime.gpu, runtime.gpu_memory) else { return Ok(()) };
+/// A GPU app needs a GPU of its model on this node, and its workers share
+/// it: `workers * gpu_memory` must fit that GPU's memory. (Refused at deploy,
+/// like cores the node does not have: its replicas would wait forever.)
+fn check_gpu(runtime: &config::RuntimeConfig, gpus: &Gpus) -> Result<(), DeployError> {
+    let Some(model) = &runtime.gpu else { return Ok(()) };
+    let fitting = gpus.devices.iter().filter(|gpu| gpu.is_model(model));
+    let Some(largest) = fitting.max_by_key(|gpu| gpu.memory_bytes) else {
+        return Err(DeployError::NoFittingGpu(if gpus.devices.is_empty() {
+            "[runtime] gpu: this node has no GPU; on a machine without one, run `beamlet serve --gpu-backend cpu \
+             --gpus 1` to serve GPU apps on the CPU backend"
+                .into()
+        } else {
+            let names: Vec<_> = gpus.devices.iter().map(|gpu| gpu.name.as_str()).collect();
+            format!(
+                "[runtime] gpu = {model:?} matches none of this node's GPUs ({}); use gpu = \"any\" or part of one \
+                 of those names",
+                names.join(", ")
+            )
+        }));
+    };
+    let Some(per_worker) = runtime.gpu_memory else { return Ok(()) };
     let needed = per_worker.saturating_mul(u64::from(runtime.workers));
-    match gpus.devices.iter().filter(|gpu| gpu.is_model(model)).max_by_key(|gpu| gpu.memory_bytes) {
-        Some(largest) if largest.memory_bytes < needed => Err(DeployError::GpuTooSmall(format!(
+    match largest {
+        largest if largest.memory_bytes < needed => Err(DeployError::NoFittingGpu(format!(
             "[runtime] workers * gpu_memory = {} * {} = {} is more than the {} of this node's largest fitting GPU \
              ({}); lower gpu_memory or workers",
             runtime.workers,
@@ -412,12 +429,17 @@ mod tests {
         };
         let runtime = |toml: &str| config::parse(toml).unwrap().runtime;
         let app = runtime("[runtime]\nworkers = 4\ngpu = \"any\"\ngpu_memory = \"1Gi\"\n");
-        assert!(check_gpu_memory(&app, &gpus(4 << 30)).is_ok(), "4 x 1Gi fits 4Gi");
-        let DeployError::GpuTooSmall(why) = check_gpu_memory(&app, &gpus(3 << 30)).unwrap_err() else { panic!() };
-        assert!(why.contains("4 * 1Gi = 4Gi") && why.contains("3Gi"), "{why}");
-        assert!(check_gpu_memory(&app, &Gpus::default()).is_ok(), "no GPU here: the replicas wait for one");
-        let other_model = runtime("[runtime]\ngpu = \"H100\"\ngpu_memory = \"64Gi\"\n");
-        assert!(check_gpu_memory(&other_model, &gpus(1 << 30)).is_ok(), "no H100 here to measure against");
+        assert!(check_gpu(&app, &gpus(4 << 30)).is_ok(), "4 x 1Gi fits 4Gi");
+        let why = |result: Result<(), DeployError>| match result {
+            Err(DeployError::NoFittingGpu(why)) => why,
+            other => panic!("{other:?}"),
+        };
+        let too_small = why(check_gpu(&app, &gpus(3 << 30)));
+        assert!(too_small.contains("4 * 1Gi = 4Gi") && too_small.contains("3Gi"), "{too_small}");
+        assert!(why(check_gpu(&app, &Gpus::default())).contains("--gpu-backend cpu"), "no GPU here");
+        let other_model = runtime("[runtime]\ngpu = \"H100\"\n");
+        assert!(why(check_gpu(&other_model, &gpus(1 << 30))).contains("(cpu-backend-0)"), "no H100 here");
+        assert!(check_gpu(&runtime("[runtime]\ngpu = \"CPU-backend\"\n"), &gpus(1 << 30)).is_ok());
     }
 
     #[test]

@@ -107,7 +107,7 @@ impl From<DeployError> for ApiError {
     fn from(error: DeployError) -> Self {
         let code = match &error {
             DeployError::BadName(_) => "BAD_NAME",
-            DeployError::BadConfig(_) | DeployError::GpuTooSmall(_) | DeployError::TooBigForNode(_) => "BAD_CONFIG",
+            DeployError::BadConfig(_) | DeployError::NoFittingGpu(_) | DeployError::TooBigForNode(_) => "BAD_CONFIG",
             DeployError::Empty | DeployError::NotWasm => "NOT_WASM",
             DeployError::CoreModule => "NOT_A_COMPONENT",
             DeployError::Compile(_) => "COMPILE_FAILED",

@@ -34,6 +34,8 @@ pub(crate) struct GpuDemand {
     /// `"any"` or part of a model name such as `"H100"` (case-insensitive).
     pub model: String,
     pub quota_per_worker: u64,
+    /// `workers * gpu_memory`: the GPU must have that much (0: any size).
+    pub memory_needed: u64,
 }
 
 impl NodeGpu {
@@ -134,6 +136,18 @@ impl Capacity {
             return Err(format!("waiting for a {} GPU; this node has {}", want.model, names.join(", ")));
         }
         let model = if want.model.eq_ignore_ascii_case("any") { String::new() } else { format!("{} ", want.model) };
+        // An app deployed where its GPUs were larger (a restart with other
+        // GPUs): deploy checks this, placement must too.
+        let largest = fitting.iter().map(|i| self.gpus.devices[*i].memory_bytes).max().unwrap_or(0);
+        if largest < want.memory_needed {
+            return Err(format!(
+                "waiting for a {model}GPU with {} of memory (workers * gpu_memory); this node's have at most {}",
+                format_size(want.memory_needed),
+                format_size(largest)
+            ));
+        }
+        let fitting: Vec<usize> =
+            fitting.into_iter().filter(|i| self.gpus.devices[*i].memory_bytes >= want.memory_needed).collect();
         fitting.iter().copied().find(|i| !used.gpus[*i]).ok_or_else(|| {
             format!("waiting for a free {model}GPU; all {} of this node's are held by other replicas", fitting.len())
         })
@@ -199,7 +213,7 @@ mod tests {
         };
         let capacity = Capacity::new(Demand { cpu: 8.0, memory: 8 << 30 }, gpus);
         let demand = Demand { cpu: 1.0, memory: 0 };
-        let want = |model: &str| GpuDemand { model: model.into(), quota_per_worker: 1 << 30 };
+        let want = |model: &str| GpuDemand { model: model.into(), quota_per_worker: 1 << 30, memory_needed: 1 << 30 };
         let h100 = capacity.try_reserve(demand, Some(&want("h100"))).unwrap().unwrap();
         assert_eq!((h100.index, h100.backend, h100.quota_per_worker), (0, GpuBackendKind::Cuda, 1 << 30));
         let why = capacity.try_reserve(demand, Some(&want("H100"))).unwrap_err();
@@ -210,6 +224,9 @@ mod tests {
         assert!(capacity.try_reserve(demand, None).unwrap().is_none(), "a CPU app still fits");
         capacity.release(demand, Some(&h100));
         assert_eq!(capacity.try_reserve(demand, Some(&want("H100"))).unwrap().unwrap().index, 0);
+        let huge = GpuDemand { memory_needed: 1 << 40, ..want("any") };
+        let why = capacity.try_reserve(demand, Some(&huge)).unwrap_err();
+        assert!(why.contains("with 1Ti of memory") && why.contains("at most 80Gi"), "{why}");
         let none = Capacity::new(Demand { cpu: 8.0, memory: 8 << 30 }, Gpus::default());
         assert!(none.try_reserve(demand, Some(&want("any"))).unwrap_err().contains("--gpu-backend cpu"));
     }
