@@ -72,6 +72,7 @@ enum Command {
     Deploy {
         /// The .wasm component.
         wasm: PathBuf,
+        /// The app's name: 1-63 lowercase letters, digits and '-'.
         #[arg(long)]
         name: String,
         /// App config (beamlet.toml).
@@ -82,6 +83,7 @@ enum Command {
     },
     /// Call an app and print its output (the REST API).
     Invoke {
+        /// The app.
         name: String,
         /// The input, inline (JSON for SDK handlers).
         #[arg(long, conflicts_with = "file")]
@@ -106,13 +108,16 @@ enum Command {
     },
     /// Show an app's version, config, replicas and queue.
     Status {
+        /// The app.
         name: String,
         #[command(flatten)]
         server: Server,
     },
     /// Show an app's recent guest output.
     Logs {
+        /// The app.
         name: String,
+        /// How many of the latest lines.
         #[arg(long, default_value_t = 200)]
         lines: usize,
         #[command(flatten)]
@@ -120,6 +125,7 @@ enum Command {
     },
     /// Remove an app and stop its replicas.
     Delete {
+        /// The app.
         name: String,
         #[command(flatten)]
         server: Server,
@@ -210,21 +216,30 @@ enum BenchQueue {
 enum TaskCommand {
     /// Queue a task; prints its id.
     Submit {
+        /// The app.
         name: String,
+        /// The task's input (JSON for SDK handlers).
         #[arg(long, default_value = "{}")]
         data: String,
     },
     /// Print a task's status.
-    Status { id: String },
+    Status {
+        /// The task id `submit` printed.
+        id: String,
+    },
     /// Wait for a task to end; prints its status, then its output.
     Wait {
+        /// The task id `submit` printed.
         id: String,
         /// Give up after this long, e.g. 30s.
         #[arg(long, default_value = "300s")]
         timeout: String,
     },
     /// Cancel a queued or running task.
-    Cancel { id: String },
+    Cancel {
+        /// The task id `submit` printed.
+        id: String,
+    },
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -235,6 +250,13 @@ pub(crate) fn main() -> ExitCode {
     let cli = Cli::parse();
     let quiet_client = !matches!(cli.command, Command::Serve { .. } | Command::Replica { .. });
     init_tracing(if quiet_client { "warn" } else { "info" });
+    if quiet_client {
+        // A client piped into `head` ends quietly when the pipe closes, as
+        // other command-line tools do (Rust ignores SIGPIPE, and printing
+        // to a closed pipe panics). Sockets send with MSG_NOSIGNAL.
+        // SAFETY: restoring a signal's default action before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Replica { fd } => crate::replica::main(fd),
         command => runtime(&command).and_then(|rt| rt.block_on(run(command))),

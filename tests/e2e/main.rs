@@ -125,6 +125,7 @@ fn bad_uploads_and_requests_get_clear_errors() {
 
     let (status, body) = deploy_error("huge", &vec![0u8; 9 * 1024 * 1024], None);
     assert_eq!((status, error_code(&body)), (413, "PAYLOAD_TOO_LARGE"), "{body}");
+    assert!(error_message(&body).contains("--max-component-size"), "says what sets the limit: {body}");
 
     let response = server.http.put(server.url("/v1/apps/raw")).body(hello.clone()).send().unwrap();
     assert_eq!(response.status(), 400, "deploy without multipart is refused");

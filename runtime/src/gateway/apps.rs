@@ -9,7 +9,7 @@ use axum::http::{StatusCode, header};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, read_body};
+use super::{ApiError, Payload, read_body};
 use crate::metrics::{AppGauges, DeviceGauges};
 use crate::node::Node;
 use crate::registry::App;
@@ -28,13 +28,13 @@ pub(crate) async fn deploy(
     if !multipart {
         // Read the body first: a client still sending it would otherwise see
         // a broken pipe instead of the reason.
-        read_body(request.into_body(), limit, "component upload").await?;
+        read_body(request.into_body(), limit, Payload::Component).await?;
         return Err(not_multipart("the request is not multipart/form-data"));
     }
     let mut multipart = Multipart::from_request(request, &()).await.map_err(|e| not_multipart(&e.body_text()))?;
     let upload_error = move |e: MultipartError| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large("component upload", limit)
+            ApiError::too_large(Payload::Component, limit)
         } else {
             ApiError::bad_request(format!("failed to read the upload: {}", e.body_text()))
         }
@@ -66,7 +66,7 @@ pub(crate) async fn deploy(
         ApiError::bad_request("the upload has no `component` part; attach the .wasm file as `component`")
     })?;
     if component.len() > limit {
-        return Err(ApiError::too_large("component upload", limit));
+        return Err(ApiError::too_large(Payload::Component, limit));
     }
     let registry_node = node.clone();
     let counts = node.dispatch.counts(&name);

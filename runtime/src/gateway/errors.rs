@@ -10,6 +10,13 @@ use serde_json::json;
 use crate::queue::{ErrorCode, QueueError, TaskError};
 use crate::registry::DeployError;
 
+/// What a request carries that a node limits in size.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Payload {
+    Component,
+    Input,
+}
+
 /// `{"error": {"code": "...", "message": "..."}}` with its status.
 #[derive(Debug)]
 pub(crate) struct ApiError {
@@ -45,11 +52,18 @@ impl ApiError {
         )
     }
 
-    pub(crate) fn too_large(what: &str, limit: usize) -> Self {
+    pub(crate) fn too_large(what: Payload, limit: usize) -> Self {
+        let (what, setting) = match what {
+            Payload::Component => ("component upload", "--max-component-size"),
+            Payload::Input => ("request body", "--max-input-size"),
+        };
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "PAYLOAD_TOO_LARGE",
-            format!("the {what} is larger than the {} limit", crate::config::format_size(limit as u64)),
+            format!(
+                "the {what} is larger than the {} limit; `beamlet serve {setting}` sets it",
+                crate::config::format_size(limit as u64)
+            ),
         )
     }
 

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use http_body::Body as _;
 
 use super::tasks::{app_of_world, new_task, refuse_without_capacity, with_task_id};
-use super::{ApiError, read_body};
+use super::{ApiError, Payload, read_body};
 use crate::bodies::ResponseStart;
 use crate::ipc::{HttpRequest, HttpResponse};
 use crate::node::Node;
@@ -40,7 +40,7 @@ async fn proxy(node: &Node, name: &str, rest: &str, request: Request) -> Result<
     let (body, streamed) = if body.is_end_stream() {
         (Vec::new(), None)
     } else if body.size_hint().exact().is_some_and(|len| len <= INLINE_BODY as u64) {
-        (read_body(body, INLINE_BODY, "request body").await?.to_vec(), None)
+        (read_body(body, INLINE_BODY, Payload::Input).await?.to_vec(), None)
     } else {
         (Vec::new(), Some(body))
     };

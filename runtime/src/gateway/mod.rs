@@ -15,7 +15,7 @@ use axum::routing::{any, get, post};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
-pub(crate) use self::errors::ApiError;
+pub(crate) use self::errors::{ApiError, Payload};
 pub(crate) use self::tasks::no_capacity;
 use crate::node::Node;
 
@@ -46,7 +46,7 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
 }
 
 /// Reads a request body of at most `limit` bytes.
-pub(crate) async fn read_body(body: Body, limit: usize, what: &str) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(body: Body, limit: usize, what: Payload) -> Result<Bytes, ApiError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::too_large(what, limit)),

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{ApiError, read_body};
+use super::{ApiError, Payload, read_body};
 use crate::node::Node;
 use crate::queue::{Ended, NewTask, TaskRecord, TaskStatus, new_task_id};
 use crate::registry::{App, World};
@@ -68,7 +68,7 @@ async fn task_for(
     if let Some(url) = &callback_url {
         crate::config::check_callback_url(url).map_err(|e| ApiError::bad_request(format!("callback_url: {e}")))?;
     }
-    let input = read_body(body, node.limits.max_input, "request body").await?;
+    let input = read_body(body, node.limits.max_input, Payload::Input).await?;
     Ok(new_task(&app, input, callback_url, durable))
 }
 
