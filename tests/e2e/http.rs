@@ -37,6 +37,9 @@ fn a_wasi_http_component_gets_the_raw_request_and_answers_it() {
     let response = server.http.get(server.url("/http/web/status/418")).send().unwrap();
     assert_eq!((response.status().as_u16(), response.text().unwrap()), (418, "status 418".to_owned()));
     assert_eq!(server.http.get(server.url("/http/web/nothing-here")).send().unwrap().status(), 404);
+    // The path reaches the guest as sent: escapes are the guest's to decode.
+    let response = server.http.get(server.url("/http/web/a%3Fb/c%20d%2Fe?q=%3F")).send().unwrap();
+    assert_eq!(response.headers()["x-path"], "/a%3Fb/c%20d%2Fe?q=%3F");
 
     let (hook, received) = receiver(0);
     let authority = hook.trim_start_matches("http://").trim_end_matches("/hook").to_owned();

@@ -19,21 +19,29 @@ use crate::queue::{Ended, TaskStatus};
 use crate::registry::World;
 
 pub(crate) async fn root(State(node): State<Arc<Node>>, Path(name): Path<String>, request: Request) -> Response {
-    proxy(&node, &name, "", request).await.unwrap_or_else(IntoResponse::into_response)
+    proxy(&node, &name, request).await.unwrap_or_else(IntoResponse::into_response)
 }
 
 pub(crate) async fn path(
     State(node): State<Arc<Node>>,
-    Path((name, rest)): Path<(String, String)>,
+    Path((name, _)): Path<(String, String)>,
     request: Request,
 ) -> Response {
-    proxy(&node, &name, &rest, request).await.unwrap_or_else(IntoResponse::into_response)
+    proxy(&node, &name, request).await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn proxy(node: &Node, name: &str, rest: &str, request: Request) -> Result<Response, ApiError> {
+/// The path after `/http/{name}`, as the client sent it: the guest gets it
+/// undecoded (`%3F` stays `%3F`, not a query), as from any HTTP server.
+fn raw_rest(path: &str) -> &str {
+    let after_prefix = path.strip_prefix("/http/").unwrap_or(path);
+    after_prefix.find('/').map_or("", |slash| &after_prefix[slash + 1..])
+}
+
+async fn proxy(node: &Node, name: &str, request: Request) -> Result<Response, ApiError> {
     let app = app_of_world(node, name, World::HttpProxy)?;
     refuse_without_capacity(node, name)?;
     let (parts, body) = request.into_parts();
+    let rest = raw_rest(parts.uri.path());
     let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     let headers = parts.headers.iter().map(|(name, value)| (name.to_string(), value.as_bytes().to_vec())).collect();
     // A small body of known size goes with the request; any other streams.
@@ -100,4 +108,17 @@ fn into_response(status: u16, headers: Vec<(String, Vec<u8>)>, body: Body) -> Re
         out.headers_mut().append(name, value);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::raw_rest;
+
+    #[test]
+    fn the_guest_path_is_the_raw_one_after_the_app_name() {
+        assert_eq!(raw_rest("/http/web"), "");
+        assert_eq!(raw_rest("/http/web/"), "");
+        assert_eq!(raw_rest("/http/web/echo%3Fevil=1"), "echo%3Fevil=1");
+        assert_eq!(raw_rest("/http/w%65b/a%2Fb/c%20d"), "a%2Fb/c%20d");
+    }
 }

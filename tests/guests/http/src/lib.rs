@@ -12,7 +12,7 @@
 //! - `/trap`: panics
 //! - `/outbound[?to=HOST:PORT]`: tries `GET http://HOST:PORT/` (default
 //!   example.com) and reports what happened
-//! - anything else: 404
+//! - anything else: 404 with `x-path`
 
 use std::io::{Read as _, Write as _};
 
@@ -149,7 +149,7 @@ impl wasi::exports::http::incoming_handler::Guest for Handler {
             }
             _ => match path.strip_prefix("/status/").and_then(|code| code.parse::<u16>().ok()) {
                 Some(code) => respond(out, code, &[], format!("status {code}").as_bytes()),
-                None => respond(out, 404, &[], b"not found"),
+                None => respond(out, 404, &[("x-path", path_with_query.clone().into_bytes())], b"not found"),
             },
         }
     }
