@@ -37,6 +37,14 @@ fn a_wasi_http_component_gets_the_raw_request_and_answers_it() {
     let response = server.http.get(server.url("/http/web/status/418")).send().unwrap();
     assert_eq!((response.status().as_u16(), response.text().unwrap()), (418, "status 418".to_owned()));
     assert_eq!(server.http.get(server.url("/http/web/nothing-here")).send().unwrap().status(), 404);
+    // A status that is no final answer is the app's error; 204 has no body.
+    let response = server.http.get(server.url("/http/web/status/101")).send().unwrap();
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().unwrap();
+    assert!(error_message(&body).contains("status 101"), "{body}");
+    let response = server.http.get(server.url("/http/web/status/204")).send().unwrap();
+    assert_eq!(response.status(), 204);
+    assert!(!response.headers().contains_key("content-length"), "{:?}", response.headers());
     // The path reaches the guest as sent: escapes are the guest's to decode.
     let response = server.http.get(server.url("/http/web/a%3Fb/c%20d%2Fe?q=%3F")).send().unwrap();
     assert_eq!(response.headers()["x-path"], "/a%3Fb/c%20d%2Fe?q=%3F");

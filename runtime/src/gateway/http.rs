@@ -99,12 +99,23 @@ async fn proxy(node: &Node, name: &str, request: Request) -> Result<Response, Ap
 const INLINE_BODY: usize = 64 * 1024;
 
 fn into_response(status: u16, headers: Vec<(String, Vec<u8>)>, body: Body) -> Result<Response, ApiError> {
-    let status = StatusCode::from_u16(status)
-        .map_err(|_| ApiError::internal(format!("the guest answered with status {status}")))?;
-    let mut out = Response::new(body);
+    // 1xx are interim answers, not a response; a proxy cannot pass them on.
+    let status = StatusCode::from_u16(status).ok().filter(|_| (200..=599).contains(&status)).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "GUEST_ERROR",
+            format!("the app answered with status {status}; a response's status must be 200-599"),
+        )
+    })?;
+    // These carry no body, so no length of one either.
+    let bodiless = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let mut out = Response::new(if bodiless { Body::empty() } else { body });
     *out.status_mut() = status;
     for (name, value) in headers {
         let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::from_bytes(&value)) else { continue };
+        if bodiless && name == axum::http::header::CONTENT_LENGTH {
+            continue;
+        }
         out.headers_mut().append(name, value);
     }
     Ok(out)
