@@ -256,6 +256,12 @@ fn an_app_whose_init_fails_answers_with_the_reason() {
     let status = server.status("badinit");
     let last_error = status["replicas"][0]["last_error"].as_str().unwrap_or_default();
     assert!(last_error.contains("model file missing"), "{status}");
+
+    // An init longer than the app's timeout says which key limits it.
+    server.deploy_guest("slow", "guest-slowstart", Some("[runtime]\nworkers = 2\ntimeout = \"1s\"\n"));
+    let (status, body) = server.invoke_json("slow", "{}");
+    assert_eq!((status, error_code(&body)), (503, "START_FAILED"), "{body}");
+    assert!(error_message(&body).contains("[runtime] timeout = 1s"), "says what to raise: {body}");
 }
 
 #[test]

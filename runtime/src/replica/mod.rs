@@ -86,9 +86,24 @@ fn start_workers(spec: &ReplicaSpec, replies: &Replies, flows: &Arc<Flows>) -> R
     };
     let gpu = spec.gpu.as_ref().map(open_gpu).transpose()?;
     let spec = Arc::new(spec.clone());
-    (0..spec.workers)
-        .map(|index| Worker::start(index, spec.clone(), pre.clone(), replies.clone(), flows.clone(), gpu.clone()))
-        .collect()
+    // Workers instantiate and run `init` side by side: a replica whose init
+    // loads a model is ready after one init, not one per worker.
+    std::thread::scope(|scope| {
+        let starting: Vec<_> = (0..spec.workers)
+            .map(|index| {
+                let (spec, pre, replies, flows, gpu) =
+                    (spec.clone(), pre.clone(), replies.clone(), flows.clone(), gpu.clone());
+                std::thread::Builder::new()
+                    .name(format!("start-worker-{index}"))
+                    .spawn_scoped(scope, move || Worker::start(index, spec, pre, replies, flows, gpu))
+                    .context("failed to spawn a thread to start a worker")
+            })
+            .collect::<Result<_>>()?;
+        starting
+            .into_iter()
+            .map(|thread| thread.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a worker's start panicked"))))
+            .collect()
+    })
 }
 
 /// The replica's GPU, shared by its workers: one context, one cuBLAS handle

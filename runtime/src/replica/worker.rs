@@ -12,7 +12,7 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 use wasmtime::{Store, Trap, UpdateDeadline};
 
 use super::Replies;
@@ -159,10 +159,14 @@ impl Worker {
         match init {
             Ok(Ok(())) => {}
             Ok(Err(message)) => return Err(anyhow!("init returned an error: {message}{}", stderr_note(&stderr))),
-            Err(trap) => {
-                let outcome = classify_trap(&mut store, trap, &stderr);
-                return Err(anyhow!("init did not finish: {}", describe(&outcome)));
-            }
+            Err(trap) => match classify_trap(&mut store, trap, &stderr) {
+                Outcome::Timeout => bail!(
+                    "init did not finish within [runtime] timeout = {} (init gets the same time as a task); raise \
+                     timeout if init needs longer",
+                    crate::config::format_duration(Duration::from_millis(self.spec.init_timeout_ms))
+                ),
+                outcome => bail!("init did not finish: {}", describe(&outcome)),
+            },
         }
         let init_us = micros(init_started.elapsed());
         // The node logs the start when this frame arrives.
