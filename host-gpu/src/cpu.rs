@@ -594,10 +594,12 @@ mod tests {
     /// (or is dropped): a stream busy for as long as a test wants.
     fn hold(gpu: &CpuBackend, stream: StreamId) -> mpsc::Sender<()> {
         let (release, gate) = mpsc::channel::<()>();
-        gpu.stream(stream).unwrap().queue(move || {
-            let _ = gate.recv();
-        })
-        .unwrap();
+        gpu.stream(stream)
+            .unwrap()
+            .queue(move || {
+                let _ = gate.recv();
+            })
+            .unwrap();
         release
     }
 

@@ -41,9 +41,24 @@ impl Client {
         Err(api_error(status, &body))
     }
 
-    async fn get_json(&self, path: &str) -> Result<Value> {
-        let response = self.send(self.http.get(format!("{}{path}", self.base))).await?;
+    async fn get_json(&self, url: String) -> Result<Value> {
+        let response = self.send(self.http.get(url)).await?;
         Ok(response.json().await?)
+    }
+
+    /// `{base}/v1/apps/{name}{rest}`, for a valid app name only: the name goes
+    /// into the URL as it is, and `a?b` or `..` would reach another endpoint.
+    fn app_url(&self, name: &str, rest: &str) -> Result<String> {
+        crate::registry::validate_name(name)?;
+        Ok(format!("{}/v1/apps/{name}{rest}", self.base))
+    }
+
+    /// `{base}/v1/tasks/{id}{rest}`, for what can be a task id only.
+    fn task_url(&self, id: &str, rest: &str) -> Result<String> {
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            bail!("{id:?} is not a task id; `beamlet task submit` prints one");
+        }
+        Ok(format!("{}/v1/tasks/{id}{rest}", self.base))
     }
 
     pub(crate) async fn deploy(&self, wasm: &Path, name: &str, config: Option<&Path>) -> Result<()> {
@@ -72,7 +87,7 @@ impl Client {
         if !config.is_empty() {
             form = form.text("config", config);
         }
-        let request = self.http.put(format!("{}/v1/apps/{name}", self.base)).multipart(form);
+        let request = self.http.put(self.app_url(name, "")?).multipart(form);
         let result = self.send(request).await;
         progress.finish_and_clear();
         let body: Value = result?.json().await?;
@@ -95,21 +110,21 @@ impl Client {
     }
 
     pub(crate) async fn invoke(&self, name: &str, input: Vec<u8>) -> Result<()> {
-        let request = self.http.post(format!("{}/v1/apps/{name}/invoke", self.base)).body(input);
+        let request = self.http.post(self.app_url(name, "/invoke")?).body(input);
         let output = self.send(request).await?.bytes().await?;
         print_output(&output);
         Ok(())
     }
 
     pub(crate) async fn task_submit(&self, name: &str, input: Vec<u8>) -> Result<()> {
-        let request = self.http.post(format!("{}/v1/apps/{name}/tasks", self.base)).body(input);
+        let request = self.http.post(self.app_url(name, "/tasks")?).body(input);
         let body: Value = self.send(request).await?.json().await?;
         println!("{}", body["task_id"].as_str().unwrap_or_default());
         Ok(())
     }
 
     pub(crate) async fn task_status(&self, id: &str) -> Result<()> {
-        print_json(&self.get_json(&format!("/v1/tasks/{id}")).await?);
+        print_json(&self.get_json(self.task_url(id, "")?).await?);
         Ok(())
     }
 
@@ -119,13 +134,13 @@ impl Client {
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let wait = left.min(Duration::from_secs(30)).as_secs().max(1);
-            let record = self.get_json(&format!("/v1/tasks/{id}?wait={wait}s")).await?;
+            let record = self.get_json(self.task_url(id, &format!("?wait={wait}s"))?).await?;
             let status = record["status"].as_str().unwrap_or_default().to_owned();
             let terminal = matches!(status.as_str(), "COMPLETE" | "FAILED" | "TIMEOUT" | "CANCELLED" | "EXPIRED");
             if terminal {
                 eprintln!("{status}");
                 if status == "COMPLETE" {
-                    let response = self.send(self.http.get(format!("{}/v1/tasks/{id}/result", self.base))).await?;
+                    let response = self.send(self.http.get(self.task_url(id, "/result")?)).await?;
                     print_output(&response.bytes().await?);
                     return Ok(());
                 }
@@ -141,13 +156,13 @@ impl Client {
     }
 
     pub(crate) async fn task_cancel(&self, id: &str) -> Result<()> {
-        let response = self.send(self.http.delete(format!("{}/v1/tasks/{id}", self.base))).await?;
+        let response = self.send(self.http.delete(self.task_url(id, "")?)).await?;
         print_json(&response.json().await?);
         Ok(())
     }
 
     pub(crate) async fn apps(&self) -> Result<()> {
-        let body = self.get_json("/v1/apps").await?;
+        let body = self.get_json(format!("{}/v1/apps", self.base)).await?;
         let apps = body["apps"].as_array().cloned().unwrap_or_default();
         if apps.is_empty() {
             println!("no apps yet; deploy one with `beamlet deploy APP.wasm --name NAME`");
@@ -169,12 +184,12 @@ impl Client {
     }
 
     pub(crate) async fn status(&self, name: &str) -> Result<()> {
-        print_json(&self.get_json(&format!("/v1/apps/{name}")).await?);
+        print_json(&self.get_json(self.app_url(name, "")?).await?);
         Ok(())
     }
 
     pub(crate) async fn logs(&self, name: &str, lines: usize) -> Result<()> {
-        let body = self.get_json(&format!("/v1/apps/{name}/logs?lines={lines}")).await?;
+        let body = self.get_json(self.app_url(name, &format!("/logs?lines={lines}"))?).await?;
         for line in body["lines"].as_array().into_iter().flatten() {
             println!("{}", line.as_str().unwrap_or_default());
         }
@@ -182,7 +197,7 @@ impl Client {
     }
 
     pub(crate) async fn delete(&self, name: &str) -> Result<()> {
-        self.send(self.http.delete(format!("{}/v1/apps/{name}", self.base))).await?;
+        self.send(self.http.delete(self.app_url(name, "")?)).await?;
         println!("removed {name}");
         Ok(())
     }

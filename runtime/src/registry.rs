@@ -68,7 +68,10 @@ pub(crate) struct App {
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum DeployError {
-    #[error("app name {0:?} is not valid: use 1-63 lowercase letters, digits and '-', starting with a letter or digit")]
+    #[error(
+        "app name {0:?} is not valid: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or \
+         digit"
+    )]
     BadName(String),
     #[error("the config is not valid: {0}")]
     BadConfig(#[from] config::ConfigError),
@@ -325,10 +328,12 @@ fn check_gpu(runtime: &config::RuntimeConfig, gpus: &Gpus) -> Result<(), DeployE
     }
 }
 
-fn validate_name(name: &str) -> Result<(), DeployError> {
+/// App names are DNS labels: they go into URLs and may become host names.
+pub(crate) fn validate_name(name: &str) -> Result<(), DeployError> {
     let ok = (1..=63).contains(&name.len())
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-');
+        && !name.starts_with('-')
+        && !name.ends_with('-');
     if ok { Ok(()) } else { Err(DeployError::BadName(name.to_owned())) }
 }
 
@@ -393,7 +398,7 @@ mod tests {
         for ok in ["hello", "a", "gpu-mlp-2"] {
             assert!(validate_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "Hello", "-x", "a_b", "a/b", &"x".repeat(64)] {
+        for bad in ["", "Hello", "-x", "x-", "a_b", "a/b", "a?b", "..", &"x".repeat(64)] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
     }

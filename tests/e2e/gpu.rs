@@ -72,7 +72,8 @@ fn a_guest_gets_the_gpu_through_checked_handles_and_a_quota() {
     assert_eq!(error_code(&body), "BAD_CONFIG");
     assert!(error_message(&body).contains("workers * gpu_memory"), "{body}");
     // ...and a model this node does not have: its replicas would wait forever.
-    let response = server.deploy("h100", &std::fs::read(wasm("guest-gpu")).unwrap(), Some("[runtime]\ngpu = \"H100\"\n"));
+    let response =
+        server.deploy("h100", &std::fs::read(wasm("guest-gpu")).unwrap(), Some("[runtime]\ngpu = \"H100\"\n"));
     let body: Value = response.json().unwrap();
     assert_eq!(error_code(&body), "BAD_CONFIG", "{body}");
     assert!(error_message(&body).contains("matches none of this node's GPUs (cpu-backend-0)"), "{body}");

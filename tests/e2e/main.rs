@@ -72,6 +72,19 @@ fn hello_deploys_and_answers_over_http_and_cli() {
     let result: Value = server.http.get(server.url(&format!("/v1/tasks/{id}/result"))).send().unwrap().json().unwrap();
     assert_eq!(result["message"], "Hello, Lin!");
 
+    // Names and ids that would reach another endpoint are refused by the
+    // CLI itself (`hello#x` read as `hello` deleted the app).
+    for args in
+        [&["delete", "hello#x"][..], &["deploy", wasm.to_str().unwrap(), "--name", "hello?v=2"], &["status", ".."]]
+    {
+        let out = cli(&server, args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("is not valid"), "{args:?}: {out:?}");
+    }
+    let out = cli(&server, &["task", "cancel", "../apps/hello"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a task id"), "{out:?}");
+    assert_eq!(server.status("hello")["version"], 1, "untouched");
+
     // A new deploy is a new version; delete removes the app.
     let body = server.deploy_guest("hello", "hello", None);
     assert_eq!(body["version"], 2);

@@ -35,13 +35,13 @@ impl ApiError {
     }
 
     pub(crate) fn unknown_app(name: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "UNKNOWN_APP",
-            format!(
-                "no app named {name:?}; deploy it first (beamlet deploy APP.wasm --name {name}) or list apps with `beamlet apps`"
-            ),
-        )
+        let hint = match crate::registry::validate_name(name) {
+            Ok(()) => {
+                format!("deploy it first (beamlet deploy APP.wasm --name {name}) or list apps with `beamlet apps`")
+            }
+            Err(e) => format!("{e}; list apps with `beamlet apps`"),
+        };
+        Self::new(StatusCode::NOT_FOUND, "UNKNOWN_APP", format!("no app named {name:?}; {hint}"))
     }
 
     pub(crate) fn unknown_task(id: &str) -> Self {

@@ -149,14 +149,11 @@ impl Supervisor {
             gpu: None,
         };
         // Without `gpu_memory`, a worker may use the whole device.
-        let gpu = runtime
-            .gpu
-            .clone()
-            .map(|model| GpuDemand {
-                model,
-                quota_per_worker: runtime.gpu_memory.unwrap_or(u64::MAX),
-                memory_needed: runtime.gpu_memory.unwrap_or(0).saturating_mul(u64::from(runtime.workers)),
-            });
+        let gpu = runtime.gpu.clone().map(|model| GpuDemand {
+            model,
+            quota_per_worker: runtime.gpu_memory.unwrap_or(u64::MAX),
+            memory_needed: runtime.gpu_memory.unwrap_or(0).saturating_mul(u64::from(runtime.workers)),
+        });
         replica::spawn(Plan {
             exe: self.exe.clone(),
             spec,
