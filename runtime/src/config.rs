@@ -365,9 +365,11 @@ impl RawAutoscaler {
             }
             None => {}
         }
+        ensure(min_replicas <= MAX_REPLICAS, "min_replicas", format!("must be at most {MAX_REPLICAS}"))?;
         if let Some(max) = policy.map(|policy| policy.max_replicas()) {
             let scale_to_zero = "must be at least 1; use min_replicas = 0 to scale to zero";
             ensure(max > 0, "max_replicas", scale_to_zero.into())?;
+            ensure(max <= MAX_REPLICAS, "max_replicas", format!("must be at most {MAX_REPLICAS}"))?;
             let fix = "lower min_replicas or raise max_replicas";
             ensure(
                 min_replicas <= max,
@@ -378,6 +380,10 @@ impl RawAutoscaler {
         Ok(AutoscalerConfig { policy, min_replicas, keep_warm: self.keep_warm.map_or(d.keep_warm, |t| t.0) })
     }
 }
+
+/// The most replicas one app may ask for: a sanity bound on typos, far above
+/// what one node places.
+const MAX_REPLICAS: u32 = 1000;
 
 impl RawTaskQueue {
     fn check(self) -> Result<TaskQueueConfig, ConfigError> {
@@ -745,6 +751,8 @@ callback_url = "https://example.com/beamlet/done"
             ("[task_queue]\nresult_ttl = \"0ms\"", "[task_queue] result_ttl"),
             ("[task_queue]\nmax_queued = 0", "[task_queue] max_queued"),
             ("[task_queue]\nmax_result_size = 0", "[task_queue] max_result_size"),
+            ("[autoscaler]\nkind = \"queue_depth\"\nmax_replicas = 100000", "[autoscaler] max_replicas"),
+            ("[autoscaler]\nmin_replicas = 5000", "[autoscaler] min_replicas"),
             ("[task_queue]\ncallback_url = \"ftp://example.com\"", "[task_queue] callback_url"),
             ("[task_queue]\ncallback_url = \"https://\"", "[task_queue] callback_url"),
             ("[task_queue]\ncallback_url = \"http://[::1\"", "[task_queue] callback_url"),

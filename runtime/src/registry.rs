@@ -191,8 +191,8 @@ impl Registry {
     ) -> Result<App, DeployError> {
         validate_name(name)?;
         let config = config::parse(config_toml)?;
-        check_fits_node(&config.runtime, node)?;
-        check_gpu(&config.runtime, gpus)?;
+        check_fits_node(&config, node)?;
+        check_gpu(&config, gpus)?;
         check_header(wasm)?;
         let digest = hex(&Sha256::digest(wasm));
         let compiled = self.compiled_path(&digest);
@@ -274,8 +274,23 @@ impl Registry {
 }
 
 /// A replica reserves its app's `cpu` and `memory`: more than the node has
-/// in all could never start.
-fn check_fits_node(runtime: &config::RuntimeConfig, node: Demand) -> Result<(), DeployError> {
+/// in all could never start, nor could more replicas than fit be kept
+/// running with no load (`min_replicas`, or the fixed pool).
+fn check_fits_node(config: &config::AppConfig, node: Demand) -> Result<(), DeployError> {
+    let runtime = &config.runtime;
+    let baseline = config.autoscaler.baseline_replicas();
+    let too_many = f64::from(baseline) * runtime.cpu > node.cpu + 1e-9
+        || runtime.memory.saturating_mul(u64::from(baseline)) > node.memory;
+    if baseline > 1 && too_many {
+        return Err(DeployError::TooBigForNode(format!(
+            "[autoscaler] min_replicas = {baseline} replicas of cpu = {} and memory = {} need more than the {} cores \
+             and {} this node has for replicas (serve --cpus, --memory); lower min_replicas",
+            runtime.cpu,
+            config::format_size(runtime.memory),
+            node.cpu,
+            config::format_size(node.memory)
+        )));
+    }
     if runtime.cpu > node.cpu {
         return Err(DeployError::TooBigForNode(format!(
             "[runtime] cpu = {} is more than the {} cores this node has for replicas (serve --cpus); lower cpu",
@@ -295,10 +310,11 @@ fn check_fits_node(runtime: &config::RuntimeConfig, node: Demand) -> Result<(), 
 /// A GPU app needs a GPU of its model on this node, and its workers share
 /// it: `workers * gpu_memory` must fit that GPU's memory. (Refused at deploy,
 /// like cores the node does not have: its replicas would wait forever.)
-fn check_gpu(runtime: &config::RuntimeConfig, gpus: &Gpus) -> Result<(), DeployError> {
+fn check_gpu(config: &config::AppConfig, gpus: &Gpus) -> Result<(), DeployError> {
+    let runtime = &config.runtime;
     let Some(model) = &runtime.gpu else { return Ok(()) };
-    let fitting = gpus.devices.iter().filter(|gpu| gpu.is_model(model));
-    let Some(largest) = fitting.max_by_key(|gpu| gpu.memory_bytes) else {
+    let fitting: Vec<_> = gpus.devices.iter().filter(|gpu| gpu.is_model(model)).collect();
+    let Some(largest) = fitting.iter().max_by_key(|gpu| gpu.memory_bytes) else {
         return Err(DeployError::NoFittingGpu(if gpus.devices.is_empty() {
             "[runtime] gpu: this node has no GPU; on a machine without one, run `beamlet serve --gpu-backend cpu \
              --gpus 1` to serve GPU apps on the CPU backend"
@@ -312,6 +328,14 @@ fn check_gpu(runtime: &config::RuntimeConfig, gpus: &Gpus) -> Result<(), DeployE
             )
         }));
     };
+    let baseline = config.autoscaler.baseline_replicas();
+    if baseline as usize > fitting.len() {
+        return Err(DeployError::NoFittingGpu(format!(
+            "[autoscaler] min_replicas = {baseline}: each replica holds a whole GPU and {} of this node's fit; lower \
+             min_replicas",
+            fitting.len()
+        )));
+    }
     let Some(per_worker) = runtime.gpu_memory else { return Ok(()) };
     let needed = per_worker.saturating_mul(u64::from(runtime.workers));
     match largest {
@@ -405,7 +429,7 @@ mod tests {
 
     #[test]
     fn replicas_must_fit_the_node() {
-        let runtime = |toml: &str| config::parse(toml).unwrap().runtime;
+        let runtime = |toml: &str| config::parse(toml).unwrap();
         let node = Demand { cpu: 2.0, memory: 8 << 30 };
         assert!(check_fits_node(&runtime("[runtime]\ncpu = 2\nmemory = \"8Gi\"\n"), node).is_ok());
         let DeployError::TooBigForNode(why) = check_fits_node(&runtime("[runtime]\ncpu = 1000\n"), node).unwrap_err()
@@ -419,6 +443,11 @@ mod tests {
             panic!()
         };
         assert!(why.contains("memory = 1Ti") && why.contains("8Gi"), "{why}");
+        // The replicas kept with no load must fit too.
+        assert!(check_fits_node(&runtime("[autoscaler]\nmin_replicas = 2\n"), node).is_ok());
+        let many = runtime("[runtime]\ncpu = 0.25\n[autoscaler]\nmin_replicas = 9\n");
+        let DeployError::TooBigForNode(why) = check_fits_node(&many, node).unwrap_err() else { panic!() };
+        assert!(why.contains("min_replicas = 9"), "{why}");
     }
 
     #[test]
@@ -432,7 +461,7 @@ mod tests {
                 uuid: None,
             }],
         };
-        let runtime = |toml: &str| config::parse(toml).unwrap().runtime;
+        let runtime = |toml: &str| config::parse(toml).unwrap();
         let app = runtime("[runtime]\nworkers = 4\ngpu = \"any\"\ngpu_memory = \"1Gi\"\n");
         assert!(check_gpu(&app, &gpus(4 << 30)).is_ok(), "4 x 1Gi fits 4Gi");
         let why = |result: Result<(), DeployError>| match result {
@@ -445,6 +474,8 @@ mod tests {
         let other_model = runtime("[runtime]\ngpu = \"H100\"\n");
         assert!(why(check_gpu(&other_model, &gpus(1 << 30))).contains("(cpu-backend-0)"), "no H100 here");
         assert!(check_gpu(&runtime("[runtime]\ngpu = \"CPU-backend\"\n"), &gpus(1 << 30)).is_ok());
+        let two = runtime("[runtime]\ngpu = \"any\"\n[autoscaler]\nmin_replicas = 2\n");
+        assert!(why(check_gpu(&two, &gpus(1 << 30))).contains("each replica holds a whole GPU"));
     }
 
     #[test]
