@@ -578,10 +578,17 @@ pub fn format_size(bytes: u64) -> String {
         .map_or_else(|| bytes.to_string(), |(unit, scale)| format!("{}{unit}", bytes / scale))
 }
 
-/// [`format_size`] for messages: a size without a unit says "bytes".
+/// [`format_size`] for messages: a size without a unit says "bytes", and
+/// about how many Ki/Mi/Gi/Ti when it is that large (`"89478485 bytes (~85.3Mi)"`).
 pub fn describe_size(bytes: u64) -> String {
     let size = format_size(bytes);
-    if size.ends_with(|c: char| c.is_ascii_digit()) { format!("{size} bytes") } else { size }
+    if !size.ends_with(|c: char| c.is_ascii_digit()) {
+        return size;
+    }
+    match SIZE_UNITS[..4].iter().find(|(_, scale)| bytes >= *scale) {
+        Some((unit, scale)) => format!("{size} bytes (~{:.1}{unit})", bytes as f64 / *scale as f64),
+        None => format!("{size} bytes"),
+    }
 }
 
 /// Formats a duration as its nonzero parts, largest first (`"3m"`, `"1h30m"`,
@@ -787,6 +794,9 @@ callback_url = "https://example.com/beamlet/done"
             assert_eq!(parse_size(&format_size(bytes)), Ok(bytes), "{bytes}");
         }
         assert_eq!(format_size(4 << 30), "4Gi");
+        assert_eq!(describe_size(4 << 30), "4Gi");
+        assert_eq!(describe_size(1001), "1001 bytes");
+        assert_eq!(describe_size((256 << 20) / 3), "89478485 bytes (~85.3Mi)");
         assert_eq!(parse("[task_queue]\nmax_result_size = 2048").unwrap().task_queue.max_result_size, 2048);
         for bad in ["4GB", "", "Gi", "-1", "1.5Gi", "99999999999Ti"] {
             assert!(parse_size(bad).is_err(), "{bad}");

@@ -74,6 +74,7 @@ fn queue_depth_peaks_at_max_replicas_and_scales_to_zero() {
     server.wait_status("sleep", "scale to zero after keep_warm", LONG, |s| live_replicas(s) == 0);
     let metrics = server.http.get(server.url("/metrics")).send().unwrap().text().unwrap();
     assert!(metrics.contains(r#"beamlet_scale_events_total{app="sleep",direction="down"} 3"#), "{metrics}");
+    assert!(metrics.contains(r#"beamlet_replicas{app="sleep",state="ready"} 0"#), "zero, not gone: {metrics}");
     // A cold app starts a replica for the next task at once.
     let id = submit(&server, "sleep", r#"{"ms": 1}"#);
     assert_eq!(result(&server, &id)["slept_ms"].as_u64().map(|ms| ms >= 1), Some(true));
@@ -123,6 +124,8 @@ fn warmup_starts_a_replica_now() {
     let response: Value = server.http.post(server.url("/v1/apps/hello/warmup")).send().unwrap().json().unwrap();
     assert_eq!(response["started"], true);
     server.wait_status("hello", "the warmed replica", LONG, |s| ready_pids(s).len() == 1);
+    let metrics = server.http.get(server.url("/metrics")).send().unwrap().text().unwrap();
+    assert!(metrics.contains(r#"beamlet_scale_events_total{app="hello",direction="up"} 1"#), "{metrics}");
     let response = server.http.post(server.url("/v1/apps/nope/warmup")).send().unwrap();
     assert_eq!(response.status(), 404);
 }

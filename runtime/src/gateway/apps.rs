@@ -176,6 +176,9 @@ pub(crate) async fn warmup(State(node): State<Arc<Node>>, Path(name): Path<Strin
     match node.supervisor.warmup(&name) {
         None => Err(ApiError::unknown_app(&name)),
         Some(started) => {
+            if started {
+                node.metrics.scaled(&name, 1, 0);
+            }
             Ok(Json(json!({ "name": name, "started": started, "replicas": node.supervisor.replicas(&name) })))
         }
     }
@@ -191,7 +194,10 @@ pub(crate) async fn metrics(State(node): State<Arc<Node>>) -> impl axum::respons
             let name = app.version.name;
             let counts = node.dispatch.counts(&name);
             let replicas = node.supervisor.replicas(&name);
-            let mut states: Vec<(String, u64)> = Vec::new();
+            // Every state has a series, 0 included: an app scaled to zero
+            // shows 0 ready replicas rather than no line at all.
+            let mut states: Vec<(String, u64)> =
+                ["pending", "starting", "ready", "draining", "backoff"].map(|state| (state.to_owned(), 0)).into();
             for replica in &replicas {
                 let state = serde_json::to_value(replica.state).ok().and_then(|v| v.as_str().map(str::to_owned));
                 let state = state.unwrap_or_default();

@@ -425,8 +425,8 @@ fn classify_trap(store: &mut Store<WorkerState>, error: wasmtime::Error, stderr:
     if let Some(desired) = state.limiter.take_refused() {
         return Outcome::OutOfMemory(format!(
             "guest exceeded its memory limit of {} per worker (it asked for {}): {}{}",
-            crate::config::format_size(state.limiter.limit()),
-            crate::config::format_size(desired),
+            crate::config::describe_size(state.limiter.limit()),
+            crate::config::describe_size(desired),
             trap_message(&error),
             stderr_note(stderr)
         ));
