@@ -98,8 +98,12 @@ where
 }
 
 fn decode<I: DeserializeOwned>(input: &[u8]) -> Result<I, Error> {
-    // An empty body (`beamlet invoke NAME` with no --data) means "no input".
-    let input: &[u8] = if input.trim_ascii().is_empty() { b"null" } else { input };
+    // An empty body means "no input": handlers taking an `Option` get `None`.
+    if input.trim_ascii().is_empty() {
+        return serde_json::from_slice(b"null").map_err(|_| {
+            Error::bad_input("the input is empty; this handler needs a JSON input (e.g. --data '{...}')")
+        });
+    }
     serde_json::from_slice(input)
         .map_err(|err| Error::bad_input(format!("input is not valid JSON for this handler: {err}")))
 }
@@ -150,11 +154,14 @@ mod tests {
     #[test]
     fn undecodable_input_is_bad_input_and_skips_the_handler() {
         let never = |_: &Context, _: In| -> Result<Out, Error> { panic!("handler must not run") };
-        for input in [&b"not json"[..], br#"{"nom": "Ada"}"#, b""] {
+        for input in [&b"not json"[..], br#"{"nom": "Ada"}"#] {
             let err = call(never, &ctx(), input).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::BadInput);
             assert!(err.message().starts_with("input is not valid JSON for this handler: "), "{err}");
         }
+        let err = call(never, &ctx(), b"").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::BadInput);
+        assert!(err.message().starts_with("the input is empty"), "{err}");
     }
 
     #[test]

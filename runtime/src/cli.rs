@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 use crate::client::Client;
@@ -85,12 +85,8 @@ enum Command {
     Invoke {
         /// The app.
         name: String,
-        /// The input, inline (JSON for SDK handlers).
-        #[arg(long, conflicts_with = "file")]
-        data: Option<String>,
-        /// The input, from a file ("-" reads stdin).
-        #[arg(long)]
-        file: Option<PathBuf>,
+        #[command(flatten)]
+        input: Input,
         #[command(flatten)]
         server: Server,
     },
@@ -218,9 +214,8 @@ enum TaskCommand {
     Submit {
         /// The app.
         name: String,
-        /// The task's input (JSON for SDK handlers).
-        #[arg(long, default_value = "{}")]
-        data: String,
+        #[command(flatten)]
+        input: Input,
     },
     /// Print a task's status.
     Status {
@@ -240,6 +235,32 @@ enum TaskCommand {
         /// The task id `submit` printed.
         id: String,
     },
+}
+
+/// A call's input: inline or from a file; `{}` when neither is given.
+#[derive(clap::Args)]
+struct Input {
+    /// The input, inline (JSON for SDK handlers) [default: {}].
+    #[arg(long, conflicts_with = "file")]
+    data: Option<String>,
+    /// The input, from a file ("-" reads stdin).
+    #[arg(long)]
+    file: Option<PathBuf>,
+}
+
+impl Input {
+    fn read(self) -> Result<Vec<u8>> {
+        match (self.data, self.file) {
+            (Some(data), _) => Ok(data.into_bytes()),
+            (None, Some(path)) if path.as_os_str() == "-" => {
+                let mut input = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut input).context("failed to read stdin")?;
+                Ok(input)
+            }
+            (None, Some(path)) => std::fs::read(&path).with_context(|| format!("failed to read input file {path:?}")),
+            (None, None) => Ok(b"{}".to_vec()),
+        }
+    }
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -305,6 +326,12 @@ async fn run(command: Command) -> Result<()> {
             threads: _,
             shutdown_grace,
         } => {
+            if cpus.is_some_and(|cpus| cpus.is_nan() || cpus <= 0.0) {
+                bail!("--cpus must be more than 0: replicas reserve cores from it");
+            }
+            if memory == Some(0) {
+                bail!("--memory must be more than 0: replicas reserve memory from it");
+            }
             let gpus = crate::node::discover_gpus(gpu_backend, gpus, cpu_gpu_memory)?;
             let machine = crate::supervisor::Capacity::of_this_machine();
             let capacity = crate::supervisor::Demand {
@@ -320,25 +347,11 @@ async fn run(command: Command) -> Result<()> {
         Command::Deploy { wasm, name, config, server } => {
             Client::new(&server.server)?.deploy(&wasm, &name, config.as_deref()).await
         }
-        Command::Invoke { name, data, file, server } => {
-            let input = match (data, file) {
-                (Some(data), _) => data.into_bytes(),
-                (None, Some(path)) if path.as_os_str() == "-" => {
-                    let mut input = Vec::new();
-                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut input).context("failed to read stdin")?;
-                    input
-                }
-                (None, Some(path)) => {
-                    std::fs::read(&path).with_context(|| format!("failed to read input file {path:?}"))?
-                }
-                (None, None) => b"{}".to_vec(),
-            };
-            Client::new(&server.server)?.invoke(&name, input).await
-        }
+        Command::Invoke { name, input, server } => Client::new(&server.server)?.invoke(&name, input.read()?).await,
         Command::Task { command, server } => {
             let client = Client::new(&server.server)?;
             match command {
-                TaskCommand::Submit { name, data } => client.task_submit(&name, data.into_bytes()).await,
+                TaskCommand::Submit { name, input } => client.task_submit(&name, input.read()?).await,
                 TaskCommand::Status { id } => client.task_status(&id).await,
                 TaskCommand::Wait { id, timeout } => client.task_wait(&id, &timeout).await,
                 TaskCommand::Cancel { id } => client.task_cancel(&id).await,

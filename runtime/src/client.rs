@@ -43,7 +43,14 @@ impl Client {
 
     async fn get_json(&self, url: String) -> Result<Value> {
         let response = self.send(self.http.get(url)).await?;
-        Ok(response.json().await?)
+        self.json(response).await
+    }
+
+    /// A JSON answer; anything else means `--server` is not a beamlet node.
+    async fn json(&self, response: Response) -> Result<Value> {
+        response.json().await.with_context(|| {
+            format!("{} did not answer as a beamlet node does; is --server (or BEAMLET_SERVER) right?", self.base)
+        })
     }
 
     /// `{base}/v1/apps/{name}{rest}`, for a valid app name only: the name goes
@@ -90,7 +97,7 @@ impl Client {
         let request = self.http.put(self.app_url(name, "")?).multipart(form);
         let result = self.send(request).await;
         progress.finish_and_clear();
-        let body: Value = result?.json().await?;
+        let body = self.json(result?).await?;
         println!(
             "deployed {} version {} ({}, sha256 {})",
             body["name"].as_str().unwrap_or(name),
@@ -118,7 +125,7 @@ impl Client {
 
     pub(crate) async fn task_submit(&self, name: &str, input: Vec<u8>) -> Result<()> {
         let request = self.http.post(self.app_url(name, "/tasks")?).body(input);
-        let body: Value = self.send(request).await?.json().await?;
+        let body = self.json(self.send(request).await?).await?;
         println!("{}", body["task_id"].as_str().unwrap_or_default());
         Ok(())
     }
@@ -157,7 +164,7 @@ impl Client {
 
     pub(crate) async fn task_cancel(&self, id: &str) -> Result<()> {
         let response = self.send(self.http.delete(self.task_url(id, "")?)).await?;
-        print_json(&response.json().await?);
+        print_json(&self.json(response).await?);
         Ok(())
     }
 
