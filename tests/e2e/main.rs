@@ -72,6 +72,16 @@ fn hello_deploys_and_answers_over_http_and_cli() {
     let result: Value = server.http.get(server.url(&format!("/v1/tasks/{id}/result"))).send().unwrap().json().unwrap();
     assert_eq!(result["message"], "Hello, Lin!");
 
+    // A query parameter an endpoint does not take is refused, not ignored.
+    let response =
+        server.http.post(server.url("/v1/apps/hello/invoke?callback_url=http://127.0.0.1:9/")).send().unwrap();
+    let (status, body) = (response.status().as_u16(), response.json::<Value>().unwrap());
+    assert_eq!(status, 400, "{body}");
+    assert!(error_message(&body).contains("/tasks"), "says where it belongs: {body}");
+    let response = server.http.get(server.url(&format!("/v1/tasks/{id}?wiat=30s"))).send().unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(response.text().unwrap().contains("wiat"));
+
     // Names and ids that would reach another endpoint are refused by the
     // CLI itself (`hello#x` read as `hello` deleted the app).
     for args in

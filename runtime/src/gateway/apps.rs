@@ -157,6 +157,7 @@ pub(crate) async fn remove(State(node): State<Arc<Node>>, Path(name): Path<Strin
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct LogsQuery {
     lines: Option<usize>,
 }

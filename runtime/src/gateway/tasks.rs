@@ -98,8 +98,26 @@ pub(super) fn with_task_id(mut response: Response, id: &str) -> Response {
     response
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct InvokeQuery {
+    /// Only to say that it belongs to `/tasks`.
+    callback_url: Option<String>,
+}
+
 /// `POST /v1/apps/{name}/invoke`: runs the task and answers with its output.
-pub(crate) async fn invoke(State(node): State<Arc<Node>>, Path(name): Path<String>, body: Body) -> Response {
+pub(crate) async fn invoke(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    Query(query): Query<InvokeQuery>,
+    body: Body,
+) -> Response {
+    if query.callback_url.is_some() {
+        return ApiError::bad_request(format!(
+            "callback_url is for queued tasks (POST /v1/apps/{name}/tasks); /invoke answers with the output itself"
+        ))
+        .into_response();
+    }
     let task = match task_for(&node, &name, body, None, false).await {
         Ok(task) => task,
         Err(e) => return e.into_response(),
@@ -141,6 +159,7 @@ fn output_response(ended: &Ended) -> Response {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct SubmitQuery {
     callback_url: Option<String>,
 }
@@ -166,6 +185,7 @@ pub(crate) async fn submit(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct WaitQuery {
     wait: Option<String>,
 }
@@ -208,6 +228,7 @@ pub(crate) async fn cancel(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct ListQuery {
     status: Option<String>,
     limit: Option<usize>,
