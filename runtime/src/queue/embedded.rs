@@ -391,8 +391,11 @@ impl Queue for EmbeddedQueue {
         let forget: Vec<String> = inner
             .tasks
             .values()
+            // A task whose callback is not delivered yet is kept (and
+            // journaled) until it is: a restart must still find it to send.
             .filter(|entry| {
-                entry.record.ended_at.is_some_and(|ended| now.saturating_sub(ended) >= millis(entry.result_ttl))
+                !entry.callback_pending
+                    && entry.record.ended_at.is_some_and(|ended| now.saturating_sub(ended) >= millis(entry.result_ttl))
             })
             .map(|entry| entry.record.id.clone())
             .collect();
@@ -405,7 +408,9 @@ impl Queue for EmbeddedQueue {
         let expired: Vec<String> = inner
             .tasks
             .values()
-            .filter(|entry| entry.record.status.is_queued() && entry.expires_at <= now)
+            // `ttl` bounds the wait for a first run: a task that has run
+            // (a retry, or one the node's crash interrupted) is not dropped.
+            .filter(|entry| entry.record.status == TaskStatus::Pending && entry.expires_at <= now)
             .map(|entry| entry.record.id.clone())
             .collect();
         expired
@@ -525,6 +530,34 @@ mod tests {
         assert_eq!(q.list("a", Some(TaskStatus::Cancelled), 10).len(), 1);
         q.sweep(200_000);
         assert!(q.get(&a).is_none() && q.get(&b).is_none(), "finished tasks are forgotten after their result ttl");
+    }
+
+    #[test]
+    fn ttl_bounds_only_the_wait_for_a_first_run() {
+        let q = EmbeddedQueue::in_memory();
+        let ran = q.enqueue(task(1), 0).unwrap().id;
+        q.lease("a", 1).unwrap();
+        let error = TaskError { code: ErrorCode::GuestTrap, message: "trap".into() };
+        q.finish(&ran, Finish::Retryable(error), 2).unwrap();
+        let waiting = q.enqueue(task(1), 0).unwrap().id;
+        let expired: Vec<_> = q.sweep(10_000).into_iter().map(|r| r.id).collect();
+        assert_eq!(expired, vec![waiting], "the retry of a task that ran is kept");
+        assert_eq!(q.get(&ran).unwrap().status, TaskStatus::Retry);
+    }
+
+    #[test]
+    fn a_result_whose_callback_is_pending_outlives_its_result_ttl() {
+        let q = EmbeddedQueue::in_memory();
+        let mut t = task(0);
+        t.callback_url = Some("http://127.0.0.1:9/hook".into());
+        let id = q.enqueue(t, 0).unwrap().id;
+        q.lease("a", 1).unwrap();
+        q.finish(&id, Finish::Complete(Bytes::from_static(b"out")), 2).unwrap();
+        q.sweep(200_000);
+        assert!(q.get(&id).is_some(), "kept (and journaled) until delivered");
+        q.callback_settled(&id);
+        q.sweep(200_001);
+        assert!(q.get(&id).is_none(), "then forgotten");
     }
 
     #[test]

@@ -71,10 +71,6 @@ impl TaskStatus {
     pub(crate) fn is_terminal(self) -> bool {
         matches!(self, Self::Complete | Self::Failed | Self::Timeout | Self::Cancelled | Self::Expired)
     }
-
-    pub(crate) fn is_queued(self) -> bool {
-        matches!(self, Self::Pending | Self::Retry)
-    }
 }
 
 /// Why a task failed, in the API's error shape.

@@ -347,11 +347,17 @@ impl Run<'_> {
                         timeout_ms: u64::try_from(lease.timeout.as_millis()).unwrap_or(u64::MAX),
                         input: lease.input.to_vec(),
                     };
-                    let rest = plan.bodies.take_request(&lease.id);
+                    let id = lease.id.clone();
                     self.inflight.insert(seq, lease);
                     self.set_busy();
-                    send(&mut write, &ToReplica::Run(run)).await?;
-                    if let Some(body) = rest {
+                    if let Err(e) = send(&mut write, &ToReplica::Run(run)).await {
+                        // The run never reached the replica: it goes back
+                        // first in line without spending an attempt.
+                        self.started.remove(&seq);
+                        self.ahead.push_front(seq);
+                        return Err(e);
+                    }
+                    if let Some(body) = plan.bodies.take_request(&id) {
                         let (wants, asks) = mpsc::unbounded_channel();
                         tokio::spawn(bodies::pump_request(seq, body, asks, out.clone()));
                         self.streams.entry(seq).or_default().wants = Some(wants);
