@@ -353,8 +353,9 @@ impl Run<'_> {
                     if let Err(e) = send(&mut write, &ToReplica::Run(run)).await {
                         // The run never reached the replica: it goes back
                         // first in line without spending an attempt.
-                        self.started.remove(&seq);
-                        self.ahead.push_front(seq);
+                        if self.started.remove(&seq).is_some() {
+                            self.ahead.push_front(seq);
+                        }
                         return Err(e);
                     }
                     if let Some(body) = plan.bodies.take_request(&id) {
