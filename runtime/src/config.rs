@@ -76,6 +76,12 @@ impl RuntimeConfig {
     pub fn memory_per_worker(&self) -> u64 {
         self.memory / u64::from(self.workers.max(1))
     }
+
+    /// GPU memory a replica's workers may hold together: `workers *
+    /// gpu_memory` (`None` without `gpu_memory`: a worker may use the whole GPU).
+    pub fn gpu_memory_per_replica(&self) -> Option<u64> {
+        self.gpu_memory.map(|per_worker| per_worker.saturating_mul(u64::from(self.workers)))
+    }
 }
 
 /// `[runtime] instance`: how long a wasm instance lives.

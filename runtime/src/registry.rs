@@ -336,10 +336,11 @@ fn check_gpu(config: &config::AppConfig, gpus: &Gpus) -> Result<(), DeployError>
             fitting.len()
         )));
     }
-    let Some(per_worker) = runtime.gpu_memory else { return Ok(()) };
-    let needed = per_worker.saturating_mul(u64::from(runtime.workers));
-    match largest {
-        largest if largest.memory_bytes < needed => Err(DeployError::NoFittingGpu(format!(
+    let (Some(per_worker), Some(needed)) = (runtime.gpu_memory, runtime.gpu_memory_per_replica()) else {
+        return Ok(());
+    };
+    if largest.memory_bytes < needed {
+        return Err(DeployError::NoFittingGpu(format!(
             "[runtime] workers * gpu_memory = {} * {} = {} is more than the {} of this node's largest fitting GPU \
              ({}); lower gpu_memory or workers",
             runtime.workers,
@@ -347,9 +348,9 @@ fn check_gpu(config: &config::AppConfig, gpus: &Gpus) -> Result<(), DeployError>
             config::format_size(needed),
             config::format_size(largest.memory_bytes),
             largest.name
-        ))),
-        _ => Ok(()),
+        )));
     }
+    Ok(())
 }
 
 /// App names are DNS labels: they go into URLs and may become host names.

@@ -360,11 +360,7 @@ fn a_killed_replica_is_replaced_and_its_task_retried() {
 #[test]
 fn a_replica_restarted_after_a_crash_is_not_busy_with_its_lost_tasks() {
     let server = Server::start("crash-busy", &[]);
-    server.deploy_guest("sleep", "sleep", Some("[runtime]\nworkers = 2\n[task_queue]\nretries = 0\n"));
-    let ids: Vec<String> = (0..2).map(|_| submit(&server, "sleep", r#"{"ms": 60000}"#)).collect();
-    for id in &ids {
-        wait_running(&server, id);
-    }
+    let ids = two_running_sleeps(&server, 60000);
     kill9(ready_pids(&server.status("sleep"))[0]);
     for id in &ids {
         assert_eq!(server.get(&format!("/v1/tasks/{id}?wait=60s"))["status"], "FAILED");
@@ -506,11 +502,7 @@ fn sigterm_with_no_request_open_still_lets_running_tasks_finish() {
     // No connection open when the signal comes: the HTTP server ends at
     // once, and the replicas must be drained all the same.
     let server = Server::start("shutdown-idle", &[]);
-    server.deploy_guest("sleep", "sleep", Some("[runtime]\nworkers = 2\n[task_queue]\nretries = 0\n"));
-    let ids: Vec<String> = (0..2).map(|_| submit(&server, "sleep", r#"{"ms": 1500}"#)).collect();
-    for id in &ids {
-        wait_running(&server, id);
-    }
+    let ids = two_running_sleeps(&server, 1500);
     let server = Server::start_in(server.terminate(), &[]);
     for id in &ids {
         let record = server.get(&format!("/v1/tasks/{id}"));
@@ -531,6 +523,17 @@ fn apps_survive_a_node_restart_and_replicas_die_with_their_node() {
     let (status, body) = server.invoke_json("hello", r#"{"name":"again"}"#);
     assert_eq!((status, &body["message"]), (200, &Value::from("Hello, again!")));
     assert_eq!(server.status("hello")["version"], 1);
+}
+
+/// Deploys `sleep` with two workers and no retries, and returns the ids of
+/// two tasks sleeping `ms` each, once both run.
+fn two_running_sleeps(server: &Server, ms: u64) -> Vec<String> {
+    server.deploy_guest("sleep", "sleep", Some("[runtime]\nworkers = 2\n[task_queue]\nretries = 0\n"));
+    let ids: Vec<String> = (0..2).map(|_| submit(server, "sleep", &format!(r#"{{"ms": {ms}}}"#))).collect();
+    for id in &ids {
+        wait_running(server, id);
+    }
+    ids
 }
 
 /// Waits until task `id` runs (or was sent to a replica to run).

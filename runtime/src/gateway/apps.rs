@@ -13,6 +13,7 @@ use super::{ApiError, Payload, read_body};
 use crate::metrics::{AppGauges, DeviceGauges};
 use crate::node::Node;
 use crate::registry::App;
+use crate::supervisor::ReplicaState;
 
 pub(crate) async fn deploy(
     State(node): State<Arc<Node>>,
@@ -197,21 +198,12 @@ pub(crate) async fn metrics(State(node): State<Arc<Node>>) -> impl axum::respons
             let replicas = node.supervisor.replicas(&name);
             // Every state has a series, 0 included: an app scaled to zero
             // shows 0 ready replicas rather than no line at all.
-            let mut states: Vec<(String, u64)> =
-                ["pending", "starting", "ready", "draining", "backoff"].map(|state| (state.to_owned(), 0)).into();
-            for replica in &replicas {
-                let state = serde_json::to_value(replica.state).ok().and_then(|v| v.as_str().map(str::to_owned));
-                let state = state.unwrap_or_default();
-                match states.iter_mut().find(|(s, _)| *s == state) {
-                    Some((_, count)) => *count += 1,
-                    None => states.push((state, 1)),
-                }
-            }
-            let workers = replicas
+            let states: Vec<(String, u64)> = ReplicaState::LIVE
                 .iter()
-                .filter(|r| r.state == crate::supervisor::ReplicaState::Ready)
-                .map(|r| u64::from(r.workers))
-                .sum();
+                .map(|state| (state.name(), replicas.iter().filter(|r| r.state == *state).count() as u64))
+                .collect();
+            let workers =
+                replicas.iter().filter(|r| r.state == ReplicaState::Ready).map(|r| u64::from(r.workers)).sum();
             let gpus = replicas.iter().filter(|r| r.gpu.is_some()).count() as u64;
             let gpu_memory = replicas.iter().map(|r| r.gpu_memory_used).sum();
             let gauges = AppGauges {

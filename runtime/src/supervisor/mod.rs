@@ -152,7 +152,7 @@ impl Supervisor {
         let gpu = runtime.gpu.clone().map(|model| GpuDemand {
             model,
             quota_per_worker: runtime.gpu_memory.unwrap_or(u64::MAX),
-            memory_needed: runtime.gpu_memory.unwrap_or(0).saturating_mul(u64::from(runtime.workers)),
+            memory_needed: runtime.gpu_memory_per_replica().unwrap_or(0),
         });
         replica::spawn(Plan {
             exe: self.exe.clone(),

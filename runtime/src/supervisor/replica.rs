@@ -53,6 +53,16 @@ pub(crate) enum ReplicaState {
     Stopped,
 }
 
+impl ReplicaState {
+    /// The states a replica listed in status can be in (not `Stopped`).
+    pub(crate) const LIVE: [Self; 5] = [Self::Pending, Self::Starting, Self::Ready, Self::Draining, Self::Backoff];
+
+    /// Its name in status and metrics (`"ready"`).
+    pub(crate) fn name(self) -> String {
+        serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+    }
+}
+
 /// What status shows of a replica.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct ReplicaInfo {
