@@ -67,6 +67,11 @@ enum Command {
         /// hold before the node exits (a second signal exits at once).
         #[arg(long, default_value = "30s", value_parser = crate::config::parse_duration)]
         shutdown_grace: std::time::Duration,
+        /// Share the task queue with other nodes through this Redis server,
+        /// e.g. redis://127.0.0.1:6379/0 [default: the embedded queue under
+        /// --data-dir]. Every node of a cluster needs its own --data-dir.
+        #[arg(long, env = "BEAMLET_REDIS")]
+        redis: Option<String>,
     },
     /// Upload a component as a new version of an app.
     Deploy {
@@ -325,6 +330,7 @@ async fn run(command: Command) -> Result<()> {
             memory,
             threads: _,
             shutdown_grace,
+            redis,
         } => {
             if cpus.is_some_and(|cpus| cpus.is_nan() || cpus <= 0.0) {
                 bail!("--cpus must be more than 0: replicas reserve cores from it");
@@ -342,7 +348,10 @@ async fn run(command: Command) -> Result<()> {
                 max_component: usize::try_from(max_component_size).context("--max-component-size is too large")?,
                 max_input: usize::try_from(max_input_size).context("--max-input-size is too large")?,
             };
-            crate::node::serve(ServeOptions { listen, data_dir, limits, capacity, gpus, shutdown_grace }).await
+            if let Some(url) = &redis {
+                crate::queue::RedisQueue::check_url(url)?;
+            }
+            crate::node::serve(ServeOptions { listen, data_dir, limits, capacity, gpus, shutdown_grace, redis }).await
         }
         Command::Deploy { wasm, name, config, server } => {
             Client::new(&server.server)?.deploy(&wasm, &name, config.as_deref()).await

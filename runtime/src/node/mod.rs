@@ -18,7 +18,7 @@ pub(crate) use self::logs::AppLogs;
 use crate::bodies::Bodies;
 use crate::ipc::GpuBackendKind;
 use crate::metrics::Metrics;
-use crate::queue::{Dispatch, EmbeddedQueue, now_ms};
+use crate::queue::{Dispatch, EmbeddedQueue, Queue, RedisQueue, now_ms, spawn_cluster};
 use crate::registry::Registry;
 use crate::supervisor::{Capacity, Demand, Gpus, Supervisor};
 
@@ -38,6 +38,9 @@ pub(crate) struct ServeOptions {
     pub gpus: Gpus,
     /// How long replicas may finish their tasks after Ctrl-C or SIGTERM.
     pub shutdown_grace: Duration,
+    /// The Redis server whose queue this node shares with others; `None`:
+    /// the embedded queue under the data dir.
+    pub redis: Option<String>,
 }
 
 pub(crate) struct Node {
@@ -99,6 +102,20 @@ fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File> {
     Ok(file)
 }
 
+/// This node's id among the nodes sharing a Redis queue, kept in the data
+/// dir: a restarted node is the same node, and takes back its tasks.
+fn node_id(data_dir: &std::path::Path) -> Result<String> {
+    let path = data_dir.join("node-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_owned()),
+        _ => {
+            let id = uuid::Uuid::new_v4().to_string();
+            std::fs::write(&path, &id).with_context(|| format!("failed to write {path:?}"))?;
+            Ok(id)
+        }
+    }
+}
+
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
@@ -106,10 +123,23 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     std::fs::create_dir_all(&data_dir).with_context(|| format!("failed to create data dir {data_dir:?}"))?;
     let _lock = lock_data_dir(&data_dir)?;
     let registry = tokio::task::spawn_blocking(move || Registry::open(&data_dir)).await??;
-    let store = options.data_dir.join("tasks.db");
-    let queue = tokio::task::spawn_blocking(move || EmbeddedQueue::open(&store, now_ms())).await??;
-    let (dispatch, ended) = Dispatch::new(Arc::new(queue));
+    let (queue, shared): (Arc<dyn Queue>, _) = match options.redis.clone() {
+        None => {
+            let store = options.data_dir.join("tasks.db");
+            (Arc::new(tokio::task::spawn_blocking(move || EmbeddedQueue::open(&store, now_ms())).await??), None)
+        }
+        Some(url) => {
+            let id = node_id(&options.data_dir)?;
+            let queue = Arc::new(tokio::task::spawn_blocking(move || RedisQueue::open(&url, id, now_ms())).await??);
+            tracing::info!(node = queue.node(), redis = %queue.url().addr, "sharing the task queue in Redis");
+            (queue.clone(), Some(queue))
+        }
+    };
+    let (dispatch, ended) = Dispatch::new(queue);
     let dispatch = Arc::new(dispatch);
+    if let Some(queue) = shared {
+        spawn_cluster(queue, dispatch.clone()).context("failed to start the Redis listener")?;
+    }
     let logs = Arc::new(AppLogs::default());
     let exe = replica_executable()?;
     let capacity = Arc::new(Capacity::new(options.capacity, options.gpus.clone()));

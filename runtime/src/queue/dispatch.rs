@@ -10,8 +10,8 @@ use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::{
-    Cancelled, Counts, Ended, ErrorCode, Finish, Lease, NewTask, Queue, QueueError, TaskError, TaskId, TaskRecord,
-    TaskStatus, now_ms,
+    Cancelled, Counts, Ended, ErrorCode, Event, Finish, Lease, NewTask, Queue, QueueError, TaskError, TaskId,
+    TaskRecord, TaskStatus, now_ms,
 };
 
 pub(crate) struct Dispatch {
@@ -231,6 +231,60 @@ impl Dispatch {
             if list.is_empty() {
                 waiters.remove(id);
             }
+        }
+    }
+
+    /// Acts on what happened on another node (or on this one, seen through
+    /// the shared queue's channel).
+    pub(crate) fn on_event(&self, event: Event) {
+        match event {
+            Event::Arrival(app) => self.wake(&app),
+            Event::Ended(id) => self.answer_waiters(&id),
+            Event::Cancel(id) => {
+                let route = self.routes.lock().unwrap().remove(&id);
+                if let Some(route) = route {
+                    let _ = route.send(id);
+                }
+            }
+            Event::Resync => {
+                let apps: Vec<Arc<Notify>> = self.arrivals.lock().unwrap().values().cloned().collect();
+                for arrivals in apps {
+                    arrivals.notify_waiters();
+                }
+                self.demand.notify_waiters();
+                let waited: Vec<TaskId> = self.waiters.lock().unwrap().keys().cloned().collect();
+                for id in waited {
+                    self.answer_waiters(&id);
+                }
+            }
+        }
+    }
+
+    /// Answers whoever waits here on task `id` if it has ended (on another
+    /// node); a call this node took is then forgotten.
+    fn answer_waiters(&self, id: &str) {
+        if !self.waiters.lock().unwrap().contains_key(id) {
+            return;
+        }
+        let Some(record) = self.queue.get(id).filter(|record| record.status.is_terminal()) else { return };
+        let ended = self.ended(record);
+        let waiters = self.waiters.lock().unwrap().remove(id).unwrap_or_default();
+        for waiter in waiters {
+            let _ = waiter.send(ended.clone());
+        }
+        if !ended.record.durable {
+            self.queue.forget(id);
+        }
+    }
+
+    /// Work taken over from a node that stopped: tasks that ended (their
+    /// retries spent) and ended tasks whose callbacks this node now delivers.
+    pub(crate) fn took_over(&self, ended: Vec<TaskRecord>, callbacks: Vec<(TaskRecord, Option<Bytes>)>) {
+        for record in &ended {
+            self.resolve(record);
+        }
+        for callback in callbacks {
+            let _ = self.callbacks.send(callback);
         }
     }
 

@@ -6,6 +6,7 @@
 
 mod dispatch;
 mod embedded;
+mod redis;
 mod sqlite;
 
 use std::time::Duration;
@@ -16,6 +17,7 @@ use tokio::sync::oneshot;
 
 pub(crate) use self::dispatch::Dispatch;
 pub(crate) use self::embedded::EmbeddedQueue;
+pub(crate) use self::redis::{Event, RedisQueue, spawn_cluster};
 
 pub(crate) type TaskId = String;
 
@@ -200,6 +202,9 @@ pub(crate) enum QueueError {
     AlreadyEnded { id: TaskId, status: TaskStatus },
     #[error("the task store could not save the task; see the node's log (is the data dir's disk full?)")]
     Store,
+    /// The shared task store (Redis) failed.
+    #[error("the task store (Redis) failed: {0}")]
+    Backend(String),
     #[error(
         "the node is shutting down and takes no more calls; call again once it is back (tasks sent to /tasks are kept)"
     )]

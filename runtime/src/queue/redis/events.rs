@@ -1,0 +1,138 @@
+//! What ties the nodes on one Redis together: each listens on the
+//! `beamlet:events` channel, beats its heartbeat, and takes over the work
+//! of nodes whose heartbeat stopped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::RedisQueue;
+use super::resp::{Conn, Reply};
+use crate::queue::{Dispatch, now_ms};
+
+/// Something another node (or this one) did that this node must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Event {
+    /// The app's queue gained a task.
+    Arrival(String),
+    /// A task ended.
+    Ended(String),
+    /// A running task was cancelled: its replica must stop it.
+    Cancel(String),
+    /// Events may have been missed (the channel was down): look again at
+    /// everything waited on.
+    Resync,
+}
+
+impl Event {
+    fn parse(message: &str) -> Option<Self> {
+        let (kind, subject) = message.split_once(' ')?;
+        let subject = subject.to_owned();
+        match kind {
+            "a" => Some(Self::Arrival(subject)),
+            "e" => Some(Self::Ended(subject)),
+            "c" => Some(Self::Cancel(subject)),
+            _ => None,
+        }
+    }
+}
+
+/// How often a node beats, reaps dead nodes, and looks again at what it
+/// waits on (an event lost to a dropped connection is seen this late).
+const BEAT: Duration = Duration::from_secs(1);
+/// Between attempts to reach Redis again.
+const RECONNECT: Duration = Duration::from_secs(1);
+
+/// Starts the listener and the heartbeat threads.
+pub(crate) fn spawn(queue: Arc<RedisQueue>, dispatch: Arc<Dispatch>) -> anyhow::Result<()> {
+    let (listener_queue, listener_dispatch) = (queue.clone(), dispatch.clone());
+    std::thread::Builder::new()
+        .name("redis-events".into())
+        .spawn(move || listen(&listener_queue, &listener_dispatch))?;
+    std::thread::Builder::new().name("redis-heartbeat".into()).spawn(move || beat(&queue, &dispatch))?;
+    Ok(())
+}
+
+fn listen(queue: &RedisQueue, dispatch: &Dispatch) {
+    let mut connected_before = false;
+    loop {
+        match subscribe(queue) {
+            Ok(mut conn) => {
+                if connected_before {
+                    tracing::info!("listening to the other nodes again");
+                    dispatch.on_event(Event::Resync);
+                }
+                connected_before = true;
+                loop {
+                    match conn.read() {
+                        Ok(reply) => {
+                            if let Some(event) = message(reply) {
+                                dispatch.on_event(event);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!("lost the Redis event channel ({e}); reconnecting");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::error!("failed to listen to the Redis event channel: {e}"),
+        }
+        std::thread::sleep(RECONNECT);
+    }
+}
+
+fn subscribe(queue: &RedisQueue) -> Result<Conn, super::RedisError> {
+    // No read timeout: the channel is quiet while nothing happens.
+    let mut conn = Conn::open(queue.url(), None)?;
+    conn.send(&[b"SUBSCRIBE", b"beamlet:events"])?;
+    conn.read()?;
+    Ok(conn)
+}
+
+/// `["message", channel, payload]` as an event.
+fn message(reply: Reply) -> Option<Event> {
+    let mut parts = reply.into_array().into_iter();
+    if parts.next()?.into_string()? != "message" {
+        return None;
+    }
+    let payload = parts.nth(1)?.into_string()?;
+    Event::parse(&payload)
+}
+
+fn beat(queue: &RedisQueue, dispatch: &Dispatch) {
+    let mut failing = false;
+    loop {
+        std::thread::sleep(BEAT);
+        let result = queue.heartbeat().and_then(|()| queue.reap_dead(now_ms()));
+        match result {
+            Ok(reaped) => {
+                if failing {
+                    tracing::info!("Redis answers again");
+                    failing = false;
+                }
+                dispatch.took_over(reaped.ended, reaped.callbacks);
+            }
+            Err(e) if !failing => {
+                tracing::error!("failed to beat this node's heartbeat in Redis: {e}");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+        dispatch.on_event(Event::Resync);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_parse() {
+        assert_eq!(Event::parse("a hello"), Some(Event::Arrival("hello".into())));
+        assert_eq!(Event::parse("e 0190-ab"), Some(Event::Ended("0190-ab".into())));
+        assert_eq!(Event::parse("c x"), Some(Event::Cancel("x".into())));
+        assert_eq!(Event::parse("z x"), None);
+        assert_eq!(Event::parse("nospace"), None);
+    }
+}

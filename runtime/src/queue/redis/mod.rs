@@ -1,0 +1,637 @@
+//! The Redis queue (`beamlet serve --redis URL`): the task lifecycle kept in
+//! one Redis server that several nodes share. Any node takes a call or a
+//! task; a replica of the app on any node runs it; the node whose caller
+//! waits hears of its end on the `beamlet:events` channel. Each node keeps a
+//! heartbeat there: when one stops beating, another retries the tasks it was
+//! running, cancels the calls it took, and delivers its pending callbacks.
+
+mod events;
+mod resp;
+mod scripts;
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+pub(crate) use self::events::{Event, spawn as spawn_cluster};
+use self::resp::{Client, RedisError, RedisUrl, Reply};
+use self::scripts as lua;
+use super::{
+    Cancelled, Counts, ErrorCode, Finish, Lease, NewTask, Queue, QueueError, TaskError, TaskRecord, TaskStatus, millis,
+};
+
+/// How long a node counts as alive after its last heartbeat.
+const NODE_TTL: Duration = Duration::from_secs(10);
+
+pub(crate) struct RedisQueue {
+    client: Client,
+    /// This node's id: stable across restarts (kept in the data dir), so a
+    /// restarted node finds the tasks it was running.
+    node: String,
+}
+
+/// Ended tasks and undelivered callbacks a node took over from a dead one.
+#[derive(Debug, Default)]
+pub(crate) struct Reaped {
+    /// Tasks whose retries were spent: they ended here.
+    pub ended: Vec<TaskRecord>,
+    /// Ended tasks whose callbacks this node now delivers, with outputs.
+    pub callbacks: Vec<(TaskRecord, Option<Bytes>)>,
+}
+
+impl RedisQueue {
+    /// Connects as node `node`, and takes back what this node was running
+    /// when it last stopped (retried, as the embedded queue does on start).
+    pub(crate) fn open(url: &str, node: String, now: u64) -> Result<Self> {
+        let url = RedisUrl::parse(url).map_err(anyhow::Error::msg)?;
+        let client =
+            Client::connect(url.clone()).with_context(|| format!("failed to connect to Redis at {}", url.addr))?;
+        let info = client.call(&[b"INFO", b"server"])?.into_string().unwrap_or_default();
+        let version = info.lines().find_map(|line| line.strip_prefix("redis_version:")).unwrap_or("0");
+        let major: u32 = version.split('.').next().and_then(|major| major.parse().ok()).unwrap_or(0);
+        anyhow::ensure!(major >= 5, "Redis at {} is version {version}; beamlet needs 5 or later", url.addr);
+        let queue = Self { client, node };
+        queue.reap(&queue.node, now, true).context("failed to recover this node's tasks from Redis")?;
+        queue.heartbeat()?;
+        Ok(queue)
+    }
+
+    /// Says what is wrong with a `--redis` URL before anything starts.
+    pub(crate) fn check_url(url: &str) -> Result<()> {
+        RedisUrl::parse(url).map(drop).map_err(|e| anyhow::anyhow!("--redis: {e}"))
+    }
+
+    pub(crate) fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub(crate) fn url(&self) -> &RedisUrl {
+        self.client.url()
+    }
+
+    /// Marks this node alive for [`NODE_TTL`].
+    pub(crate) fn heartbeat(&self) -> Result<(), RedisError> {
+        let ttl = millis(NODE_TTL).to_string();
+        let key = format!("beamlet:node:{}", self.node);
+        self.client.call(&[b"SET", key.as_bytes(), b"1", b"PX", ttl.as_bytes()])?;
+        self.client.call(&[b"SADD", b"beamlet:nodes", self.node.as_bytes()])?;
+        Ok(())
+    }
+
+    /// Takes over the work of every node whose heartbeat stopped.
+    pub(crate) fn reap_dead(&self, now: u64) -> Result<Reaped, RedisError> {
+        let mut reaped = Reaped::default();
+        for node in self.client.call(&[b"SMEMBERS", b"beamlet:nodes"])?.into_array() {
+            let Some(node) = node.into_string().filter(|node| *node != self.node) else { continue };
+            let one = self.reap(&node, now, false)?;
+            if !one.ended.is_empty() || !one.callbacks.is_empty() {
+                tracing::warn!(
+                    node = %node, ended = one.ended.len(), callbacks = one.callbacks.len(),
+                    "a node stopped beating: its running tasks are retried, its calls cancelled"
+                );
+            }
+            reaped.ended.extend(one.ended);
+            reaped.callbacks.extend(one.callbacks);
+        }
+        Ok(reaped)
+    }
+
+    fn reap(&self, node: &str, now: u64, force: bool) -> Result<Reaped, RedisError> {
+        let now = now.to_string();
+        let force: &[u8] = if force { b"1" } else { b"0" };
+        let reply = self.client.eval(&lua::REAP, &[node.as_bytes(), now.as_bytes(), self.node.as_bytes(), force])?;
+        let mut parts = reply.into_array().into_iter();
+        let ended = parts.next().map(Reply::into_array).unwrap_or_default();
+        let adopted = parts.next().map(Reply::into_array).unwrap_or_default();
+        let callbacks = adopted
+            .into_iter()
+            .filter_map(Reply::into_string)
+            .filter_map(|id| Some((self.get(&id)?, self.output(&id))))
+            .collect();
+        Ok(Reaped { ended: ended.into_iter().filter_map(record).collect(), callbacks })
+    }
+
+    /// Logs a failed call; the interface's answer is then "nothing".
+    fn logged<T>(&self, what: &str, result: Result<T, RedisError>) -> Option<T> {
+        result.inspect_err(|e| tracing::error!("failed to {what} in Redis: {e}")).ok()
+    }
+
+    fn eval(&self, what: &str, script: &resp::Script, args: &[&[u8]]) -> Option<Reply> {
+        self.logged(what, self.client.eval(script, args)).filter(|reply| *reply != Reply::Nil)
+    }
+}
+
+/// A task record from the fields `scripts::FIELDS` lists, in order.
+fn record(reply: Reply) -> Option<TaskRecord> {
+    let mut fields = reply.into_array().into_iter();
+    let mut next = || fields.next().unwrap_or(Reply::Nil);
+    let id = next().into_string()?;
+    let app = next().into_string()?;
+    let status = TaskStatus::parse(&next().into_string()?)?;
+    let number = |reply: Reply| reply.as_int().and_then(|n| u64::try_from(n).ok());
+    let attempts = number(next()).unwrap_or(0) as u32;
+    let created_at = number(next()).unwrap_or(0);
+    let started_at = number(next());
+    let ended_at = number(next());
+    let code = next().into_string().and_then(|code| ErrorCode::parse(&code));
+    let message = next().into_string();
+    let error = code.map(|code| TaskError { code, message: message.unwrap_or_default() });
+    let callback_url = next().into_string();
+    let durable = next().into_string().as_deref() != Some("0");
+    Some(TaskRecord { id, app, status, attempts, created_at, started_at, ended_at, error, callback_url, durable })
+}
+
+fn flag(on: bool) -> &'static [u8] {
+    if on { b"1" } else { b"0" }
+}
+
+impl Queue for RedisQueue {
+    fn enqueue(&self, task: NewTask, now: u64) -> Result<TaskRecord, QueueError> {
+        let expires_at = now.saturating_add(millis(task.ttl));
+        let numbers = [
+            now.to_string(),
+            expires_at.to_string(),
+            task.max_queued.to_string(),
+            task.retries.to_string(),
+            millis(task.timeout).to_string(),
+            millis(task.result_ttl).to_string(),
+            task.max_result_size.to_string(),
+        ];
+        let [created, expires, max_queued, retries, timeout, result_ttl, max_result_size] =
+            numbers.each_ref().map(|n| n.as_bytes());
+        let (id, app, node) = (task.id.as_bytes(), task.app.as_bytes(), self.node.as_bytes());
+        let mut args: Vec<&[u8]> = vec![app, id, max_queued, created, expires, node, flag(task.durable)];
+        args.extend_from_slice(&[
+            b"id",
+            id,
+            b"app",
+            app,
+            b"status",
+            b"PENDING",
+            b"attempts",
+            b"0",
+            b"retries",
+            retries,
+            b"timeout_ms",
+            timeout,
+            b"result_ttl_ms",
+            result_ttl,
+            b"max_result_size",
+            max_result_size,
+            b"created_at",
+            created,
+            b"expires_at",
+            expires,
+            b"input",
+            &task.input,
+            b"durable",
+            flag(task.durable),
+            b"origin",
+            node,
+        ]);
+        if let Some(url) = &task.callback_url {
+            args.extend_from_slice(&[b"callback_url", url.as_bytes()]);
+        }
+        let added = self.client.eval(&lua::ENQUEUE, &args).map_err(|e| {
+            tracing::error!("failed to queue a task in Redis: {e}");
+            QueueError::Backend(e.to_string())
+        })?;
+        if added.as_int() == Some(0) {
+            return Err(QueueError::Full { app: task.app, limit: task.max_queued });
+        }
+        Ok(TaskRecord {
+            id: task.id,
+            app: task.app,
+            status: TaskStatus::Pending,
+            attempts: 0,
+            created_at: now,
+            started_at: None,
+            ended_at: None,
+            error: None,
+            callback_url: task.callback_url,
+            durable: task.durable,
+        })
+    }
+
+    fn lease(&self, app: &str, now: u64) -> Option<Lease> {
+        let now = now.to_string();
+        let reply =
+            self.eval("lease a task", &lua::LEASE, &[app.as_bytes(), now.as_bytes(), self.node.as_bytes(), b"0"])?;
+        lease(app, reply)
+    }
+
+    fn lease_ahead(&self, app: &str, now: u64) -> Option<Lease> {
+        let now = now.to_string();
+        let reply =
+            self.eval("lease a task", &lua::LEASE, &[app.as_bytes(), now.as_bytes(), self.node.as_bytes(), b"1"])?;
+        lease(app, reply)
+    }
+
+    fn started(&self, id: &str, now: u64) {
+        self.eval("mark a task started", &lua::STARTED, &[id.as_bytes(), now.to_string().as_bytes()]);
+    }
+
+    fn release(&self, id: &str) -> Option<TaskRecord> {
+        record(self.eval("release a task", &lua::RELEASE, &[id.as_bytes()])?)
+    }
+
+    fn pending_callbacks(&self) -> Vec<(TaskRecord, Option<Bytes>)> {
+        let Some(reply) = self.eval("list pending callbacks", &lua::PENDING_CALLBACKS, &[self.node.as_bytes()]) else {
+            return Vec::new();
+        };
+        let mut pending: Vec<_> = reply
+            .into_array()
+            .into_iter()
+            .filter_map(|pair| {
+                let mut pair = pair.into_array().into_iter();
+                let record = record(pair.next()?)?;
+                Some((record, pair.next().and_then(Reply::into_bytes).map(Bytes::from)))
+            })
+            .collect();
+        pending.sort_by_key(|(record, _)| record.ended_at);
+        pending
+    }
+
+    fn callback_settled(&self, id: &str) {
+        self.logged("settle a callback", self.client.call(&[b"HDEL", b"beamlet:callbacks", id.as_bytes()]));
+    }
+
+    fn finish(&self, id: &str, finish: Finish, now: u64) -> Option<TaskRecord> {
+        let now = now.to_string();
+        let (id, me) = (id.as_bytes(), self.node.as_bytes());
+        let reply = match &finish {
+            Finish::Complete(output) => {
+                self.eval("finish a task", &lua::FINISH, &[id, b"complete", now.as_bytes(), me, output])
+            }
+            Finish::Cancelled => self.eval("finish a task", &lua::FINISH, &[id, b"cancelled", now.as_bytes(), me]),
+            Finish::Rejected(error) | Finish::Retryable(error) => {
+                let kind: &[u8] = if matches!(finish, Finish::Rejected(_)) { b"rejected" } else { b"retryable" };
+                let (code, message) = (error.code.as_str().as_bytes(), error.message.as_bytes());
+                self.eval("finish a task", &lua::FINISH, &[id, kind, now.as_bytes(), me, code, message])
+            }
+        };
+        record(reply?)
+    }
+
+    fn cancel(&self, id: &str, why: &str, now: u64) -> Result<Cancelled, QueueError> {
+        let now = now.to_string();
+        let args: [&[u8]; 4] = [id.as_bytes(), why.as_bytes(), now.as_bytes(), self.node.as_bytes()];
+        let reply = self.client.eval(&lua::CANCEL, &args).map_err(|e| QueueError::Backend(e.to_string()))?;
+        let mut parts = reply.into_array().into_iter();
+        let kind = parts.next().and_then(Reply::into_string).unwrap_or_default();
+        let detail = parts.next().unwrap_or(Reply::Nil);
+        let ended = |record: Option<TaskRecord>| {
+            record.ok_or_else(|| QueueError::Backend("Redis returned a task without its fields".into()))
+        };
+        match kind.as_str() {
+            "ended" => {
+                let status = detail.into_string().and_then(|s| TaskStatus::parse(&s)).unwrap_or(TaskStatus::Failed);
+                Err(QueueError::AlreadyEnded { id: id.to_owned(), status })
+            }
+            "queued" => Ok(Cancelled::Queued(ended(record(detail))?)),
+            "running" => Ok(Cancelled::Running(ended(record(detail))?)),
+            _ => Err(QueueError::UnknownTask(id.to_owned())),
+        }
+    }
+
+    fn get(&self, id: &str) -> Option<TaskRecord> {
+        let key = format!("beamlet:t:{id}");
+        let mut args: Vec<&[u8]> = vec![b"HMGET", key.as_bytes()];
+        args.extend(FIELDS.iter().map(|field| field.as_bytes()));
+        record(self.logged("read a task", self.client.call(&args))?)
+    }
+
+    fn output(&self, id: &str) -> Option<Bytes> {
+        let key = format!("beamlet:t:{id}");
+        let reply = self.logged("read a result", self.client.call(&[b"HGET", key.as_bytes(), b"output"]))?;
+        reply.into_bytes().map(Bytes::from)
+    }
+
+    fn forget(&self, id: &str) {
+        self.eval("forget a call", &lua::FORGET, &[id.as_bytes(), self.node.as_bytes()]);
+    }
+
+    fn counts(&self, app: &str) -> Counts {
+        let Some(reply) = self.eval("count tasks", &lua::COUNTS, &[app.as_bytes()]) else { return Counts::default() };
+        let counts = reply.into_array();
+        let count = |i: usize| counts.get(i).and_then(Reply::as_int).and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
+        Counts { queued: count(0), running: count(1) }
+    }
+
+    fn list(&self, app: &str, status: Option<TaskStatus>, limit: usize) -> Vec<TaskRecord> {
+        let status = status.map_or("", TaskStatus::as_str);
+        let limit = limit.min(i64::MAX as usize).to_string();
+        let reply = self.eval("list tasks", &lua::LIST, &[app.as_bytes(), status.as_bytes(), limit.as_bytes()]);
+        reply.map(Reply::into_array).unwrap_or_default().into_iter().filter_map(record).collect()
+    }
+
+    fn sweep(&self, now: u64) -> Vec<TaskRecord> {
+        let now = now.to_string();
+        let reply = self.eval("sweep the queue", &lua::SWEEP, &[now.as_bytes(), self.node.as_bytes()]);
+        reply.map(Reply::into_array).unwrap_or_default().into_iter().filter_map(record).collect()
+    }
+
+    /// Redis has each change once it answers; how durable that is, is the
+    /// server's setting (`appendonly yes` keeps tasks across its restarts).
+    fn sync(&self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(());
+        rx
+    }
+
+    fn end_queued(
+        &self,
+        app: &str,
+        calls_only: bool,
+        status: TaskStatus,
+        error: TaskError,
+        now: u64,
+    ) -> Vec<TaskRecord> {
+        let now = now.to_string();
+        let args: [&[u8]; 7] = [
+            app.as_bytes(),
+            flag(calls_only),
+            status.as_str().as_bytes(),
+            error.code.as_str().as_bytes(),
+            error.message.as_bytes(),
+            now.as_bytes(),
+            self.node.as_bytes(),
+        ];
+        let reply = self.eval("end queued tasks", &lua::END_QUEUED, &args);
+        reply.map(Reply::into_array).unwrap_or_default().into_iter().filter_map(record).collect()
+    }
+}
+
+/// The record fields the scripts return, in `record`'s order.
+const FIELDS: [&str; 12] = [
+    "id",
+    "app",
+    "status",
+    "attempts",
+    "created_at",
+    "started_at",
+    "ended_at",
+    "error_code",
+    "error_message",
+    "callback_url",
+    "durable",
+    "origin",
+];
+
+fn lease(app: &str, reply: Reply) -> Option<Lease> {
+    let mut parts = reply.into_array().into_iter();
+    let id = parts.next()?.into_string()?;
+    let input = Bytes::from(parts.next()?.into_bytes().unwrap_or_default());
+    let attempt = parts.next()?.as_int()? as u32;
+    let timeout = Duration::from_millis(parts.next()?.as_int()?.max(0) as u64);
+    let max_result_size = parts.next()?.as_int()?.max(0) as u64;
+    Some(Lease { id, app: app.to_owned(), input, attempt, timeout, max_result_size })
+}
+
+/// A throwaway `redis-server` on a free loopback port, stopped when dropped.
+#[cfg(test)]
+pub(crate) struct TestRedis {
+    child: std::process::Child,
+    pub url: String,
+}
+
+#[cfg(test)]
+impl TestRedis {
+    /// `None` (said loudly) where no `redis-server` is installed, unless
+    /// `REQUIRE_REDIS=1` or `CI` is set: then that fails the test.
+    pub(crate) fn start() -> Option<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let spawned = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn();
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                let required = std::env::var_os("REQUIRE_REDIS").is_some() || std::env::var_os("CI").is_some();
+                assert!(!required, "redis-server could not start ({e}); install it (apt-get install redis-server)");
+                eprintln!("no redis-server: Redis tests skipped ({e})");
+                return None;
+            }
+        };
+        let url = format!("redis://127.0.0.1:{port}");
+        let parsed = RedisUrl::parse(&url).unwrap();
+        for _ in 0..200 {
+            if resp::Conn::open(&parsed, None).and_then(|mut conn| conn.call(&[b"PING"])).is_ok() {
+                return Some(Self { child, url });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server on port {port} did not answer");
+    }
+}
+
+#[cfg(test)]
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::new_task_id;
+
+    fn task(retries: u32) -> NewTask {
+        NewTask {
+            id: new_task_id(),
+            app: "a".into(),
+            input: Bytes::from_static(b"{\"x\":1}"),
+            retries,
+            timeout: Duration::from_secs(1),
+            ttl: Duration::from_secs(10),
+            result_ttl: Duration::from_secs(60),
+            max_result_size: 1024,
+            callback_url: None,
+            max_queued: 3,
+            durable: true,
+        }
+    }
+
+    fn trap() -> Finish {
+        Finish::Retryable(TaskError { code: ErrorCode::GuestTrap, message: "boom".into() })
+    }
+
+    fn node(redis: &TestRedis, name: &str) -> RedisQueue {
+        RedisQueue::open(&redis.url, name.into(), 0).unwrap()
+    }
+
+    #[test]
+    fn lifecycle_with_retries_and_a_full_queue() {
+        let Some(redis) = TestRedis::start() else { return };
+        let q = node(&redis, "n1");
+        let id = q.enqueue(task(1), 0).unwrap().id;
+        assert_eq!(q.counts("a"), Counts { queued: 1, running: 0 });
+        let lease = q.lease("a", 1).unwrap();
+        assert_eq!((lease.id.as_str(), lease.attempt, lease.input.as_ref()), (id.as_str(), 1, &b"{\"x\":1}"[..]));
+        assert_eq!((lease.timeout, lease.max_result_size), (Duration::from_secs(1), 1024));
+        assert_eq!(q.counts("a"), Counts { queued: 0, running: 1 });
+        assert_eq!(q.finish(&id, trap(), 2).unwrap().status, TaskStatus::Retry);
+        assert_eq!(q.lease("a", 3).unwrap().attempt, 2);
+        let record = q.finish(&id, trap(), 4).unwrap();
+        assert_eq!((record.status, record.attempts), (TaskStatus::Failed, 2));
+        assert_eq!(record.error.unwrap().code, ErrorCode::GuestTrap);
+        assert_eq!(q.counts("a"), Counts::default());
+        assert!(q.finish(&id, Finish::Complete(Bytes::new()), 5).is_none(), "an ended task stays ended");
+
+        let done = q.enqueue(task(0), 10).unwrap().id;
+        q.lease("a", 11).unwrap();
+        q.finish(&done, Finish::Complete(Bytes::from_static(b"out")), 12).unwrap();
+        assert_eq!(q.output(&done).unwrap(), Bytes::from_static(b"out"));
+        for _ in 0..3 {
+            q.enqueue(task(0), 13).unwrap();
+        }
+        assert!(matches!(q.enqueue(task(0), 13), Err(QueueError::Full { limit: 3, .. })));
+        let listed = q.list("a", None, 10);
+        assert_eq!(listed.len(), 5, "newest first, every task of the app");
+        assert_eq!(listed.last().unwrap().id, id);
+        assert_eq!(q.list("a", Some(TaskStatus::Complete), 10).len(), 1);
+        assert_eq!(q.list("a", Some(TaskStatus::Pending), 2).len(), 2);
+    }
+
+    #[test]
+    fn a_call_taken_by_one_node_runs_on_another_and_only_its_node_forgets_it() {
+        let Some(redis) = TestRedis::start() else { return };
+        let (a, b) = (node(&redis, "a"), node(&redis, "b"));
+        let id = a.enqueue(NewTask { durable: false, ..task(0) }, 0).unwrap().id;
+        assert_eq!(b.lease("a", 1).unwrap().id, id);
+        let record = b.finish(&id, Finish::Complete(Bytes::from_static(b"hi")), 2).unwrap();
+        assert!(!record.durable);
+        b.forget(&id);
+        assert_eq!(a.get(&id).unwrap().status, TaskStatus::Complete, "the node whose caller waits still sees it");
+        assert_eq!(a.output(&id).unwrap(), Bytes::from_static(b"hi"));
+        a.forget(&id);
+        assert!(a.get(&id).is_none() && b.get(&id).is_none());
+    }
+
+    #[test]
+    fn cancelling_queued_running_and_ended_tasks() {
+        let Some(redis) = TestRedis::start() else { return };
+        let q = node(&redis, "n1");
+        let queued = q.enqueue(task(0), 0).unwrap().id;
+        let running = q.enqueue(task(0), 0).unwrap().id;
+        q.lease_ahead("a", 1).unwrap();
+        // The first in line was leased; cancel the other while queued.
+        let (leased, waiting) = (queued, running);
+        assert!(matches!(q.cancel(&waiting, "no", 2), Ok(Cancelled::Queued(r)) if r.status == TaskStatus::Cancelled));
+        assert!(
+            matches!(q.cancel(&leased, "stop", 2), Ok(Cancelled::Running(r)) if r.error.as_ref().unwrap().message == "stop")
+        );
+        assert!(matches!(
+            q.cancel(&leased, "again", 3),
+            Err(QueueError::AlreadyEnded { status: TaskStatus::Cancelled, .. })
+        ));
+        assert!(matches!(q.cancel("nope", "x", 3), Err(QueueError::UnknownTask(_))));
+        assert_eq!(q.counts("a"), Counts::default());
+        assert!(q.finish(&leased, Finish::Complete(Bytes::new()), 4).is_none(), "its worker's late report is ignored");
+    }
+
+    #[test]
+    fn sweep_expires_waiting_tasks_and_keeps_results_with_pending_callbacks() {
+        let Some(redis) = TestRedis::start() else { return };
+        let q = node(&redis, "n1");
+        let waiting = q.enqueue(task(1), 0).unwrap().id;
+        let mut hooked = task(1);
+        hooked.callback_url = Some("http://127.0.0.1:9/hook".into());
+        let hooked = q.enqueue(hooked, 0).unwrap().id;
+        assert_eq!(q.lease("a", 1).unwrap().id, waiting);
+        q.finish(&waiting, trap(), 2).unwrap();
+        // `waiting` is a retry now, first in line: ttl no longer applies to it.
+        assert_eq!(q.lease("a", 3).unwrap().id, waiting);
+        q.release(&waiting).unwrap();
+        let fresh = q.enqueue(task(0), 5).unwrap().id;
+        let expired: Vec<String> = q.sweep(10_000).into_iter().map(|r| r.id).collect();
+        assert_eq!(expired, vec![hooked.clone()], "only the never-run task past its ttl: {expired:?}");
+        assert_eq!(q.get(&waiting).unwrap().status, TaskStatus::Retry);
+        assert_eq!(q.get(&fresh).unwrap().status, TaskStatus::Pending);
+        let pending = q.pending_callbacks();
+        assert_eq!(pending.len(), 1);
+        assert_eq!((pending[0].0.id.as_str(), pending[0].0.status), (hooked.as_str(), TaskStatus::Expired));
+        q.sweep(100_000);
+        assert!(q.get(&hooked).is_some(), "kept until its callback is delivered");
+        q.callback_settled(&hooked);
+        q.sweep(200_000);
+        assert!(q.get(&hooked).is_none(), "then forgotten");
+        assert!(q.pending_callbacks().is_empty());
+    }
+
+    #[test]
+    fn ending_queued_calls_keeps_queued_tasks() {
+        let Some(redis) = TestRedis::start() else { return };
+        let q = node(&redis, "n1");
+        let kept = q.enqueue(task(0), 0).unwrap().id;
+        let call = q.enqueue(NewTask { durable: false, ..task(0) }, 0).unwrap().id;
+        let error = TaskError { code: ErrorCode::NoCapacity, message: "full".into() };
+        let ended = q.end_queued("a", true, TaskStatus::Failed, error.clone(), 1);
+        assert_eq!(ended.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec![call.as_str()]);
+        assert_eq!(q.counts("a").queued, 1);
+        let ended = q.end_queued("a", false, TaskStatus::Cancelled, error, 2);
+        assert_eq!(
+            ended.iter().map(|r| (r.id.as_str(), r.status)).collect::<Vec<_>>(),
+            vec![(kept.as_str(), TaskStatus::Cancelled)]
+        );
+        assert_eq!(q.counts("a"), Counts::default());
+    }
+
+    #[test]
+    fn a_dead_nodes_work_is_taken_over() {
+        let Some(redis) = TestRedis::start() else { return };
+        let (a, b) = (node(&redis, "a"), node(&redis, "b"));
+        let mut hooked = task(0);
+        hooked.callback_url = Some("http://127.0.0.1:9/hook".into());
+        let hooked = b.enqueue(NewTask { max_queued: 10, ..hooked }, 0).unwrap().id;
+        let started = b.enqueue(NewTask { max_queued: 10, ..task(1) }, 0).unwrap().id;
+        let spent = b.enqueue(NewTask { max_queued: 10, ..task(0) }, 0).unwrap().id;
+        let ahead = b.enqueue(NewTask { max_queued: 10, ..task(0) }, 0).unwrap().id;
+        let call = b.enqueue(NewTask { max_queued: 10, durable: false, ..task(0) }, 0).unwrap().id;
+        assert_eq!(b.lease("a", 1).unwrap().id, hooked);
+        b.finish(&hooked, Finish::Complete(Bytes::from_static(b"out")), 2).unwrap();
+        assert_eq!(b.lease("a", 3).unwrap().id, started);
+        assert_eq!(b.lease("a", 3).unwrap().id, spent);
+        assert_eq!(b.lease_ahead("a", 3).unwrap().id, ahead);
+        assert!(a.reap_dead(4).unwrap().ended.is_empty(), "b is alive: nothing taken");
+
+        a.client.call(&[b"DEL", b"beamlet:node:b"]).unwrap();
+        let reaped = a.reap_dead(5).unwrap();
+        assert_eq!(reaped.ended.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec![spent.as_str()]);
+        assert_eq!(reaped.ended[0].error.as_ref().unwrap().code, ErrorCode::ReplicaLost);
+        assert_eq!(reaped.callbacks.len(), 1, "b's undelivered callback is a's now");
+        assert_eq!(
+            (reaped.callbacks[0].0.id.as_str(), reaped.callbacks[0].1.as_deref()),
+            (hooked.as_str(), Some(&b"out"[..]))
+        );
+        let retried = a.get(&started).unwrap();
+        assert_eq!((retried.status, retried.attempts), (TaskStatus::Retry, 1));
+        let waiting = a.get(&ahead).unwrap();
+        assert_eq!((waiting.status, waiting.attempts), (TaskStatus::Pending, 0), "it never started: no attempt spent");
+        assert!(a.get(&call).is_none(), "its caller is gone with b");
+        assert_eq!(a.counts("a"), Counts { queued: 2, running: 0 });
+        assert_eq!(a.lease("a", 6).unwrap().id, ahead);
+        assert_eq!(a.lease("a", 6).unwrap().id, started);
+        assert!(a.reap_dead(7).unwrap().ended.is_empty(), "b is reaped once");
+    }
+
+    #[test]
+    fn a_restarted_node_takes_back_what_it_was_running() {
+        let Some(redis) = TestRedis::start() else { return };
+        let id = {
+            let q = node(&redis, "n1");
+            let id = q.enqueue(task(1), 0).unwrap().id;
+            q.lease("a", 1).unwrap();
+            id
+        };
+        let q = node(&redis, "n1");
+        let record = q.get(&id).unwrap();
+        assert_eq!((record.status, record.attempts), (TaskStatus::Retry, 1));
+        assert_eq!(q.lease("a", 2).unwrap().attempt, 2);
+    }
+}

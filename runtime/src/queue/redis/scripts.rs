@@ -1,0 +1,362 @@
+//! The task lifecycle as Lua scripts: each change is one script, so it is
+//! atomic however many nodes share the server.
+//!
+//! Keys (all under `beamlet:`):
+//! - `t:{id}`: a task's hash (the fields of `TaskRow`, plus `durable`,
+//!   `origin` (the node that took it), `node` (the node running it) and
+//!   `ahead` (sent ahead to a replica, not started yet)).
+//! - `q:{app}`: the app's queued task ids, next first.
+//! - `tasks:{app}`: every task id of the app, scored by creation.
+//! - `running`: hash app -> tasks running, cluster-wide.
+//! - `running:{node}`: ids running on a node (a dead node's are retried).
+//! - `calls:{node}`: the calls a node took whose callers wait on it.
+//! - `expiry`: queued never-run task ids scored by when their ttl ends.
+//! - `ended`: ended task ids scored by when their result is forgotten.
+//! - `callbacks`: hash id -> node delivering its callback.
+//! - `nodes`, `node:{id}`: the nodes, and each live node's heartbeat.
+//!
+//! Events go out on the channel `beamlet:events`: `a {app}` (the app's
+//! queue gained a task), `e {id}` (a task ended), `c {id}` (stop a running
+//! task).
+
+use super::resp::Script;
+
+/// Helpers every script starts with.
+macro_rules! prelude {
+    () => {
+        r#"
+local P = 'beamlet:'
+local FIELDS = {'id', 'app', 'status', 'attempts', 'created_at', 'started_at', 'ended_at',
+                'error_code', 'error_message', 'callback_url', 'durable', 'origin'}
+local function tkey(id) return P .. 't:' .. id end
+local function record(id) return redis.call('HMGET', tkey(id), unpack(FIELDS)) end
+local function terminal(status)
+  return status == 'COMPLETE' or status == 'FAILED' or status == 'TIMEOUT'
+      or status == 'CANCELLED' or status == 'EXPIRED'
+end
+local function arrived(app) redis.call('PUBLISH', P .. 'events', 'a ' .. app) end
+-- No longer running on `node`.
+local function unrun(app, node, id)
+  if node then redis.call('SREM', P .. 'running:' .. node, id) end
+  redis.call('HINCRBY', P .. 'running', app, -1)
+end
+-- Back first in line: a retry, or a task sent ahead that never started.
+local function requeue(id, app, status)
+  local k = tkey(id)
+  redis.call('HSET', k, 'status', status)
+  redis.call('HDEL', k, 'node', 'ahead')
+  if status == 'PENDING' then
+    redis.call('HDEL', k, 'started_at')
+    redis.call('ZADD', P .. 'expiry', redis.call('HGET', k, 'expires_at'), id)
+  end
+  redis.call('LPUSH', P .. 'q:' .. app, id)
+  arrived(app)
+end
+-- Ends a queued or running task; `code` nil for no error. `dequeued`: the
+-- caller already took it out of its queue. `me`: the node ending it, which
+-- delivers its callback.
+local function finish(id, status, code, message, now, me, dequeued)
+  local k = tkey(id)
+  local t = redis.call('HMGET', k, 'app', 'status', 'node', 'result_ttl_ms', 'callback_url')
+  if t[2] == 'RUNNING' then
+    unrun(t[1], t[3], id)
+  elseif not dequeued then
+    redis.call('LREM', P .. 'q:' .. t[1], 1, id)
+  end
+  redis.call('ZREM', P .. 'expiry', id)
+  redis.call('HSET', k, 'status', status, 'ended_at', now)
+  if code then
+    redis.call('HSET', k, 'error_code', code, 'error_message', message)
+  else
+    redis.call('HDEL', k, 'error_code', 'error_message')
+  end
+  redis.call('HDEL', k, 'input', 'node', 'ahead')
+  if t[5] then redis.call('HSET', P .. 'callbacks', id, me) end
+  redis.call('ZADD', P .. 'ended', tonumber(now) + tonumber(t[4]), id)
+  redis.call('PUBLISH', P .. 'events', 'e ' .. id)
+end
+"#
+    };
+}
+
+macro_rules! script {
+    ($name:ident, $body:literal) => {
+        pub(crate) static $name: Script = Script::new(concat!(prelude!(), $body));
+    };
+}
+
+// ARGV: app, id, max_queued, created_at, expires_at, origin, durable, then
+// field/value pairs. 0 when the queue is full.
+script!(
+    ENQUEUE,
+    r#"
+local app, id = ARGV[1], ARGV[2]
+local q = P .. 'q:' .. app
+if redis.call('LLEN', q) >= tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', tkey(id), unpack(ARGV, 8))
+redis.call('RPUSH', q, id)
+redis.call('ZADD', P .. 'expiry', ARGV[5], id)
+redis.call('ZADD', P .. 'tasks:' .. app, ARGV[4], id)
+if ARGV[7] == '0' then redis.call('SADD', P .. 'calls:' .. ARGV[6], id) end
+arrived(app)
+return 1
+"#
+);
+
+// ARGV: app, now, node, ahead ('1' or '0'). {id, input, attempt,
+// timeout_ms, max_result_size}, or nil.
+script!(
+    LEASE,
+    r#"
+local app, node = ARGV[1], ARGV[3]
+local id = redis.call('LPOP', P .. 'q:' .. app)
+if not id then return false end
+local k = tkey(id)
+local attempt = redis.call('HINCRBY', k, 'attempts', 1)
+redis.call('HSET', k, 'status', 'RUNNING', 'started_at', ARGV[2], 'node', node)
+if ARGV[4] == '1' then redis.call('HSET', k, 'ahead', '1') end
+redis.call('SADD', P .. 'running:' .. node, id)
+redis.call('HINCRBY', P .. 'running', app, 1)
+redis.call('ZREM', P .. 'expiry', id)
+local t = redis.call('HMGET', k, 'input', 'timeout_ms', 'max_result_size')
+return {id, t[1] or '', attempt, t[2], t[3]}
+"#
+);
+
+// ARGV: id, now.
+script!(
+    STARTED,
+    r#"
+local k = tkey(ARGV[1])
+if redis.call('HGET', k, 'status') == 'RUNNING' then
+  redis.call('HSET', k, 'started_at', ARGV[2])
+  redis.call('HDEL', k, 'ahead')
+end
+return 1
+"#
+);
+
+// ARGV: id. The record, or nil when it is not running.
+script!(
+    RELEASE,
+    r#"
+local id = ARGV[1]
+local k = tkey(id)
+local t = redis.call('HMGET', k, 'status', 'app', 'node', 'error_code')
+if t[1] ~= 'RUNNING' then return false end
+redis.call('HINCRBY', k, 'attempts', -1)
+redis.call('HDEL', k, 'started_at')
+unrun(t[2], t[3], id)
+requeue(id, t[2], t[4] and 'RETRY' or 'PENDING')
+return record(id)
+"#
+);
+
+// ARGV: id, kind (complete, rejected, retryable, cancelled), now, me, then
+// the output (complete) or error code and message. The record, or nil when
+// the task is not running.
+script!(
+    FINISH,
+    r#"
+local id, kind, now, me = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local k = tkey(id)
+local t = redis.call('HMGET', k, 'status', 'attempts', 'retries', 'app', 'node')
+if t[1] ~= 'RUNNING' then return false end
+if kind == 'complete' then
+  redis.call('HSET', k, 'output', ARGV[5])
+  finish(id, 'COMPLETE', nil, nil, now, me)
+elseif kind == 'cancelled' then
+  finish(id, 'CANCELLED', 'CANCELLED', 'the task was cancelled', now, me)
+elseif kind == 'rejected' then
+  finish(id, 'FAILED', ARGV[5], ARGV[6], now, me)
+elseif tonumber(t[2]) > tonumber(t[3]) then
+  finish(id, ARGV[5] == 'TIMEOUT' and 'TIMEOUT' or 'FAILED', ARGV[5], ARGV[6], now, me)
+else
+  unrun(t[4], t[5], id)
+  redis.call('HSET', k, 'error_code', ARGV[5], 'error_message', ARGV[6])
+  requeue(id, t[4], 'RETRY')
+end
+return record(id)
+"#
+);
+
+// ARGV: id, why, now, me. {'unknown'}, {'ended', status}, or
+// {'queued' | 'running', record}.
+script!(
+    CANCEL,
+    r#"
+local id = ARGV[1]
+local status = redis.call('HGET', tkey(id), 'status')
+if not status then return {'unknown'} end
+if terminal(status) then return {'ended', status} end
+finish(id, 'CANCELLED', 'CANCELLED', ARGV[2], ARGV[3], ARGV[4])
+if status == 'RUNNING' then
+  redis.call('PUBLISH', P .. 'events', 'c ' .. id)
+  return {'running', record(id)}
+end
+return {'queued', record(id)}
+"#
+);
+
+// ARGV: id, me. Drops an ended call; only the node that took it does.
+script!(
+    FORGET,
+    r#"
+local id, me = ARGV[1], ARGV[2]
+local t = redis.call('HMGET', tkey(id), 'status', 'app', 'origin')
+if not t[1] or not terminal(t[1]) or t[3] ~= me then return 0 end
+redis.call('DEL', tkey(id))
+redis.call('ZREM', P .. 'tasks:' .. t[2], id)
+redis.call('ZREM', P .. 'ended', id)
+redis.call('HDEL', P .. 'callbacks', id)
+redis.call('SREM', P .. 'calls:' .. me, id)
+return 1
+"#
+);
+
+// ARGV: now, me. Forgets results past their result ttl (a result whose
+// callback is still pending is looked at again in a minute), expires queued
+// never-run tasks past their ttl; returns the records it expired.
+script!(
+    SWEEP,
+    r#"
+local now, me = ARGV[1], ARGV[2]
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'ended', '-inf', now, 'LIMIT', 0, 1000)) do
+  if redis.call('HEXISTS', P .. 'callbacks', id) == 1 then
+    redis.call('ZADD', P .. 'ended', tonumber(now) + 60000, id)
+  else
+    local t = redis.call('HMGET', tkey(id), 'app', 'origin')
+    redis.call('DEL', tkey(id))
+    redis.call('ZREM', P .. 'ended', id)
+    if t[1] then redis.call('ZREM', P .. 'tasks:' .. t[1], id) end
+    if t[2] then redis.call('SREM', P .. 'calls:' .. t[2], id) end
+  end
+end
+local expired = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'expiry', '-inf', now, 'LIMIT', 0, 1000)) do
+  if redis.call('HGET', tkey(id), 'status') == 'PENDING' then
+    finish(id, 'EXPIRED', 'EXPIRED', 'the task waited in the queue past its ttl', now, me)
+    table.insert(expired, record(id))
+  else
+    redis.call('ZREM', P .. 'expiry', id)
+  end
+end
+return expired
+"#
+);
+
+// ARGV: app, calls_only ('1' or '0'), status, code, message, now, me. The
+// records it ended.
+script!(
+    END_QUEUED,
+    r#"
+local q = P .. 'q:' .. ARGV[1]
+local ids = redis.call('LRANGE', q, 0, -1)
+redis.call('DEL', q)
+local ended = {}
+for _, id in ipairs(ids) do
+  if ARGV[2] == '1' and redis.call('HGET', tkey(id), 'durable') == '1' then
+    redis.call('RPUSH', q, id)
+  else
+    finish(id, ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], true)
+    table.insert(ended, record(id))
+  end
+end
+return ended
+"#
+);
+
+// ARGV: node, now, me, force ('1': reap even if it looks alive, a node
+// recovering its own tasks at start). Retries the tasks the node was running
+// (or ends them when their retries are spent), cancels the calls it took
+// (their callers are gone), and hands its undelivered callbacks to `me`.
+// {ended records, adopted callback ids}; nil if the node is alive.
+script!(
+    REAP,
+    r#"
+local node, now, me = ARGV[1], ARGV[2], ARGV[3]
+if ARGV[4] ~= '1' and redis.call('EXISTS', P .. 'node:' .. node) == 1 then return false end
+local ended = {}
+local rk = P .. 'running:' .. node
+for _, id in ipairs(redis.call('SMEMBERS', rk)) do
+  local k = tkey(id)
+  local t = redis.call('HMGET', k, 'status', 'app', 'ahead', 'attempts', 'retries', 'error_code')
+  if t[1] == 'RUNNING' then
+    if t[3] then
+      redis.call('HINCRBY', k, 'attempts', -1)
+      unrun(t[2], node, id)
+      requeue(id, t[2], t[6] and 'RETRY' or 'PENDING')
+    elseif tonumber(t[4]) > tonumber(t[5]) then
+      finish(id, 'FAILED', 'REPLICA_LOST', 'the node running the task stopped', now, me)
+      table.insert(ended, record(id))
+    else
+      unrun(t[2], node, id)
+      redis.call('HSET', k, 'error_code', 'REPLICA_LOST', 'error_message', 'the node running the task stopped')
+      requeue(id, t[2], 'RETRY')
+    end
+  end
+end
+redis.call('DEL', rk)
+local ck = P .. 'calls:' .. node
+for _, id in ipairs(redis.call('SMEMBERS', ck)) do
+  local status = redis.call('HGET', tkey(id), 'status')
+  if status and not terminal(status) then
+    finish(id, 'CANCELLED', 'CANCELLED', 'the node that took the call stopped before it ended', now, me)
+  end
+  redis.call('DEL', tkey(id))
+  redis.call('ZREM', P .. 'ended', id)
+  redis.call('HDEL', P .. 'callbacks', id)
+end
+redis.call('DEL', ck)
+local adopted = {}
+local callbacks = redis.call('HGETALL', P .. 'callbacks')
+for i = 1, #callbacks, 2 do
+  if callbacks[i + 1] == node then
+    redis.call('HSET', P .. 'callbacks', callbacks[i], me)
+    table.insert(adopted, callbacks[i])
+  end
+end
+if node ~= me then redis.call('SREM', P .. 'nodes', node) end
+return {ended, adopted}
+"#
+);
+
+// ARGV: app, status ('' for any), limit. Records, newest first.
+script!(
+    LIST,
+    r#"
+local out = {}
+local limit = tonumber(ARGV[3])
+for _, id in ipairs(redis.call('ZREVRANGE', P .. 'tasks:' .. ARGV[1], 0, -1)) do
+  if #out >= limit then break end
+  local r = record(id)
+  if r[1] and (ARGV[2] == '' or r[3] == ARGV[2]) then table.insert(out, r) end
+end
+return out
+"#
+);
+
+// ARGV: app. {queued, running}.
+script!(
+    COUNTS,
+    r#"
+local running = tonumber(redis.call('HGET', P .. 'running', ARGV[1]) or '0')
+return {redis.call('LLEN', P .. 'q:' .. ARGV[1]), math.max(running, 0)}
+"#
+);
+
+// ARGV: me. The ids of ended tasks whose callbacks `me` delivers, with
+// their records and outputs, oldest end first.
+script!(
+    PENDING_CALLBACKS,
+    r#"
+local out = {}
+local callbacks = redis.call('HGETALL', P .. 'callbacks')
+for i = 1, #callbacks, 2 do
+  if callbacks[i + 1] == ARGV[1] then
+    table.insert(out, {record(callbacks[i]), redis.call('HGET', tkey(callbacks[i]), 'output') or false})
+  end
+end
+return out
+"#
+);
