@@ -269,6 +269,10 @@ impl Dispatch {
         let Some(record) = self.queue.get(id).filter(|record| record.status.is_terminal()) else { return };
         let ended = self.ended(record);
         let waiters = self.waiters.lock().unwrap().remove(id).unwrap_or_default();
+        // Empty: the ending (here) answered them meanwhile, and forgets.
+        if waiters.is_empty() {
+            return;
+        }
         for waiter in waiters {
             let _ = waiter.send(ended.clone());
         }

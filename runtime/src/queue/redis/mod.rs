@@ -39,6 +39,8 @@ pub(crate) struct Reaped {
     pub ended: Vec<TaskRecord>,
     /// Ended tasks whose callbacks this node now delivers, with outputs.
     pub callbacks: Vec<(TaskRecord, Option<Bytes>)>,
+    /// Tasks queued again.
+    pub retried: u64,
 }
 
 impl RedisQueue {
@@ -53,7 +55,17 @@ impl RedisQueue {
         let major: u32 = version.split('.').next().and_then(|major| major.parse().ok()).unwrap_or(0);
         anyhow::ensure!(major >= 5, "Redis at {} is version {version}; beamlet needs 5 or later", url.addr);
         let queue = Self { client, node };
-        queue.reap(&queue.node, now, true).context("failed to recover this node's tasks from Redis")?;
+        if let Some(reaped) =
+            queue.reap(&queue.node, now, true).context("failed to recover this node's tasks from Redis")?
+        {
+            if reaped.retried + reaped.ended.len() as u64 > 0 {
+                tracing::info!(
+                    retried = reaped.retried,
+                    failed = reaped.ended.len(),
+                    "took back the tasks this node was running when it stopped"
+                );
+            }
+        }
         queue.heartbeat()?;
         Ok(queue)
     }
@@ -85,32 +97,36 @@ impl RedisQueue {
         let mut reaped = Reaped::default();
         for node in self.client.call(&[b"SMEMBERS", b"beamlet:nodes"])?.into_array() {
             let Some(node) = node.into_string().filter(|node| *node != self.node) else { continue };
-            let one = self.reap(&node, now, false)?;
-            if !one.ended.is_empty() || !one.callbacks.is_empty() {
-                tracing::warn!(
-                    node = %node, ended = one.ended.len(), callbacks = one.callbacks.len(),
-                    "a node stopped beating: its running tasks are retried, its calls cancelled"
-                );
-            }
+            let Some(one) = self.reap(&node, now, false)? else { continue };
+            tracing::warn!(
+                node = %node, retried = one.retried, failed = one.ended.len(), callbacks = one.callbacks.len(),
+                "a node stopped beating: its running tasks are queued again (failed: their retries were spent), \
+                 its calls cancelled, its pending callbacks delivered from here"
+            );
             reaped.ended.extend(one.ended);
             reaped.callbacks.extend(one.callbacks);
         }
         Ok(reaped)
     }
 
-    fn reap(&self, node: &str, now: u64, force: bool) -> Result<Reaped, RedisError> {
+    /// `None` when the node is alive (and `force` is off).
+    fn reap(&self, node: &str, now: u64, force: bool) -> Result<Option<Reaped>, RedisError> {
         let now = now.to_string();
         let force: &[u8] = if force { b"1" } else { b"0" };
         let reply = self.client.eval(&lua::REAP, &[node.as_bytes(), now.as_bytes(), self.node.as_bytes(), force])?;
+        if reply == Reply::Nil {
+            return Ok(None);
+        }
         let mut parts = reply.into_array().into_iter();
         let ended = parts.next().map(Reply::into_array).unwrap_or_default();
         let adopted = parts.next().map(Reply::into_array).unwrap_or_default();
+        let retried = parts.next().and_then(|n| n.as_int()).unwrap_or(0) as u64;
         let callbacks = adopted
             .into_iter()
             .filter_map(Reply::into_string)
             .filter_map(|id| Some((self.get(&id)?, self.output(&id))))
             .collect();
-        Ok(Reaped { ended: ended.into_iter().filter_map(record).collect(), callbacks })
+        Ok(Some(Reaped { ended: ended.into_iter().filter_map(record).collect(), callbacks, retried }))
     }
 
     /// Logs a failed call; the interface's answer is then "nothing".

@@ -57,7 +57,7 @@ end
 -- delivers its callback.
 local function finish(id, status, code, message, now, me, dequeued)
   local k = tkey(id)
-  local t = redis.call('HMGET', k, 'app', 'status', 'node', 'result_ttl_ms', 'callback_url')
+  local t = redis.call('HMGET', k, 'app', 'status', 'node', 'result_ttl_ms', 'callback_url', 'durable')
   if t[2] == 'RUNNING' then
     unrun(t[1], t[3], id)
   elseif not dequeued then
@@ -72,7 +72,11 @@ local function finish(id, status, code, message, now, me, dequeued)
   end
   redis.call('HDEL', k, 'input', 'node', 'ahead')
   if t[5] then redis.call('HSET', P .. 'callbacks', id, me) end
-  redis.call('ZADD', P .. 'ended', tonumber(now) + tonumber(t[4]), id)
+  -- A call is forgotten by its node once its caller has the answer (or by
+  -- whoever reaps that node); the sweep only catches what slipped by.
+  local keep = tonumber(t[4])
+  if t[6] == '0' then keep = math.max(keep, 600000) end
+  redis.call('ZADD', P .. 'ended', tonumber(now) + keep, id)
   redis.call('PUBLISH', P .. 'events', 'e ' .. id)
 end
 "#
@@ -270,13 +274,14 @@ return ended
 // recovering its own tasks at start). Retries the tasks the node was running
 // (or ends them when their retries are spent), cancels the calls it took
 // (their callers are gone), and hands its undelivered callbacks to `me`.
-// {ended records, adopted callback ids}; nil if the node is alive.
+// {ended records, adopted callback ids, tasks queued again}; nil if the
+// node is alive.
 script!(
     REAP,
     r#"
 local node, now, me = ARGV[1], ARGV[2], ARGV[3]
 if ARGV[4] ~= '1' and redis.call('EXISTS', P .. 'node:' .. node) == 1 then return false end
-local ended = {}
+local ended, retried = {}, 0
 local rk = P .. 'running:' .. node
 for _, id in ipairs(redis.call('SMEMBERS', rk)) do
   local k = tkey(id)
@@ -286,6 +291,7 @@ for _, id in ipairs(redis.call('SMEMBERS', rk)) do
       redis.call('HINCRBY', k, 'attempts', -1)
       unrun(t[2], node, id)
       requeue(id, t[2], t[6] and 'RETRY' or 'PENDING')
+      retried = retried + 1
     elseif tonumber(t[4]) > tonumber(t[5]) then
       finish(id, 'FAILED', 'REPLICA_LOST', 'the node running the task stopped', now, me)
       table.insert(ended, record(id))
@@ -293,6 +299,7 @@ for _, id in ipairs(redis.call('SMEMBERS', rk)) do
       unrun(t[2], node, id)
       redis.call('HSET', k, 'error_code', 'REPLICA_LOST', 'error_message', 'the node running the task stopped')
       requeue(id, t[2], 'RETRY')
+      retried = retried + 1
     end
   end
 end
@@ -317,7 +324,7 @@ for i = 1, #callbacks, 2 do
   end
 end
 if node ~= me then redis.call('SREM', P .. 'nodes', node) end
-return {ended, adopted}
+return {ended, adopted, retried}
 "#
 );
 
