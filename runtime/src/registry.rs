@@ -191,8 +191,7 @@ impl Registry {
     ) -> Result<App, DeployError> {
         validate_name(name)?;
         let config = config::parse(config_toml)?;
-        check_fits_node(&config, node)?;
-        check_gpu(&config, gpus)?;
+        fits_node(&config, node, gpus)?;
         check_header(wasm)?;
         let digest = hex(&Sha256::digest(wasm));
         let compiled = self.compiled_path(&digest);
@@ -233,6 +232,38 @@ impl Registry {
         Ok(app)
     }
 
+    /// Takes on a version deployed on another node of the cluster, as it
+    /// is (its number and callback secret included). Blocking: it may
+    /// compile. Whether this node can run it is [`fits_node`]'s question.
+    pub(crate) fn adopt(&self, version: AppVersion, wasm: &[u8]) -> Result<App, DeployError> {
+        validate_name(&version.name)?;
+        let config = config::parse(&version.config_toml)?;
+        check_header(wasm)?;
+        let digest = hex(&Sha256::digest(wasm));
+        if digest != version.digest {
+            return Err(DeployError::Internal(anyhow::anyhow!(
+                "the component stored for app {:?} has digest {digest}, its record says {}",
+                version.name,
+                version.digest
+            )));
+        }
+        let compiled = self.compiled_path(&digest);
+        if !compiled.exists() {
+            self.compile_and_store(wasm, &compiled)?;
+        }
+        write_atomic(&self.component_path(&digest), wasm)?;
+        let json = serde_json::to_vec_pretty(&version).context("failed to encode app record")?;
+        write_atomic(&self.dir.join("apps").join(format!("{}.json", version.name)), &json)?;
+        let app = App { version, config, compiled };
+        self.apps.lock().unwrap().insert(app.version.name.clone(), app.clone());
+        Ok(app)
+    }
+
+    /// The component uploaded as `digest`, if this node has it.
+    pub(crate) fn component(&self, digest: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.component_path(digest)).ok()
+    }
+
     pub(crate) fn remove(&self, name: &str) -> Result<Option<App>> {
         let mut apps = self.apps.lock().unwrap();
         let Some(app) = apps.remove(name) else { return Ok(None) };
@@ -271,6 +302,13 @@ impl Registry {
             }
         }
     }
+}
+
+/// Whether replicas of an app with `config` can run on a node with `node`
+/// cores and memory and `gpus`, and if not, why.
+pub(crate) fn fits_node(config: &config::AppConfig, node: Demand, gpus: &Gpus) -> Result<(), DeployError> {
+    check_fits_node(config, node)?;
+    check_gpu(config, gpus)
 }
 
 /// A replica reserves its app's `cpu` and `memory`: more than the node has

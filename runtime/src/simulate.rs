@@ -452,6 +452,7 @@ impl<'a> Sim<'a> {
                     idle_since: r.idle_since.map(|since| self.origin + since),
                 })
                 .collect(),
+            elsewhere: 0,
         }
     }
 

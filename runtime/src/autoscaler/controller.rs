@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::policy;
+use super::policy::{self, Placement};
 use crate::gateway::no_capacity;
 use crate::metrics::Metrics;
-use crate::queue::Dispatch;
+use crate::queue::{Dispatch, RedisQueue};
 use crate::supervisor::Supervisor;
 
 const TICK: Duration = Duration::from_secs(1);
@@ -15,7 +15,13 @@ const TICK: Duration = Duration::from_secs(1);
 /// is acted on at once, a flood of them costs one evaluation per interval.
 const DEMAND_INTERVAL: Duration = Duration::from_millis(5);
 
-pub(crate) async fn run(supervisor: Arc<Supervisor>, dispatch: Arc<Dispatch>, metrics: Arc<Metrics>) {
+/// `cluster`: the Redis queue other nodes share, whose replicas count.
+pub(crate) async fn run(
+    supervisor: Arc<Supervisor>,
+    dispatch: Arc<Dispatch>,
+    metrics: Arc<Metrics>,
+    cluster: Option<Arc<RedisQueue>>,
+) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_capacity_check = Instant::now();
@@ -31,15 +37,32 @@ pub(crate) async fn run(supervisor: Arc<Supervisor>, dispatch: Arc<Dispatch>, me
         }
         for name in apps {
             let counts = dispatch.counts(&name);
+            let (senior, elsewhere) = match &cluster {
+                Some(cluster) => cluster
+                    .others_replicas(&name)
+                    .inspect_err(|e| tracing::warn!(app = %name, "failed to read other nodes' replicas: {e}"))
+                    .unwrap_or_default(),
+                None => (0, 0),
+            };
             // A call queued while its app had no replica, whose new replica
-            // then found no room, would wait until its ttl: refuse it.
+            // then found no room (here or on any other node), would wait
+            // until its ttl: refuse it.
             if check_capacity
                 && counts.queued > 0
+                && elsewhere == 0
                 && let Some(reason) = supervisor.no_capacity(&name)
             {
                 dispatch.refuse_calls(&name, no_capacity(&name, &reason));
             }
-            let Some((sample, config)) = supervisor.sample(&name, counts) else { continue };
+            let Some((mut sample, config)) = supervisor.sample(&name, counts) else { continue };
+            sample.elsewhere = senior;
+            if let Some(cluster) = &cluster {
+                let live =
+                    sample.replicas.iter().filter(|r| matches!(r.placement, Placement::Starting | Placement::Ready));
+                let _ = cluster
+                    .set_replicas(&name, live.count() as u64)
+                    .inspect_err(|e| tracing::warn!(app = %name, "failed to record this node's replicas: {e}"));
+            }
             let decision = policy::decide(&sample, &config, Instant::now());
             if decision.start > 0 || !decision.stop.is_empty() {
                 tracing::info!(app = %name, desired = decision.desired, "scaling: {}", decision.reason);

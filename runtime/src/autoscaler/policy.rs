@@ -82,6 +82,10 @@ pub(crate) struct Sample {
     pub avg_task_time: Option<Duration>,
     /// Every replica the app has, in any placement.
     pub replicas: Vec<ReplicaSample>,
+    /// Replicas (starting or ready) that nodes senior to this one run, in a
+    /// cluster: this node adds only what they lack, and its surplus over
+    /// them goes, so the cluster settles at `desired` in all.
+    pub elsewhere: u32,
 }
 
 /// What the controller should do now.
@@ -155,6 +159,10 @@ pub(crate) fn desired(sample: &Sample, config: &AutoscalerConfig) -> (u32, Strin
 /// least `keep_warm`.
 pub(crate) fn decide(sample: &Sample, config: &AutoscalerConfig, now: Instant) -> Decision {
     let (desired, mut reason) = desired(sample, config);
+    let target = desired.saturating_sub(sample.elsewhere);
+    if sample.elsewhere > 0 {
+        reason += &format!("; {} on other nodes -> {target} here", count(sample.elsewhere.into(), "replica"));
+    }
     let have = u32::try_from(sample.replicas.len()).unwrap_or(u32::MAX);
     let by = |placement| sample.replicas.iter().filter(|r| r.placement == placement).count();
     reason += &format!(
@@ -167,12 +175,12 @@ pub(crate) fn decide(sample: &Sample, config: &AutoscalerConfig, now: Instant) -
             failing => format!(", {failing} failing"),
         }
     );
-    let start = desired.saturating_sub(have);
+    let start = target.saturating_sub(have);
     if start > 0 {
         reason += &format!(" -> start {start}");
         return Decision { desired, start, stop: Vec::new(), reason };
     }
-    let surplus = (have - desired) as usize;
+    let surplus = (have - target) as usize;
     if surplus == 0 {
         reason += " -> no change";
         return Decision { desired, start, stop: Vec::new(), reason };
@@ -241,7 +249,7 @@ mod tests {
     }
 
     fn load(queued: u64, running: u64, workers: u32, avg: Option<Duration>) -> Sample {
-        Sample { queued, running, workers_per_replica: workers, avg_task_time: avg, replicas: Vec::new() }
+        Sample { queued, running, workers_per_replica: workers, avg_task_time: avg, replicas: Vec::new(), elsewhere: 0 }
     }
 
     fn replica(id: &str, placement: Placement, busy: u32, idle_since: Option<Instant>) -> ReplicaSample {

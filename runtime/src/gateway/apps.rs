@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 
 use super::{ApiError, Payload, read_body};
 use crate::metrics::{AppGauges, DeviceGauges};
-use crate::node::Node;
-use crate::registry::App;
+use crate::node::{Cluster, Node};
+use crate::registry::{App, DeployError};
 use crate::supervisor::ReplicaState;
 
 pub(crate) async fn deploy(
@@ -74,7 +74,13 @@ pub(crate) async fn deploy(
     let unfinished = counts.queued + counts.running;
     let app = tokio::task::spawn_blocking(move || {
         let node = &registry_node;
-        node.registry.deploy(&name, &component, &config, node.capacity, &node.gpus, unfinished)
+        // In a cluster the new version is the cluster's before any sync runs.
+        let _held = node.cluster.as_ref().map(Cluster::hold);
+        let app = node.registry.deploy(&name, &component, &config, node.capacity, &node.gpus, unfinished)?;
+        if let Some(cluster) = &node.cluster {
+            cluster.publish(&app, &component)?;
+        }
+        Ok::<_, DeployError>(app)
     })
     .await
     .map_err(ApiError::internal)??;
@@ -146,7 +152,14 @@ fn describe(node: &Node, app: &App) -> Value {
 }
 
 pub(crate) async fn remove(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    let removed = node.registry.remove(&name).map_err(ApiError::internal)?;
+    let removed = {
+        let _held = node.cluster.as_ref().map(Cluster::hold);
+        let removed = node.registry.remove(&name).map_err(ApiError::internal)?;
+        if let (Some(cluster), Some(_)) = (&node.cluster, &removed) {
+            cluster.unpublish(&name).map_err(ApiError::internal)?;
+        }
+        removed
+    };
     if removed.is_none() {
         return Err(ApiError::unknown_app(&name));
     }

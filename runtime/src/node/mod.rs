@@ -2,6 +2,7 @@
 //! wired together by `beamlet serve`.
 
 mod callbacks;
+mod cluster;
 mod gpus;
 mod logs;
 
@@ -13,6 +14,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use tokio::io::AsyncWriteExt;
 
+pub(crate) use self::cluster::Cluster;
 pub(crate) use self::gpus::{GpuBackendChoice, discover as discover_gpus};
 pub(crate) use self::logs::AppLogs;
 use crate::bodies::Bodies;
@@ -58,6 +60,8 @@ pub(crate) struct Node {
     /// Samples the CUDA GPUs' usage for `/metrics`; `None` on the CPU backend.
     pub gpu_monitor: Option<beamlet_gpu::discover::Monitor>,
     pub limits: Limits,
+    /// The other nodes sharing the queue and apps (`--redis`).
+    pub cluster: Option<Cluster>,
 }
 
 /// What replicas are started from: this very binary, even after its file is
@@ -137,9 +141,6 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     };
     let (dispatch, ended) = Dispatch::new(queue);
     let dispatch = Arc::new(dispatch);
-    if let Some(queue) = shared {
-        spawn_cluster(queue, dispatch.clone()).context("failed to start the Redis listener")?;
-    }
     let logs = Arc::new(AppLogs::default());
     let exe = replica_executable()?;
     let capacity = Arc::new(Capacity::new(options.capacity, options.gpus.clone()));
@@ -156,13 +157,40 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
         })
         .flatten();
     let (limits, capacity) = (options.limits, options.capacity);
-    let node =
-        Arc::new(Node { registry, dispatch, supervisor, logs, metrics, bodies, capacity, gpus, gpu_monitor, limits });
+    let cluster = shared.map(Cluster::new);
+    let node = Arc::new(Node {
+        registry,
+        dispatch,
+        supervisor,
+        logs,
+        metrics,
+        bodies,
+        capacity,
+        gpus,
+        gpu_monitor,
+        limits,
+        cluster,
+    });
     callbacks::spawn(node.clone(), ended);
-    tokio::spawn(crate::autoscaler::run(node.supervisor.clone(), node.dispatch.clone(), node.metrics.clone()));
+    tokio::spawn(crate::autoscaler::run(
+        node.supervisor.clone(),
+        node.dispatch.clone(),
+        node.metrics.clone(),
+        node.cluster.as_ref().map(|cluster| cluster.queue.clone()),
+    ));
     for app in node.registry.list() {
         tracing::info!(app = %app.version.name, version = app.version.version, "restoring app");
-        node.supervisor.run(&app);
+        match &node.cluster {
+            Some(_) => cluster::run_here(&node, &app),
+            None => node.supervisor.run(&app),
+        }
+    }
+    if let Some(cluster) = &node.cluster {
+        let apps = cluster::app_sync(Arc::downgrade(&node), tokio::runtime::Handle::current())?;
+        spawn_cluster(cluster.queue.clone(), node.dispatch.clone(), apps)
+            .context("failed to start the Redis listener")?;
+        let joining = node.clone();
+        tokio::task::spawn_blocking(move || cluster::join(&joining)).await?.context("failed to join the cluster")?;
     }
     let sweeper = node.dispatch.clone();
     tokio::spawn(async move {

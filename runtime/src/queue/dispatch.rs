@@ -239,6 +239,8 @@ impl Dispatch {
     pub(crate) fn on_event(&self, event: Event) {
         match event {
             Event::Arrival(app) => self.wake(&app),
+            // The node acts on these (see `node::cluster`).
+            Event::AppChanged(_) => {}
             Event::Ended(id) => self.answer_waiters(&id),
             Event::Cancel(id) => {
                 let route = self.routes.lock().unwrap().remove(&id);

@@ -238,6 +238,7 @@ impl Supervisor {
                     idle_since: info.idle_since,
                 })
                 .collect(),
+            elsewhere: 0,
         };
         Some((sample, replicas.app.config.autoscaler.clone()))
     }

@@ -18,6 +18,8 @@ pub(crate) enum Event {
     Ended(String),
     /// A running task was cancelled: its replica must stop it.
     Cancel(String),
+    /// An app was deployed or removed.
+    AppChanged(String),
     /// Events may have been missed (the channel was down): look again at
     /// everything waited on.
     Resync,
@@ -31,6 +33,7 @@ impl Event {
             "a" => Some(Self::Arrival(subject)),
             "e" => Some(Self::Ended(subject)),
             "c" => Some(Self::Cancel(subject)),
+            "d" => Some(Self::AppChanged(subject)),
             _ => None,
         }
     }
@@ -42,17 +45,20 @@ const BEAT: Duration = Duration::from_secs(1);
 /// Between attempts to reach Redis again.
 const RECONNECT: Duration = Duration::from_secs(1);
 
+/// Told when apps may have changed: one app by name, or all (`None`).
+pub(crate) type AppsChanged = Arc<dyn Fn(Option<String>) + Send + Sync>;
+
 /// Starts the listener and the heartbeat threads.
-pub(crate) fn spawn(queue: Arc<RedisQueue>, dispatch: Arc<Dispatch>) -> anyhow::Result<()> {
-    let (listener_queue, listener_dispatch) = (queue.clone(), dispatch.clone());
+pub(crate) fn spawn(queue: Arc<RedisQueue>, dispatch: Arc<Dispatch>, apps: AppsChanged) -> anyhow::Result<()> {
+    let (listener_queue, listener_dispatch, listener_apps) = (queue.clone(), dispatch.clone(), apps.clone());
     std::thread::Builder::new()
         .name("redis-events".into())
-        .spawn(move || listen(&listener_queue, &listener_dispatch))?;
-    std::thread::Builder::new().name("redis-heartbeat".into()).spawn(move || beat(&queue, &dispatch))?;
+        .spawn(move || listen(&listener_queue, &listener_dispatch, &listener_apps))?;
+    std::thread::Builder::new().name("redis-heartbeat".into()).spawn(move || beat(&queue, &dispatch, &apps))?;
     Ok(())
 }
 
-fn listen(queue: &RedisQueue, dispatch: &Dispatch) {
+fn listen(queue: &RedisQueue, dispatch: &Dispatch, apps: &AppsChanged) {
     let mut connected_before = false;
     loop {
         match subscribe(queue) {
@@ -60,15 +66,16 @@ fn listen(queue: &RedisQueue, dispatch: &Dispatch) {
                 if connected_before {
                     tracing::info!("listening to the other nodes again");
                     dispatch.on_event(Event::Resync);
+                    apps(None);
                 }
                 connected_before = true;
                 loop {
                     match conn.read() {
-                        Ok(reply) => {
-                            if let Some(event) = message(reply) {
-                                dispatch.on_event(event);
-                            }
-                        }
+                        Ok(reply) => match message(reply) {
+                            Some(Event::AppChanged(name)) => apps(Some(name)),
+                            Some(event) => dispatch.on_event(event),
+                            None => {}
+                        },
                         Err(e) => {
                             tracing::error!("lost the Redis event channel ({e}); reconnecting");
                             break;
@@ -100,7 +107,7 @@ fn message(reply: Reply) -> Option<Event> {
     Event::parse(&payload)
 }
 
-fn beat(queue: &RedisQueue, dispatch: &Dispatch) {
+fn beat(queue: &RedisQueue, dispatch: &Dispatch, apps: &AppsChanged) {
     let mut failing = false;
     loop {
         std::thread::sleep(BEAT);
@@ -120,6 +127,7 @@ fn beat(queue: &RedisQueue, dispatch: &Dispatch) {
             Err(_) => {}
         }
         dispatch.on_event(Event::Resync);
+        apps(None);
     }
 }
 
@@ -132,6 +140,7 @@ mod tests {
         assert_eq!(Event::parse("a hello"), Some(Event::Arrival("hello".into())));
         assert_eq!(Event::parse("e 0190-ab"), Some(Event::Ended("0190-ab".into())));
         assert_eq!(Event::parse("c x"), Some(Event::Cancel("x".into())));
+        assert_eq!(Event::parse("d hello"), Some(Event::AppChanged("hello".into())));
         assert_eq!(Event::parse("z x"), None);
         assert_eq!(Event::parse("nospace"), None);
     }

@@ -5,6 +5,7 @@
 //! heartbeat there: when one stops beating, another retries the tasks it was
 //! running, cancels the calls it took, and delivers its pending callbacks.
 
+mod apps;
 mod events;
 mod resp;
 mod scripts;
@@ -15,7 +16,7 @@ use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-pub(crate) use self::events::{Event, spawn as spawn_cluster};
+pub(crate) use self::events::{AppsChanged, Event, spawn as spawn_cluster};
 use self::resp::{Client, RedisError, RedisUrl, Reply};
 use self::scripts as lua;
 use super::{

@@ -323,6 +323,9 @@ for i = 1, #callbacks, 2 do
     table.insert(adopted, callbacks[i])
   end
 end
+for _, app in ipairs(redis.call('HKEYS', P .. 'apps')) do
+  redis.call('HDEL', P .. 'replicas:' .. app, node)
+end
 if node ~= me then redis.call('SREM', P .. 'nodes', node) end
 return {ended, adopted, retried}
 "#

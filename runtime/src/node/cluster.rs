@@ -1,0 +1,167 @@
+//! A node in a cluster (`--redis`): the apps it serves follow the ones
+//! recorded in Redis, whichever node they were deployed or removed on. An
+//! app whose replicas this node cannot run (too few cores, no GPU of its
+//! model) is still known here, so calls to it are taken and queued for the
+//! nodes that can.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak, mpsc};
+
+use anyhow::{Context as _, Result};
+
+use super::Node;
+use crate::queue::{AppsChanged, RedisQueue};
+use crate::registry::{self, App, AppVersion};
+
+pub(crate) struct Cluster {
+    pub queue: Arc<RedisQueue>,
+    /// Held while this node's apps and the cluster's are brought in line,
+    /// and by a deploy or delete here from its local change to its record
+    /// in Redis (a sync in between would undo it).
+    sync: Mutex<()>,
+}
+
+impl Cluster {
+    pub(crate) fn new(queue: Arc<RedisQueue>) -> Self {
+        Self { queue, sync: Mutex::new(()) }
+    }
+
+    pub(crate) fn hold(&self) -> MutexGuard<'_, ()> {
+        self.sync.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Makes `app`, just deployed here, the cluster's version.
+    pub(crate) fn publish(&self, app: &App, wasm: &[u8]) -> Result<()> {
+        let record = serde_json::to_vec(&app.version)?;
+        let name = &app.version.name;
+        self.queue
+            .publish_app(name, &record, &app.version.digest, wasm)
+            .with_context(|| format!("failed to share app {name:?} with the other nodes"))
+    }
+
+    pub(crate) fn unpublish(&self, name: &str) -> Result<()> {
+        self.queue.unpublish_app(name).with_context(|| format!("failed to remove app {name:?} for the other nodes"))
+    }
+}
+
+/// Starts the thread that applies app changes, and returns how to tell it.
+pub(crate) fn app_sync(node: Weak<Node>, runtime: tokio::runtime::Handle) -> Result<AppsChanged> {
+    let (tx, rx) = mpsc::channel::<Option<String>>();
+    std::thread::Builder::new().name("app-sync".into()).spawn(move || {
+        while let Ok(first) = rx.recv() {
+            // Coalesce what piled up meanwhile (a full sync covers every name).
+            let mut names: Vec<Option<String>> = vec![first];
+            names.extend(rx.try_iter());
+            let Some(node) = node.upgrade() else { return };
+            let _runtime = runtime.enter();
+            if names.iter().any(Option::is_none) {
+                sync(&node, None);
+            } else {
+                names.sort();
+                names.dedup();
+                for name in names.iter().flatten() {
+                    sync(&node, Some(name));
+                }
+            }
+        }
+    })?;
+    Ok(Arc::new(move |name| {
+        let _ = tx.send(name);
+    }))
+}
+
+/// At start: apps this node has that the cluster lacks join it (nothing
+/// the node kept is dropped), then the node takes on the cluster's apps.
+pub(crate) fn join(node: &Node) -> Result<()> {
+    let cluster = node.cluster.as_ref().expect("a cluster node");
+    let _held = cluster.hold();
+    let shared: Vec<String> = cluster.queue.apps()?.into_iter().map(|(name, _)| name).collect();
+    for app in node.registry.list() {
+        if !shared.contains(&app.version.name) {
+            let wasm = node
+                .registry
+                .component(&app.version.digest)
+                .with_context(|| format!("failed to read the component of app {:?} to share it", app.version.name))?;
+            cluster.publish(&app, &wasm)?;
+            tracing::info!(app = %app.version.name, "shared this node's app with the cluster");
+        }
+    }
+    drop(_held);
+    sync(node, None);
+    Ok(())
+}
+
+/// Brings this node's apps (all, or `only`) in line with the cluster's.
+fn sync(node: &Node, only: Option<&str>) {
+    let cluster = node.cluster.as_ref().expect("a cluster node");
+    let _held = cluster.hold();
+    let shared = match cluster.queue.apps() {
+        Ok(apps) => apps,
+        Err(e) => return tracing::warn!("failed to read the cluster's apps: {e}"),
+    };
+    let mut versions = BTreeMap::new();
+    for (name, record) in shared {
+        match serde_json::from_slice::<AppVersion>(&record) {
+            Ok(version) => {
+                versions.insert(name, version);
+            }
+            Err(e) => tracing::error!(app = %name, "the cluster's record of the app is unreadable: {e}"),
+        }
+    }
+    let wanted = |name: &str| only.is_none_or(|only| only == name);
+    for app in node.registry.list() {
+        let name = &app.version.name;
+        if wanted(name) && !versions.contains_key(name) {
+            match node.registry.remove(name) {
+                Ok(_) => tracing::info!(app = %name, "removed (on another node)"),
+                Err(e) => tracing::error!(app = %name, "failed to remove the app: {e:#}"),
+            }
+            node.supervisor.remove(name);
+            node.logs.remove(name);
+        }
+    }
+    for (name, version) in versions {
+        let current = node.registry.get(&name);
+        let same = current.is_some_and(|current| {
+            (current.version.version, &current.version.digest, current.version.deployed_at)
+                == (version.version, &version.digest, version.deployed_at)
+        });
+        if !wanted(&name) || same {
+            continue;
+        }
+        let wasm = match node.registry.component(&version.digest) {
+            Some(wasm) => Ok(Some(wasm)),
+            None => cluster.queue.component(&version.digest),
+        };
+        let wasm = match wasm {
+            Ok(Some(wasm)) => wasm,
+            Ok(None) => {
+                tracing::error!(app = %name, digest = %version.digest, "the cluster has no component for the app");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(app = %name, "failed to fetch the app's component: {e}");
+                continue;
+            }
+        };
+        match node.registry.adopt(version, &wasm) {
+            Ok(app) => {
+                tracing::info!(app = %name, version = app.version.version, "deployed (on another node)");
+                run_here(node, &app);
+            }
+            Err(e) => tracing::error!(app = %name, "failed to take on the app deployed on another node: {e}"),
+        }
+    }
+}
+
+/// Runs the app's replicas here if they fit this node; otherwise the other
+/// nodes run its tasks.
+pub(crate) fn run_here(node: &Node, app: &App) {
+    match registry::fits_node(&app.config, node.capacity, &node.gpus) {
+        Ok(()) => node.supervisor.run(app),
+        Err(e) => {
+            tracing::info!(app = %app.version.name, "this node runs no replica of the app (other nodes do): {e}");
+            node.supervisor.remove(&app.version.name);
+        }
+    }
+}

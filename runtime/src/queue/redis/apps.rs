@@ -1,0 +1,75 @@
+//! The apps every node of a cluster serves, kept beside the queue: the
+//! version records in the hash `beamlet:apps` (name -> JSON) and the
+//! uploaded components in `beamlet:component:{digest}`. A change is
+//! announced on the event channel as `d {name}`.
+
+use super::RedisQueue;
+use super::resp::{RedisError, Reply};
+
+impl RedisQueue {
+    /// Records a new version of an app (its record as JSON) and its component.
+    pub(crate) fn publish_app(&self, name: &str, record: &[u8], digest: &str, wasm: &[u8]) -> Result<(), RedisError> {
+        let key = format!("beamlet:component:{digest}");
+        self.client.call(&[b"SET", key.as_bytes(), wasm])?;
+        self.client.call(&[b"HSET", b"beamlet:apps", name.as_bytes(), record])?;
+        self.announce(name)
+    }
+
+    pub(crate) fn unpublish_app(&self, name: &str) -> Result<(), RedisError> {
+        self.client.call(&[b"HDEL", b"beamlet:apps", name.as_bytes()])?;
+        self.client.call(&[b"DEL", format!("beamlet:replicas:{name}").as_bytes()])?;
+        self.announce(name)
+    }
+
+    fn announce(&self, name: &str) -> Result<(), RedisError> {
+        self.client.call(&[b"PUBLISH", b"beamlet:events", format!("d {name}").as_bytes()])?;
+        Ok(())
+    }
+
+    /// Every app's current record, as JSON.
+    pub(crate) fn apps(&self) -> Result<Vec<(String, Vec<u8>)>, RedisError> {
+        let mut fields = self.client.call(&[b"HGETALL", b"beamlet:apps"])?.into_array().into_iter();
+        let mut apps = Vec::new();
+        while let (Some(name), Some(record)) = (fields.next(), fields.next()) {
+            if let (Some(name), Some(record)) = (name.into_string(), record.into_bytes()) {
+                apps.push((name, record));
+            }
+        }
+        Ok(apps)
+    }
+
+    /// The uploaded component with this digest.
+    pub(crate) fn component(&self, digest: &str) -> Result<Option<Vec<u8>>, RedisError> {
+        let key = format!("beamlet:component:{digest}");
+        Ok(self.client.call(&[b"GET", key.as_bytes()])?.into_bytes())
+    }
+
+    /// Replicas of `app` other live nodes run: (those of nodes senior to
+    /// this one, whose ids sort first; all).
+    pub(crate) fn others_replicas(&self, app: &str) -> Result<(u32, u32), RedisError> {
+        let key = format!("beamlet:replicas:{app}");
+        let (mut senior, mut all) = (0u32, 0u32);
+        let mut fields = self.client.call(&[b"HGETALL", key.as_bytes()])?.into_array().into_iter();
+        while let (Some(node), Some(count)) = (fields.next(), fields.next()) {
+            let Some(node) = node.into_string().filter(|node| node != self.node()) else { continue };
+            let count = count.as_int().and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
+            all = all.saturating_add(count);
+            if node.as_str() < self.node() {
+                senior = senior.saturating_add(count);
+            }
+        }
+        Ok((senior, all))
+    }
+
+    /// Says how many replicas of `app` this node runs (0 removes the entry).
+    pub(crate) fn set_replicas(&self, app: &str, count: u64) -> Result<(), RedisError> {
+        let key = format!("beamlet:replicas:{app}");
+        let reply = if count == 0 {
+            self.client.call(&[b"HDEL", key.as_bytes(), self.node().as_bytes()])?
+        } else {
+            self.client.call(&[b"HSET", key.as_bytes(), self.node().as_bytes(), count.to_string().as_bytes()])?
+        };
+        drop::<Reply>(reply);
+        Ok(())
+    }
+}
