@@ -2,6 +2,7 @@
 //! processes, HTTP on 127.0.0.1. Nothing here checks speed.
 
 mod autoscale;
+mod cluster;
 mod gpu;
 mod http;
 mod queue;

@@ -339,3 +339,42 @@ pub fn result(server: &Server, id: &str) -> Value {
     assert_eq!(record["status"], "COMPLETE", "{record}");
     server.http.get(server.url(&format!("/v1/tasks/{id}/result"))).send().unwrap().json().unwrap()
 }
+
+/// A `redis-server` of this test's own on a free loopback port, stopped
+/// when dropped.
+pub struct Redis {
+    child: Child,
+    pub url: String,
+}
+
+impl Redis {
+    /// `None` (said loudly) where `redis-server` is not installed, unless
+    /// `REQUIRE_REDIS=1` or `CI` is set: there that fails the test.
+    pub fn start() -> Option<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let spawned = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn();
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                let required = std::env::var_os("REQUIRE_REDIS").is_some() || std::env::var_os("CI").is_some();
+                assert!(!required, "redis-server could not start ({e}); install it (apt-get install redis-server)");
+                eprintln!("no redis-server: cluster tests skipped ({e})");
+                return None;
+            }
+        };
+        wait_for("redis-server to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        Some(Self { child, url: format!("redis://127.0.0.1:{port}") })
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,75 @@
+//! Several nodes on one Redis (`serve --redis`): apps deployed once run
+//! everywhere, any node takes calls and tasks, and a node that dies loses
+//! none of the tasks it was running.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+fn node(name: &str, redis: &Redis) -> Server {
+    Server::start(name, &["--redis", &redis.url])
+}
+
+fn knows(server: &Server, app: &str) -> bool {
+    server.http.get(server.url(&format!("/v1/apps/{app}"))).send().unwrap().status() == 200
+}
+
+#[test]
+fn nodes_on_one_redis_share_apps_calls_and_tasks() {
+    let Some(redis) = Redis::start() else { return };
+    let (a, b) = (node("cluster-a", &redis), node("cluster-b", &redis));
+    a.deploy_guest("hello", "hello", None);
+    wait_for("node b to learn of the app", Duration::from_secs(60), || knows(&b, "hello").then_some(()));
+
+    let (status, body) = b.invoke_json("hello", r#"{"name":"Bo"}"#);
+    assert_eq!((status, body["message"].as_str()), (200, Some("Hello, Bo!")), "{body}");
+    // Tasks taken by one node are seen, and waited on, from the other.
+    let ids: Vec<String> = (0..10).map(|i| submit(&b, "hello", &format!(r#"{{"name":"t{i}"}}"#))).collect();
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(result(&a, id)["message"], format!("Hello, t{i}!"));
+    }
+    let listed = a.get("/v1/apps/hello/tasks?status=COMPLETE");
+    assert_eq!(listed["tasks"].as_array().map(Vec::len), Some(10), "{listed}");
+    // One replica in all for a fixed pool of one, whichever node runs it.
+    wait_for("one replica in the cluster", Duration::from_secs(60), || {
+        (a.ready_pids("hello").len() + b.ready_pids("hello").len() == 1).then_some(())
+    });
+
+    let removed = b.http.delete(b.url("/v1/apps/hello")).send().unwrap();
+    assert_eq!(removed.status(), 200);
+    wait_for("node a to drop the app", Duration::from_secs(60), || (!knows(&a, "hello")).then_some(()));
+    let (status, body) = a.invoke_json("hello", "{}");
+    assert_eq!((status, error_code(&body)), (404, "UNKNOWN_APP"), "{body}");
+}
+
+#[test]
+fn tasks_of_a_node_that_dies_are_run_by_another() {
+    let Some(redis) = Redis::start() else { return };
+    let (a, b) = (node("cluster-kill-a", &redis), node("cluster-kill-b", &redis));
+    a.deploy_guest("sleep", "sleep", Some("[runtime]\nworkers = 4\n"));
+    wait_for("node b to learn of the app", Duration::from_secs(60), || knows(&b, "sleep").then_some(()));
+    // The fixed pool of one settles on one node; the tasks run there.
+    let running_on_a = wait_for("the pool to settle on one node", Duration::from_secs(60), || {
+        match (a.ready_pids("sleep").len(), b.ready_pids("sleep").len()) {
+            (1, 0) => Some(true),
+            (0, 1) => Some(false),
+            _ => None,
+        }
+    });
+    let (doomed, survivor) = if running_on_a { (a, b) } else { (b, a) };
+    let ids: Vec<String> = (0..4).map(|_| submit(&survivor, "sleep", r#"{"ms":3000}"#)).collect();
+    wait_for("the tasks to run on the doomed node", Duration::from_secs(60), || {
+        (doomed.status("sleep")["queue"]["running"] == 4).then_some(())
+    });
+    let dir = doomed.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    for id in &ids {
+        let record: Value = survivor.get(&format!("/v1/tasks/{id}?wait=90s"));
+        assert_eq!(record["status"], "COMPLETE", "{record}");
+        assert_eq!(record["attempts"], 2, "run again after the node died: {record}");
+    }
+    assert!(survivor.log().contains("a node stopped beating"), "{}", survivor.log());
+}
