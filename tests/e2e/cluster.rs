@@ -66,10 +66,16 @@ fn tasks_of_a_node_that_dies_are_run_by_another() {
     let dir = doomed.kill();
     let _ = std::fs::remove_dir_all(&dir);
 
+    let mut retried = 0;
     for id in &ids {
         let record: Value = survivor.get(&format!("/v1/tasks/{id}?wait=90s"));
         assert_eq!(record["status"], "COMPLETE", "{record}");
-        assert_eq!(record["attempts"], 2, "run again after the node died: {record}");
+        // 2: it was running when the node died. 1: it was sent ahead to a
+        // busy worker there and never started, so no attempt was spent.
+        let attempts = record["attempts"].as_u64().unwrap();
+        assert!(matches!(attempts, 1 | 2), "{record}");
+        retried += usize::from(attempts == 2);
     }
+    assert!(retried > 0, "tasks were running on the node that died");
     assert!(survivor.log().contains("a node stopped beating"), "{}", survivor.log());
 }
