@@ -253,7 +253,8 @@ const ANSWER_GRACE: Duration = Duration::from_secs(1);
 
 /// Stops every replica, each finishing the tasks it holds, for at most
 /// `grace`; then makes sure every change to the task store is on disk.
-/// Tasks still running when the grace runs out run again on the next start.
+/// Tasks still running when the grace runs out run again on the next start
+/// (in a cluster, at once on another node).
 async fn drain(node: &Node, grace: Duration) {
     node.supervisor.stop_all();
     let apps: Vec<String> = node.registry.list().into_iter().map(|app| app.version.name).collect();
@@ -268,6 +269,9 @@ async fn drain(node: &Node, grace: Duration) {
     }
     if node.dispatch.sync().await.is_err() {
         tracing::error!("the task store could not save its last changes");
+    }
+    if let Some(cluster) = &node.cluster {
+        cluster.queue.leave();
     }
 }
 

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::{
-    Cancelled, Counts, Ended, ErrorCode, Event, Finish, Lease, NewTask, Queue, QueueError, TaskError, TaskId,
+    Cancelled, Counts, Ended, ErrorCode, Event, Finish, Lease, NewTask, Queue, QueueError, Queued, TaskError, TaskId,
     TaskRecord, TaskStatus, now_ms,
 };
 
@@ -331,7 +331,7 @@ impl Dispatch {
     pub(crate) fn remove_app(&self, app: &str) {
         let why = format!("app {app:?} was removed");
         let error = TaskError { code: ErrorCode::Cancelled, message: why.clone() };
-        self.end_queued(app, false, TaskStatus::Cancelled, error);
+        self.end_queued(app, Queued::All, TaskStatus::Cancelled, error);
         for record in self.queue.list(app, Some(TaskStatus::Running), usize::MAX) {
             let _ = self.cancel_because(&record.id, &why);
         }
@@ -339,13 +339,13 @@ impl Dispatch {
 
     /// Fails the queued tasks of an app that cannot start, saying why.
     pub(crate) fn fail_queued(&self, app: &str, message: String) {
-        self.end_queued(app, false, TaskStatus::Failed, TaskError { code: ErrorCode::StartFailed, message });
+        self.end_queued(app, Queued::All, TaskStatus::Failed, TaskError { code: ErrorCode::StartFailed, message });
     }
 
     /// Ends the app's queued calls (their callers wait) with `message`: no
     /// replica can run them. Queued tasks wait for capacity.
     pub(crate) fn refuse_calls(&self, app: &str, message: String) {
-        self.end_queued(app, true, TaskStatus::Failed, TaskError { code: ErrorCode::NoCapacity, message });
+        self.end_queued(app, Queued::Calls, TaskStatus::Failed, TaskError { code: ErrorCode::NoCapacity, message });
     }
 
     /// Node shutdown: calls are refused from now on, calls still queued end
@@ -356,12 +356,13 @@ impl Dispatch {
         let message = "the node is shutting down before the call could run; call again once it is back".to_owned();
         for app in apps {
             let error = TaskError { code: ErrorCode::ShuttingDown, message: message.clone() };
-            self.end_queued(app, true, TaskStatus::Cancelled, error);
+            // Another node's callers are still there: their calls stay queued.
+            self.end_queued(app, Queued::CallsTakenHere, TaskStatus::Cancelled, error);
         }
     }
 
-    fn end_queued(&self, app: &str, calls_only: bool, status: TaskStatus, error: TaskError) {
-        for record in self.queue.end_queued(app, calls_only, status, error, now_ms()) {
+    fn end_queued(&self, app: &str, which: Queued, status: TaskStatus, error: TaskError) {
+        for record in self.queue.end_queued(app, which, status, error, now_ms()) {
             self.resolve(&record);
         }
     }

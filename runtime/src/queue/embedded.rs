@@ -14,7 +14,8 @@ use tokio::sync::oneshot;
 
 use super::sqlite::{Journal, TaskRow};
 use super::{
-    Cancelled, Counts, ErrorCode, Finish, Lease, NewTask, Queue, QueueError, TaskError, TaskRecord, TaskStatus, millis,
+    Cancelled, Counts, ErrorCode, Finish, Lease, NewTask, Queue, QueueError, Queued, TaskError, TaskRecord, TaskStatus,
+    millis,
 };
 
 pub(crate) struct EmbeddedQueue {
@@ -425,18 +426,12 @@ impl Queue for EmbeddedQueue {
             .collect()
     }
 
-    fn end_queued(
-        &self,
-        app: &str,
-        calls_only: bool,
-        status: TaskStatus,
-        error: TaskError,
-        now: u64,
-    ) -> Vec<TaskRecord> {
+    fn end_queued(&self, app: &str, which: Queued, status: TaskStatus, error: TaskError, now: u64) -> Vec<TaskRecord> {
         let mut inner = self.inner.lock().unwrap();
         let queued: Vec<String> = inner.queued.remove(app).map(Vec::from).unwrap_or_default();
         let (kept, queued): (Vec<String>, Vec<String>) =
-            queued.into_iter().partition(|id| calls_only && inner.tasks.get(id).is_some_and(|e| e.record.durable));
+            // Every call here was taken here: one node.
+            queued.into_iter().partition(|id| which != Queued::All && inner.tasks.get(id).is_some_and(|e| e.record.durable));
         if !kept.is_empty() {
             inner.queued.insert(app.to_owned(), kept.into());
         }

@@ -211,6 +211,17 @@ pub(crate) enum QueueError {
     ShuttingDown,
 }
 
+/// Which queued tasks [`Queue::end_queued`] ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Queued {
+    All,
+    /// Calls (their callers wait, the tasks are not durable), whichever
+    /// node of a cluster took them.
+    Calls,
+    /// Calls this node took: its callers'.
+    CallsTakenHere,
+}
+
 /// What cancelling did.
 #[derive(Debug, Clone)]
 pub(crate) enum Cancelled {
@@ -260,16 +271,9 @@ pub(crate) trait Queue: Send + Sync + 'static {
     /// Resolves once every change made so far is durable (at once for a
     /// store that keeps nothing); an error if it could not be made durable.
     fn sync(&self) -> oneshot::Receiver<()>;
-    /// Ends every queued task of `app` with `status` and `error`; with
-    /// `calls_only`, only those whose caller waits (not durable).
-    fn end_queued(
-        &self,
-        app: &str,
-        calls_only: bool,
-        status: TaskStatus,
-        error: TaskError,
-        now: u64,
-    ) -> Vec<TaskRecord>;
+    /// Ends the queued tasks of `app` that `which` says with `status` and
+    /// `error`.
+    fn end_queued(&self, app: &str, which: Queued, status: TaskStatus, error: TaskError, now: u64) -> Vec<TaskRecord>;
 }
 
 /// Milliseconds since the Unix epoch: the queue's clock.

@@ -20,7 +20,8 @@ pub(crate) use self::events::{AppsChanged, Event, spawn as spawn_cluster};
 use self::resp::{Client, RedisError, RedisUrl, Reply};
 use self::scripts as lua;
 use super::{
-    Cancelled, Counts, ErrorCode, Finish, Lease, NewTask, Queue, QueueError, TaskError, TaskRecord, TaskStatus, millis,
+    Cancelled, Counts, ErrorCode, Finish, Lease, NewTask, Queue, QueueError, Queued, TaskError, TaskRecord, TaskStatus,
+    millis,
 };
 
 /// How long a node counts as alive after its last heartbeat.
@@ -31,6 +32,8 @@ pub(crate) struct RedisQueue {
     /// This node's id: stable across restarts (kept in the data dir), so a
     /// restarted node finds the tasks it was running.
     node: String,
+    /// Set once the node has left ([`RedisQueue::leave`]): no more heartbeats.
+    left: std::sync::atomic::AtomicBool,
 }
 
 /// Ended tasks and undelivered callbacks a node took over from a dead one.
@@ -55,17 +58,14 @@ impl RedisQueue {
         let version = info.lines().find_map(|line| line.strip_prefix("redis_version:")).unwrap_or("0");
         let major: u32 = version.split('.').next().and_then(|major| major.parse().ok()).unwrap_or(0);
         anyhow::ensure!(major >= 5, "Redis at {} is version {version}; beamlet needs 5 or later", url.addr);
-        let queue = Self { client, node };
-        if let Some(reaped) =
-            queue.reap(&queue.node, now, true).context("failed to recover this node's tasks from Redis")?
-        {
-            if reaped.retried + reaped.ended.len() as u64 > 0 {
-                tracing::info!(
-                    retried = reaped.retried,
-                    failed = reaped.ended.len(),
-                    "took back the tasks this node was running when it stopped"
-                );
-            }
+        let queue = Self { client, node, left: Default::default() };
+        let reaped = queue.reap(&queue.node, now, true).context("failed to recover this node's tasks from Redis")?;
+        if let Some(reaped) = reaped.filter(|r| r.retried + r.ended.len() as u64 > 0) {
+            tracing::info!(
+                retried = reaped.retried,
+                failed = reaped.ended.len(),
+                "took back the tasks this node was running when it stopped"
+            );
         }
         queue.heartbeat()?;
         Ok(queue)
@@ -86,11 +86,22 @@ impl RedisQueue {
 
     /// Marks this node alive for [`NODE_TTL`].
     pub(crate) fn heartbeat(&self) -> Result<(), RedisError> {
+        if self.left.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
         let ttl = millis(NODE_TTL).to_string();
         let key = format!("beamlet:node:{}", self.node);
         self.client.call(&[b"SET", key.as_bytes(), b"1", b"PX", ttl.as_bytes()])?;
         self.client.call(&[b"SADD", b"beamlet:nodes", self.node.as_bytes()])?;
         Ok(())
+    }
+
+    /// A clean exit: the other nodes take over what is left at once, not
+    /// after the heartbeat runs out.
+    pub(crate) fn leave(&self) {
+        self.left.store(true, std::sync::atomic::Ordering::SeqCst);
+        let key = format!("beamlet:node:{}", self.node);
+        self.logged("leave the cluster", self.client.call(&[b"DEL", key.as_bytes()]));
     }
 
     /// Takes over the work of every node whose heartbeat stopped.
@@ -358,18 +369,15 @@ impl Queue for RedisQueue {
         rx
     }
 
-    fn end_queued(
-        &self,
-        app: &str,
-        calls_only: bool,
-        status: TaskStatus,
-        error: TaskError,
-        now: u64,
-    ) -> Vec<TaskRecord> {
+    fn end_queued(&self, app: &str, which: Queued, status: TaskStatus, error: TaskError, now: u64) -> Vec<TaskRecord> {
         let now = now.to_string();
         let args: [&[u8]; 7] = [
             app.as_bytes(),
-            flag(calls_only),
+            match which {
+                Queued::All => b"all",
+                Queued::Calls => b"calls",
+                Queued::CallsTakenHere => b"own",
+            },
             status.as_str().as_bytes(),
             error.code.as_str().as_bytes(),
             error.message.as_bytes(),
@@ -588,10 +596,15 @@ mod tests {
         let kept = q.enqueue(task(0), 0).unwrap().id;
         let call = q.enqueue(NewTask { durable: false, ..task(0) }, 0).unwrap().id;
         let error = TaskError { code: ErrorCode::NoCapacity, message: "full".into() };
-        let ended = q.end_queued("a", true, TaskStatus::Failed, error.clone(), 1);
+        let other = node(&redis, "n2");
+        let elsewhere = other.enqueue(NewTask { durable: false, ..task(0) }, 0).unwrap().id;
+        let ended = q.end_queued("a", Queued::CallsTakenHere, TaskStatus::Failed, error.clone(), 1);
         assert_eq!(ended.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec![call.as_str()]);
+        assert_eq!(q.counts("a").queued, 2, "the task, and the call another node took");
+        let ended = q.end_queued("a", Queued::Calls, TaskStatus::Failed, error.clone(), 1);
+        assert_eq!(ended.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec![elsewhere.as_str()]);
         assert_eq!(q.counts("a").queued, 1);
-        let ended = q.end_queued("a", false, TaskStatus::Cancelled, error, 2);
+        let ended = q.end_queued("a", Queued::All, TaskStatus::Cancelled, error, 2);
         assert_eq!(
             ended.iter().map(|r| (r.id.as_str(), r.status)).collect::<Vec<_>>(),
             vec![(kept.as_str(), TaskStatus::Cancelled)]

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 /// How long one command may wait for its answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Idle connections kept for reuse.
 const POOL_SIZE: usize = 32;
 
@@ -115,7 +116,21 @@ pub(crate) struct Conn {
 impl Conn {
     pub(crate) fn open(url: &RedisUrl, read_timeout: Option<Duration>) -> Result<Self, RedisError> {
         let io = |source| RedisError::Io { addr: url.addr.clone(), source };
-        let stream = TcpStream::connect(&url.addr).map_err(io)?;
+        // A bounded connect: an unreachable server must not hold a caller
+        // for the system's SYN timeout (minutes).
+        let addrs = std::net::ToSocketAddrs::to_socket_addrs(&url.addr).map_err(io)?;
+        let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the host name resolves to no address");
+        let mut connected = None;
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+                Ok(stream) => {
+                    connected = Some(stream);
+                    break;
+                }
+                Err(e) => last = e,
+            }
+        }
+        let stream = connected.ok_or_else(|| io(last))?;
         stream.set_nodelay(true).map_err(io)?;
         stream.set_read_timeout(read_timeout).map_err(io)?;
         stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;

@@ -249,8 +249,8 @@ return expired
 "#
 );
 
-// ARGV: app, calls_only ('1' or '0'), status, code, message, now, me. The
-// records it ended.
+// ARGV: app, which (all, calls, own: calls `me` took), status, code,
+// message, now, me. The records it ended.
 script!(
     END_QUEUED,
     r#"
@@ -259,7 +259,8 @@ local ids = redis.call('LRANGE', q, 0, -1)
 redis.call('DEL', q)
 local ended = {}
 for _, id in ipairs(ids) do
-  if ARGV[2] == '1' and redis.call('HGET', tkey(id), 'durable') == '1' then
+  local t = redis.call('HMGET', tkey(id), 'durable', 'origin')
+  if ARGV[2] ~= 'all' and (t[1] == '1' or (ARGV[2] == 'own' and t[2] ~= ARGV[7])) then
     redis.call('RPUSH', q, id)
   else
     finish(id, ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], true)
@@ -337,10 +338,16 @@ script!(
     r#"
 local out = {}
 local limit = tonumber(ARGV[3])
-for _, id in ipairs(redis.call('ZREVRANGE', P .. 'tasks:' .. ARGV[1], 0, -1)) do
-  if #out >= limit then break end
-  local r = record(id)
-  if r[1] and (ARGV[2] == '' or r[3] == ARGV[2]) then table.insert(out, r) end
+local key, from, chunk = P .. 'tasks:' .. ARGV[1], 0, 500
+while #out < limit do
+  local ids = redis.call('ZREVRANGE', key, from, from + chunk - 1)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    if #out >= limit then break end
+    local r = record(id)
+    if r[1] and (ARGV[2] == '' or r[3] == ARGV[2]) then table.insert(out, r) end
+  end
+  from = from + chunk
 end
 return out
 "#
