@@ -55,7 +55,8 @@ enum Command {
         #[arg(long)]
         cpus: Option<f64>,
         /// Threads of the node's own event loop (HTTP, queue, replica
-        /// sockets) [default: a quarter of the cores, at least 1]. The guests
+        /// sockets) [default: a quarter of the cores, at least 1; with
+        /// --redis, the cores, at least 4]. The guests
         /// run on their replicas' threads, not these; fewer node threads mean
         /// fewer hand-offs between them per request.
         #[arg(long)]
@@ -306,6 +307,11 @@ fn init_tracing(default: &str) {
 fn runtime(command: &Command) -> Result<tokio::runtime::Runtime> {
     let threads = match command {
         Command::Serve { threads: Some(threads), .. } => (*threads).max(1),
+        // Calls to Redis block their thread for a round trip: more threads
+        // keep the node's other work going meanwhile.
+        Command::Serve { threads: None, redis: Some(_), .. } => {
+            std::thread::available_parallelism().map_or(4, |n| n.get().max(4))
+        }
         Command::Serve { threads: None, .. } => {
             std::thread::available_parallelism().map_or(1, |n| (n.get() / 4).max(1))
         }

@@ -67,20 +67,34 @@ impl Dispatch {
     /// Tells everyone waiting on a task that ended how it ended; a call whose
     /// caller waited is forgotten once told.
     fn resolve(&self, record: &TaskRecord) {
+        self.settle(record, None, true);
+    }
+
+    /// [`Dispatch::resolve`] with the output when already known (`None`:
+    /// read it if needed), and `forget`: whether a call is still to be
+    /// forgotten.
+    fn settle(&self, record: &TaskRecord, output: Option<Option<Bytes>>, forget: bool) {
         self.routes.lock().unwrap().remove(&record.id);
+        let mut output = output;
+        let mut output = || {
+            output
+                .get_or_insert_with(|| {
+                    if record.status == TaskStatus::Complete { self.queue.output(&record.id) } else { None }
+                })
+                .clone()
+        };
         if record.callback_url.is_some() {
             // The output now: a call whose caller waits is forgotten below.
-            let output = if record.status == TaskStatus::Complete { self.queue.output(&record.id) } else { None };
-            let _ = self.callbacks.send((record.clone(), output));
+            let _ = self.callbacks.send((record.clone(), output()));
         }
         let waiters = self.waiters.lock().unwrap().remove(&record.id).unwrap_or_default();
         if !waiters.is_empty() {
-            let ended = self.ended(record.clone());
+            let ended = Ended { record: record.clone(), output: output() };
             for waiter in waiters {
                 let _ = waiter.send(ended.clone());
             }
         }
-        if !record.durable {
+        if forget && !record.durable {
             self.queue.forget(&record.id);
         }
     }
@@ -164,9 +178,10 @@ impl Dispatch {
     }
 
     pub(crate) fn finish(&self, id: &str, finish: Finish) -> Option<TaskRecord> {
-        let record = self.queue.finish(id, finish, now_ms())?;
+        let Ended { record, output } = self.queue.finish(id, finish, now_ms())?;
         if record.status.is_terminal() {
-            self.resolve(&record);
+            // The queue forgot a call that ended itself (see `Queue::finish`).
+            self.settle(&record, Some(output), false);
         } else {
             self.routes.lock().unwrap().remove(id);
             self.wake(&record.app);

@@ -14,8 +14,8 @@ use tokio::sync::oneshot;
 
 use super::sqlite::{Journal, TaskRow};
 use super::{
-    Cancelled, Counts, ErrorCode, Finish, Lease, NewTask, Queue, QueueError, Queued, TaskError, TaskRecord, TaskStatus,
-    millis,
+    Cancelled, Counts, Ended, ErrorCode, Finish, Lease, NewTask, Queue, QueueError, Queued, TaskError, TaskRecord,
+    TaskStatus, millis,
 };
 
 pub(crate) struct EmbeddedQueue {
@@ -303,7 +303,7 @@ impl Queue for EmbeddedQueue {
         }
     }
 
-    fn finish(&self, id: &str, finish: Finish, now: u64) -> Option<TaskRecord> {
+    fn finish(&self, id: &str, finish: Finish, now: u64) -> Option<Ended> {
         let mut inner = self.inner.lock().unwrap();
         let entry = inner.tasks.get_mut(id)?;
         if entry.record.status != TaskStatus::Running {
@@ -331,7 +331,11 @@ impl Queue for EmbeddedQueue {
             }
         };
         self.update(entry);
-        Some(entry.record.clone())
+        let ended = Ended { record: entry.record.clone(), output: entry.output.clone() };
+        if ended.record.status.is_terminal() && !ended.record.durable {
+            inner.tasks.remove(id);
+        }
+        Some(ended)
     }
 
     fn cancel(&self, id: &str, why: &str, now: u64) -> Result<Cancelled, QueueError> {
@@ -495,9 +499,9 @@ mod tests {
         let lease = q.lease("a", 1).unwrap();
         assert_eq!(lease.attempt, 1);
         assert_eq!(q.counts("a"), Counts { queued: 0, running: 1 });
-        assert_eq!(q.finish(&id, trap(), 2).unwrap().status, TaskStatus::Retry);
+        assert_eq!(q.finish(&id, trap(), 2).unwrap().record.status, TaskStatus::Retry);
         assert_eq!(q.lease("a", 3).unwrap().attempt, 2);
-        let record = q.finish(&id, trap(), 4).unwrap();
+        let record = q.finish(&id, trap(), 4).unwrap().record;
         assert_eq!((record.status, record.attempts), (TaskStatus::Failed, 2));
         assert_eq!(q.counts("a"), Counts::default());
         assert!(q.finish(&id, Finish::Complete(Bytes::new()), 5).is_none(), "an ended task stays ended");
@@ -533,7 +537,7 @@ mod tests {
         let ran = q.enqueue(task(1), 0).unwrap().id;
         q.lease("a", 1).unwrap();
         let error = TaskError { code: ErrorCode::GuestTrap, message: "trap".into() };
-        q.finish(&ran, Finish::Retryable(error), 2).unwrap();
+        q.finish(&ran, Finish::Retryable(error), 2).unwrap().record;
         let waiting = q.enqueue(task(1), 0).unwrap().id;
         let expired: Vec<_> = q.sweep(10_000).into_iter().map(|r| r.id).collect();
         assert_eq!(expired, vec![waiting], "the retry of a task that ran is kept");
@@ -547,7 +551,7 @@ mod tests {
         t.callback_url = Some("http://127.0.0.1:9/hook".into());
         let id = q.enqueue(t, 0).unwrap().id;
         q.lease("a", 1).unwrap();
-        q.finish(&id, Finish::Complete(Bytes::from_static(b"out")), 2).unwrap();
+        q.finish(&id, Finish::Complete(Bytes::from_static(b"out")), 2).unwrap().record;
         q.sweep(200_000);
         assert!(q.get(&id).is_some(), "kept (and journaled) until delivered");
         q.callback_settled(&id);
@@ -561,7 +565,7 @@ mod tests {
         let id = q.enqueue(task(0), 0).unwrap().id;
         q.lease("a", 0).unwrap();
         let error = TaskError { code: ErrorCode::Timeout, message: "slow".into() };
-        assert_eq!(q.finish(&id, Finish::Retryable(error), 1).unwrap().status, TaskStatus::Timeout);
+        assert_eq!(q.finish(&id, Finish::Retryable(error), 1).unwrap().record.status, TaskStatus::Timeout);
     }
 
     #[test]
@@ -579,7 +583,7 @@ mod tests {
             spent = q.enqueue(NewTask { retries: 0, ..fresh(&t) }, 2).unwrap().id;
             queued = q.enqueue(fresh(&t), 3).unwrap().id;
             q.lease("a", 4).unwrap();
-            q.finish(&done, Finish::Complete(Bytes::from_static(b"out")), 5).unwrap();
+            q.finish(&done, Finish::Complete(Bytes::from_static(b"out")), 5).unwrap().record;
             q.lease("a", 6).unwrap();
             q.lease("a", 7).unwrap();
             synced(&q);
@@ -609,7 +613,7 @@ mod tests {
             q.enqueue(task(0), 0).unwrap();
             assert!(q.pending_callbacks().is_empty(), "nothing to deliver before the end");
             q.lease("a", 1).unwrap();
-            q.finish(&id, Finish::Complete(Bytes::from_static(b"out")), 2).unwrap();
+            q.finish(&id, Finish::Complete(Bytes::from_static(b"out")), 2).unwrap().record;
             synced(&q);
         }
         {

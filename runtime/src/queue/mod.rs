@@ -252,10 +252,12 @@ pub(crate) trait Queue: Send + Sync + 'static {
     fn pending_callbacks(&self) -> Vec<(TaskRecord, Option<Bytes>)>;
     /// The task's callback was delivered, or given up on.
     fn callback_settled(&self, id: &str);
-    /// Records how a run ended; a retryable failure with attempts left goes
-    /// back to the queue as `Retry`. Unknown or already-ended tasks are `None`
-    /// (a cancelled task whose worker reports late).
-    fn finish(&self, id: &str, finish: Finish, now: u64) -> Option<TaskRecord>;
+    /// Records how a run ended, and returns the task with its output; a
+    /// retryable failure with attempts left goes back to the queue as
+    /// `Retry`. Unknown or already-ended tasks are `None` (a cancelled task
+    /// whose worker reports late). A call (not durable) that ended, taken
+    /// on this node, is forgotten at once: what this returns is its answer.
+    fn finish(&self, id: &str, finish: Finish, now: u64) -> Option<Ended>;
     /// Ends a queued or running task as cancelled, `why` its error message.
     fn cancel(&self, id: &str, why: &str, now: u64) -> Result<Cancelled, QueueError>;
     fn get(&self, id: &str) -> Option<TaskRecord>;

@@ -26,11 +26,15 @@ pub(crate) enum Event {
 }
 
 impl Event {
-    fn parse(message: &str) -> Option<Self> {
+    /// `me`: this node; an arrival it announced itself is no news.
+    fn parse(message: &str, me: &str) -> Option<Self> {
         let (kind, subject) = message.split_once(' ')?;
+        if kind == "a" {
+            let (app, from) = subject.split_once(' ').unwrap_or((subject, ""));
+            return (from != me).then(|| Self::Arrival(app.to_owned()));
+        }
         let subject = subject.to_owned();
         match kind {
-            "a" => Some(Self::Arrival(subject)),
             "e" => Some(Self::Ended(subject)),
             "c" => Some(Self::Cancel(subject)),
             "d" => Some(Self::AppChanged(subject)),
@@ -71,7 +75,7 @@ fn listen(queue: &RedisQueue, dispatch: &Dispatch, apps: &AppsChanged) {
                 connected_before = true;
                 loop {
                     match conn.read() {
-                        Ok(reply) => match message(reply) {
+                        Ok(reply) => match message(reply, queue.node()) {
                             Some(Event::AppChanged(name)) => apps(Some(name)),
                             Some(event) => dispatch.on_event(event),
                             None => {}
@@ -98,13 +102,13 @@ fn subscribe(queue: &RedisQueue) -> Result<Conn, super::RedisError> {
 }
 
 /// `["message", channel, payload]` as an event.
-fn message(reply: Reply) -> Option<Event> {
+fn message(reply: Reply, me: &str) -> Option<Event> {
     let mut parts = reply.into_array().into_iter();
     if parts.next()?.into_string()? != "message" {
         return None;
     }
     let payload = parts.nth(1)?.into_string()?;
-    Event::parse(&payload)
+    Event::parse(&payload, me)
 }
 
 fn beat(queue: &RedisQueue, dispatch: &Dispatch, apps: &AppsChanged) {
@@ -137,11 +141,14 @@ mod tests {
 
     #[test]
     fn events_parse() {
-        assert_eq!(Event::parse("a hello"), Some(Event::Arrival("hello".into())));
-        assert_eq!(Event::parse("e 0190-ab"), Some(Event::Ended("0190-ab".into())));
-        assert_eq!(Event::parse("c x"), Some(Event::Cancel("x".into())));
-        assert_eq!(Event::parse("d hello"), Some(Event::AppChanged("hello".into())));
-        assert_eq!(Event::parse("z x"), None);
-        assert_eq!(Event::parse("nospace"), None);
+        let parse = |message| Event::parse(message, "me");
+        assert_eq!(parse("a hello other"), Some(Event::Arrival("hello".into())));
+        assert_eq!(parse("a hello "), Some(Event::Arrival("hello".into())));
+        assert_eq!(parse("a hello me"), None, "this node woke its replicas itself");
+        assert_eq!(parse("e 0190-ab"), Some(Event::Ended("0190-ab".into())));
+        assert_eq!(parse("c x"), Some(Event::Cancel("x".into())));
+        assert_eq!(parse("d hello"), Some(Event::AppChanged("hello".into())));
+        assert_eq!(parse("z x"), None);
+        assert_eq!(parse("nospace"), None);
     }
 }

@@ -20,8 +20,8 @@ pub(crate) use self::events::{AppsChanged, Event, spawn as spawn_cluster};
 use self::resp::{Client, RedisError, RedisUrl, Reply};
 use self::scripts as lua;
 use super::{
-    Cancelled, Counts, ErrorCode, Finish, Lease, NewTask, Queue, QueueError, Queued, TaskError, TaskRecord, TaskStatus,
-    millis,
+    Cancelled, Counts, Ended, ErrorCode, Finish, Lease, NewTask, Queue, QueueError, Queued, TaskError, TaskRecord,
+    TaskStatus, millis,
 };
 
 /// How long a node counts as alive after its last heartbeat.
@@ -286,7 +286,7 @@ impl Queue for RedisQueue {
         self.logged("settle a callback", self.client.call(&[b"HDEL", b"beamlet:callbacks", id.as_bytes()]));
     }
 
-    fn finish(&self, id: &str, finish: Finish, now: u64) -> Option<TaskRecord> {
+    fn finish(&self, id: &str, finish: Finish, now: u64) -> Option<Ended> {
         let now = now.to_string();
         let (id, me) = (id.as_bytes(), self.node.as_bytes());
         let reply = match &finish {
@@ -300,7 +300,10 @@ impl Queue for RedisQueue {
                 self.eval("finish a task", &lua::FINISH, &[id, kind, now.as_bytes(), me, code, message])
             }
         };
-        record(reply?)
+        let mut parts = reply?.into_array().into_iter();
+        let record = record(parts.next()?)?;
+        let output = parts.next().and_then(Reply::into_bytes).map(Bytes::from);
+        Some(Ended { output: output.filter(|_| record.status == TaskStatus::Complete), record })
     }
 
     fn cancel(&self, id: &str, why: &str, now: u64) -> Result<Cancelled, QueueError> {
@@ -500,9 +503,9 @@ mod tests {
         assert_eq!((lease.id.as_str(), lease.attempt, lease.input.as_ref()), (id.as_str(), 1, &b"{\"x\":1}"[..]));
         assert_eq!((lease.timeout, lease.max_result_size), (Duration::from_secs(1), 1024));
         assert_eq!(q.counts("a"), Counts { queued: 0, running: 1 });
-        assert_eq!(q.finish(&id, trap(), 2).unwrap().status, TaskStatus::Retry);
+        assert_eq!(q.finish(&id, trap(), 2).unwrap().record.status, TaskStatus::Retry);
         assert_eq!(q.lease("a", 3).unwrap().attempt, 2);
-        let record = q.finish(&id, trap(), 4).unwrap();
+        let record = q.finish(&id, trap(), 4).unwrap().record;
         assert_eq!((record.status, record.attempts), (TaskStatus::Failed, 2));
         assert_eq!(record.error.unwrap().code, ErrorCode::GuestTrap);
         assert_eq!(q.counts("a"), Counts::default());
@@ -510,7 +513,7 @@ mod tests {
 
         let done = q.enqueue(task(0), 10).unwrap().id;
         q.lease("a", 11).unwrap();
-        q.finish(&done, Finish::Complete(Bytes::from_static(b"out")), 12).unwrap();
+        q.finish(&done, Finish::Complete(Bytes::from_static(b"out")), 12).unwrap().record;
         assert_eq!(q.output(&done).unwrap(), Bytes::from_static(b"out"));
         for _ in 0..3 {
             q.enqueue(task(0), 13).unwrap();
@@ -529,13 +532,20 @@ mod tests {
         let (a, b) = (node(&redis, "a"), node(&redis, "b"));
         let id = a.enqueue(NewTask { durable: false, ..task(0) }, 0).unwrap().id;
         assert_eq!(b.lease("a", 1).unwrap().id, id);
-        let record = b.finish(&id, Finish::Complete(Bytes::from_static(b"hi")), 2).unwrap();
+        let record = b.finish(&id, Finish::Complete(Bytes::from_static(b"hi")), 2).unwrap().record;
         assert!(!record.durable);
         b.forget(&id);
         assert_eq!(a.get(&id).unwrap().status, TaskStatus::Complete, "the node whose caller waits still sees it");
         assert_eq!(a.output(&id).unwrap(), Bytes::from_static(b"hi"));
         a.forget(&id);
         assert!(a.get(&id).is_none() && b.get(&id).is_none());
+
+        // A call that ends on the node that took it is dropped as it ends.
+        let id = a.enqueue(NewTask { durable: false, ..task(0) }, 3).unwrap().id;
+        a.lease("a", 4).unwrap();
+        let ended = a.finish(&id, Finish::Complete(Bytes::from_static(b"yo")), 5).unwrap();
+        assert_eq!((ended.record.status, ended.output.as_deref()), (TaskStatus::Complete, Some(&b"yo"[..])));
+        assert!(a.get(&id).is_none());
     }
 
     #[test]
@@ -569,7 +579,7 @@ mod tests {
         hooked.callback_url = Some("http://127.0.0.1:9/hook".into());
         let hooked = q.enqueue(hooked, 0).unwrap().id;
         assert_eq!(q.lease("a", 1).unwrap().id, waiting);
-        q.finish(&waiting, trap(), 2).unwrap();
+        q.finish(&waiting, trap(), 2).unwrap().record;
         // `waiting` is a retry now, first in line: ttl no longer applies to it.
         assert_eq!(q.lease("a", 3).unwrap().id, waiting);
         q.release(&waiting).unwrap();
@@ -624,7 +634,7 @@ mod tests {
         let ahead = b.enqueue(NewTask { max_queued: 10, ..task(0) }, 0).unwrap().id;
         let call = b.enqueue(NewTask { max_queued: 10, durable: false, ..task(0) }, 0).unwrap().id;
         assert_eq!(b.lease("a", 1).unwrap().id, hooked);
-        b.finish(&hooked, Finish::Complete(Bytes::from_static(b"out")), 2).unwrap();
+        b.finish(&hooked, Finish::Complete(Bytes::from_static(b"out")), 2).unwrap().record;
         assert_eq!(b.lease("a", 3).unwrap().id, started);
         assert_eq!(b.lease("a", 3).unwrap().id, spent);
         assert_eq!(b.lease_ahead("a", 3).unwrap().id, ahead);

@@ -15,8 +15,8 @@
 //! - `callbacks`: hash id -> node delivering its callback.
 //! - `nodes`, `node:{id}`: the nodes, and each live node's heartbeat.
 //!
-//! Events go out on the channel `beamlet:events`: `a {app}` (the app's
-//! queue gained a task), `e {id}` (a task ended), `c {id}` (stop a running
+//! Events go out on the channel `beamlet:events`: `a {app} {node}` (the
+//! app's queue gained a task; `node` queued it and woke its own replicas), `e {id}` (a task ended), `c {id}` (stop a running
 //! task).
 
 use super::resp::Script;
@@ -34,7 +34,9 @@ local function terminal(status)
   return status == 'COMPLETE' or status == 'FAILED' or status == 'TIMEOUT'
       or status == 'CANCELLED' or status == 'EXPIRED'
 end
-local function arrived(app) redis.call('PUBLISH', P .. 'events', 'a ' .. app) end
+-- `me`: the node that queued it, which wakes its own replicas itself (nil
+-- for none).
+local function arrived(app, me) redis.call('PUBLISH', P .. 'events', 'a ' .. app .. ' ' .. (me or '')) end
 -- No longer running on `node`.
 local function unrun(app, node, id)
   if node then redis.call('SREM', P .. 'running:' .. node, id) end
@@ -79,6 +81,14 @@ local function finish(id, status, code, message, now, me, dequeued)
   redis.call('ZADD', P .. 'ended', tonumber(now) + keep, id)
   redis.call('PUBLISH', P .. 'events', 'e ' .. id)
 end
+-- Drops an ended task for good.
+local function drop(id, app, origin)
+  redis.call('DEL', tkey(id))
+  redis.call('ZREM', P .. 'tasks:' .. app, id)
+  redis.call('ZREM', P .. 'ended', id)
+  redis.call('HDEL', P .. 'callbacks', id)
+  if origin then redis.call('SREM', P .. 'calls:' .. origin, id) end
+end
 "#
     };
 }
@@ -102,7 +112,7 @@ redis.call('RPUSH', q, id)
 redis.call('ZADD', P .. 'expiry', ARGV[5], id)
 redis.call('ZADD', P .. 'tasks:' .. app, ARGV[4], id)
 if ARGV[7] == '0' then redis.call('SADD', P .. 'calls:' .. ARGV[6], id) end
-arrived(app)
+arrived(app, ARGV[6])
 return 1
 "#
 );
@@ -157,8 +167,9 @@ return record(id)
 );
 
 // ARGV: id, kind (complete, rejected, retryable, cancelled), now, me, then
-// the output (complete) or error code and message. The record, or nil when
-// the task is not running.
+// the output (complete) or error code and message. {record, output}, or nil
+// when the task is not running. A call `me` took that ended is dropped: this
+// answer is its caller's.
 script!(
     FINISH,
     r#"
@@ -180,7 +191,10 @@ else
   redis.call('HSET', k, 'error_code', ARGV[5], 'error_message', ARGV[6])
   requeue(id, t[4], 'RETRY')
 end
-return record(id)
+local r = record(id)
+local output = redis.call('HGET', k, 'output') or false
+if terminal(r[3]) and r[11] == '0' and r[12] == me then drop(id, r[2], me) end
+return {r, output}
 "#
 );
 
@@ -209,11 +223,7 @@ script!(
 local id, me = ARGV[1], ARGV[2]
 local t = redis.call('HMGET', tkey(id), 'status', 'app', 'origin')
 if not t[1] or not terminal(t[1]) or t[3] ~= me then return 0 end
-redis.call('DEL', tkey(id))
-redis.call('ZREM', P .. 'tasks:' .. t[2], id)
-redis.call('ZREM', P .. 'ended', id)
-redis.call('HDEL', P .. 'callbacks', id)
-redis.call('SREM', P .. 'calls:' .. me, id)
+drop(id, t[2], me)
 return 1
 "#
 );
@@ -230,10 +240,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'ended', '-inf', now, 'LIMI
     redis.call('ZADD', P .. 'ended', tonumber(now) + 60000, id)
   else
     local t = redis.call('HMGET', tkey(id), 'app', 'origin')
-    redis.call('DEL', tkey(id))
-    redis.call('ZREM', P .. 'ended', id)
-    if t[1] then redis.call('ZREM', P .. 'tasks:' .. t[1], id) end
-    if t[2] then redis.call('SREM', P .. 'calls:' .. t[2], id) end
+    if t[1] then drop(id, t[1], t[2]) else redis.call('ZREM', P .. 'ended', id) end
   end
 end
 local expired = {}
