@@ -74,6 +74,13 @@ pub(crate) fn app_sync(node: Weak<Node>, runtime: tokio::runtime::Handle) -> Res
 /// the node kept is dropped), then the node takes on the cluster's apps.
 pub(crate) fn join(node: &Node) -> Result<()> {
     let cluster = node.cluster.as_ref().expect("a cluster node");
+    share_own_apps(node, cluster)?;
+    sync(node, None);
+    Ok(())
+}
+
+/// Publishes the apps this node has that the cluster lacks.
+fn share_own_apps(node: &Node, cluster: &Cluster) -> Result<()> {
     let _held = cluster.hold();
     let shared: Vec<String> = cluster.queue.apps()?.into_iter().map(|(name, _)| name).collect();
     for app in node.registry.list() {
@@ -86,14 +93,27 @@ pub(crate) fn join(node: &Node) -> Result<()> {
             tracing::info!(app = %app.version.name, "shared this node's app with the cluster");
         }
     }
-    drop(_held);
-    sync(node, None);
+    cluster.queue.mark_cluster()?;
     Ok(())
 }
 
 /// Brings this node's apps (all, or `only`) in line with the cluster's.
 fn sync(node: &Node, only: Option<&str>) {
     let cluster = node.cluster.as_ref().expect("a cluster node");
+    // An empty Redis (restarted without persistence) is not "every app was
+    // deleted": the nodes share theirs again rather than drop them.
+    match cluster.queue.holds_cluster() {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(
+                "Redis lost the cluster's data (restarted without persistence?): sharing this node's apps again"
+            );
+            if let Err(e) = share_own_apps(node, cluster) {
+                return tracing::warn!("failed to share this node's apps: {e:#}");
+            }
+        }
+        Err(e) => return tracing::warn!("failed to read the cluster's apps: {e}"),
+    }
     let _held = cluster.hold();
     let shared = match cluster.queue.apps() {
         Ok(apps) => apps,

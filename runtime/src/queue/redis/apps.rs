@@ -26,6 +26,17 @@ impl RedisQueue {
         Ok(())
     }
 
+    /// Whether Redis still holds the cluster's data: the mark set when the
+    /// first node joined is gone after a restart that lost it.
+    pub(crate) fn holds_cluster(&self) -> Result<bool, RedisError> {
+        Ok(self.client.call(&[b"EXISTS", b"beamlet:cluster"])?.as_int() == Some(1))
+    }
+
+    pub(crate) fn mark_cluster(&self) -> Result<(), RedisError> {
+        self.client.call(&[b"SET", b"beamlet:cluster", b"1"])?;
+        Ok(())
+    }
+
     /// Every app's current record, as JSON.
     pub(crate) fn apps(&self) -> Result<Vec<(String, Vec<u8>)>, RedisError> {
         let mut fields = self.client.call(&[b"HGETALL", b"beamlet:apps"])?.into_array().into_iter();

@@ -209,6 +209,12 @@ impl Conn {
     }
 }
 
+/// The peer closed the connection (rather than timing out).
+fn closed(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    matches!(e.kind(), UnexpectedEof | ConnectionReset | BrokenPipe | ConnectionAborted)
+}
+
 /// A Lua script: its source, and its digest once the server knows it.
 pub(crate) struct Script {
     pub source: &'static str,
@@ -239,14 +245,20 @@ impl Client {
     }
 
     /// Runs `f` on an idle connection (or a new one); a connection that
-    /// failed is dropped, not reused.
-    fn with_conn<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T, RedisError>) -> Result<T, RedisError> {
+    /// failed is dropped, not reused. An idle connection the server closed
+    /// meanwhile (it restarted) fails at once: `f` runs again on a new one.
+    fn with_conn<T>(&self, mut f: impl FnMut(&mut Conn) -> Result<T, RedisError>) -> Result<T, RedisError> {
         let idle = self.idle.lock().unwrap().pop();
+        let reused = idle.is_some();
         let mut conn = match idle {
             Some(conn) => conn,
             None => Conn::open(&self.url, Some(IO_TIMEOUT))?,
         };
-        let result = f(&mut conn);
+        let mut result = f(&mut conn);
+        if reused && matches!(&result, Err(RedisError::Io { source, .. }) if closed(source)) {
+            conn = Conn::open(&self.url, Some(IO_TIMEOUT))?;
+            result = f(&mut conn);
+        }
         if !matches!(result, Err(RedisError::Io { .. } | RedisError::Protocol(_))) {
             let mut idle = self.idle.lock().unwrap();
             if idle.len() < POOL_SIZE {
