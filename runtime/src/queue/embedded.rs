@@ -537,7 +537,7 @@ mod tests {
         let ran = q.enqueue(task(1), 0).unwrap().id;
         q.lease("a", 1).unwrap();
         let error = TaskError { code: ErrorCode::GuestTrap, message: "trap".into() };
-        q.finish(&ran, Finish::Retryable(error), 2).unwrap().record;
+        q.finish(&ran, Finish::Retryable(error), 2).unwrap();
         let waiting = q.enqueue(task(1), 0).unwrap().id;
         let expired: Vec<_> = q.sweep(10_000).into_iter().map(|r| r.id).collect();
         assert_eq!(expired, vec![waiting], "the retry of a task that ran is kept");
@@ -551,7 +551,7 @@ mod tests {
         t.callback_url = Some("http://127.0.0.1:9/hook".into());
         let id = q.enqueue(t, 0).unwrap().id;
         q.lease("a", 1).unwrap();
-        q.finish(&id, Finish::Complete(Bytes::from_static(b"out")), 2).unwrap().record;
+        q.finish(&id, Finish::Complete(Bytes::from_static(b"out")), 2).unwrap();
         q.sweep(200_000);
         assert!(q.get(&id).is_some(), "kept (and journaled) until delivered");
         q.callback_settled(&id);
@@ -583,7 +583,7 @@ mod tests {
             spent = q.enqueue(NewTask { retries: 0, ..fresh(&t) }, 2).unwrap().id;
             queued = q.enqueue(fresh(&t), 3).unwrap().id;
             q.lease("a", 4).unwrap();
-            q.finish(&done, Finish::Complete(Bytes::from_static(b"out")), 5).unwrap().record;
+            q.finish(&done, Finish::Complete(Bytes::from_static(b"out")), 5).unwrap();
             q.lease("a", 6).unwrap();
             q.lease("a", 7).unwrap();
             synced(&q);
@@ -613,7 +613,7 @@ mod tests {
             q.enqueue(task(0), 0).unwrap();
             assert!(q.pending_callbacks().is_empty(), "nothing to deliver before the end");
             q.lease("a", 1).unwrap();
-            q.finish(&id, Finish::Complete(Bytes::from_static(b"out")), 2).unwrap().record;
+            q.finish(&id, Finish::Complete(Bytes::from_static(b"out")), 2).unwrap();
             synced(&q);
         }
         {

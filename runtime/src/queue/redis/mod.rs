@@ -513,7 +513,7 @@ mod tests {
 
         let done = q.enqueue(task(0), 10).unwrap().id;
         q.lease("a", 11).unwrap();
-        q.finish(&done, Finish::Complete(Bytes::from_static(b"out")), 12).unwrap().record;
+        q.finish(&done, Finish::Complete(Bytes::from_static(b"out")), 12).unwrap();
         assert_eq!(q.output(&done).unwrap(), Bytes::from_static(b"out"));
         for _ in 0..3 {
             q.enqueue(task(0), 13).unwrap();
@@ -579,7 +579,7 @@ mod tests {
         hooked.callback_url = Some("http://127.0.0.1:9/hook".into());
         let hooked = q.enqueue(hooked, 0).unwrap().id;
         assert_eq!(q.lease("a", 1).unwrap().id, waiting);
-        q.finish(&waiting, trap(), 2).unwrap().record;
+        q.finish(&waiting, trap(), 2).unwrap();
         // `waiting` is a retry now, first in line: ttl no longer applies to it.
         assert_eq!(q.lease("a", 3).unwrap().id, waiting);
         q.release(&waiting).unwrap();
@@ -634,7 +634,7 @@ mod tests {
         let ahead = b.enqueue(NewTask { max_queued: 10, ..task(0) }, 0).unwrap().id;
         let call = b.enqueue(NewTask { max_queued: 10, durable: false, ..task(0) }, 0).unwrap().id;
         assert_eq!(b.lease("a", 1).unwrap().id, hooked);
-        b.finish(&hooked, Finish::Complete(Bytes::from_static(b"out")), 2).unwrap().record;
+        b.finish(&hooked, Finish::Complete(Bytes::from_static(b"out")), 2).unwrap();
         assert_eq!(b.lease("a", 3).unwrap().id, started);
         assert_eq!(b.lease("a", 3).unwrap().id, spent);
         assert_eq!(b.lease_ahead("a", 3).unwrap().id, ahead);
