@@ -179,7 +179,14 @@ fn row(what: &str, samples: &[Duration]) {
 
 /// `beamlet bench queue`: a real node on a scratch data dir (durable queue),
 /// the same component called through the queue and directly on a replica.
-pub(crate) async fn queue(wasm: &Path, input: &str, tasks: usize, concurrency: usize, workers: u32) -> Result<()> {
+pub(crate) async fn queue(
+    wasm: &Path,
+    input: &str,
+    tasks: usize,
+    concurrency: usize,
+    workers: u32,
+    redis: Option<&str>,
+) -> Result<()> {
     let (dir, compiled, _, _) = precompile(wasm)?;
     let (_, direct) = replica_round_trips(&bench_spec(&compiled), input, 2000).await?;
 
@@ -187,6 +194,7 @@ pub(crate) async fn queue(wasm: &Path, input: &str, tasks: usize, concurrency: u
     let mut node = tokio::process::Command::new(std::env::current_exe()?)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&data_dir)
+        .args(redis.map(|url| ["--redis", url]).into_iter().flatten())
         .env("BEAMLET_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)

@@ -199,6 +199,10 @@ enum BenchQueue {
         concurrency: usize,
         #[arg(long, default_value_t = 2)]
         workers: u32,
+        /// Measure the Redis queue at this URL instead of the embedded one
+        /// (use a Redis of its own: the bench deploys an app there).
+        #[arg(long)]
+        redis: Option<String>,
     },
     /// POST the same body to a URL from several connections for a while and
     /// print req/s, p50 and p99 (a load generator for machines without wrk).
@@ -376,8 +380,8 @@ async fn run(command: Command) -> Result<()> {
         Command::Status { name, server } => Client::new(&server.server)?.status(&name).await,
         Command::Logs { name, lines, server } => Client::new(&server.server)?.logs(&name, lines).await,
         Command::Delete { name, server } => Client::new(&server.server)?.delete(&name).await,
-        Command::Bench { queue: Some(BenchQueue::Queue { wasm, data, tasks, concurrency, workers }), .. } => {
-            crate::bench::queue(&wasm, &data, tasks, concurrency, workers).await
+        Command::Bench { queue: Some(BenchQueue::Queue { wasm, data, tasks, concurrency, workers, redis }), .. } => {
+            crate::bench::queue(&wasm, &data, tasks, concurrency, workers, redis.as_deref()).await
         }
         Command::Bench { queue: Some(BenchQueue::Load { url, data, connections, duration }), .. } => {
             let duration = crate::config::parse_duration(&duration).map_err(anyhow::Error::msg)?;
