@@ -380,9 +380,9 @@ async fn run(command: Command) -> Result<()> {
         Command::Status { name, server } => Client::new(&server.server)?.status(&name).await,
         Command::Logs { name, lines, server } => Client::new(&server.server)?.logs(&name, lines).await,
         Command::Delete { name, server } => Client::new(&server.server)?.delete(&name).await,
-        Command::Bench { queue: Some(BenchQueue::Queue { wasm, data, tasks, concurrency, workers, redis }), .. } => {
-            crate::bench::queue(&wasm, &data, tasks, concurrency, workers, redis.as_deref()).await
-        }
+        Command::Bench {
+            queue: Some(BenchQueue::Queue { wasm, data, tasks, concurrency, workers, redis }), ..
+        } => crate::bench::queue(&wasm, &data, tasks, concurrency, workers, redis.as_deref()).await,
         Command::Bench { queue: Some(BenchQueue::Load { url, data, connections, duration }), .. } => {
             let duration = crate::config::parse_duration(&duration).map_err(anyhow::Error::msg)?;
             crate::bench::load(&url, &data, connections, duration).await

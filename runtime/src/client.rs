@@ -177,12 +177,17 @@ impl Client {
         }
         println!("{:<24} {:>7} {:>8} {:>7} {:>7}", "NAME", "VERSION", "REPLICAS", "QUEUED", "RUNNING");
         for app in apps {
+            // In a cluster: this node's + the other nodes'.
+            let replicas = match app["replicas_on_other_nodes"].as_u64() {
+                Some(others) => format!("{}+{others}", app["replicas"]),
+                None => app["replicas"].to_string(),
+            };
             println!(
                 "{:<24} {:>7} {:>8} {:>7} {:>7}",
                 app["name"].as_str().unwrap_or_default(),
                 // Padding applies to strings, not to JSON values.
                 app["version"].to_string(),
-                app["replicas"].to_string(),
+                replicas,
                 app["queue"]["queued"].to_string(),
                 app["queue"]["running"].to_string()
             );

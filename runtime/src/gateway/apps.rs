@@ -115,6 +115,7 @@ pub(crate) async fn list(State(node): State<Arc<Node>>) -> Json<Value> {
                 "version": app.version.version,
                 "world": app.version.world,
                 "replicas": node.supervisor.replicas(&app.version.name).len(),
+                "replicas_on_other_nodes": other_replicas(&node, &app.version.name),
                 "queue": node.dispatch.counts(&app.version.name),
             })
         })
@@ -141,6 +142,7 @@ fn describe(node: &Node, app: &App) -> Value {
         "callback_secret": app.version.callback_secret,
         "config": app.config,
         "replicas": replicas,
+        "replicas_on_other_nodes": other_replicas(node, name),
         "queue": node.dispatch.counts(name),
         "avg_task_ms": avg_task_ms,
         "autoscaler": {
@@ -149,6 +151,13 @@ fn describe(node: &Node, app: &App) -> Value {
             "reason": decision.as_ref().map(|d| d.reason.clone()),
         },
     })
+}
+
+/// In a cluster, the replicas (starting or ready) other nodes run; `None`
+/// on a node of its own.
+fn other_replicas(node: &Node, name: &str) -> Option<u32> {
+    let cluster = node.cluster.as_ref()?;
+    cluster.queue.others_replicas(name).ok().map(|(_, all)| all)
 }
 
 pub(crate) async fn remove(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {

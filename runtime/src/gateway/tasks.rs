@@ -41,6 +41,8 @@ pub(super) fn app_of_world(node: &Node, name: &str, world: World) -> Result<App,
 /// autoscaler's loop once the replica it started turns out pending.)
 pub(super) fn refuse_without_capacity(node: &Node, name: &str) -> Result<(), ApiError> {
     match node.supervisor.no_capacity(name) {
+        // In a cluster another node's replicas may run it.
+        Some(_) if node.cluster.as_ref().is_some_and(|cluster| cluster.runs_elsewhere(name)) => Ok(()),
         Some(reason) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "NO_CAPACITY", no_capacity(name, &reason))),
         None => Ok(()),
     }

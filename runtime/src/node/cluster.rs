@@ -39,6 +39,11 @@ impl Cluster {
             .with_context(|| format!("failed to share app {name:?} with the other nodes"))
     }
 
+    /// Whether another node runs a replica of `name` (starting or ready).
+    pub(crate) fn runs_elsewhere(&self, name: &str) -> bool {
+        self.queue.others_replicas(name).is_ok_and(|(_, all)| all > 0)
+    }
+
     pub(crate) fn unpublish(&self, name: &str) -> Result<()> {
         self.queue.unpublish_app(name).with_context(|| format!("failed to remove app {name:?} for the other nodes"))
     }
