@@ -79,3 +79,19 @@ fn tasks_of_a_node_that_dies_are_run_by_another() {
     assert!(retried > 0, "tasks were running on the node that died");
     assert!(survivor.log().contains("a node stopped beating"), "{}", survivor.log());
 }
+
+#[test]
+fn a_gpu_app_called_on_a_node_without_a_gpu_runs_on_the_node_with_one() {
+    let Some(redis) = Redis::start() else { return };
+    let gpu = Server::start("cluster-gpu", &["--redis", &redis.url, "--gpu-backend", "cpu", "--gpus", "1"]);
+    let plain = node("cluster-plain", &redis);
+    let config = std::fs::read_to_string(examples().join("gpu-mlp").join("beamlet.toml")).unwrap();
+    gpu.deploy_guest("mlp", "gpu-mlp", Some(&config));
+    wait_for("the node without a GPU to learn of the app", Duration::from_secs(60), || {
+        knows(&plain, "mlp").then_some(())
+    });
+    let (status, body) = plain.invoke_json("mlp", r#"{"seed": 1}"#);
+    assert_eq!((status, body["backend"].as_str()), (200, Some("cpu")), "{body}");
+    assert!(plain.status("mlp")["replicas"].as_array().is_some_and(Vec::is_empty), "no replica where no GPU is");
+    assert!(plain.log().contains("this node runs no replica of the app"), "{}", plain.log());
+}
