@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::redis_server::TestRedis as Redis;
 use crate::support::*;
 
 fn node(name: &str, redis: &Redis) -> Server {

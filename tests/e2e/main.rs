@@ -6,6 +6,8 @@ mod cluster;
 mod gpu;
 mod http;
 mod queue;
+#[path = "../redis_server.rs"]
+mod redis_server;
 mod support;
 
 use std::collections::BTreeSet;

@@ -219,20 +219,9 @@ impl Queue for EmbeddedQueue {
         if queue.len() >= task.max_queued as usize {
             return Err(QueueError::Full { app: task.app, limit: task.max_queued });
         }
+        queue.push_back(task.id.clone());
+        let record = task.pending_record(now);
         let id = task.id;
-        queue.push_back(id.clone());
-        let record = TaskRecord {
-            id: id.clone(),
-            app: task.app,
-            status: TaskStatus::Pending,
-            attempts: 0,
-            created_at: now,
-            started_at: None,
-            ended_at: None,
-            error: None,
-            callback_url: task.callback_url,
-            durable: task.durable,
-        };
         let entry = Entry {
             record: record.clone(),
             input: task.input,
@@ -464,31 +453,15 @@ impl Queue for EmbeddedQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::{ScratchStore, new_task_id};
+    use crate::queue::{ScratchStore, new_task_id, sample_task, trapped};
 
     fn task(retries: u32) -> NewTask {
-        NewTask {
-            id: new_task_id(),
-            app: "a".into(),
-            input: Bytes::from_static(b"{}"),
-            retries,
-            timeout: Duration::from_secs(1),
-            ttl: Duration::from_secs(10),
-            result_ttl: Duration::from_secs(60),
-            max_result_size: 1024,
-            callback_url: None,
-            max_queued: 2,
-            durable: true,
-        }
+        sample_task(retries, 2)
     }
 
     /// Waits until everything `q` changed is on disk.
     fn synced(q: &EmbeddedQueue) {
         tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(q.sync()).unwrap();
-    }
-
-    fn trap() -> Finish {
-        Finish::Retryable(TaskError { code: ErrorCode::GuestTrap, message: "boom".into() })
     }
 
     #[test]
@@ -499,9 +472,9 @@ mod tests {
         let lease = q.lease("a", 1).unwrap();
         assert_eq!(lease.attempt, 1);
         assert_eq!(q.counts("a"), Counts { queued: 0, running: 1 });
-        assert_eq!(q.finish(&id, trap(), 2).unwrap().record.status, TaskStatus::Retry);
+        assert_eq!(q.finish(&id, trapped(), 2).unwrap().record.status, TaskStatus::Retry);
         assert_eq!(q.lease("a", 3).unwrap().attempt, 2);
-        let record = q.finish(&id, trap(), 4).unwrap().record;
+        let record = q.finish(&id, trapped(), 4).unwrap().record;
         assert_eq!((record.status, record.attempts), (TaskStatus::Failed, 2));
         assert_eq!(q.counts("a"), Counts::default());
         assert!(q.finish(&id, Finish::Complete(Bytes::new()), 5).is_none(), "an ended task stays ended");
@@ -596,7 +569,7 @@ mod tests {
         assert_eq!(q.get(&spent).unwrap().status, TaskStatus::Failed, "no retries left");
         assert_eq!(q.counts("a"), Counts { queued: 2, running: 0 });
         let next = q.lease("a", 101).unwrap();
-        assert_eq!((next.id.as_str(), next.attempt, next.input.as_ref()), (running.as_str(), 2, &b"{}"[..]));
+        assert_eq!((next.id.as_str(), next.attempt, next.input.as_ref()), (running.as_str(), 2, &br#"{"x":1}"#[..]));
         assert_eq!(q.lease("a", 102).unwrap().id, queued);
     }
 

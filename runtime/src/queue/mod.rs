@@ -162,6 +162,24 @@ pub(crate) struct NewTask {
     pub durable: bool,
 }
 
+impl NewTask {
+    /// The task as queued at `now`, before any run.
+    pub(crate) fn pending_record(&self, now: u64) -> TaskRecord {
+        TaskRecord {
+            id: self.id.clone(),
+            app: self.app.clone(),
+            status: TaskStatus::Pending,
+            attempts: 0,
+            created_at: now,
+            started_at: None,
+            ended_at: None,
+            error: None,
+            callback_url: self.callback_url.clone(),
+            durable: self.durable,
+        }
+    }
+}
+
 /// A task handed to a worker.
 #[derive(Debug, Clone)]
 pub(crate) struct Lease {
@@ -293,6 +311,31 @@ fn millis_since_epoch(t: std::time::SystemTime) -> u64 {
 
 pub(crate) fn new_task_id() -> TaskId {
     uuid::Uuid::now_v7().to_string()
+}
+
+/// A durable task of app `a` (tests of the stores): input `{"x":1}`, a 1 s
+/// timeout, a 10 s ttl, results kept 60 s.
+#[cfg(test)]
+pub(crate) fn sample_task(retries: u32, max_queued: u32) -> NewTask {
+    NewTask {
+        id: new_task_id(),
+        app: "a".into(),
+        input: Bytes::from_static(b"{\"x\":1}"),
+        retries,
+        timeout: Duration::from_secs(1),
+        ttl: Duration::from_secs(10),
+        result_ttl: Duration::from_secs(60),
+        max_result_size: 1024,
+        callback_url: None,
+        max_queued,
+        durable: true,
+    }
+}
+
+/// A run that trapped (retried while attempts remain).
+#[cfg(test)]
+pub(crate) fn trapped() -> Finish {
+    Finish::Retryable(TaskError { code: ErrorCode::GuestTrap, message: "boom".into() })
 }
 
 /// A task store file in a fresh directory of its own, removed when dropped

@@ -229,18 +229,7 @@ impl Queue for RedisQueue {
         if added.as_int() == Some(0) {
             return Err(QueueError::Full { app: task.app, limit: task.max_queued });
         }
-        Ok(TaskRecord {
-            id: task.id,
-            app: task.app,
-            status: TaskStatus::Pending,
-            attempts: 0,
-            created_at: now,
-            started_at: None,
-            ended_at: None,
-            error: None,
-            callback_url: task.callback_url,
-            durable: task.durable,
-        })
+        Ok(task.pending_record(now))
     }
 
     fn lease(&self, app: &str, now: u64) -> Option<Lease> {
@@ -418,75 +407,18 @@ fn lease(app: &str, reply: Reply) -> Option<Lease> {
     Some(Lease { id, app: app.to_owned(), input, attempt, timeout, max_result_size })
 }
 
-/// A throwaway `redis-server` on a free loopback port, stopped when dropped.
 #[cfg(test)]
-pub(crate) struct TestRedis {
-    child: std::process::Child,
-    pub url: String,
-}
-
-#[cfg(test)]
-impl TestRedis {
-    /// `None` (said loudly) where no `redis-server` is installed, unless
-    /// `REQUIRE_REDIS=1` or `CI` is set: then that fails the test.
-    pub(crate) fn start() -> Option<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
-        let spawned = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn();
-        let child = match spawned {
-            Ok(child) => child,
-            Err(e) => {
-                let required = std::env::var_os("REQUIRE_REDIS").is_some() || std::env::var_os("CI").is_some();
-                assert!(!required, "redis-server could not start ({e}); install it (apt-get install redis-server)");
-                eprintln!("no redis-server: Redis tests skipped ({e})");
-                return None;
-            }
-        };
-        let url = format!("redis://127.0.0.1:{port}");
-        let parsed = RedisUrl::parse(&url).unwrap();
-        for _ in 0..200 {
-            if resp::Conn::open(&parsed, None).and_then(|mut conn| conn.call(&[b"PING"])).is_ok() {
-                return Some(Self { child, url });
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!("redis-server on port {port} did not answer");
-    }
-}
-
-#[cfg(test)]
-impl Drop for TestRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+#[path = "../../../../tests/redis_server.rs"]
+mod redis_server;
 
 #[cfg(test)]
 mod tests {
+    use super::redis_server::TestRedis;
     use super::*;
-    use crate::queue::new_task_id;
+    use crate::queue::{sample_task, trapped};
 
     fn task(retries: u32) -> NewTask {
-        NewTask {
-            id: new_task_id(),
-            app: "a".into(),
-            input: Bytes::from_static(b"{\"x\":1}"),
-            retries,
-            timeout: Duration::from_secs(1),
-            ttl: Duration::from_secs(10),
-            result_ttl: Duration::from_secs(60),
-            max_result_size: 1024,
-            callback_url: None,
-            max_queued: 3,
-            durable: true,
-        }
-    }
-
-    fn trap() -> Finish {
-        Finish::Retryable(TaskError { code: ErrorCode::GuestTrap, message: "boom".into() })
+        sample_task(retries, 3)
     }
 
     fn node(redis: &TestRedis, name: &str) -> RedisQueue {
@@ -503,9 +435,9 @@ mod tests {
         assert_eq!((lease.id.as_str(), lease.attempt, lease.input.as_ref()), (id.as_str(), 1, &b"{\"x\":1}"[..]));
         assert_eq!((lease.timeout, lease.max_result_size), (Duration::from_secs(1), 1024));
         assert_eq!(q.counts("a"), Counts { queued: 0, running: 1 });
-        assert_eq!(q.finish(&id, trap(), 2).unwrap().record.status, TaskStatus::Retry);
+        assert_eq!(q.finish(&id, trapped(), 2).unwrap().record.status, TaskStatus::Retry);
         assert_eq!(q.lease("a", 3).unwrap().attempt, 2);
-        let record = q.finish(&id, trap(), 4).unwrap().record;
+        let record = q.finish(&id, trapped(), 4).unwrap().record;
         assert_eq!((record.status, record.attempts), (TaskStatus::Failed, 2));
         assert_eq!(record.error.unwrap().code, ErrorCode::GuestTrap);
         assert_eq!(q.counts("a"), Counts::default());
@@ -579,7 +511,7 @@ mod tests {
         hooked.callback_url = Some("http://127.0.0.1:9/hook".into());
         let hooked = q.enqueue(hooked, 0).unwrap().id;
         assert_eq!(q.lease("a", 1).unwrap().id, waiting);
-        q.finish(&waiting, trap(), 2).unwrap();
+        q.finish(&waiting, trapped(), 2).unwrap();
         // `waiting` is a retry now, first in line: ttl no longer applies to it.
         assert_eq!(q.lease("a", 3).unwrap().id, waiting);
         q.release(&waiting).unwrap();
