@@ -78,7 +78,7 @@ fn tasks_of_a_node_that_dies_are_run_by_another() {
         retried += usize::from(attempts == 2);
     }
     assert!(retried > 0, "tasks were running on the node that died");
-    assert!(survivor.log().contains("a node stopped beating"), "{}", survivor.log());
+    assert!(survivor.log().contains("a node left or stopped beating"), "{}", survivor.log());
 }
 
 #[test]

@@ -112,7 +112,7 @@ impl RedisQueue {
             let Some(one) = self.reap(&node, now, false)? else { continue };
             tracing::warn!(
                 node = %node, retried = one.retried, failed = one.ended.len(), callbacks = one.callbacks.len(),
-                "a node stopped beating: its running tasks are queued again (failed: their retries were spent), \
+                "a node left or stopped beating: its running tasks are queued again (failed: their retries were spent), \
                  its calls cancelled, its pending callbacks delivered from here"
             );
             reaped.ended.extend(one.ended);
