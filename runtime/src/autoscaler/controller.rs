@@ -1,13 +1,14 @@
 //! The control loop: every second, and at once when a task is queued (a cold
 //! app must not wait for a tick), each app is sampled and scaled.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::policy::{self, Placement};
+use super::policy;
 use crate::gateway::no_capacity;
 use crate::metrics::Metrics;
-use crate::queue::{Dispatch, RedisQueue};
+use crate::queue::{Dispatch, Elsewhere, RedisQueue};
 use crate::supervisor::Supervisor;
 
 const TICK: Duration = Duration::from_secs(1);
@@ -25,6 +26,8 @@ pub(crate) async fn run(
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_capacity_check = Instant::now();
+    // Apps whose scale-up waits for senior nodes, since when.
+    let mut deferred: HashMap<String, Instant> = HashMap::new();
     loop {
         let demand = dispatch.demand();
         tokio::pin!(demand);
@@ -37,38 +40,46 @@ pub(crate) async fn run(
         }
         for name in apps {
             let counts = dispatch.counts(&name);
-            let (senior, elsewhere) = match &cluster {
+            let elsewhere = match &cluster {
                 Some(cluster) => cluster
-                    .others_replicas(&name)
+                    .elsewhere(&name)
                     .inspect_err(|e| tracing::warn!(app = %name, "failed to read other nodes' replicas: {e}"))
                     .unwrap_or_default(),
-                None => (0, 0),
+                None => Elsewhere::default(),
             };
             // A call queued while its app had no replica, whose new replica
             // then found no room (here or on any other node), would wait
             // until its ttl: refuse it.
             if check_capacity
                 && counts.queued > 0
-                && elsewhere == 0
+                && elsewhere.all == 0
                 && let Some(reason) = supervisor.no_capacity(&name)
             {
                 dispatch.refuse_calls(&name, no_capacity(&name, &reason));
             }
             let Some((mut sample, config)) = supervisor.sample(&name, counts) else { continue };
-            sample.elsewhere = senior;
-            if let Some(cluster) = &cluster {
-                let live =
-                    sample.replicas.iter().filter(|r| matches!(r.placement, Placement::Starting | Placement::Ready));
-                let _ = cluster
-                    .set_replicas(&name, live.count() as u64)
-                    .inspect_err(|e| tracing::warn!(app = %name, "failed to record this node's replicas: {e}"));
-            }
+            sample.elsewhere = elsewhere.senior;
             let decision = policy::decide(&sample, &config, Instant::now());
+            // Nodes senior to this one start what they lack at once, and say
+            // so within a tick: a scale-up here waits that tick, so that two
+            // nodes do not both start the replicas one of them needed.
+            if decision.start > 0 && elsewhere.senior_nodes > 0 {
+                let since = *deferred.entry(name.clone()).or_insert_with(Instant::now);
+                if since.elapsed() < TICK {
+                    continue;
+                }
+            }
+            deferred.remove(&name);
             if decision.start > 0 || !decision.stop.is_empty() {
                 tracing::info!(app = %name, desired = decision.desired, "scaling: {}", decision.reason);
                 metrics.scaled(&name, decision.start, decision.stop.len() as u32);
             }
             supervisor.apply(&name, decision);
+            if let Some(cluster) = &cluster {
+                let _ = cluster
+                    .set_replicas(&name, supervisor.serving_replicas(&name))
+                    .inspect_err(|e| tracing::warn!(app = %name, "failed to record this node's replicas: {e}"));
+            }
         }
         let evaluated = tokio::time::Instant::now();
         tokio::select! {

@@ -157,7 +157,7 @@ fn describe(node: &Node, app: &App) -> Value {
 /// on a node of its own.
 fn other_replicas(node: &Node, name: &str) -> Option<u32> {
     let cluster = node.cluster.as_ref()?;
-    cluster.queue.others_replicas(name).ok().map(|(_, all)| all)
+    cluster.queue.elsewhere(name).ok().map(|elsewhere| elsewhere.all)
 }
 
 pub(crate) async fn remove(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {

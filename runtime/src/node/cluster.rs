@@ -41,7 +41,7 @@ impl Cluster {
 
     /// Whether another node runs a replica of `name` (starting or ready).
     pub(crate) fn runs_elsewhere(&self, name: &str) -> bool {
-        self.queue.others_replicas(name).is_ok_and(|(_, all)| all > 0)
+        self.queue.elsewhere(name).is_ok_and(|elsewhere| elsewhere.all > 0)
     }
 
     pub(crate) fn unpublish(&self, name: &str) -> Result<()> {
@@ -187,6 +187,8 @@ pub(crate) fn run_here(node: &Node, app: &App) {
         Err(e) => {
             tracing::info!(app = %app.version.name, "this node runs no replica of the app (other nodes do): {e}");
             node.supervisor.remove(&app.version.name);
+            let cluster = node.cluster.as_ref().expect("a cluster node");
+            let _ = cluster.queue.clear_replicas(&app.version.name);
         }
     }
 }

@@ -200,6 +200,12 @@ impl Supervisor {
             .collect()
     }
 
+    /// Replicas of `name` starting or ready (what other nodes count).
+    pub(crate) fn serving_replicas(&self, name: &str) -> u64 {
+        let replicas = self.replicas(name);
+        replicas.iter().filter(|r| matches!(r.state, ReplicaState::Starting | ReplicaState::Ready)).count() as u64
+    }
+
     /// Why no replica of `name` can run a call now: it has replicas and every
     /// one waits for capacity (a GPU, cores, memory). `None` when one runs,
     /// starts or drains, or when it has none yet (the autoscaler starts one).

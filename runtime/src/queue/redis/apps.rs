@@ -4,7 +4,7 @@
 //! announced on the event channel as `d {name}`.
 
 use super::RedisQueue;
-use super::resp::{RedisError, Reply};
+use super::resp::RedisError;
 
 impl RedisQueue {
     /// Records a new version of an app (its record as JSON) and its component.
@@ -55,32 +55,47 @@ impl RedisQueue {
         Ok(self.client.call(&[b"GET", key.as_bytes()])?.into_bytes())
     }
 
-    /// Replicas of `app` other live nodes run: (those of nodes senior to
-    /// this one, whose ids sort first; all).
-    pub(crate) fn others_replicas(&self, app: &str) -> Result<(u32, u32), RedisError> {
+    /// What the other live nodes run of `app`.
+    pub(crate) fn elsewhere(&self, app: &str) -> Result<Elsewhere, RedisError> {
         let key = format!("beamlet:replicas:{app}");
-        let (mut senior, mut all) = (0u32, 0u32);
+        let mut elsewhere = Elsewhere::default();
         let mut fields = self.client.call(&[b"HGETALL", key.as_bytes()])?.into_array().into_iter();
         while let (Some(node), Some(count)) = (fields.next(), fields.next()) {
             let Some(node) = node.into_string().filter(|node| node != self.node()) else { continue };
             let count = count.as_int().and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
-            all = all.saturating_add(count);
+            elsewhere.all = elsewhere.all.saturating_add(count);
             if node.as_str() < self.node() {
-                senior = senior.saturating_add(count);
+                elsewhere.senior = elsewhere.senior.saturating_add(count);
+                elsewhere.senior_nodes += 1;
             }
         }
-        Ok((senior, all))
+        Ok(elsewhere)
     }
 
-    /// Says how many replicas of `app` this node runs (0 removes the entry).
+    /// Says how many replicas of `app` this node runs (starting or ready;
+    /// 0 still says it runs the app).
     pub(crate) fn set_replicas(&self, app: &str, count: u64) -> Result<(), RedisError> {
         let key = format!("beamlet:replicas:{app}");
-        let reply = if count == 0 {
-            self.client.call(&[b"HDEL", key.as_bytes(), self.node().as_bytes()])?
-        } else {
-            self.client.call(&[b"HSET", key.as_bytes(), self.node().as_bytes(), count.to_string().as_bytes()])?
-        };
-        drop::<Reply>(reply);
+        self.client.call(&[b"HSET", key.as_bytes(), self.node().as_bytes(), count.to_string().as_bytes()])?;
         Ok(())
     }
+
+    /// This node no longer runs `app`.
+    pub(crate) fn clear_replicas(&self, app: &str) -> Result<(), RedisError> {
+        let key = format!("beamlet:replicas:{app}");
+        self.client.call(&[b"HDEL", key.as_bytes(), self.node().as_bytes()])?;
+        Ok(())
+    }
+}
+
+/// What other nodes of a cluster run of one app.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Elsewhere {
+    /// Replicas (starting or ready) on nodes senior to this one (whose ids
+    /// sort first).
+    pub senior: u32,
+    /// Replicas on every other node.
+    pub all: u32,
+    /// Senior nodes that run the app at all (with replicas or none now).
+    pub senior_nodes: u32,
 }

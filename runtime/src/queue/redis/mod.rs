@@ -16,6 +16,7 @@ use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+pub(crate) use self::apps::Elsewhere;
 pub(crate) use self::events::{AppsChanged, Event, spawn as spawn_cluster};
 use self::resp::{Client, RedisError, RedisUrl, Reply};
 use self::scripts as lua;
