@@ -294,6 +294,23 @@ mod tests {
     }
 
     #[test]
+    fn a_node_adds_only_what_senior_nodes_lack_and_its_idle_surplus_goes() {
+        let config = queue_depth(3, 3, 0);
+        let t0 = Instant::now();
+        let mut sample = load(9, 0, 1, None);
+        sample.elsewhere = 2;
+        let decision = decide(&sample, &config, t0);
+        assert_eq!((decision.desired, decision.start), (3, 1), "{}", decision.reason);
+        assert!(decision.reason.contains("2 replicas on other nodes -> 1 here"), "{}", decision.reason);
+        // Seniors cover it all: this node's busy replica stays, its idle one
+        // goes after keep_warm.
+        sample.elsewhere = 3;
+        sample.replicas = vec![replica("busy", Placement::Ready, 1, None), idle("idle", t0)];
+        let decision = decide(&sample, &config, t0 + 11 * SECOND);
+        assert_eq!((decision.start, decision.stop.as_slice()), (0, &["idle".to_owned()][..]), "{}", decision.reason);
+    }
+
+    #[test]
     fn queue_depth_seed_adds_a_replica_per_three_tasks_up_to_three() {
         let config = queue_depth(3, 3, 0);
         let got: Vec<u32> = (1..=12).map(|n| desired(&load(n, 0, 1, None), &config).0).collect();
