@@ -177,21 +177,21 @@ impl Registry {
 
     /// Validates, compiles and records a new version of `name`. Blocking:
     /// compiling a component takes a while.
-    /// `node`: the cores and memory replicas may reserve on this node;
     /// `unfinished`: the app's queued and running tasks, which a new version
     /// of another world could not run.
+    /// `fits`: whether a node (this one, or one of its cluster) can run
+    /// the app's replicas, see [`fits_node`].
     pub(crate) fn deploy(
         &self,
         name: &str,
         wasm: &[u8],
         config_toml: &str,
-        node: Demand,
-        gpus: &Gpus,
+        fits: impl Fn(&AppConfig) -> Result<(), DeployError>,
         unfinished: u64,
     ) -> Result<App, DeployError> {
         validate_name(name)?;
         let config = config::parse(config_toml)?;
-        fits_node(&config, node, gpus)?;
+        fits(&config)?;
         check_header(wasm)?;
         let digest = hex(&Sha256::digest(wasm));
         let compiled = self.compiled_path(&digest);

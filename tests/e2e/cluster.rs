@@ -87,10 +87,13 @@ fn a_gpu_app_called_on_a_node_without_a_gpu_runs_on_the_node_with_one() {
     let gpu = Server::start("cluster-gpu", &["--redis", &redis.url, "--gpu-backend", "cpu", "--gpus", "1"]);
     let plain = node("cluster-plain", &redis);
     let config = std::fs::read_to_string(examples().join("gpu-mlp").join("beamlet.toml")).unwrap();
-    gpu.deploy_guest("mlp", "gpu-mlp", Some(&config));
-    wait_for("the node without a GPU to learn of the app", Duration::from_secs(60), || {
-        knows(&plain, "mlp").then_some(())
-    });
+    // Deployed through the node without a GPU: the other one can run it.
+    plain.deploy_guest("mlp", "gpu-mlp", Some(&config));
+    wait_for("the GPU node to learn of the app", Duration::from_secs(60), || knows(&gpu, "mlp").then_some(()));
+    let h100 = config.replace(r#"gpu = "any""#, r#"gpu = "H100""#);
+    let refused = plain.deploy("mlp2", &std::fs::read(wasm("gpu-mlp")).unwrap(), Some(&h100));
+    let body: Value = refused.json().unwrap();
+    assert!(error_message(&body).contains("nor on any other node of the cluster"), "{body}");
     let (status, body) = plain.invoke_json("mlp", r#"{"seed": 1}"#);
     assert_eq!((status, body["backend"].as_str()), (200, Some("cpu")), "{body}");
     assert!(plain.status("mlp")["replicas"].as_array().is_some_and(Vec::is_empty), "no replica where no GPU is");

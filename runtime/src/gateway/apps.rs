@@ -10,9 +10,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, Payload, read_body};
+use crate::config::AppConfig;
 use crate::metrics::{AppGauges, DeviceGauges};
 use crate::node::{Cluster, Node};
-use crate::registry::{App, DeployError};
+use crate::registry::{self, App, DeployError};
 use crate::supervisor::ReplicaState;
 
 pub(crate) async fn deploy(
@@ -76,7 +77,13 @@ pub(crate) async fn deploy(
         let node = &registry_node;
         // In a cluster the new version is the cluster's before any sync runs.
         let _held = node.cluster.as_ref().map(Cluster::hold);
-        let app = node.registry.deploy(&name, &component, &config, node.capacity, &node.gpus, unfinished)?;
+        // In a cluster, another node may be the one to run it (a GPU app
+        // deployed through a node without a GPU).
+        let fits = |config: &AppConfig| match &node.cluster {
+            Some(cluster) => cluster.fits_some_node(config, node.capacity, &node.gpus),
+            None => registry::fits_node(config, node.capacity, &node.gpus),
+        };
+        let app = node.registry.deploy(&name, &component, &config, fits, unfinished)?;
         if let Some(cluster) = &node.cluster {
             cluster.publish(&app, &component)?;
         }
@@ -85,7 +92,7 @@ pub(crate) async fn deploy(
     .await
     .map_err(ApiError::internal)??;
     tracing::info!(app = %app.version.name, version = app.version.version, digest = %app.version.digest, "deployed");
-    node.supervisor.run(&app);
+    node.run_app(&app);
     let version = &app.version;
     let body = json!({
         "name": version.name,

@@ -8,10 +8,13 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak, mpsc};
 
 use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
 
 use super::Node;
+use crate::config::AppConfig;
 use crate::queue::{AppsChanged, RedisQueue};
-use crate::registry::{self, App, AppVersion};
+use crate::registry::{self, App, AppVersion, DeployError};
+use crate::supervisor::{Demand, Gpus};
 
 pub(crate) struct Cluster {
     pub queue: Arc<RedisQueue>,
@@ -44,9 +47,41 @@ impl Cluster {
         self.queue.elsewhere(name).is_ok_and(|elsewhere| elsewhere.all > 0)
     }
 
+    /// Whether this node or another of the cluster can run replicas of an
+    /// app with `config`; the error says why not, for this node and the rest.
+    pub(crate) fn fits_some_node(&self, config: &AppConfig, here: Demand, gpus: &Gpus) -> Result<(), DeployError> {
+        let Err(not_here) = registry::fits_node(config, here, gpus) else { return Ok(()) };
+        let others = self.queue.node_infos().map_err(|e| DeployError::Internal(e.into()))?;
+        let fits_elsewhere = others
+            .iter()
+            .filter(|(node, _)| node != self.queue.node())
+            .filter_map(|(_, info)| serde_json::from_slice::<NodeInfo>(info).ok())
+            .any(|info| registry::fits_node(config, info.capacity, &info.gpus).is_ok());
+        if fits_elsewhere {
+            return Ok(());
+        }
+        let why = not_here.to_string();
+        Err(match not_here {
+            DeployError::NoFittingGpu(_) => {
+                DeployError::NoFittingGpu(format!("{why} (nor on any other node of the cluster)"))
+            }
+            DeployError::TooBigForNode(_) => {
+                DeployError::TooBigForNode(format!("{why} (nor on any other node of the cluster)"))
+            }
+            other => other,
+        })
+    }
+
     pub(crate) fn unpublish(&self, name: &str) -> Result<()> {
         self.queue.unpublish_app(name).with_context(|| format!("failed to remove app {name:?} for the other nodes"))
     }
+}
+
+/// What a node tells the others about itself: what its replicas may use.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct NodeInfo {
+    pub capacity: Demand,
+    pub gpus: Gpus,
 }
 
 /// Starts the thread that applies app changes, and returns how to tell it.
@@ -79,6 +114,8 @@ pub(crate) fn app_sync(node: Weak<Node>, runtime: tokio::runtime::Handle) -> Res
 /// the node kept is dropped), then the node takes on the cluster's apps.
 pub(crate) fn join(node: &Node) -> Result<()> {
     let cluster = node.cluster.as_ref().expect("a cluster node");
+    let info = NodeInfo { capacity: node.capacity, gpus: node.gpus.clone() };
+    cluster.queue.advertise(serde_json::to_vec(&info)?)?;
     share_own_apps(node, cluster)?;
     sync(node, None);
     Ok(())

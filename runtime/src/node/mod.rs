@@ -64,6 +64,17 @@ pub(crate) struct Node {
     pub cluster: Option<Cluster>,
 }
 
+impl Node {
+    /// Starts the app's replicas (a new version replaces the old one's); in
+    /// a cluster, only if they fit this node.
+    pub(crate) fn run_app(&self, app: &crate::registry::App) {
+        match &self.cluster {
+            Some(_) => cluster::run_here(self, app),
+            None => self.supervisor.run(app),
+        }
+    }
+}
+
 /// What replicas are started from: this very binary, even after its file is
 /// replaced (an upgrade in place while the node runs), so a node and its
 /// replicas always speak the same frames.
@@ -180,10 +191,7 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     ));
     for app in node.registry.list() {
         tracing::info!(app = %app.version.name, version = app.version.version, "restoring app");
-        match &node.cluster {
-            Some(_) => cluster::run_here(&node, &app),
-            None => node.supervisor.run(&app),
-        }
+        node.run_app(&app);
     }
     if let Some(cluster) = &node.cluster {
         let apps = cluster::app_sync(Arc::downgrade(&node), tokio::runtime::Handle::current())?;

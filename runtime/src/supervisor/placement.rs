@@ -6,20 +6,21 @@
 
 use std::sync::Mutex;
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::config::format_size;
 use crate::ipc::{GpuBackendKind, GpuSpec};
 
 /// A replica's claim on the node.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Demand {
     pub cpu: f64,
     pub memory: u64,
 }
 
 /// A GPU of this node.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct NodeGpu {
     pub index: u32,
     pub name: String,
@@ -46,7 +47,7 @@ impl NodeGpu {
 }
 
 /// The node's GPUs and what backs them.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct Gpus {
     pub backend: Option<GpuBackendKind>,
     pub devices: Vec<NodeGpu>,

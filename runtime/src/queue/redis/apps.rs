@@ -72,6 +72,18 @@ impl RedisQueue {
         Ok(elsewhere)
     }
 
+    /// Every node's description (`advertise`), as JSON, by node id.
+    pub(crate) fn node_infos(&self) -> Result<Vec<(String, Vec<u8>)>, RedisError> {
+        let mut fields = self.client.call(&[b"HGETALL", b"beamlet:node-info"])?.into_array().into_iter();
+        let mut infos = Vec::new();
+        while let (Some(node), Some(info)) = (fields.next(), fields.next()) {
+            if let (Some(node), Some(info)) = (node.into_string(), info.into_bytes()) {
+                infos.push((node, info));
+            }
+        }
+        Ok(infos)
+    }
+
     /// Says how many replicas of `app` this node runs (starting or ready;
     /// 0 still says it runs the app).
     pub(crate) fn set_replicas(&self, app: &str, count: u64) -> Result<(), RedisError> {

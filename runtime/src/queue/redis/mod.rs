@@ -35,6 +35,8 @@ pub(crate) struct RedisQueue {
     node: String,
     /// Set once the node has left ([`RedisQueue::leave`]): no more heartbeats.
     left: std::sync::atomic::AtomicBool,
+    /// What this node tells the others about itself (JSON), with each beat.
+    info: std::sync::Mutex<Vec<u8>>,
 }
 
 /// Ended tasks and undelivered callbacks a node took over from a dead one.
@@ -59,7 +61,7 @@ impl RedisQueue {
         let version = info.lines().find_map(|line| line.strip_prefix("redis_version:")).unwrap_or("0");
         let major: u32 = version.split('.').next().and_then(|major| major.parse().ok()).unwrap_or(0);
         anyhow::ensure!(major >= 5, "Redis at {} is version {version}; beamlet needs 5 or later", url.addr);
-        let queue = Self { client, node, left: Default::default() };
+        let queue = Self { client, node, left: Default::default(), info: Default::default() };
         let reaped = queue.reap(&queue.node, now, true).context("failed to recover this node's tasks from Redis")?;
         if let Some(reaped) = reaped.filter(|r| r.retried + r.ended.len() as u64 > 0) {
             tracing::info!(
@@ -94,7 +96,18 @@ impl RedisQueue {
         let key = format!("beamlet:node:{}", self.node);
         self.client.call(&[b"SET", key.as_bytes(), b"1", b"PX", ttl.as_bytes()])?;
         self.client.call(&[b"SADD", b"beamlet:nodes", self.node.as_bytes()])?;
+        let info = self.info.lock().unwrap().clone();
+        if !info.is_empty() {
+            self.client.call(&[b"HSET", b"beamlet:node-info", self.node.as_bytes(), &info])?;
+        }
         Ok(())
+    }
+
+    /// Sets what this node tells the others about itself (what it can run),
+    /// and says it now.
+    pub(crate) fn advertise(&self, info: Vec<u8>) -> Result<(), RedisError> {
+        *self.info.lock().unwrap() = info;
+        self.heartbeat()
     }
 
     /// A clean exit: the other nodes take over what is left at once, not

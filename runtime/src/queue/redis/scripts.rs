@@ -334,7 +334,10 @@ end
 for _, app in ipairs(redis.call('HKEYS', P .. 'apps')) do
   redis.call('HDEL', P .. 'replicas:' .. app, node)
 end
-if node ~= me then redis.call('SREM', P .. 'nodes', node) end
+if node ~= me then
+  redis.call('SREM', P .. 'nodes', node)
+  redis.call('HDEL', P .. 'node-info', node)
+end
 return {ended, adopted, retried}
 "#
 );
