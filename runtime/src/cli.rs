@@ -348,6 +348,9 @@ async fn run(command: Command) -> Result<()> {
             if memory == Some(0) {
                 bail!("--memory must be more than 0: replicas reserve memory from it");
             }
+            if let Some(url) = &redis {
+                crate::queue::RedisQueue::check_url(url)?;
+            }
             let gpus = crate::node::discover_gpus(gpu_backend, gpus, cpu_gpu_memory)?;
             let machine = crate::supervisor::Capacity::of_this_machine();
             let capacity = crate::supervisor::Demand {
@@ -358,9 +361,6 @@ async fn run(command: Command) -> Result<()> {
                 max_component: usize::try_from(max_component_size).context("--max-component-size is too large")?,
                 max_input: usize::try_from(max_input_size).context("--max-input-size is too large")?,
             };
-            if let Some(url) = &redis {
-                crate::queue::RedisQueue::check_url(url)?;
-            }
             crate::node::serve(ServeOptions { listen, data_dir, limits, capacity, gpus, shutdown_grace, redis }).await
         }
         Command::Deploy { wasm, name, config, server } => {

@@ -55,8 +55,8 @@ impl RedisQueue {
     /// when it last stopped (retried, as the embedded queue does on start).
     pub(crate) fn open(url: &str, node: String, now: u64) -> Result<Self> {
         let url = RedisUrl::parse(url).map_err(anyhow::Error::msg)?;
-        let client =
-            Client::connect(url.clone()).with_context(|| format!("failed to connect to Redis at {}", url.addr))?;
+        let client = Client::connect(url.clone())
+            .map_err(|e| anyhow::anyhow!("{e}; is a Redis server listening there (--redis)?"))?;
         let info = client.call(&[b"INFO", b"server"])?.into_string().unwrap_or_default();
         let version = info.lines().find_map(|line| line.strip_prefix("redis_version:")).unwrap_or("0");
         let major: u32 = version.split('.').next().and_then(|major| major.parse().ok()).unwrap_or(0);

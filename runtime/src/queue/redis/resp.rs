@@ -97,8 +97,8 @@ impl Reply {
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum RedisError {
-    #[error("failed to reach Redis at {addr}: {source}")]
-    Io { addr: String, source: std::io::Error },
+    #[error("failed to reach Redis at {addr}: {error}")]
+    Io { addr: String, error: std::io::Error },
     /// The server answered with an error.
     #[error("Redis answered: {0}")]
     Server(String),
@@ -115,7 +115,7 @@ pub(crate) struct Conn {
 
 impl Conn {
     pub(crate) fn open(url: &RedisUrl, read_timeout: Option<Duration>) -> Result<Self, RedisError> {
-        let io = |source| RedisError::Io { addr: url.addr.clone(), source };
+        let io = |error| RedisError::Io { addr: url.addr.clone(), error };
         // A bounded connect: an unreachable server must not hold a caller
         // for the system's SYN timeout (minutes).
         let addrs = std::net::ToSocketAddrs::to_socket_addrs(&url.addr).map_err(io)?;
@@ -148,8 +148,8 @@ impl Conn {
         Ok(conn)
     }
 
-    fn io(&self, source: std::io::Error) -> RedisError {
-        RedisError::Io { addr: self.addr.clone(), source }
+    fn io(&self, error: std::io::Error) -> RedisError {
+        RedisError::Io { addr: self.addr.clone(), error }
     }
 
     pub(crate) fn send(&mut self, args: &[&[u8]]) -> Result<(), RedisError> {
@@ -255,7 +255,7 @@ impl Client {
             None => Conn::open(&self.url, Some(IO_TIMEOUT))?,
         };
         let mut result = f(&mut conn);
-        if reused && matches!(&result, Err(RedisError::Io { source, .. }) if closed(source)) {
+        if reused && matches!(&result, Err(RedisError::Io { error, .. }) if closed(error)) {
             conn = Conn::open(&self.url, Some(IO_TIMEOUT))?;
             result = f(&mut conn);
         }
