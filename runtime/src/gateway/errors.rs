@@ -141,7 +141,7 @@ impl From<QueueError> for ApiError {
             QueueError::Full { .. } => Self::new(StatusCode::TOO_MANY_REQUESTS, "QUEUE_FULL", error.to_string()),
             QueueError::UnknownTask(id) => Self::unknown_task(id),
             QueueError::AlreadyEnded { .. } => Self::new(StatusCode::CONFLICT, "ALREADY_ENDED", error.to_string()),
-            QueueError::Store | QueueError::Backend(_) => {
+            QueueError::Store | QueueError::Backend(_) | QueueError::Lost(_) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "STORE_FAILED", error.to_string())
             }
             QueueError::ShuttingDown => Self::new(StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN", error.to_string()),

@@ -2,7 +2,7 @@
 //! here for results, and cancellations are routed to the replica running
 //! the task.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +28,8 @@ pub(crate) struct Dispatch {
     callbacks: mpsc::UnboundedSender<(TaskRecord, Option<Bytes>)>,
     /// Set when the node shuts down ([`Dispatch::close`]).
     closing: watch::Sender<bool>,
+    /// Waited-on tasks the shared store did not have at the last resync.
+    missing: Mutex<HashSet<TaskId>>,
 }
 
 impl Dispatch {
@@ -46,6 +48,7 @@ impl Dispatch {
             demand: Notify::new(),
             callbacks,
             closing: watch::Sender::new(false),
+            missing: Mutex::default(),
         };
         (dispatch, ended)
     }
@@ -130,8 +133,9 @@ impl Dispatch {
             self.waiters.lock().unwrap().remove(&id);
             return Err(e);
         }
-        // The sender is dropped unanswered only if the task vanished.
-        rx.await.map_err(|_| QueueError::UnknownTask(id))
+        // The sender is dropped unanswered only if the task vanished: a
+        // shared store that lost its data.
+        rx.await.map_err(|_| QueueError::Lost(id))
     }
 
     /// Cancels task `id` when the guard drops before [`CancelOnDrop::disarm`]:
@@ -270,9 +274,23 @@ impl Dispatch {
                 }
                 self.demand.notify_waiters();
                 let waited: Vec<TaskId> = self.waiters.lock().unwrap().keys().cloned().collect();
+                let mut missing = HashSet::new();
                 for id in waited {
-                    self.answer_waiters(&id);
+                    match self.queue.get(&id) {
+                        Some(record) => self.answer_with(record),
+                        None => {
+                            missing.insert(id);
+                        }
+                    }
                 }
+                // Gone from the store at two looks in a row (a call
+                // registers its waiter just before queuing): the store lost
+                // it, and its callers are told so rather than left waiting.
+                let mut missing_before = self.missing.lock().unwrap();
+                for id in missing.intersection(&missing_before) {
+                    self.waiters.lock().unwrap().remove(id);
+                }
+                *missing_before = missing;
             }
         }
     }
@@ -283,9 +301,19 @@ impl Dispatch {
         if !self.waiters.lock().unwrap().contains_key(id) {
             return;
         }
-        let Some(record) = self.queue.get(id).filter(|record| record.status.is_terminal()) else { return };
+        if let Some(record) = self.queue.get(id) {
+            self.answer_with(record);
+        }
+    }
+
+    /// [`Dispatch::answer_waiters`] with the task as just read.
+    fn answer_with(&self, record: TaskRecord) {
+        if !record.status.is_terminal() {
+            return;
+        }
+        let id = record.id.clone();
         let ended = self.ended(record);
-        let waiters = self.waiters.lock().unwrap().remove(id).unwrap_or_default();
+        let waiters = self.waiters.lock().unwrap().remove(&id).unwrap_or_default();
         // Empty: the ending (here) answered them meanwhile, and forgets.
         if waiters.is_empty() {
             return;
@@ -294,7 +322,7 @@ impl Dispatch {
             let _ = waiter.send(ended.clone());
         }
         if !ended.record.durable {
-            self.queue.forget(id);
+            self.queue.forget(&id);
         }
     }
 

@@ -37,6 +37,8 @@ pub(crate) struct RedisQueue {
     left: std::sync::atomic::AtomicBool,
     /// What this node tells the others about itself (JSON), with each beat.
     info: std::sync::Mutex<Vec<u8>>,
+    /// When a failure was last logged, and how many since were not.
+    last_failure_log: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
 }
 
 /// Ended tasks and undelivered callbacks a node took over from a dead one.
@@ -61,7 +63,13 @@ impl RedisQueue {
         let version = info.lines().find_map(|line| line.strip_prefix("redis_version:")).unwrap_or("0");
         let major: u32 = version.split('.').next().and_then(|major| major.parse().ok()).unwrap_or(0);
         anyhow::ensure!(major >= 5, "Redis at {} is version {version}; beamlet needs 5 or later", url.addr);
-        let queue = Self { client, node, left: Default::default(), info: Default::default() };
+        let queue = Self {
+            client,
+            node,
+            left: Default::default(),
+            info: Default::default(),
+            last_failure_log: Default::default(),
+        };
         let reaped = queue.reap(&queue.node, now, true).context("failed to recover this node's tasks from Redis")?;
         if let Some(reaped) = reaped.filter(|r| r.retried + r.ended.len() as u64 > 0) {
             tracing::info!(
@@ -155,9 +163,30 @@ impl RedisQueue {
         Ok(Some(Reaped { ended: ended.into_iter().filter_map(record).collect(), callbacks, retried }))
     }
 
+    /// Logs a failed call, at most once a second (an outage fails every
+    /// call: thousands a second under load), with how many went unsaid.
+    fn log_failure(&self, what: &str, error: &RedisError) {
+        let mut last = self.last_failure_log.lock().unwrap();
+        let (said, unsaid) = &mut *last;
+        if said.is_some_and(|said| said.elapsed() < Duration::from_secs(1)) {
+            *unsaid += 1;
+            return;
+        }
+        let more = std::mem::take(unsaid);
+        *said = Some(std::time::Instant::now());
+        drop(last);
+        if more > 0 {
+            tracing::error!(
+                "failed to {what} in Redis: {error} ({more} more failed calls since the last such message)"
+            );
+        } else {
+            tracing::error!("failed to {what} in Redis: {error}");
+        }
+    }
+
     /// Logs a failed call; the interface's answer is then "nothing".
     fn logged<T>(&self, what: &str, result: Result<T, RedisError>) -> Option<T> {
-        result.inspect_err(|e| tracing::error!("failed to {what} in Redis: {e}")).ok()
+        result.inspect_err(|e| self.log_failure(what, e)).ok()
     }
 
     fn eval(&self, what: &str, script: &resp::Script, args: &[&[u8]]) -> Option<Reply> {
@@ -237,7 +266,7 @@ impl Queue for RedisQueue {
             args.extend_from_slice(&[b"callback_url", url.as_bytes()]);
         }
         let added = self.client.eval(&lua::ENQUEUE, &args).map_err(|e| {
-            tracing::error!("failed to queue a task in Redis: {e}");
+            self.log_failure("queue a task", &e);
             QueueError::Backend(e.to_string())
         })?;
         if added.as_int() == Some(0) {
