@@ -99,3 +99,29 @@ fn a_gpu_app_called_on_a_node_without_a_gpu_runs_on_the_node_with_one() {
     assert!(plain.status("mlp")["replicas"].as_array().is_some_and(Vec::is_empty), "no replica where no GPU is");
     assert!(plain.log().contains("this node runs no replica of the app"), "{}", plain.log());
 }
+
+#[test]
+fn a_call_whose_task_redis_lost_is_told_so_and_the_apps_come_back() {
+    let Some(redis) = Redis::start() else { return };
+    let server = node("cluster-lost", &redis);
+    server.deploy_guest("sleep", "sleep", None);
+    wait_for("a ready replica", Duration::from_secs(60), || (!server.ready_pids("sleep").is_empty()).then_some(()));
+    std::thread::scope(|scope| {
+        let call = scope.spawn(|| server.invoke_json("sleep", r#"{"ms":3000}"#));
+        wait_for("the call to run", Duration::from_secs(60), || {
+            (server.status("sleep")["queue"]["running"] == 1).then_some(())
+        });
+        // Redis loses everything, as a restart without persistence would.
+        let addr = redis.url.trim_start_matches("redis://");
+        let mut conn = std::net::TcpStream::connect(addr).unwrap();
+        std::io::Write::write_all(&mut conn, b"FLUSHALL\r\n").unwrap();
+        let (status, body) = call.join().unwrap();
+        assert_eq!((status, error_code(&body)), (503, "STORE_FAILED"), "{body}");
+        assert!(error_message(&body).contains("lost task"), "{body}");
+    });
+    // The node shares its apps again; calls work.
+    wait_for("the app to be served again", Duration::from_secs(60), || {
+        let (status, body) = server.invoke_json("sleep", r#"{"ms":1}"#);
+        (status == 200).then_some(body)
+    });
+}
