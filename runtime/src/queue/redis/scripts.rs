@@ -317,6 +317,8 @@ for _, id in ipairs(redis.call('SMEMBERS', ck)) do
   local status = redis.call('HGET', tkey(id), 'status')
   if status and not terminal(status) then
     finish(id, 'CANCELLED', 'CANCELLED', 'the node that took the call stopped before it ended', now, me)
+    -- Running on another node: stop it there.
+    if status == 'RUNNING' then redis.call('PUBLISH', P .. 'events', 'c ' .. id) end
   end
   redis.call('DEL', tkey(id))
   redis.call('ZREM', P .. 'ended', id)
