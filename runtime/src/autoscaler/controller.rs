@@ -28,6 +28,8 @@ pub(crate) async fn run(
     let mut last_capacity_check = Instant::now();
     // Apps whose scale-up waits for senior nodes, since when.
     let mut deferred: HashMap<String, Instant> = HashMap::new();
+    // Apps with calls queued and no replica anywhere to run them, since when.
+    let mut starved: HashMap<String, Instant> = HashMap::new();
     loop {
         let demand = dispatch.demand();
         tokio::pin!(demand);
@@ -49,13 +51,20 @@ pub(crate) async fn run(
             };
             // A call queued while its app had no replica, whose new replica
             // then found no room (here or on any other node), would wait
-            // until its ttl: refuse it.
-            if check_capacity
-                && counts.queued > 0
-                && elsewhere.all == 0
-                && let Some(reason) = supervisor.no_capacity(&name)
-            {
-                dispatch.refuse_calls(&name, no_capacity(&name, &reason));
+            // until its ttl: refuse it. Other nodes that run the app get two
+            // ticks to start one first (a junior node waits one, see below).
+            if check_capacity {
+                match supervisor.no_capacity(&name).filter(|_| counts.queued > 0 && elsewhere.all == 0) {
+                    Some(reason) => {
+                        let since = *starved.entry(name.clone()).or_insert_with(Instant::now);
+                        if elsewhere.nodes == 0 || since.elapsed() >= 2 * TICK {
+                            dispatch.refuse_calls(&name, no_capacity(&name, &reason));
+                        }
+                    }
+                    None => {
+                        starved.remove(&name);
+                    }
+                }
             }
             let Some((mut sample, config)) = supervisor.sample(&name, counts) else { continue };
             sample.elsewhere = elsewhere.senior;

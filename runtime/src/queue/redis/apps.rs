@@ -64,6 +64,7 @@ impl RedisQueue {
             let Some(node) = node.into_string().filter(|node| node != self.node()) else { continue };
             let count = count.as_int().and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
             elsewhere.all = elsewhere.all.saturating_add(count);
+            elsewhere.nodes += 1;
             if node.as_str() < self.node() {
                 elsewhere.senior = elsewhere.senior.saturating_add(count);
                 elsewhere.senior_nodes += 1;
@@ -110,4 +111,6 @@ pub(crate) struct Elsewhere {
     pub all: u32,
     /// Senior nodes that run the app at all (with replicas or none now).
     pub senior_nodes: u32,
+    /// Other nodes that run the app at all.
+    pub nodes: u32,
 }
