@@ -39,14 +39,19 @@ impl RedisQueue {
 
     /// Every app's current record, as JSON.
     pub(crate) fn apps(&self) -> Result<Vec<(String, Vec<u8>)>, RedisError> {
-        let mut fields = self.client.call(&[b"HGETALL", b"beamlet:apps"])?.into_array().into_iter();
-        let mut apps = Vec::new();
-        while let (Some(name), Some(record)) = (fields.next(), fields.next()) {
-            if let (Some(name), Some(record)) = (name.into_string(), record.into_bytes()) {
-                apps.push((name, record));
+        self.hash(b"beamlet:apps")
+    }
+
+    /// A hash's fields and values.
+    fn hash(&self, key: &[u8]) -> Result<Vec<(String, Vec<u8>)>, RedisError> {
+        let mut fields = self.client.call(&[b"HGETALL", key])?.into_array().into_iter();
+        let mut pairs = Vec::new();
+        while let (Some(field), Some(value)) = (fields.next(), fields.next()) {
+            if let (Some(field), Some(value)) = (field.into_string(), value.into_bytes()) {
+                pairs.push((field, value));
             }
         }
-        Ok(apps)
+        Ok(pairs)
     }
 
     /// The uploaded component with this digest.
@@ -59,10 +64,11 @@ impl RedisQueue {
     pub(crate) fn elsewhere(&self, app: &str) -> Result<Elsewhere, RedisError> {
         let key = format!("beamlet:replicas:{app}");
         let mut elsewhere = Elsewhere::default();
-        let mut fields = self.client.call(&[b"HGETALL", key.as_bytes()])?.into_array().into_iter();
-        while let (Some(node), Some(count)) = (fields.next(), fields.next()) {
-            let Some(node) = node.into_string().filter(|node| node != self.node()) else { continue };
-            let count = count.as_int().and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
+        for (node, count) in self.hash(key.as_bytes())? {
+            if node == self.node() {
+                continue;
+            }
+            let count = std::str::from_utf8(&count).ok().and_then(|n| n.parse::<u32>().ok()).unwrap_or(0);
             elsewhere.all = elsewhere.all.saturating_add(count);
             elsewhere.nodes += 1;
             if node.as_str() < self.node() {
@@ -75,14 +81,7 @@ impl RedisQueue {
 
     /// Every node's description (`advertise`), as JSON, by node id.
     pub(crate) fn node_infos(&self) -> Result<Vec<(String, Vec<u8>)>, RedisError> {
-        let mut fields = self.client.call(&[b"HGETALL", b"beamlet:node-info"])?.into_array().into_iter();
-        let mut infos = Vec::new();
-        while let (Some(node), Some(info)) = (fields.next(), fields.next()) {
-            if let (Some(node), Some(info)) = (node.into_string(), info.into_bytes()) {
-                infos.push((node, info));
-            }
-        }
-        Ok(infos)
+        self.hash(b"beamlet:node-info")
     }
 
     /// Says how many replicas of `app` this node runs (starting or ready;
