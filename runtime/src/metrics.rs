@@ -44,6 +44,10 @@ struct Device {
 
 type Durations = Family<App, Histogram, fn() -> Histogram>;
 
+/// How a run can end, as `beamlet_runs_total{outcome}` says it.
+pub(crate) const OUTCOMES: [&str; 8] =
+    ["complete", "bad_input", "guest_error", "trap", "out_of_memory", "timeout", "device_lost", "cancelled"];
+
 pub(crate) struct Metrics {
     registry: Mutex<Registry>,
     queued: Family<App, Gauge>,
@@ -146,6 +150,19 @@ impl Metrics {
         self.runs.get_or_create(&AppOutcome { app: app.to_owned(), outcome: outcome.to_owned() }).inc();
     }
 
+    /// Drops a removed app's counters and histogram: a later app of the
+    /// same name starts from zero, and a removed one stops being exported.
+    pub(crate) fn remove_app(&self, app: &str) {
+        let _registry = self.registry.lock().unwrap();
+        self.task_seconds.remove(&App { app: app.to_owned() });
+        for outcome in OUTCOMES {
+            self.runs.remove(&AppOutcome { app: app.to_owned(), outcome: outcome.to_owned() });
+        }
+        for direction in ["up", "down"] {
+            self.scale_events.remove(&AppDirection { app: app.to_owned(), direction: direction.to_owned() });
+        }
+    }
+
     pub(crate) fn scaled(&self, app: &str, up: u32, down: u32) {
         for (direction, count) in [("up", up), ("down", down)] {
             if count > 0 {
@@ -199,6 +216,9 @@ mod tests {
     fn render_shows_gauges_histograms_and_counters() {
         let metrics = Metrics::new();
         metrics.run_ended("hello", "complete", Duration::from_millis(3));
+        metrics.run_ended("gone", "trap", Duration::from_millis(3));
+        metrics.scaled("gone", 1, 0);
+        metrics.remove_app("gone");
         metrics.scaled("hello", 2, 0);
         let gauges = AppGauges {
             queued: 4,
@@ -236,6 +256,7 @@ mod tests {
             assert!(text.contains(expected), "missing {expected} in:\n{text}");
         }
         assert!(!text.contains(r#"beamlet_gpu_utilization_percent{gpu="1""#), "not sampled, not shown:\n{text}");
+        assert!(!text.contains(r#"app="gone""#), "a removed app's counters are dropped:\n{text}");
         let text = metrics.render(&[], &[]);
         assert!(!text.contains(r#"beamlet_queue_depth{app="hello"}"#), "removed apps drop out of the gauges");
     }

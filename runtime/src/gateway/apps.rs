@@ -182,6 +182,7 @@ pub(crate) async fn remove(State(node): State<Arc<Node>>, Path(name): Path<Strin
     node.supervisor.remove(&name);
     node.dispatch.remove_app(&name);
     node.logs.remove(&name);
+    node.metrics.remove_app(&name);
     tracing::info!(app = %name, "removed");
     Ok(Json(json!({ "name": name, "removed": true })))
 }

@@ -180,6 +180,7 @@ fn sync(node: &Node, only: Option<&str>) {
             }
             node.supervisor.remove(name);
             node.logs.remove(name);
+            node.metrics.remove_app(name);
         }
     }
     for (name, version) in versions {

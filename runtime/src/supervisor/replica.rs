@@ -602,16 +602,19 @@ impl Run<'_> {
     }
 }
 
+/// One of [`crate::metrics::OUTCOMES`].
 fn outcome_name(outcome: &Outcome) -> &'static str {
+    let [complete, bad_input, guest_error, trap, out_of_memory, timeout, device_lost, cancelled] =
+        crate::metrics::OUTCOMES;
     match outcome {
-        Outcome::Complete(_) => "complete",
-        Outcome::BadInput(_) => "bad_input",
-        Outcome::Failed(_) => "guest_error",
-        Outcome::Trap(_) => "trap",
-        Outcome::OutOfMemory(_) => "out_of_memory",
-        Outcome::Timeout => "timeout",
-        Outcome::DeviceLost(_) => "device_lost",
-        Outcome::Cancelled => "cancelled",
+        Outcome::Complete(_) => complete,
+        Outcome::BadInput(_) => bad_input,
+        Outcome::Failed(_) => guest_error,
+        Outcome::Trap(_) => trap,
+        Outcome::OutOfMemory(_) => out_of_memory,
+        Outcome::Timeout => timeout,
+        Outcome::DeviceLost(_) => device_lost,
+        Outcome::Cancelled => cancelled,
     }
 }
 
