@@ -125,3 +125,17 @@ fn a_call_whose_task_redis_lost_is_told_so_and_the_apps_come_back() {
         (status == 200).then_some(body)
     });
 }
+
+#[test]
+fn an_app_deleted_while_a_node_was_away_stays_deleted_when_it_returns() {
+    let Some(redis) = Redis::start() else { return };
+    let (a, b) = (node("cluster-away-a", &redis), node("cluster-away-b", &redis));
+    a.deploy_guest("hello", "hello", None);
+    wait_for("node b to learn of the app", Duration::from_secs(60), || knows(&b, "hello").then_some(()));
+    let b_dir = b.terminate();
+    assert_eq!(a.http.delete(a.url("/v1/apps/hello")).send().unwrap().status(), 200);
+    let b = Server::start_in(b_dir, &["--redis", &redis.url]);
+    assert!(!knows(&b, "hello"), "dropped on return, not shared again:\n{}", b.log());
+    assert!(!knows(&a, "hello"));
+    assert!(b.log().contains("deleted from the cluster while this node was away"), "{}", b.log());
+}

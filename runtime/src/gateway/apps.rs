@@ -171,8 +171,8 @@ pub(crate) async fn remove(State(node): State<Arc<Node>>, Path(name): Path<Strin
     let removed = {
         let _held = node.cluster.as_ref().map(Cluster::hold);
         let removed = node.registry.remove(&name).map_err(ApiError::internal)?;
-        if let (Some(cluster), Some(_)) = (&node.cluster, &removed) {
-            cluster.unpublish(&name).map_err(ApiError::internal)?;
+        if let (Some(cluster), Some(app)) = (&node.cluster, &removed) {
+            cluster.unpublish(app).map_err(ApiError::internal)?;
         }
         removed
     };

@@ -72,8 +72,12 @@ impl Cluster {
         })
     }
 
-    pub(crate) fn unpublish(&self, name: &str) -> Result<()> {
-        self.queue.unpublish_app(name).with_context(|| format!("failed to remove app {name:?} for the other nodes"))
+    pub(crate) fn unpublish(&self, app: &App) -> Result<()> {
+        let name = &app.version.name;
+        let record = serde_json::to_vec(&app.version)?;
+        self.queue
+            .unpublish_app(name, &record)
+            .with_context(|| format!("failed to remove app {name:?} for the other nodes"))
     }
 }
 
@@ -126,14 +130,27 @@ fn share_own_apps(node: &Node, cluster: &Cluster) -> Result<()> {
     let _held = cluster.hold();
     let shared: Vec<String> = cluster.queue.apps()?.into_iter().map(|(name, _)| name).collect();
     for app in node.registry.list() {
-        if !shared.contains(&app.version.name) {
-            let wasm = node
-                .registry
-                .component(&app.version.digest)
-                .with_context(|| format!("failed to read the component of app {:?} to share it", app.version.name))?;
-            cluster.publish(&app, &wasm)?;
-            tracing::info!(app = %app.version.name, "shared this node's app with the cluster");
+        let name = &app.version.name;
+        if shared.contains(name) {
+            continue;
         }
+        // Deleted from the cluster while this node was away: drop it here
+        // too, unless this node has a newer version than the one deleted.
+        let deleted =
+            cluster.queue.deleted_app(name)?.and_then(|record| serde_json::from_slice::<AppVersion>(&record).ok());
+        if deleted.is_some_and(|deleted| deleted.deployed_at >= app.version.deployed_at) {
+            node.registry.remove(name)?;
+            node.supervisor.remove(name);
+            let _ = cluster.queue.clear_replicas(name);
+            tracing::info!(app = %name, "removed: it was deleted from the cluster while this node was away");
+            continue;
+        }
+        let wasm = node
+            .registry
+            .component(&app.version.digest)
+            .with_context(|| format!("failed to read the component of app {name:?} to share it"))?;
+        cluster.publish(&app, &wasm)?;
+        tracing::info!(app = %name, "shared this node's app with the cluster");
     }
     cluster.queue.mark_cluster()?;
     Ok(())

@@ -10,8 +10,8 @@ use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::{
-    Cancelled, Counts, Ended, ErrorCode, Event, Finish, Lease, NewTask, Queue, QueueError, Queued, TaskError, TaskId,
-    TaskRecord, TaskStatus, now_ms,
+    Cancelled, Counts, Ended, ErrorCode, Event, Finish, Lease, NewTask, Queue, QueueError, Queued, Saved, TaskError,
+    TaskId, TaskRecord, TaskStatus, now_ms,
 };
 
 pub(crate) struct Dispatch {
@@ -287,6 +287,10 @@ impl Dispatch {
                 // registers its waiter just before queuing): the store lost
                 // it, and its callers are told so rather than left waiting.
                 let mut missing_before = self.missing.lock().unwrap();
+                if !self.queue.is_available() {
+                    // Not read is not missing: the store did not answer.
+                    missing.clear();
+                }
                 for id in missing.intersection(&missing_before) {
                     self.waiters.lock().unwrap().remove(id);
                 }
@@ -323,6 +327,20 @@ impl Dispatch {
         }
         if !ended.record.durable {
             self.queue.forget(&id);
+        }
+    }
+
+    /// A change the shared store took late (it was down when the run ended
+    /// or was released): act on it as on one taken at once.
+    pub(crate) fn saved_late(&self, saved: Saved) {
+        match saved {
+            Saved::Finished(Ended { record, output }) if record.status.is_terminal() => {
+                self.settle(&record, Some(output), false);
+            }
+            Saved::Finished(Ended { record, .. }) | Saved::Released(record) => {
+                self.routes.lock().unwrap().remove(&record.id);
+                self.wake(&record.app);
+            }
         }
     }
 

@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 
 pub(crate) use self::dispatch::Dispatch;
 pub(crate) use self::embedded::EmbeddedQueue;
-pub(crate) use self::redis::{AppsChanged, Elsewhere, Event, RedisQueue, spawn_cluster};
+pub(crate) use self::redis::{AppsChanged, Elsewhere, Event, RedisQueue, Saved, spawn_cluster};
 
 pub(crate) type TaskId = String;
 
@@ -291,6 +291,12 @@ pub(crate) trait Queue: Send + Sync + 'static {
     /// Expires queued tasks past their ttl and forgets finished tasks past
     /// their result ttl; returns the tasks it expired.
     fn sweep(&self, now: u64) -> Vec<TaskRecord>;
+    /// Whether the store answered its last calls (a shared store can be
+    /// down for a while); a task missing from a store that does not answer
+    /// is not lost.
+    fn is_available(&self) -> bool {
+        true
+    }
     /// Resolves once every change made so far is durable (at once for a
     /// store that keeps nothing); an error if it could not be made durable.
     fn sync(&self) -> oneshot::Receiver<()>;

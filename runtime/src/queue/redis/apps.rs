@@ -12,10 +12,15 @@ impl RedisQueue {
         let key = format!("beamlet:component:{digest}");
         self.client.call(&[b"SET", key.as_bytes(), wasm])?;
         self.client.call(&[b"HSET", b"beamlet:apps", name.as_bytes(), record])?;
+        self.client.call(&[b"HDEL", b"beamlet:deleted", name.as_bytes()])?;
         self.announce(name)
     }
 
-    pub(crate) fn unpublish_app(&self, name: &str) -> Result<(), RedisError> {
+    /// Removes an app for every node; `record`: the version removed, kept so
+    /// that a node that was down meanwhile drops its copy rather than share
+    /// it again (see [`RedisQueue::deleted_app`]).
+    pub(crate) fn unpublish_app(&self, name: &str, record: &[u8]) -> Result<(), RedisError> {
+        self.client.call(&[b"HSET", b"beamlet:deleted", name.as_bytes(), record])?;
         self.client.call(&[b"HDEL", b"beamlet:apps", name.as_bytes()])?;
         self.client.call(&[b"DEL", format!("beamlet:replicas:{name}").as_bytes()])?;
         self.announce(name)
@@ -35,6 +40,12 @@ impl RedisQueue {
     pub(crate) fn mark_cluster(&self) -> Result<(), RedisError> {
         self.client.call(&[b"SET", b"beamlet:cluster", b"1"])?;
         Ok(())
+    }
+
+    /// The record of the last version of `name` deleted from the cluster
+    /// (and not deployed again since), as JSON.
+    pub(crate) fn deleted_app(&self, name: &str) -> Result<Option<Vec<u8>>, RedisError> {
+        Ok(self.client.call(&[b"HGET", b"beamlet:deleted", name.as_bytes()])?.into_bytes())
     }
 
     /// Every app's current record, as JSON.

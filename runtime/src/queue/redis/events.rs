@@ -3,10 +3,10 @@
 //! of nodes whose heartbeat stopped.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::RedisQueue;
 use super::resp::{Conn, Reply};
+use super::{NODE_TTL, Reaped, RedisQueue};
 use crate::queue::{Dispatch, now_ms};
 
 /// Something another node (or this one) did that this node must act on.
@@ -113,9 +113,21 @@ fn message(reply: Reply, me: &str) -> Option<Event> {
 
 fn beat(queue: &RedisQueue, dispatch: &Dispatch, apps: &AppsChanged) {
     let mut failing = false;
+    // When Redis last failed to answer: after an outage every node's
+    // heartbeat has lapsed, and none is reaped until each had the time to
+    // beat again.
+    let mut last_failure: Option<Instant> = None;
     loop {
         std::thread::sleep(BEAT);
-        let result = queue.heartbeat().and_then(|()| queue.reap_dead(now_ms()));
+        let result = queue.heartbeat().and_then(|()| {
+            for saved in queue.save_unsaved() {
+                dispatch.saved_late(saved);
+            }
+            if last_failure.is_some_and(|at| at.elapsed() < NODE_TTL) {
+                return Ok(Reaped::default());
+            }
+            queue.reap_dead(now_ms())
+        });
         match result {
             Ok(reaped) => {
                 if failing {
@@ -124,11 +136,13 @@ fn beat(queue: &RedisQueue, dispatch: &Dispatch, apps: &AppsChanged) {
                 }
                 dispatch.took_over(reaped.ended, reaped.callbacks);
             }
-            Err(e) if !failing => {
-                tracing::error!("failed to beat this node's heartbeat in Redis: {e}");
-                failing = true;
+            Err(e) => {
+                last_failure = Some(Instant::now());
+                if !failing {
+                    tracing::error!("failed to beat this node's heartbeat in Redis: {e}");
+                    failing = true;
+                }
             }
-            Err(_) => {}
         }
         dispatch.on_event(Event::Resync);
         apps(None);

@@ -39,6 +39,22 @@ pub(crate) struct RedisQueue {
     info: std::sync::Mutex<Vec<u8>>,
     /// When a failure was last logged, and how many since were not.
     last_failure_log: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+    /// Ends of runs Redis did not take (it was down), to save once it is back.
+    unsaved: std::sync::Mutex<Vec<Unsaved>>,
+    /// A call failed since the last heartbeat that went through.
+    failing: std::sync::atomic::AtomicBool,
+}
+
+/// A change to a task that failed to reach Redis, kept to be made again.
+enum Unsaved {
+    Finish { id: String, finish: Finish, at: u64 },
+    Release { id: String },
+}
+
+/// What a change saved late did.
+pub(crate) enum Saved {
+    Finished(Ended),
+    Released(TaskRecord),
 }
 
 /// Ended tasks and undelivered callbacks a node took over from a dead one.
@@ -69,6 +85,8 @@ impl RedisQueue {
             left: Default::default(),
             info: Default::default(),
             last_failure_log: Default::default(),
+            unsaved: Default::default(),
+            failing: Default::default(),
         };
         let reaped = queue.reap(&queue.node, now, true).context("failed to recover this node's tasks from Redis")?;
         if let Some(reaped) = reaped.filter(|r| r.retried + r.ended.len() as u64 > 0) {
@@ -108,6 +126,7 @@ impl RedisQueue {
         if !info.is_empty() {
             self.client.call(&[b"HSET", b"beamlet:node-info", self.node.as_bytes(), &info])?;
         }
+        self.failing.store(false, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 
@@ -163,9 +182,59 @@ impl RedisQueue {
         Ok(Some(Reaped { ended: ended.into_iter().filter_map(record).collect(), callbacks, retried }))
     }
 
+    /// The end of a run as the finish script records it: `None` when the
+    /// task is not running (ended or cancelled meanwhile).
+    fn try_finish(&self, id: &str, finish: &Finish, now: u64) -> Result<Option<Ended>, RedisError> {
+        let now = now.to_string();
+        let (id, me) = (id.as_bytes(), self.node.as_bytes());
+        let reply = match finish {
+            Finish::Complete(output) => self.client.eval(&lua::FINISH, &[id, b"complete", now.as_bytes(), me, output]),
+            Finish::Cancelled => self.client.eval(&lua::FINISH, &[id, b"cancelled", now.as_bytes(), me]),
+            Finish::Rejected(error) | Finish::Retryable(error) => {
+                let kind: &[u8] = if matches!(finish, Finish::Rejected(_)) { b"rejected" } else { b"retryable" };
+                let (code, message) = (error.code.as_str().as_bytes(), error.message.as_bytes());
+                self.client.eval(&lua::FINISH, &[id, kind, now.as_bytes(), me, code, message])
+            }
+        }?;
+        let mut parts = reply.into_array().into_iter();
+        let Some(record) = parts.next().and_then(record) else { return Ok(None) };
+        let output = parts.next().and_then(Reply::into_bytes).map(Bytes::from);
+        Ok(Some(Ended { output: output.filter(|_| record.status == TaskStatus::Complete), record }))
+    }
+
+    /// Records the ends of runs (and releases) that Redis did not take while
+    /// it was down, oldest first; returns what they did. Stops at the first
+    /// failure, keeping the rest for the next beat.
+    pub(crate) fn save_unsaved(&self) -> Vec<Saved> {
+        let pending = std::mem::take(&mut *self.unsaved.lock().unwrap());
+        let mut saved = Vec::new();
+        let mut pending = pending.into_iter();
+        for unsaved in pending.by_ref() {
+            let result = match &unsaved {
+                Unsaved::Finish { id, finish, at } => self.try_finish(id, finish, *at).map(|e| e.map(Saved::Finished)),
+                Unsaved::Release { id } => {
+                    self.client.eval(&lua::RELEASE, &[id.as_bytes()]).map(|reply| record(reply).map(Saved::Released))
+                }
+            };
+            match result {
+                Ok(done) => saved.extend(done),
+                Err(_) => {
+                    let mut left = self.unsaved.lock().unwrap();
+                    let newer = std::mem::take(&mut *left);
+                    left.push(unsaved);
+                    left.extend(pending);
+                    left.extend(newer);
+                    break;
+                }
+            }
+        }
+        saved
+    }
+
     /// Logs a failed call, at most once a second (an outage fails every
     /// call: thousands a second under load), with how many went unsaid.
     fn log_failure(&self, what: &str, error: &RedisError) {
+        self.failing.store(true, std::sync::atomic::Ordering::SeqCst);
         let mut last = self.last_failure_log.lock().unwrap();
         let (said, unsaid) = &mut *last;
         if said.is_some_and(|said| said.elapsed() < Duration::from_secs(1)) {
@@ -294,7 +363,14 @@ impl Queue for RedisQueue {
     }
 
     fn release(&self, id: &str) -> Option<TaskRecord> {
-        record(self.eval("release a task", &lua::RELEASE, &[id.as_bytes()])?)
+        match self.client.eval(&lua::RELEASE, &[id.as_bytes()]) {
+            Ok(reply) => record(reply),
+            Err(e) => {
+                self.log_failure("release a task", &e);
+                self.unsaved.lock().unwrap().push(Unsaved::Release { id: id.to_owned() });
+                None
+            }
+        }
     }
 
     fn pending_callbacks(&self) -> Vec<(TaskRecord, Option<Bytes>)> {
@@ -319,23 +395,16 @@ impl Queue for RedisQueue {
     }
 
     fn finish(&self, id: &str, finish: Finish, now: u64) -> Option<Ended> {
-        let now = now.to_string();
-        let (id, me) = (id.as_bytes(), self.node.as_bytes());
-        let reply = match &finish {
-            Finish::Complete(output) => {
-                self.eval("finish a task", &lua::FINISH, &[id, b"complete", now.as_bytes(), me, output])
+        match self.try_finish(id, &finish, now) {
+            Ok(ended) => ended,
+            Err(e) => {
+                // Kept, and saved once Redis answers again (see `save_unsaved`):
+                // dropping it would leave the task running forever.
+                self.log_failure("finish a task", &e);
+                self.unsaved.lock().unwrap().push(Unsaved::Finish { id: id.to_owned(), finish, at: now });
+                None
             }
-            Finish::Cancelled => self.eval("finish a task", &lua::FINISH, &[id, b"cancelled", now.as_bytes(), me]),
-            Finish::Rejected(error) | Finish::Retryable(error) => {
-                let kind: &[u8] = if matches!(finish, Finish::Rejected(_)) { b"rejected" } else { b"retryable" };
-                let (code, message) = (error.code.as_str().as_bytes(), error.message.as_bytes());
-                self.eval("finish a task", &lua::FINISH, &[id, kind, now.as_bytes(), me, code, message])
-            }
-        };
-        let mut parts = reply?.into_array().into_iter();
-        let record = record(parts.next()?)?;
-        let output = parts.next().and_then(Reply::into_bytes).map(Bytes::from);
-        Some(Ended { output: output.filter(|_| record.status == TaskStatus::Complete), record })
+        }
     }
 
     fn cancel(&self, id: &str, why: &str, now: u64) -> Result<Cancelled, QueueError> {
@@ -394,6 +463,10 @@ impl Queue for RedisQueue {
         let now = now.to_string();
         let reply = self.eval("sweep the queue", &lua::SWEEP, &[now.as_bytes(), self.node.as_bytes()]);
         reply.map(Reply::into_array).unwrap_or_default().into_iter().filter_map(record).collect()
+    }
+
+    fn is_available(&self) -> bool {
+        !self.failing.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Redis has each change once it answers; how durable that is, is the
