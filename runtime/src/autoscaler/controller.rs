@@ -70,11 +70,12 @@ pub(crate) async fn run(
             sample.elsewhere = elsewhere.senior;
             let decision = policy::decide(&sample, &config, Instant::now());
             // Nodes senior to this one start what they lack at once, and say
-            // so within a tick: a scale-up here waits that tick, so that two
-            // nodes do not both start the replicas one of them needed.
+            // so within a tick: a scale-up here waits a tick per senior node
+            // running the app, so that nodes do not all start the replicas
+            // one of them needed.
             if decision.start > 0 && elsewhere.senior_nodes > 0 {
                 let since = *deferred.entry(name.clone()).or_insert_with(Instant::now);
-                if since.elapsed() < TICK {
+                if since.elapsed() < TICK * elsewhere.senior_nodes {
                     continue;
                 }
             }

@@ -42,6 +42,12 @@ impl Cluster {
             .with_context(|| format!("failed to share app {name:?} with the other nodes"))
     }
 
+    /// Whether another node runs `name` at all (with replicas or none
+    /// now); a store that does not answer counts as yes.
+    pub(crate) fn others_run(&self, name: &str) -> bool {
+        self.queue.elsewhere(name).map_or(true, |elsewhere| elsewhere.nodes > 0)
+    }
+
     /// Whether another node runs a replica of `name` (starting or ready).
     pub(crate) fn runs_elsewhere(&self, name: &str) -> bool {
         self.queue.elsewhere(name).is_ok_and(|elsewhere| elsewhere.all > 0)
@@ -238,7 +244,15 @@ fn sync(node: &Node, only: Option<&str>) {
 /// nodes run its tasks.
 pub(crate) fn run_here(node: &Node, app: &App) {
     match registry::fits_node(&app.config, node.capacity, &node.gpus) {
-        Ok(()) => node.supervisor.run(app),
+        // Its autoscaler starts the baseline, counting other nodes' replicas;
+        // saying at once that this node runs the app makes junior nodes
+        // wait for it.
+        Ok(()) => {
+            node.supervisor.run(app, false);
+            let cluster = node.cluster.as_ref().expect("a cluster node");
+            let serving = node.supervisor.serving_replicas(&app.version.name);
+            let _ = cluster.queue.set_replicas(&app.version.name, serving);
+        }
         Err(e) => {
             tracing::info!(app = %app.version.name, "this node runs no replica of the app (other nodes do): {e}");
             node.supervisor.remove(&app.version.name);

@@ -70,7 +70,7 @@ impl Node {
     pub(crate) fn run_app(&self, app: &crate::registry::App) {
         match &self.cluster {
             Some(_) => cluster::run_here(self, app),
-            None => self.supervisor.run(app),
+            None => self.supervisor.run(app, true),
         }
     }
 }

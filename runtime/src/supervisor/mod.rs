@@ -90,12 +90,14 @@ impl Supervisor {
     }
 
     /// Makes `app`'s version the one that runs: starts its baseline replicas
-    /// and drains any older ones. The autoscaler takes it from there.
-    pub(crate) fn run(&self, app: &App) {
+    /// (with `baseline`; in a cluster the autoscaler starts them, counting
+    /// other nodes' replicas) and drains any older ones. The autoscaler
+    /// takes it from there.
+    pub(crate) fn run(&self, app: &App, baseline: bool) {
         let mut apps = self.apps.lock().unwrap();
         let name = app.version.name.clone();
         let times = apps.get(&name).map(|a| a.times.clone()).unwrap_or_default();
-        let baseline = if self.is_closed() { 0 } else { app.config.autoscaler.baseline_replicas() };
+        let baseline = if self.is_closed() || !baseline { 0 } else { app.config.autoscaler.baseline_replicas() };
         let current = (0..baseline).map(|_| self.start_replica(app, &times)).collect();
         let previous =
             apps.insert(name, AppReplicas { app: app.clone(), current, draining: Vec::new(), times, last: None });
@@ -180,6 +182,11 @@ impl Supervisor {
                 handle.stop();
             }
         }
+    }
+
+    /// Whether this node runs `name` (in a cluster, it may not fit here).
+    pub(crate) fn runs(&self, name: &str) -> bool {
+        self.apps.lock().unwrap().contains_key(name)
     }
 
     /// Apps this node runs.
