@@ -88,6 +88,7 @@ impl RedisQueue {
             unsaved: Default::default(),
             failing: Default::default(),
         };
+        queue.check_id_free()?;
         let reaped = queue.reap(&queue.node, now, true).context("failed to recover this node's tasks from Redis")?;
         if let Some(reaped) = reaped.filter(|r| r.retried + r.ended.len() as u64 > 0) {
             tracing::info!(
@@ -98,6 +99,35 @@ impl RedisQueue {
         }
         queue.heartbeat()?;
         Ok(queue)
+    }
+
+    /// Refuses to start as a node id another live node beats under (a copy
+    /// of its data dir): taking back "its" tasks would run them twice. A
+    /// heartbeat left by this node's own last process (it died moments
+    /// ago) runs out; a live one is renewed within a beat or two.
+    fn check_id_free(&self) -> Result<()> {
+        let key = format!("beamlet:node:{}", self.node);
+        let ttl = || -> Result<i64> { Ok(self.client.call(&[b"PTTL", key.as_bytes()])?.as_int().unwrap_or(-2)) };
+        let mut last = ttl()?;
+        if last < 0 {
+            return Ok(());
+        }
+        let deadline = std::time::Instant::now() + 3 * Duration::from_secs(1);
+        while std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = ttl()?;
+            if now < 0 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                now <= last,
+                "node id {} is in use by another live node (was this data dir copied from it?); delete the file \
+                 `node-id` in this node's --data-dir to give it an id of its own",
+                self.node
+            );
+            last = now;
+        }
+        Ok(())
     }
 
     /// Says what is wrong with a `--redis` URL before anything starts.
