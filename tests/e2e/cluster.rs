@@ -17,12 +17,17 @@ fn knows(server: &Server, app: &str) -> bool {
     server.http.get(server.url(&format!("/v1/apps/{app}"))).send().unwrap().status() == 200
 }
 
+/// Deploys guest `app` (as app `app`) through `a` and waits until `b` has it.
+fn deploy_to_both(a: &Server, b: &Server, app: &str, config: Option<&str>) {
+    a.deploy_guest(app, app, config);
+    wait_for("node b to learn of the app", Duration::from_secs(60), || knows(b, app).then_some(()));
+}
+
 #[test]
 fn nodes_on_one_redis_share_apps_calls_and_tasks() {
     let Some(redis) = Redis::start() else { return };
     let (a, b) = (node("cluster-a", &redis), node("cluster-b", &redis));
-    a.deploy_guest("hello", "hello", None);
-    wait_for("node b to learn of the app", Duration::from_secs(60), || knows(&b, "hello").then_some(()));
+    deploy_to_both(&a, &b, "hello", None);
 
     let (status, body) = b.invoke_json("hello", r#"{"name":"Bo"}"#);
     assert_eq!((status, body["message"].as_str()), (200, Some("Hello, Bo!")), "{body}");
@@ -49,8 +54,7 @@ fn nodes_on_one_redis_share_apps_calls_and_tasks() {
 fn tasks_of_a_node_that_dies_are_run_by_another() {
     let Some(redis) = Redis::start() else { return };
     let (a, b) = (node("cluster-kill-a", &redis), node("cluster-kill-b", &redis));
-    a.deploy_guest("sleep", "sleep", Some("[runtime]\nworkers = 4\n"));
-    wait_for("node b to learn of the app", Duration::from_secs(60), || knows(&b, "sleep").then_some(()));
+    deploy_to_both(&a, &b, "sleep", Some("[runtime]\nworkers = 4\n"));
     // The fixed pool of one settles on one node; the tasks run there.
     let running_on_a = wait_for("the pool to settle on one node", Duration::from_secs(60), || {
         match (a.ready_pids("sleep").len(), b.ready_pids("sleep").len()) {
@@ -130,8 +134,7 @@ fn a_call_whose_task_redis_lost_is_told_so_and_the_apps_come_back() {
 fn an_app_deleted_while_a_node_was_away_stays_deleted_when_it_returns() {
     let Some(redis) = Redis::start() else { return };
     let (a, b) = (node("cluster-away-a", &redis), node("cluster-away-b", &redis));
-    a.deploy_guest("hello", "hello", None);
-    wait_for("node b to learn of the app", Duration::from_secs(60), || knows(&b, "hello").then_some(()));
+    deploy_to_both(&a, &b, "hello", None);
     let b_dir = b.terminate();
     assert_eq!(a.http.delete(a.url("/v1/apps/hello")).send().unwrap().status(), 200);
     let b = Server::start_in(b_dir, &["--redis", &redis.url]);
