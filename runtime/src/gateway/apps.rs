@@ -13,7 +13,7 @@ use super::{ApiError, Payload, read_body};
 use crate::config::AppConfig;
 use crate::metrics::{AppGauges, DeviceGauges};
 use crate::node::{Cluster, Node};
-use crate::registry::{self, App, DeployError};
+use crate::registry::{self, App};
 use crate::supervisor::ReplicaState;
 
 pub(crate) async fn deploy(
@@ -84,10 +84,12 @@ pub(crate) async fn deploy(
             None => registry::fits_node(config, node.capacity, &node.gpus),
         };
         let app = node.registry.deploy(&name, &component, &config, fits, unfinished)?;
-        if let Some(cluster) = &node.cluster {
-            cluster.publish(&app, &component)?;
+        if let Some(cluster) = &node.cluster
+            && let Err(e) = cluster.publish(&app, &component)
+        {
+            return Err(unshared(&format!("{e:#}")));
         }
-        Ok::<_, DeployError>(app)
+        Ok(app)
     })
     .await
     .map_err(ApiError::internal)??;
@@ -102,6 +104,16 @@ pub(crate) async fn deploy(
         "callback_secret": version.callback_secret,
     });
     Ok((StatusCode::CREATED, Json(body)))
+}
+
+/// A deploy or delete done here that the other nodes could not be told
+/// of (Redis is down): once Redis answers, the cluster's record wins.
+fn unshared(error: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "STORE_FAILED",
+        format!("{error}; the change may not last: do it again once Redis answers"),
+    )
 }
 
 fn not_multipart(reason: &str) -> ApiError {
@@ -172,7 +184,7 @@ pub(crate) async fn remove(State(node): State<Arc<Node>>, Path(name): Path<Strin
         let _held = node.cluster.as_ref().map(Cluster::hold);
         let removed = node.registry.remove(&name).map_err(ApiError::internal)?;
         if let (Some(cluster), Some(app)) = (&node.cluster, &removed) {
-            cluster.unpublish(app).map_err(ApiError::internal)?;
+            cluster.unpublish(app).map_err(|e| unshared(&format!("{e:#}")))?;
         }
         removed
     };

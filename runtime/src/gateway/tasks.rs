@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::{ApiError, Payload, read_body};
 use crate::node::Node;
-use crate::queue::{Ended, NewTask, TaskRecord, TaskStatus, new_task_id};
+use crate::queue::{Ended, NewTask, QueueError, TaskRecord, TaskStatus, new_task_id};
 use crate::registry::{App, World};
 
 pub(super) const TASK_ID_HEADER: &str = "x-beamlet-task-id";
@@ -225,7 +225,17 @@ pub(crate) async fn status(
         }
         None => node.dispatch.get(&id),
     };
-    record.map(Json).ok_or_else(|| ApiError::unknown_task(&id))
+    record.map(Json).ok_or_else(|| missing_task(&node, &id))
+}
+
+/// A task the store did not give: unknown, or (a shared store that does
+/// not answer) not readable now.
+fn missing_task(node: &Node, id: &str) -> ApiError {
+    if node.dispatch.store_available() {
+        ApiError::unknown_task(id)
+    } else {
+        ApiError::from(QueueError::Backend(format!("task {id:?} cannot be read now: see the node's log")))
+    }
 }
 
 /// `GET /v1/tasks/{id}/result`.
@@ -235,7 +245,7 @@ pub(crate) async fn result(State(node): State<Arc<Node>>, Path(id): Path<String>
             let output = node.dispatch.output(&id);
             with_task_id(output_response(&Ended { record, output }), &id)
         }
-        None => ApiError::unknown_task(&id).into_response(),
+        None => missing_task(&node, &id).into_response(),
     }
 }
 
@@ -270,5 +280,8 @@ pub(crate) async fn list(
         })?),
     };
     let tasks = node.dispatch.list(&name, status, query.limit.unwrap_or(100).min(10_000));
+    if tasks.is_empty() && !node.dispatch.store_available() {
+        return Err(ApiError::from(QueueError::Backend(format!("the tasks of app {name:?} cannot be read now"))));
+    }
     Ok(Json(json!({ "app": name, "tasks": tasks })))
 }

@@ -365,6 +365,12 @@ impl Dispatch {
         self.queue.callback_settled(id);
     }
 
+    /// Whether the task store answered its last calls (see
+    /// [`Queue::is_available`]).
+    pub(crate) fn store_available(&self) -> bool {
+        self.queue.is_available()
+    }
+
     pub(crate) fn get(&self, id: &str) -> Option<TaskRecord> {
         self.queue.get(id)
     }

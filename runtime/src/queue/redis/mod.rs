@@ -183,8 +183,8 @@ impl RedisQueue {
             let Some(one) = self.reap(&node, now, false)? else { continue };
             tracing::warn!(
                 node = %node, retried = one.retried, failed = one.ended.len(), callbacks = one.callbacks.len(),
-                "a node left or stopped beating: its running tasks are queued again (failed: their retries were spent), \
-                 its calls cancelled, its pending callbacks delivered from here"
+                "a node left or stopped beating: its running tasks are queued again (`failed`: those out of \
+                 retries), the calls it took are cancelled, its pending callbacks are delivered from here"
             );
             reaped.ended.extend(one.ended);
             reaped.callbacks.extend(one.callbacks);
