@@ -30,6 +30,8 @@ pub(crate) async fn run(
     let mut deferred: HashMap<String, Instant> = HashMap::new();
     // Apps with calls queued and no replica anywhere to run them, since when.
     let mut starved: HashMap<String, Instant> = HashMap::new();
+    // This node's serving replicas of each app, as last told to the cluster.
+    let mut published: HashMap<String, u64> = HashMap::new();
     loop {
         let demand = dispatch.demand();
         tokio::pin!(demand);
@@ -85,10 +87,18 @@ pub(crate) async fn run(
                 metrics.scaled(&name, decision.start, decision.stop.len() as u32);
             }
             supervisor.apply(&name, decision);
+            // Said when it changes, and once a tick (Redis may have lost it):
+            // evaluations on enqueue come every few milliseconds under load.
             if let Some(cluster) = &cluster {
-                let _ = cluster
-                    .set_replicas(&name, supervisor.serving_replicas(&name))
-                    .inspect_err(|e| tracing::warn!(app = %name, "failed to record this node's replicas: {e}"));
+                let serving = supervisor.serving_replicas(&name);
+                if check_capacity || published.get(&name) != Some(&serving) {
+                    match cluster.set_replicas(&name, serving) {
+                        Ok(()) => {
+                            published.insert(name.clone(), serving);
+                        }
+                        Err(e) => tracing::warn!(app = %name, "failed to record this node's replicas: {e}"),
+                    }
+                }
             }
         }
         let evaluated = tokio::time::Instant::now();

@@ -509,8 +509,7 @@ mod tests {
         let q = EmbeddedQueue::in_memory();
         let ran = q.enqueue(task(1), 0).unwrap().id;
         q.lease("a", 1).unwrap();
-        let error = TaskError { code: ErrorCode::GuestTrap, message: "trap".into() };
-        q.finish(&ran, Finish::Retryable(error), 2).unwrap();
+        q.finish(&ran, trapped(), 2).unwrap();
         let waiting = q.enqueue(task(1), 0).unwrap().id;
         let expired: Vec<_> = q.sweep(10_000).into_iter().map(|r| r.id).collect();
         assert_eq!(expired, vec![waiting], "the retry of a task that ran is kept");

@@ -106,7 +106,7 @@ impl RedisQueue {
     /// heartbeat left by this node's own last process (it died moments
     /// ago) runs out; a live one is renewed within a beat or two.
     fn check_id_free(&self) -> Result<()> {
-        let key = format!("beamlet:node:{}", self.node);
+        let key = self.alive_key();
         let ttl = || -> Result<i64> { Ok(self.client.call(&[b"PTTL", key.as_bytes()])?.as_int().unwrap_or(-2)) };
         let mut last = ttl()?;
         if last < 0 {
@@ -143,13 +143,19 @@ impl RedisQueue {
         self.client.url()
     }
 
+    /// The key this node's heartbeat keeps alive (the scripts read it as
+    /// `node:{id}`).
+    fn alive_key(&self) -> String {
+        format!("beamlet:node:{}", self.node)
+    }
+
     /// Marks this node alive for [`NODE_TTL`].
     pub(crate) fn heartbeat(&self) -> Result<(), RedisError> {
         if self.left.load(std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
         }
         let ttl = millis(NODE_TTL).to_string();
-        let key = format!("beamlet:node:{}", self.node);
+        let key = self.alive_key();
         self.client.call(&[b"SET", key.as_bytes(), b"1", b"PX", ttl.as_bytes()])?;
         self.client.call(&[b"SADD", b"beamlet:nodes", self.node.as_bytes()])?;
         let info = self.info.lock().unwrap().clone();
@@ -171,7 +177,7 @@ impl RedisQueue {
     /// after the heartbeat runs out.
     pub(crate) fn leave(&self) {
         self.left.store(true, std::sync::atomic::Ordering::SeqCst);
-        let key = format!("beamlet:node:{}", self.node);
+        let key = self.alive_key();
         self.logged("leave the cluster", self.client.call(&[b"DEL", key.as_bytes()]));
     }
 
@@ -195,8 +201,8 @@ impl RedisQueue {
     /// `None` when the node is alive (and `force` is off).
     fn reap(&self, node: &str, now: u64, force: bool) -> Result<Option<Reaped>, RedisError> {
         let now = now.to_string();
-        let force: &[u8] = if force { b"1" } else { b"0" };
-        let reply = self.client.eval(&lua::REAP, &[node.as_bytes(), now.as_bytes(), self.node.as_bytes(), force])?;
+        let reply =
+            self.client.eval(&lua::REAP, &[node.as_bytes(), now.as_bytes(), self.node.as_bytes(), flag(force)])?;
         if reply == Reply::Nil {
             return Ok(None);
         }
@@ -214,18 +220,19 @@ impl RedisQueue {
 
     /// The end of a run as the finish script records it: `None` when the
     /// task is not running (ended or cancelled meanwhile).
-    fn try_finish(&self, id: &str, finish: &Finish, now: u64) -> Result<Option<Ended>, RedisError> {
+    fn try_finish<'a>(&self, id: &str, finish: &'a Finish, now: u64) -> Result<Option<Ended>, RedisError> {
         let now = now.to_string();
         let (id, me) = (id.as_bytes(), self.node.as_bytes());
-        let reply = match finish {
-            Finish::Complete(output) => self.client.eval(&lua::FINISH, &[id, b"complete", now.as_bytes(), me, output]),
-            Finish::Cancelled => self.client.eval(&lua::FINISH, &[id, b"cancelled", now.as_bytes(), me]),
-            Finish::Rejected(error) | Finish::Retryable(error) => {
-                let kind: &[u8] = if matches!(finish, Finish::Rejected(_)) { b"rejected" } else { b"retryable" };
-                let (code, message) = (error.code.as_str().as_bytes(), error.message.as_bytes());
-                self.client.eval(&lua::FINISH, &[id, kind, now.as_bytes(), me, code, message])
-            }
-        }?;
+        let error = |e: &'a TaskError| vec![e.code.as_str().as_bytes(), e.message.as_bytes()];
+        let (kind, detail): (&[u8], Vec<&[u8]>) = match finish {
+            Finish::Complete(output) => (b"complete", vec![output]),
+            Finish::Cancelled => (b"cancelled", Vec::new()),
+            Finish::Rejected(e) => (b"rejected", error(e)),
+            Finish::Retryable(e) => (b"retryable", error(e)),
+        };
+        let mut args = vec![id, kind, now.as_bytes(), me];
+        args.extend(detail);
+        let reply = self.client.eval(&lua::FINISH, &args)?;
         let mut parts = reply.into_array().into_iter();
         let Some(record) = parts.next().and_then(record) else { return Ok(None) };
         let output = parts.next().and_then(Reply::into_bytes).map(Bytes::from);
@@ -290,6 +297,14 @@ impl RedisQueue {
 
     fn eval(&self, what: &str, script: &resp::Script, args: &[&[u8]]) -> Option<Reply> {
         self.logged(what, self.client.eval(script, args)).filter(|reply| *reply != Reply::Nil)
+    }
+
+    /// Leases the app's next task; `ahead`: for a replica whose workers are
+    /// all busy (see [`Queue::lease_ahead`]).
+    fn take(&self, app: &str, now: u64, ahead: bool) -> Option<Lease> {
+        let now = now.to_string();
+        let args = [app.as_bytes(), now.as_bytes(), self.node.as_bytes(), flag(ahead)];
+        lease(app, self.eval("lease a task", &lua::LEASE, &args)?)
     }
 }
 
@@ -375,17 +390,11 @@ impl Queue for RedisQueue {
     }
 
     fn lease(&self, app: &str, now: u64) -> Option<Lease> {
-        let now = now.to_string();
-        let reply =
-            self.eval("lease a task", &lua::LEASE, &[app.as_bytes(), now.as_bytes(), self.node.as_bytes(), b"0"])?;
-        lease(app, reply)
+        self.take(app, now, false)
     }
 
     fn lease_ahead(&self, app: &str, now: u64) -> Option<Lease> {
-        let now = now.to_string();
-        let reply =
-            self.eval("lease a task", &lua::LEASE, &[app.as_bytes(), now.as_bytes(), self.node.as_bytes(), b"1"])?;
-        lease(app, reply)
+        self.take(app, now, true)
     }
 
     fn started(&self, id: &str, now: u64) {
