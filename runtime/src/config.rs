@@ -292,10 +292,12 @@ impl RawRuntime {
             each >= MIN_WORKER_MEMORY,
             "memory",
             format!(
-                "{} split across {workers} workers leaves {} each, below the {} a worker needs; raise memory or lower workers",
-                format_size(memory),
-                format_size(each),
-                format_size(MIN_WORKER_MEMORY)
+                "{} split across {workers} workers leaves {} each, below the {} a worker needs; raise memory or lower \
+                 workers{}",
+                describe_size(memory),
+                describe_size(each),
+                format_size(MIN_WORKER_MEMORY),
+                bytes_hint(memory),
             ),
         )?;
         let gpu_named = self.gpu.as_deref().is_none_or(|gpu| !gpu.trim().is_empty());
@@ -304,6 +306,13 @@ impl RawRuntime {
         let needs_gpu = "needs a GPU; add gpu = \"any\" (or a model name) or remove gpu_memory";
         ensure(gpu_memory.is_none() || self.gpu.is_some(), "gpu_memory", needs_gpu.into())?;
         ensure(gpu_memory != Some(0), "gpu_memory", "must be more than 0; omit it for no per-worker quota".into())?;
+        if let Some(bytes) = gpu_memory {
+            ensure(
+                bytes >= 1 << 20,
+                "gpu_memory",
+                format!("{} is less than the 1Mi a worker's GPU memory may be{}", describe_size(bytes), bytes_hint(bytes)),
+            )?;
+        }
         let timeout = self.timeout.map_or(d.timeout, |t| t.0);
         let in_range = !timeout.is_zero() && timeout <= MAX_TIMEOUT;
         ensure(in_range, "timeout", format!("must be more than 0s and at most 24h, got {}", format_duration(timeout)))?;
@@ -523,6 +532,15 @@ const SIZE_UNITS: [(&str, u64); 9] = [
 
 /// Largest first, for [`format_duration`].
 const DURATION_UNITS: [(&str, u64); 5] = [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)];
+
+/// For a size too small to be meant: a number without a unit is bytes.
+fn bytes_hint(bytes: u64) -> String {
+    if bytes < 1 << 20 {
+        format!(" (a size without a unit is bytes; for {bytes} MiB write \"{bytes}Mi\")")
+    } else {
+        String::new()
+    }
+}
 
 fn not_a_size(text: &str) -> String {
     format!("{text} is not a size; use e.g. \"512Mi\", \"4Gi\"")
@@ -747,6 +765,7 @@ callback_url = "https://example.com/beamlet/done"
             ("[runtime]\ntimeout = \"25h\"", "[runtime] timeout"),
             ("[runtime]\ngpu_memory = \"3Gi\"", "[runtime] gpu_memory"),
             ("[runtime]\ngpu = \"\"", "[runtime] gpu"),
+            ("[runtime]\ngpu = \"any\"\ngpu_memory = 1000", "[runtime] gpu_memory"),
             ("[runtime]\ninstance = \"per_task\"", "[runtime] instance"),
             ("[autoscaler]\nkind = \"queue_depth\"\nmin_replicas = 4", "[autoscaler] min_replicas"),
             ("[autoscaler]\nkind = \"request_latency\"\nmax_replicas = 0", "[autoscaler] max_replicas"),
@@ -775,6 +794,14 @@ callback_url = "https://example.com/beamlet/done"
             let message = error(text);
             assert!(message.starts_with(&format!("{key}: ")), "{text:?} gave {message:?}");
         }
+    }
+
+    #[test]
+    fn a_size_without_a_unit_is_said_to_be_bytes() {
+        let message = error("[runtime]\nmemory = 512");
+        assert!(message.contains("512 bytes split across 1 workers") && message.contains("write \"512Mi\""), "{message}");
+        let message = error("[runtime]\ngpu = \"any\"\ngpu_memory = 256");
+        assert!(message.contains("256 bytes is less than the 1Mi") && message.contains("\"256Mi\""), "{message}");
     }
 
     #[test]

@@ -75,7 +75,11 @@ impl RedisQueue {
         let url = RedisUrl::parse(url).map_err(anyhow::Error::msg)?;
         let client = Client::connect(url.clone())
             .map_err(|e| anyhow::anyhow!("{e}; is a Redis server listening there (--redis)?"))?;
-        let info = client.call(&[b"INFO", b"server"])?.into_string().unwrap_or_default();
+        let info = client
+            .call(&[b"INFO", b"server"])
+            .map_err(|e| anyhow::anyhow!("{}: {e}; is it a Redis server (--redis)?", url.addr))?
+            .into_string()
+            .unwrap_or_default();
         let version = info.lines().find_map(|line| line.strip_prefix("redis_version:")).unwrap_or("0");
         let major: u32 = version.split('.').next().and_then(|major| major.parse().ok()).unwrap_or(0);
         anyhow::ensure!(major >= 5, "Redis at {} is version {version}; beamlet needs 5 or later", url.addr);
