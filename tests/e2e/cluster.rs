@@ -102,6 +102,10 @@ fn a_gpu_app_called_on_a_node_without_a_gpu_runs_on_the_node_with_one() {
     let (status, body) = plain.invoke_json("mlp", r#"{"seed": 1}"#);
     assert_eq!((status, body["backend"].as_str()), (200, Some("cpu")), "{body}");
     assert!(plain.status("mlp")["replicas"].as_array().is_some_and(Vec::is_empty), "no replica where no GPU is");
+    // A replica's id says which node runs it.
+    let node_id = std::fs::read_to_string(gpu.data_dir.join("node-id")).unwrap();
+    let replica = gpu.status("mlp")["replicas"][0]["id"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(replica.split_once('@').map(|(_, tag)| tag), Some(&node_id.trim()[..8]), "{replica}");
     assert!(plain.log().contains("this node runs no replica of the app"), "{}", plain.log());
 }
 

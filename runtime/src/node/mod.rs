@@ -157,8 +157,16 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     let capacity = Arc::new(Capacity::new(options.capacity, options.gpus.clone()));
     let metrics = Arc::new(Metrics::new());
     let bodies = Arc::new(Bodies::default());
-    let supervisor =
-        Arc::new(Supervisor::new(exe, dispatch.clone(), logs.clone(), capacity, metrics.clone(), bodies.clone()));
+    let node_tag = shared.as_ref().map(|queue| queue.node().chars().take(8).collect());
+    let supervisor = Arc::new(Supervisor::new(
+        exe,
+        dispatch.clone(),
+        logs.clone(),
+        capacity,
+        metrics.clone(),
+        bodies.clone(),
+        node_tag,
+    ));
     let gpus = options.gpus;
     let gpu_monitor = (gpus.backend == Some(GpuBackendKind::Cuda))
         .then(|| {

@@ -53,6 +53,9 @@ pub(crate) struct Supervisor {
     metrics: Arc<Metrics>,
     bodies: Arc<crate::bodies::Bodies>,
     next_replica: AtomicU64,
+    /// Ends replica ids in a cluster (`@` and the start of this node's id),
+    /// so a task's replica says which node ran it.
+    node_tag: String,
     apps: Mutex<HashMap<String, AppReplicas>>,
     /// The node is shutting down: no replica starts.
     closed: AtomicBool,
@@ -75,8 +78,10 @@ impl Supervisor {
         capacity: Arc<Capacity>,
         metrics: Arc<Metrics>,
         bodies: Arc<crate::bodies::Bodies>,
+        node_tag: Option<String>,
     ) -> Self {
         Self {
+            node_tag: node_tag.map(|tag| format!("@{tag}")).unwrap_or_default(),
             exe,
             dispatch,
             logs,
@@ -140,7 +145,7 @@ impl Supervisor {
         let spec = ReplicaSpec {
             app: app.version.name.clone(),
             version: app.version.version,
-            replica: format!("{}-v{}-r{n}", app.version.name, app.version.version),
+            replica: format!("{}-v{}-r{n}{}", app.version.name, app.version.version, self.node_tag),
             compiled: app.compiled.to_string_lossy().into_owned(),
             world: app.version.world,
             workers: runtime.workers,
