@@ -343,3 +343,33 @@ fn callbacks_are_signed_retried_and_overridable_per_task() {
     let response = server.http.post(server.url("/v1/apps/hello/tasks?callback_url=ftp://x")).body("{}").send().unwrap();
     assert_eq!(response.status(), 400);
 }
+
+#[test]
+fn the_tasks_a_removal_cancels_get_their_callbacks() {
+    let server = Server::start("callbacks-removed", &[]);
+    let (url, hook) = receiver(0);
+    let config = format!("[runtime]\nworkers = 1\n[task_queue]\ncallback_url = \"{url}\"\n");
+    let deployed = server.deploy_guest("sleep", "sleep", Some(&config));
+    let secret = deployed["callback_secret"].as_str().unwrap().to_owned();
+    let running = submit_ok(&server, "sleep", r#"{"ms": 60000}"#);
+    wait_for("the task to run", LONG, || (task(&server, &running)["status"] == "RUNNING").then_some(()));
+    let queued = submit_ok(&server, "sleep", r#"{"ms": 1}"#);
+    let removed = server.http.delete(server.url("/v1/apps/sleep")).send().unwrap();
+    assert_eq!(removed.status(), 200);
+
+    wait_for("both callbacks", LONG, || (hook.lock().unwrap().len() == 2).then_some(()));
+    let hook = hook.lock().unwrap();
+    let mut ids: Vec<&str> = hook.iter().map(|delivery| delivery.headers["x-beamlet-task-id"].as_str()).collect();
+    ids.sort_unstable();
+    let mut expected = [running.as_str(), queued.as_str()];
+    expected.sort_unstable();
+    assert_eq!(ids, expected);
+    for delivery in hook.iter() {
+        let headers = &delivery.headers;
+        assert_eq!(headers["x-beamlet-status"], "CANCELLED");
+        let signature = expected_signature(&secret, &headers["x-beamlet-timestamp"], &delivery.body);
+        assert_eq!(headers["x-beamlet-signature"], signature, "signed with the removed app's secret");
+        let body: Value = serde_json::from_slice(&delivery.body).unwrap();
+        assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("was removed")), "{body}");
+    }
+}

@@ -188,13 +188,9 @@ pub(crate) async fn remove(State(node): State<Arc<Node>>, Path(name): Path<Strin
         }
         removed
     };
-    if removed.is_none() {
-        return Err(ApiError::unknown_app(&name));
-    }
-    node.supervisor.remove(&name);
+    let Some(app) = removed else { return Err(ApiError::unknown_app(&name)) };
+    node.drop_app(&app);
     node.dispatch.remove_app(&name);
-    node.logs.remove(&name);
-    node.metrics.remove_app(&name);
     tracing::info!(app = %name, "removed");
     Ok(Json(json!({ "name": name, "removed": true })))
 }

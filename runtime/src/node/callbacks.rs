@@ -31,8 +31,9 @@ pub(crate) fn spawn(node: Arc<Node>, mut ended: mpsc::UnboundedReceiver<(TaskRec
     tokio::spawn(async move {
         while let Some((record, output)) = ended.recv().await {
             let Some(url) = record.callback_url.clone() else { continue };
-            let Some(app) = node.registry.get(&record.app) else {
-                // The app is gone, and with it the secret to sign with.
+            let Some(secret) = node.callback_secret(&record.app) else {
+                // The app was removed before this node started: nothing to sign with.
+                tracing::warn!(task = %record.id, app = %record.app, "callback not sent: the app was removed");
                 node.dispatch.callback_settled(&record.id);
                 continue;
             };
@@ -45,7 +46,7 @@ pub(crate) fn spawn(node: Arc<Node>, mut ended: mpsc::UnboundedReceiver<(TaskRec
             let node = node.clone();
             let http = http.clone();
             tokio::spawn(async move {
-                deliver(http, url, app.version.callback_secret, &record, body).await;
+                deliver(http, url, secret, &record, body).await;
                 node.dispatch.callback_settled(&record.id);
             });
         }

@@ -146,7 +146,7 @@ fn share_own_apps(node: &Node, cluster: &Cluster) -> Result<()> {
             cluster.queue.deleted_app(name)?.and_then(|record| serde_json::from_slice::<AppVersion>(&record).ok());
         if deleted.is_some_and(|deleted| deleted.deployed_at >= app.version.deployed_at) {
             node.registry.remove(name)?;
-            node.supervisor.remove(name);
+            node.drop_app(&app);
             let _ = cluster.queue.clear_replicas(name);
             tracing::info!(app = %name, "removed: it was deleted from the cluster while this node was away");
             continue;
@@ -201,9 +201,7 @@ fn sync(node: &Node, only: Option<&str>) {
                 Ok(_) => tracing::info!(app = %name, "removed (on another node)"),
                 Err(e) => tracing::error!(app = %name, "failed to remove the app: {e:#}"),
             }
-            node.supervisor.remove(name);
-            node.logs.remove(name);
-            node.metrics.remove_app(name);
+            node.drop_app(&app);
         }
     }
     for (name, version) in versions {

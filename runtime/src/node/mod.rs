@@ -62,6 +62,9 @@ pub(crate) struct Node {
     pub limits: Limits,
     /// The other nodes sharing the queue and apps (`--redis`).
     pub cluster: Option<Cluster>,
+    /// The callback secrets of removed apps, by name: the tasks a removal
+    /// cancels still get their signed callbacks.
+    pub removed_secrets: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl Node {
@@ -71,6 +74,24 @@ impl Node {
         match &self.cluster {
             Some(_) => cluster::run_here(self, app),
             None => self.supervisor.run(app, true),
+        }
+    }
+
+    /// Stops what runs of an app just removed from the registry and drops
+    /// what this node kept of it, but its callback secret.
+    pub(crate) fn drop_app(&self, app: &crate::registry::App) {
+        let name = &app.version.name;
+        self.removed_secrets.lock().unwrap().insert(name.clone(), app.version.callback_secret.clone());
+        self.supervisor.remove(name);
+        self.logs.remove(name);
+        self.metrics.remove_app(name);
+    }
+
+    /// The secret to sign an app's callbacks with, removed or not.
+    pub(crate) fn callback_secret(&self, app: &str) -> Option<String> {
+        match self.registry.get(app) {
+            Some(app) => Some(app.version.callback_secret),
+            None => self.removed_secrets.lock().unwrap().get(app).cloned(),
         }
     }
 }
@@ -189,6 +210,7 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
         gpu_monitor,
         limits,
         cluster,
+        removed_secrets: Default::default(),
     });
     callbacks::spawn(node.clone(), ended);
     tokio::spawn(crate::autoscaler::run(
