@@ -97,6 +97,8 @@ struct Counts {
     done: u64,
     /// A job panicked: the stream is lost, as a GPU's after a fault.
     failed: Option<String>,
+    /// Jobs up to this one (by queue order) are dropped, not run.
+    abandoned: u64,
 }
 
 impl Stream {
@@ -108,7 +110,11 @@ impl Stream {
             .name("cpu-gpu-stream".into())
             .spawn(move || {
                 for job in queue {
-                    let outcome = std::panic::catch_unwind(AssertUnwindSafe(job));
+                    let abandoned = {
+                        let counts = shared.state.lock().unwrap();
+                        counts.done < counts.abandoned
+                    };
+                    let outcome = if abandoned { Ok(()) } else { std::panic::catch_unwind(AssertUnwindSafe(job)) };
                     let mut counts = shared.state.lock().unwrap();
                     counts.done += 1;
                     if let Err(panic) = outcome {
@@ -127,8 +133,9 @@ impl Stream {
         self.jobs.send(Box::new(job)).map_err(|_| GpuError::DeviceLost("the stream's thread is gone".into()))
     }
 
-    /// Waits until the work queued so far has run, at most `timeout`.
-    fn wait(&self, timeout: Duration) -> Result<()> {
+    /// Waits until the work queued so far has run, at most `timeout`, and
+    /// gives up soon after `stop` says so.
+    fn wait(&self, timeout: Duration, stop: &dyn Fn() -> bool) -> Result<()> {
         let deadline = Instant::now().checked_add(timeout);
         let mut counts = self.progress.state.lock().unwrap();
         let target = counts.queued;
@@ -139,19 +146,22 @@ impl Stream {
             if counts.done >= target {
                 return Ok(());
             }
-            counts = match deadline {
-                None => self.progress.changed.wait(counts).unwrap(),
-                Some(deadline) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(GpuError::Timeout);
-                    }
-                    self.progress.changed.wait_timeout(counts, left).unwrap().0
-                }
-            };
+            let left = deadline.map_or(Duration::MAX, |deadline| deadline.saturating_duration_since(Instant::now()));
+            if left.is_zero() || stop() {
+                return Err(GpuError::Timeout);
+            }
+            counts = self.progress.changed.wait_timeout(counts, left.min(STOP_POLL)).unwrap().0;
         }
     }
+
+    fn abandon(&self) {
+        let mut counts = self.progress.state.lock().unwrap();
+        counts.abandoned = counts.queued;
+    }
 }
+
+/// How often a wait looks at its stop check.
+const STOP_POLL: Duration = Duration::from_millis(20);
 
 pub struct CpuBackend {
     name: String,
@@ -224,8 +234,14 @@ impl Backend for CpuBackend {
         self.state.lock().unwrap().streams.remove(&stream);
     }
 
-    fn synchronize(&self, stream: StreamId, timeout: Duration) -> Result<()> {
-        self.stream(stream)?.wait(timeout)
+    fn synchronize_unless(&self, stream: StreamId, timeout: Duration, stop: &dyn Fn() -> bool) -> Result<()> {
+        self.stream(stream)?.wait(timeout, stop)
+    }
+
+    fn abandon(&self, stream: StreamId) {
+        if let Ok(stream) = self.stream(stream) {
+            stream.abandon();
+        }
     }
 
     fn alloc(&self, stream: StreamId, dtype: DType, len: u64) -> Result<BufferId> {
@@ -296,7 +312,7 @@ impl Backend for CpuBackend {
             };
             let _ = sender.send(read);
         })?;
-        stream.wait(timeout)?;
+        stream.wait(timeout, &|| false)?;
         bytes.recv().map_err(|_| GpuError::DeviceLost("the stream dropped a read".into()))
     }
 
@@ -623,6 +639,34 @@ mod tests {
         release.send(()).unwrap();
         gpu.0.synchronize(gpu.1, Duration::MAX).unwrap();
         assert_eq!(read_f32(&gpu, id), vec![1.0, 2.0], "queued work ran in order once the stream freed");
+    }
+
+    #[test]
+    fn a_wait_ends_when_told_to_stop_and_abandoned_work_never_runs() {
+        let gpu = Gpu::new(1 << 20);
+        let id = gpu.alloc(DType::F32, 2).unwrap();
+        let release = hold(&gpu.0, gpu.1);
+        gpu.write(id, 0, &f32s(&[-1.0, 2.0])).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let waiting = scope.spawn(|| {
+                gpu.0.synchronize_unless(gpu.1, Duration::MAX, &|| stop.load(std::sync::atomic::Ordering::Relaxed))
+            });
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(waiting.join().unwrap(), Err(GpuError::Timeout), "an endless wait ends when told to stop");
+        });
+
+        // The write and the relu behind the busy job are dropped, not run.
+        gpu.relu(id).unwrap();
+        gpu.0.abandon(gpu.1);
+        // (The held job itself may have been dropped too, if it had not started.)
+        let _ = release.send(());
+        gpu.0.synchronize(gpu.1, Duration::MAX).unwrap();
+        assert_eq!(read_f32(&gpu, id), vec![0.0, 0.0]);
+        // Work queued after that runs as ever.
+        gpu.write(id, 0, &f32s(&[-3.0, 4.0])).unwrap();
+        gpu.relu(id).unwrap();
+        assert_eq!(read_f32(&gpu, id), vec![0.0, 4.0]);
     }
 
     #[test]

@@ -368,7 +368,7 @@ impl CudaBackend {
     /// 1/512 of the time waited so far (at most 1 ms): a long wait does not
     /// burn a core and is seen done at most ~0.2% late, as a timed benchmark
     /// against `cuStreamSynchronize` (which spins) needs.
-    fn wait(&self, stream: sys::CUstream, timeout: Duration) -> Result<()> {
+    fn wait(&self, stream: sys::CUstream, timeout: Duration, stop: &dyn Fn() -> bool) -> Result<()> {
         const SPIN: Duration = Duration::from_millis(20);
         let start = Instant::now();
         loop {
@@ -378,7 +378,7 @@ impl CudaBackend {
                 error => return Err(self.driver_error("run the stream's work", DriverError(error))),
             }
             let waited = start.elapsed();
-            if waited >= timeout {
+            if waited >= timeout || stop() {
                 return Err(GpuError::Timeout);
             }
             if waited < SPIN {
@@ -686,9 +686,9 @@ impl Backend for CudaBackend {
         // Dropping the stream destroys it once its queued work is done.
     }
 
-    fn synchronize(&self, stream: StreamId, timeout: Duration) -> Result<()> {
+    fn synchronize_unless(&self, stream: StreamId, timeout: Duration, stop: &dyn Fn() -> bool) -> Result<()> {
         self.enter()?;
-        self.wait(self.stream(stream)?, timeout)
+        self.wait(self.stream(stream)?, timeout, stop)
     }
 
     fn alloc(&self, stream: StreamId, dtype: DType, len: u64) -> Result<BufferId> {
@@ -764,7 +764,7 @@ impl Backend for CudaBackend {
         let stream = self.stream(stream)?;
         // Wait (bounded) for the earlier work, so the copy itself never queues
         // behind a kernel that does not end.
-        self.wait(stream, timeout)?;
+        self.wait(stream, timeout, &|| false)?;
         let src = ptr + offset * dtype.size() as u64;
         unsafe {
             driver::memcpy_dtoh_async(&mut out, src, stream)

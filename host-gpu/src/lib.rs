@@ -130,7 +130,15 @@ pub trait Backend: Send + Sync {
     fn close_stream(&self, stream: StreamId);
     /// Waits until everything queued on `stream` has run; [`GpuError::Timeout`]
     /// when that takes longer than `timeout` (the work keeps running).
-    fn synchronize(&self, stream: StreamId, timeout: Duration) -> Result<()>;
+    fn synchronize(&self, stream: StreamId, timeout: Duration) -> Result<()> {
+        self.synchronize_unless(stream, timeout, &|| false)
+    }
+    /// [`Backend::synchronize`] that also gives up, with [`GpuError::Timeout`],
+    /// soon after `stop` returns true (a cancelled task stops waiting).
+    fn synchronize_unless(&self, stream: StreamId, timeout: Duration, stop: &dyn Fn() -> bool) -> Result<()>;
+    /// Drops the work queued on `stream` that has not started, where the
+    /// backend can (the CPU backend); a GPU runs what it was given.
+    fn abandon(&self, _stream: StreamId) {}
 
     /// A buffer of `len` zeroed elements (zeroed in `stream` order).
     fn alloc(&self, stream: StreamId, dtype: DType, len: u64) -> Result<BufferId>;

@@ -26,8 +26,13 @@ pub struct Session {
     buffers: HashMap<BufferId, u64>,
     kernels: HashSet<KernelId>,
     wait_limit: Duration,
+    /// Ends a wait early when it returns true (the task was cancelled).
+    stop: Option<StopCheck>,
     lost: bool,
 }
+
+/// Says whether the worker's waits should give up now.
+pub type StopCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 
 impl Session {
     /// A session for worker `worker`, which may hold `quota_bytes` of device
@@ -43,6 +48,7 @@ impl Session {
             buffers: HashMap::new(),
             kernels: HashSet::new(),
             wait_limit: DEFAULT_WAIT_LIMIT,
+            stop: None,
             lost: false,
         })
     }
@@ -85,15 +91,33 @@ impl Session {
         DeviceInfo { quota_bytes: self.quota, used_bytes: self.used, ..self.backend.info() }
     }
 
+    /// From now on, every wait (`synchronize`, `read`) also gives up, with
+    /// `timeout`, soon after `stop` returns true.
+    pub fn set_stop(&mut self, stop: StopCheck) {
+        self.stop = Some(stop);
+    }
+
     /// Waits for everything this worker queued.
     pub fn synchronize(&mut self, timeout: Duration) -> Result<()> {
-        let result = self.backend.synchronize(self.stream, timeout);
+        let stop = self.stop.clone();
+        let result =
+            self.backend.synchronize_unless(self.stream, timeout, &|| stop.as_ref().is_some_and(|stop| stop()));
         self.track(result)
+    }
+
+    /// Drops the work this worker queued that has not started yet, where
+    /// the backend can: its task stopped and its instance goes.
+    pub fn abandon(&mut self) {
+        self.backend.abandon(self.stream);
     }
 
     pub fn alloc(&mut self, dtype: DType, len: u64) -> Result<BufferId> {
         let bytes = checks::bytes(dtype, len)?;
         if self.used.checked_add(bytes).is_none_or(|total| total > self.quota) {
+            // A quota of the whole device is no quota: the device is what ran out.
+            if self.quota >= self.backend.info().memory_bytes {
+                return Err(GpuError::OutOfMemory { requested: bytes });
+            }
             return Err(GpuError::QuotaExceeded { requested: bytes, quota: self.quota });
         }
         let result = self.backend.alloc(self.stream, dtype, len);
@@ -126,6 +150,10 @@ impl Session {
 
     pub fn read(&mut self, id: BufferId, offset: u64, len: u64) -> Result<Vec<u8>> {
         self.owned(id)?;
+        if self.stop.is_some() {
+            // The earlier work first, in a wait the stop check can end.
+            self.synchronize(self.wait_limit)?;
+        }
         let result = self.backend.read(self.stream, id, offset, len, self.wait_limit);
         self.track(result)
     }
@@ -248,6 +276,13 @@ mod tests {
         assert_eq!(backend.memory_used(), 64);
         assert!(session.free(a).is_err(), "a freed buffer is gone");
         session.free(b).unwrap();
+    }
+
+    #[test]
+    fn without_a_quota_of_its_own_a_worker_runs_out_of_device_memory() {
+        // No `gpu_memory`: the runtime gives the whole device as the quota.
+        let mut session = Session::new(backend(), 0, 1 << 20).unwrap();
+        assert_eq!(session.alloc(DType::F32, 1 << 20), Err(GpuError::OutOfMemory { requested: 4 << 20 }));
     }
 
     #[test]

@@ -293,5 +293,12 @@ fn synchronize_times_out_on_a_long_kernel() {
     // About a second at 1-2 GHz.
     gpu.launch(kernel, &one, &[KernelArg::U64(2_000_000_000)]).unwrap();
     assert_eq!(gpu.synchronize(Duration::from_millis(20)), Err(GpuError::Timeout));
+    // A stop check (a cancelled task) ends even an unbounded wait.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    gpu.set_stop(Arc::new(move || flag.load(std::sync::atomic::Ordering::Relaxed)));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(gpu.synchronize(Duration::MAX), Err(GpuError::Timeout));
+    stop.store(false, std::sync::atomic::Ordering::Relaxed);
     gpu.synchronize(WAIT).unwrap();
 }

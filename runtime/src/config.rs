@@ -310,7 +310,11 @@ impl RawRuntime {
             ensure(
                 bytes >= 1 << 20,
                 "gpu_memory",
-                format!("{} is less than the 1Mi a worker's GPU memory may be{}", describe_size(bytes), bytes_hint(bytes)),
+                format!(
+                    "{} is less than the 1Mi a worker's GPU memory may be{}",
+                    describe_size(bytes),
+                    bytes_hint(bytes)
+                ),
             )?;
         }
         let timeout = self.timeout.map_or(d.timeout, |t| t.0);
@@ -799,7 +803,10 @@ callback_url = "https://example.com/beamlet/done"
     #[test]
     fn a_size_without_a_unit_is_said_to_be_bytes() {
         let message = error("[runtime]\nmemory = 512");
-        assert!(message.contains("512 bytes split across 1 workers") && message.contains("write \"512Mi\""), "{message}");
+        assert!(
+            message.contains("512 bytes split across 1 workers") && message.contains("write \"512Mi\""),
+            "{message}"
+        );
         let message = error("[runtime]\ngpu = \"any\"\ngpu_memory = 256");
         assert!(message.contains("256 bytes is less than the 1Mi") && message.contains("\"256Mi\""), "{message}");
     }

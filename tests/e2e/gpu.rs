@@ -128,3 +128,25 @@ fn a_scale_to_zero_app_that_cannot_start_gives_its_gpu_back() {
     server.deploy_guest("healthy", "guest-gpu", Some("[runtime]\ngpu = \"any\"\ngpu_memory = \"64Mi\"\n"));
     assert_eq!(call(&server, "healthy", r#"{"mode":"info"}"#)["backend"], "cpu");
 }
+
+#[test]
+fn a_cancelled_task_stops_waiting_on_the_gpu_and_its_queued_work_is_dropped() {
+    let server = Server::start("gpu-cancel", &["--gpu-backend", "cpu", "--gpus", "1"]);
+    let config = "[runtime]\nworkers = 1\ngpu = \"any\"\ntimeout = \"300s\"\n";
+    server.deploy_guest("busy", "guest-gpu", Some(config));
+    // Hours of GEMMs for the CPU backend, queued at once, then waited on.
+    let id = submit(&server, "busy", r#"{"mode":"busy","n":1024,"iters":100000}"#);
+    wait_for("the task to run", LONG, || (server.get(&format!("/v1/tasks/{id}"))["status"] == "RUNNING").then_some(()));
+    std::thread::sleep(Duration::from_millis(500));
+    let cancelled = server.http.delete(server.url(&format!("/v1/tasks/{id}"))).send().unwrap();
+    assert_eq!(cancelled.status(), 200);
+
+    // The only worker is free again long before the task's timeout: the
+    // wait ended with the cancel and the GEMMs not begun were dropped, so
+    // the replica did not have to be replaced to free its GPU.
+    let next = submit(&server, "busy", r#"{"mode":"info"}"#);
+    let record = server.get(&format!("/v1/tasks/{next}?wait=60s"));
+    assert_eq!((record["status"].as_str(), record["attempts"].as_u64()), (Some("COMPLETE"), Some(1)), "{record}");
+    let status = server.status("busy");
+    assert_eq!(status["replicas"][0]["restarts"], 0, "{status}");
+}

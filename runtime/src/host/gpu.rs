@@ -44,8 +44,18 @@ impl WorkerGpu {
     /// it is still running then.
     pub(crate) fn settles(&mut self, grace: Duration) -> bool {
         match self {
-            WorkerGpu::Ready(session) => !matches!(session.synchronize(grace), Err(GpuError::Timeout)),
+            // Not `session.synchronize`: the task's cancel must not cut this wait short.
+            WorkerGpu::Ready(session) => {
+                !matches!(session.backend().synchronize(session.stream(), grace), Err(GpuError::Timeout))
+            }
             WorkerGpu::Unavailable(_) => true,
+        }
+    }
+
+    /// Drops the work the worker queued that has not started (CPU backend).
+    pub(crate) fn abandon(&mut self) {
+        if let WorkerGpu::Ready(session) = self {
+            session.abandon();
         }
     }
 

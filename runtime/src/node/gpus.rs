@@ -6,6 +6,9 @@ use crate::config::format_size;
 use crate::ipc::GpuBackendKind;
 use crate::supervisor::{Gpus, NodeGpu};
 
+/// More CPU-backed GPUs than this is a typo, not a test setup.
+const MAX_CPU_GPUS: u32 = 64;
+
 /// How `beamlet serve` finds its GPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum GpuBackendChoice {
@@ -35,7 +38,24 @@ pub(crate) fn discover(choice: GpuBackendChoice, count: Option<u32>, cpu_memory:
     };
     let gpus = match choice {
         GpuBackendChoice::Cpu => {
-            let devices = (0..count.unwrap_or(1))
+            let count = count.unwrap_or(1);
+            if count > MAX_CPU_GPUS {
+                bail!("--gpus {count}: at most {MAX_CPU_GPUS} GPUs backed by the CPU backend");
+            }
+            if cpu_memory == 0 {
+                bail!("--cpu-gpu-memory must be more than 0: it is the memory each CPU-backed GPU offers");
+            }
+            // Host memory, taken as guests fill their buffers.
+            let machine = crate::supervisor::Capacity::of_this_machine().memory;
+            if u64::from(count).saturating_mul(cpu_memory) > machine {
+                tracing::warn!(
+                    "{count} CPU-backed GPUs of {} each offer more than this machine's {:.1}Gi of memory: GPU \
+                     apps that fill them would exhaust it; lower --cpu-gpu-memory",
+                    format_size(cpu_memory),
+                    machine as f64 / f64::from(1u32 << 30)
+                );
+            }
+            let devices = (0..count)
                 .map(|index| NodeGpu {
                     index,
                     name: format!("cpu-backend-{index}"),
@@ -55,9 +75,13 @@ pub(crate) fn discover(choice: GpuBackendChoice, count: Option<u32>, cpu_memory:
         GpuBackendChoice::Auto => match cuda() {
             Ok(gpus) if !gpus.devices.is_empty() => gpus,
             Ok(_) | Err(_) => {
-                tracing::info!(
-                    "no NVIDIA GPU found; GPU apps will wait (serve them on the CPU with --gpu-backend cpu --gpus 1)"
-                );
+                let cpu_hint = "serve them on the CPU with --gpu-backend cpu --gpus 1";
+                match count {
+                    Some(wanted) if wanted > 0 => tracing::warn!(
+                        "--gpus {wanted}: no NVIDIA GPU found, so this node runs no GPU app ({cpu_hint})"
+                    ),
+                    _ => tracing::info!("no NVIDIA GPU found: this node runs no GPU app ({cpu_hint})"),
+                }
                 Gpus::default()
             }
         },

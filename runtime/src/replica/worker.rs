@@ -118,8 +118,11 @@ impl Worker {
         };
         let gpu = match (&self.gpu, &self.spec.gpu) {
             (Some(backend), Some(spec)) => {
-                let session = Session::new(backend.clone(), self.index as usize, spec.quota_per_worker)
+                let mut session = Session::new(backend.clone(), self.index as usize, spec.quota_per_worker)
                     .map_err(|e| anyhow!("failed to open the worker's GPU stream: {e}"))?;
+                // A cancelled task's GPU wait ends then, not at its deadline.
+                let cancel = self.cancel.clone();
+                session.set_stop(Arc::new(move || cancel.is_set()));
                 WorkerGpu::Ready(session)
             }
             _ => WorkerGpu::Unavailable(format!(
@@ -286,6 +289,10 @@ impl Worker {
         // destroying the context stops a kernel that never ends, and it
         // would hold the device for every later task.
         let overran = Instant::now() >= deadline;
+        if !keep {
+            // Its instance goes: what it queued and has not started need not run.
+            store.data_mut().gpu.abandon();
+        }
         if (!keep || overran) && !store.data_mut().gpu.settles(GPU_SETTLE) {
             self.gpu_stuck = true;
         }

@@ -221,6 +221,7 @@ async fn run_placed(plan: &Plan, spec: &ReplicaSpec, info: &Arc<Mutex<ReplicaInf
             ahead: VecDeque::new(),
             started: HashMap::new(),
             restarting: 0,
+            exiting: false,
             streams: HashMap::new(),
         };
         let result = run.once(stop).await;
@@ -276,6 +277,9 @@ struct Run<'a> {
     restarting: usize,
     /// Runs whose HTTP bodies stream; their failures are final.
     streams: HashMap<u64, Streams>,
+    /// A worker said the process exits (its GPU failed or is stuck): it is
+    /// sent no more runs, so a task it gave back is retried elsewhere.
+    exiting: bool,
 }
 
 /// Where one run's streamed bodies go.
@@ -342,7 +346,8 @@ impl Run<'_> {
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                lease = plan.dispatch.next(&spec.app, self.all_busy()), if self.inflight.len() < pace.window(spec.workers) && !draining => {
+                lease = plan.dispatch.next(&spec.app, self.all_busy()),
+                    if self.inflight.len() < pace.window(spec.workers) && !draining && !self.exiting => {
                     seq += 1;
                     if self.all_busy() {
                         self.ahead.push_back(seq);
@@ -483,6 +488,7 @@ impl Run<'_> {
         // going down (its GPU failed), nor if that new instance fails to start.
         self.ahead.retain(|seq| *seq != done.seq);
         self.started.remove(&done.seq);
+        self.exiting |= done.exits;
         if done.restarts {
             self.restarting += 1;
         } else if !done.exits {

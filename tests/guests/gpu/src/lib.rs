@@ -15,6 +15,8 @@
 //! - `{"mode": "fault"}`: launches a kernel that writes far past its buffer
 //! - `{"mode": "endless"}`: launches a kernel that never ends and waits for it
 //!   (CUDA: a sticky error, so `device-lost` and a replaced replica)
+//! - `{"mode": "busy", "n": N, "iters": K}`: queues K f32 GEMMs of N x N and
+//!   waits up to 10 minutes for them (a task to cancel while it waits)
 
 use std::sync::Mutex;
 
@@ -28,6 +30,10 @@ struct Input {
     mode: String,
     #[serde(default)]
     bytes: u64,
+    #[serde(default)]
+    n: u64,
+    #[serde(default)]
+    iters: u32,
 }
 
 /// What `hold` keeps alive.
@@ -92,6 +98,16 @@ fn run(input: &Input) -> Result<Value, GpuError> {
             let c = Buffer::<f32>::zeros(4)?;
             Gemm::new(2, 2, 2).run(&a, &b, &c)?;
             json!({"c": c.to_vec()?})
+        }
+        "busy" => {
+            let elements = input.n * input.n;
+            let (a, b, c) =
+                (Buffer::<f32>::zeros(elements)?, Buffer::<f32>::zeros(elements)?, Buffer::<f32>::zeros(elements)?);
+            for _ in 0..input.iters {
+                Gemm::new(input.n, input.n, input.n).run(&a, &b, &c)?;
+            }
+            beamlet_sdk::gpu::synchronize(std::time::Duration::from_secs(600))?;
+            json!({"ran": input.iters})
         }
         other => json!({"error": "UnknownMode", "message": other}),
     })
