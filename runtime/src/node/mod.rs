@@ -243,9 +243,12 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
         format!("failed to listen on {}; is another server using it? pick another with --listen", options.listen)
     })?;
     let addr = listener.local_addr()?;
+    // Whoever reads stdout may be gone (`beamlet serve | head`): the node serves on.
     let mut stdout = tokio::io::stdout();
-    stdout.write_all(format!("listening on http://{addr}\n").as_bytes()).await?;
-    stdout.flush().await?;
+    let printed = stdout.write_all(format!("listening on http://{addr}\n").as_bytes()).await;
+    if let Err(e) = printed.and(stdout.flush().await) {
+        tracing::warn!("could not print the address to stdout: {e}");
+    }
     tracing::info!(
         data_dir = ?options.data_dir, cpus = options.capacity.cpu, memory = %crate::config::format_size(options.capacity.memory),
         "beamlet node serving on http://{addr}"
