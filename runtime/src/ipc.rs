@@ -331,7 +331,8 @@ mod raw_part {
     }
 }
 
-fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>> {
+/// A message as a frame: its length, then its body.
+pub(crate) fn frame<T: Serialize>(message: &T) -> Result<Vec<u8>> {
     let mut frame = postcard::to_extend(message, vec![0u8; 4]).context("failed to encode frame")?;
     let len = u32::try_from(frame.len() - 4).context("frame too large")?;
     frame[..4].copy_from_slice(&len.to_le_bytes());
@@ -352,7 +353,7 @@ fn check_len(len: u32) -> Result<usize> {
 
 /// Blocking side, used by the replica process.
 pub(crate) fn write_blocking<T: Serialize>(out: &mut impl Write, message: &T) -> Result<()> {
-    out.write_all(&encode(message)?)?;
+    out.write_all(&frame(message)?)?;
     out.flush()?;
     Ok(())
 }
@@ -375,7 +376,7 @@ pub(crate) async fn write_async<T: Serialize>(
     out: &mut (impl tokio::io::AsyncWrite + Unpin),
     message: &T,
 ) -> Result<()> {
-    out.write_all(&encode(message)?).await?;
+    out.write_all(&frame(message)?).await?;
     out.flush().await?;
     Ok(())
 }

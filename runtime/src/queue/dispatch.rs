@@ -154,13 +154,23 @@ impl Dispatch {
             let notified = arrivals.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let now = now_ms();
-            let lease = if ahead { self.queue.lease_ahead(app, now) } else { self.queue.lease(app, now) };
-            if let Some(lease) = lease {
+            if let Some(lease) = self.lease(app, ahead) {
                 return lease;
             }
             notified.await;
         }
+    }
+
+    /// [`Dispatch::next`] without waiting: the app's next task, if one waits now.
+    fn lease(&self, app: &str, ahead: bool) -> Option<Lease> {
+        let now = now_ms();
+        if ahead { self.queue.lease_ahead(app, now) } else { self.queue.lease(app, now) }
+    }
+
+    /// Another task to send with the one [`Dispatch::next`] gave, if one
+    /// waits and looking is cheap (not a round trip to a shared store).
+    pub(crate) fn also_next(&self, app: &str, ahead: bool) -> Option<Lease> {
+        self.queue.leases_are_cheap().then(|| self.lease(app, ahead)).flatten()
     }
 
     /// A task leased ahead has started.

@@ -297,6 +297,11 @@ pub(crate) trait Queue: Send + Sync + 'static {
     fn is_available(&self) -> bool {
         true
     }
+    /// Whether a lease that finds nothing costs next to nothing (in
+    /// memory), so a replica may look for more runs to send in one write.
+    fn leases_are_cheap(&self) -> bool {
+        true
+    }
     /// Resolves once every change made so far is durable (at once for a
     /// store that keeps nothing); an error if it could not be made durable.
     fn sync(&self) -> oneshot::Receiver<()>;

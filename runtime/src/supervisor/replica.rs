@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde::Serialize;
-use tokio::io::BufReader;
+use tokio::io::{AsyncWriteExt as _, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{mpsc, watch};
 
@@ -348,35 +348,36 @@ impl Run<'_> {
             tokio::select! {
                 lease = plan.dispatch.next(&spec.app, self.all_busy()),
                     if self.inflight.len() < pace.window(spec.workers) && !draining && !self.exiting => {
-                    seq += 1;
-                    if self.all_busy() {
-                        self.ahead.push_back(seq);
-                    } else {
-                        self.started.insert(seq, Instant::now());
+                    // This run and any others already waiting, up to the
+                    // window, go in one write: one wake-up of the replica.
+                    let (mut batch, mut sent) = (Vec::new(), Vec::new());
+                    let mut next = Some(lease);
+                    while let Some(lease) = next.take() {
+                        seq += 1;
+                        let id = lease.id.clone();
+                        batch.extend_from_slice(&ipc::frame(&self.admit(seq, lease, &cancel_tx))?);
+                        sent.push((seq, id));
+                        if self.inflight.len() < pace.window(spec.workers) {
+                            next = plan.dispatch.also_next(&spec.app, self.all_busy());
+                        }
                     }
-                    plan.dispatch.route(&lease.id, &cancel_tx);
-                    let run = RunTask {
-                        seq,
-                        task_id: lease.id.clone(),
-                        attempt: lease.attempt,
-                        timeout_ms: u64::try_from(lease.timeout.as_millis()).unwrap_or(u64::MAX),
-                        input: lease.input.to_vec(),
-                    };
-                    let id = lease.id.clone();
-                    self.inflight.insert(seq, lease);
                     self.set_busy();
-                    if let Err(e) = send(&mut write, &ToReplica::Run(run)).await {
-                        // The run never reached the replica: it goes back
+                    if let Err(e) = send_bytes(&mut write, &batch).await {
+                        // The runs never reached the replica: they go back
                         // first in line without spending an attempt.
-                        if self.started.remove(&seq).is_some() {
-                            self.ahead.push_front(seq);
+                        for (seq, _) in sent.iter().rev() {
+                            if self.started.remove(seq).is_some() {
+                                self.ahead.push_front(*seq);
+                            }
                         }
                         return Err(e);
                     }
-                    if let Some(body) = plan.bodies.take_request(&id) {
-                        let (wants, asks) = mpsc::unbounded_channel();
-                        tokio::spawn(bodies::pump_request(seq, body, asks, out.clone()));
-                        self.streams.entry(seq).or_default().wants = Some(wants);
+                    for (seq, id) in sent {
+                        if let Some(body) = plan.bodies.take_request(&id) {
+                            let (wants, asks) = mpsc::unbounded_channel();
+                            tokio::spawn(bodies::pump_request(seq, body, asks, out.clone()));
+                            self.streams.entry(seq).or_default().wants = Some(wants);
+                        }
                     }
                 }
                 frame = frames.recv() => match frame {
@@ -425,6 +426,26 @@ impl Run<'_> {
                 }
             }
         }
+    }
+
+    /// Takes `lease` as run `seq`: to a free worker, or to wait in the
+    /// replica behind busy ones.
+    fn admit(&mut self, seq: u64, lease: Lease, cancels: &mpsc::UnboundedSender<TaskId>) -> ToReplica {
+        if self.all_busy() {
+            self.ahead.push_back(seq);
+        } else {
+            self.started.insert(seq, Instant::now());
+        }
+        self.plan.dispatch.route(&lease.id, cancels);
+        let run = RunTask {
+            seq,
+            task_id: lease.id.clone(),
+            attempt: lease.attempt,
+            timeout_ms: u64::try_from(lease.timeout.as_millis()).unwrap_or(u64::MAX),
+            input: lease.input.to_vec(),
+        };
+        self.inflight.insert(seq, lease);
+        ToReplica::Run(run)
     }
 
     /// A run unanswered [`HUNG_AFTER`] past its timeout, if any.
@@ -664,7 +685,12 @@ impl Pace {
 /// Writes a frame to the replica. One that stops reading its socket (hung)
 /// fails the write after [`HUNG_AFTER`] instead of blocking the node's side.
 async fn send(write: &mut OwnedWriteHalf, message: &ToReplica) -> Result<()> {
-    match tokio::time::timeout(HUNG_AFTER, ipc::write_async(write, message)).await {
+    send_bytes(write, &ipc::frame(message)?).await
+}
+
+/// [`send`] of frames already encoded.
+async fn send_bytes(write: &mut OwnedWriteHalf, frames: &[u8]) -> Result<()> {
+    match tokio::time::timeout(HUNG_AFTER, write.write_all(frames)).await {
         Ok(written) => written.context("failed to write to the replica"),
         Err(_) => bail!("the replica did not read its socket for {HUNG_AFTER:?}: it was hung, so it was killed"),
     }

@@ -512,6 +512,11 @@ impl Queue for RedisQueue {
         !self.failing.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Each is a round trip to Redis.
+    fn leases_are_cheap(&self) -> bool {
+        false
+    }
+
     /// Redis has each change once it answers; how durable that is, is the
     /// server's setting (`appendonly yes` keeps tasks across its restarts).
     fn sync(&self) -> oneshot::Receiver<()> {
