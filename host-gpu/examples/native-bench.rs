@@ -4,7 +4,9 @@
 //! through `beamlet_gpu::Session` on `CudaBackend` (the host side of a guest
 //! call, without wasm).
 //!
-//! Prints one JSON object: medians in ms (gemm, saxpy) and us (launch),
+//! Prints one JSON object: mean ms per op (gemm, saxpy: warm-up, runs queued
+//! back to back, one synchronize, as the guest times them) and median us
+//! per launch over rounds of 512,
 //! TFLOP/s and GB/s, and the backend/native ratios. GEMM results are checked
 //! against an f64 CPU dot product on sampled entries; a mismatch fails.
 //!
@@ -28,9 +30,14 @@ const SAXPY: &str = r#"extern "C" __global__ void saxpy(float a, const float* x,
     if (i < n) y[i] = a * x[i] + y[i];
 }"#;
 const EMPTY: &str = r#"extern "C" __global__ void empty() {}"#;
-const WARMUP: usize = 3;
-const RUNS: usize = 10;
-const LAUNCHES: usize = 10_000;
+/// Runs per timed op, as `scripts/bench-gpu` asks the guest for them.
+const GEMM_BF16_ITERS: u32 = 20;
+const GEMM_F32_ITERS: u32 = 10;
+const SAXPY_ITERS: u32 = 20;
+/// Launches per round: rounds never fill the driver's launch queue (which
+/// would pace the calls by the GPU, not the host).
+const ROUND: usize = 512;
+const ROUNDS: usize = 21;
 const WAIT: Duration = Duration::from_secs(60);
 
 fn median(mut samples: Vec<f64>) -> f64 {
@@ -38,21 +45,26 @@ fn median(mut samples: Vec<f64>) -> f64 {
     samples[samples.len() / 2]
 }
 
-/// Median seconds of `op` (which must finish its work before returning).
-fn time(mut op: impl FnMut() -> Result<(), Error>) -> Result<f64, Error> {
-    for _ in 0..WARMUP {
-        op()?;
+/// Mean seconds per `op`, timed as the guest times it (tests/guests/gpubench):
+/// one run and a `sync` to warm up, then `iters` runs queued back to back
+/// and one `sync`.
+fn timed<T>(
+    state: &mut T,
+    iters: u32,
+    op: impl Fn(&mut T) -> Result<(), Error>,
+    sync: impl Fn(&mut T) -> Result<(), Error>,
+) -> Result<f64, Error> {
+    op(state)?;
+    sync(state)?;
+    let start = Instant::now();
+    for _ in 0..iters {
+        op(state)?;
     }
-    let mut samples = Vec::with_capacity(RUNS);
-    for _ in 0..RUNS {
-        let start = Instant::now();
-        op()?;
-        samples.push(start.elapsed().as_secs_f64());
-    }
-    Ok(median(samples))
+    sync(state)?;
+    Ok(start.elapsed().as_secs_f64() / f64::from(iters))
 }
 
-/// Median host microseconds per `launch` over rounds of [`LAUNCHES`], the
+/// Median host microseconds per `launch` over rounds of [`ROUND`], the
 /// queue drained (`sync`) between rounds and not counted; the first round
 /// warms up.
 fn per_launch_us<T>(
@@ -61,13 +73,13 @@ fn per_launch_us<T>(
     sync: impl Fn(&mut T) -> Result<(), Error>,
 ) -> Result<f64, Error> {
     let mut samples = Vec::new();
-    for round in 0..6 {
+    for round in 0..ROUNDS {
         let start = Instant::now();
-        for _ in 0..LAUNCHES {
+        for _ in 0..ROUND {
             launch(state)?;
         }
         if round > 0 {
-            samples.push(start.elapsed().as_secs_f64() / LAUNCHES as f64 * 1e6);
+            samples.push(start.elapsed().as_secs_f64() / ROUND as f64 * 1e6);
         }
         sync(state)?;
     }
@@ -225,29 +237,47 @@ fn run() -> Result<(), Error> {
     let flops = 2.0 * (n as f64).powi(3);
     let mut report = Vec::new();
     report.push(format!("\"device\": {:?}", ctx.name()?));
+    // Which libraries were loaded: NVRTC newer than the driver makes PTX it cannot load.
+    let (mut driver, mut nvrtc_major, mut nvrtc_minor, mut cublas) = (0, 0, 0, 0);
+    // SAFETY: `probe` found the libraries; plain out-parameters.
+    unsafe {
+        cudarc::driver::sys::cuDriverGetVersion(&mut driver);
+        cudarc::nvrtc::sys::nvrtcVersion(&mut nvrtc_major, &mut nvrtc_minor);
+        cudarc::cublas::sys::cublasGetVersion_v2(handle, &mut cublas);
+    }
+    report.push(format!(
+        "\"driver_cuda\": \"{}.{}\", \"nvrtc\": \"{nvrtc_major}.{nvrtc_minor}\", \"cublas\": {cublas}",
+        driver / 1000,
+        driver % 1000 / 10
+    ));
     report.push(format!("\"n\": {n}, \"saxpy_n\": {saxpy_n}, \"context_s\": {context_s:.3}"));
 
     // Native GEMMs.
     let mut native_ms = std::collections::HashMap::new();
     for dtype in [DType::BF16, DType::F32] {
+        let iters = if dtype == DType::F32 { GEMM_F32_ITERS } else { GEMM_BF16_ITERS };
         let (ms, c) = if dtype == DType::F32 {
             let (da, db) = (stream.clone_htod(&a)?, stream.clone_htod(&b)?);
             let mut dc = stream.alloc_zeros::<f32>(n * n)?;
             let (pa, pb, pc) = (da.device_ptr(&stream).0, db.device_ptr(&stream).0, dc.device_ptr_mut(&stream).0);
-            let secs = time(|| {
-                native.gemm(n as i32, pa, pb, pc, dtype)?;
-                Ok(native.stream.synchronize()?)
-            })?;
+            let secs = timed(
+                &mut (),
+                iters,
+                |_| native.gemm(n as i32, pa, pb, pc, dtype),
+                |_| Ok(native.stream.synchronize()?),
+            )?;
             (secs * 1e3, stream.clone_dtoh(&dc)?)
         } else {
             let bits = |v: &[f32]| v.iter().map(|x| bf16::from_f32(*x).to_bits()).collect::<Vec<u16>>();
             let (da, db) = (stream.clone_htod(&bits(&a))?, stream.clone_htod(&bits(&b))?);
             let mut dc = stream.alloc_zeros::<u16>(n * n)?;
             let (pa, pb, pc) = (da.device_ptr(&stream).0, db.device_ptr(&stream).0, dc.device_ptr_mut(&stream).0);
-            let secs = time(|| {
-                native.gemm(n as i32, pa, pb, pc, dtype)?;
-                Ok(native.stream.synchronize()?)
-            })?;
+            let secs = timed(
+                &mut (),
+                iters,
+                |_| native.gemm(n as i32, pa, pb, pc, dtype),
+                |_| Ok(native.stream.synchronize()?),
+            )?;
             let c: Vec<f32> = stream.clone_dtoh(&dc)?.into_iter().map(|h| bf16::from_bits(h).to_f32()).collect();
             (secs * 1e3, c)
         };
@@ -273,12 +303,17 @@ fn run() -> Result<(), Error> {
     let config = CudaLaunch::for_num_elems(saxpy_n as u32);
     let config = CudaLaunch { block_dim: (256, 1, 1), grid_dim: ((saxpy_n as u32).div_ceil(256), 1, 1), ..config };
     let (alpha, count) = (2f32, saxpy_n as u64);
-    let native_saxpy_ms = time(|| {
-        let mut launch = stream.launch_builder(&saxpy);
-        launch.arg(&alpha).arg(&x).arg(&mut y).arg(&count);
-        unsafe { launch.launch(config)? };
-        Ok(stream.synchronize()?)
-    })? * 1e3;
+    let native_saxpy_ms = timed(
+        &mut y,
+        SAXPY_ITERS,
+        |y| {
+            let mut launch = stream.launch_builder(&saxpy);
+            launch.arg(&alpha).arg(&x).arg(y).arg(&count);
+            unsafe { launch.launch(config)? };
+            Ok(())
+        },
+        |_| Ok(stream.synchronize()?),
+    )? * 1e3;
     let empty = ctx.load_module(compile(EMPTY)?)?.load_function("empty")?;
     let one = CudaLaunch { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
     let native_launch_us = per_launch_us(
@@ -298,6 +333,7 @@ fn run() -> Result<(), Error> {
     session.set_wait_limit(WAIT);
     let mut backend_ms = std::collections::HashMap::new();
     for dtype in [DType::BF16, DType::F32] {
+        let iters = if dtype == DType::F32 { GEMM_F32_ITERS } else { GEMM_BF16_ITERS };
         let len = (n * n) as u64;
         let (ba, bb, bc) = (session.alloc(dtype, len)?, session.alloc(dtype, len)?, session.alloc(dtype, len)?);
         let encode = if dtype == DType::F32 { f32_bytes } else { bf16_bytes };
@@ -318,10 +354,7 @@ fn run() -> Result<(), Error> {
             c: bc,
             ldc: n as u64,
         };
-        let ms = time(|| {
-            session.gemm(&args)?;
-            Ok(session.synchronize(WAIT)?)
-        })? * 1e3;
+        let ms = timed(&mut session, iters, |s| Ok(s.gemm(&args)?), |s| Ok(s.synchronize(WAIT)?))? * 1e3;
         let bytes = session.read(bc, 0, len)?;
         let c: Vec<f32> = if dtype == DType::F32 {
             bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
@@ -353,10 +386,12 @@ fn run() -> Result<(), Error> {
         LaunchConfig { grid: [(saxpy_n as u32).div_ceil(256), 1, 1], block: [256, 1, 1], shared_mem_bytes: 0 };
     let saxpy_args =
         [KernelArg::F32(2.0), KernelArg::Buffer(bx), KernelArg::Buffer(by), KernelArg::U64(saxpy_n as u64)];
-    let backend_saxpy_ms = time(|| {
-        session.launch(kernel, &saxpy_config, &saxpy_args)?;
-        Ok(session.synchronize(WAIT)?)
-    })? * 1e3;
+    let backend_saxpy_ms = timed(
+        &mut session,
+        SAXPY_ITERS,
+        |s| Ok(s.launch(kernel, &saxpy_config, &saxpy_args)?),
+        |s| Ok(s.synchronize(WAIT)?),
+    )? * 1e3;
     let empty = session.compile(&KernelSource::CudaC(EMPTY.into()), "empty", &[])?;
     let one = LaunchConfig { grid: [1; 3], block: [1; 3], shared_mem_bytes: 0 };
     let backend_launch_us = per_launch_us(

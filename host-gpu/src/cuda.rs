@@ -290,7 +290,16 @@ impl CudaBackend {
         if self.lost.load(Ordering::Relaxed) {
             return Err(GpuError::DeviceLost("an earlier error ended this GPU's context".into()));
         }
-        self.ctx.bind_to_thread().map_err(|e| self.driver_error("bind the context", e))
+        // Not `CudaContext::bind_to_thread`: it also hands back (and clears)
+        // an error that a drop on another worker's thread recorded on the
+        // shared context, failing this worker's unrelated call instead.
+        let ctx = self.ctx.cu_ctx();
+        let bound = driver::ctx::get_current().map_err(|e| self.driver_error("find the current context", e))?;
+        if bound != Some(ctx) {
+            // SAFETY: the context lives as long as `self.ctx`.
+            unsafe { driver::ctx::set_current(ctx) }.map_err(|e| self.driver_error("bind the context", e))?;
+        }
+        Ok(())
     }
 
     /// Maps a driver error; a sticky one marks the device lost.
@@ -999,7 +1008,9 @@ impl Drop for CudaBackend {
         let bound = self.ctx.bind_to_thread().is_ok();
         // A panic in Drop while unwinding aborts: take poisoned locks as is.
         let blas = self.blas.get_mut().unwrap_or_else(|e| e.into_inner());
-        if bound {
+        // A lost context may never finish its work (a kernel that does not
+        // end): waiting for it would hold the process, and the GPU, forever.
+        if bound && !self.lost.load(Ordering::Relaxed) {
             let _ = self.ctx.synchronize();
             unsafe {
                 let _ = blas::destroy_handle(blas.handle.0);

@@ -216,7 +216,10 @@ impl Worker {
             self.replies.send(&FromReplica::Done(done));
             if let Some(reason) = exit {
                 tracing::error!(app = %self.spec.app, replica = %self.spec.replica, "{reason}; exiting");
-                std::process::exit(3);
+                // `_exit`, not `exit`: the CUDA libraries' exit handlers may
+                // wait for the very GPU work that never ends.
+                // SAFETY: ends the process at once; nothing after it runs.
+                unsafe { libc::_exit(3) };
             }
             if self.live.is_none()
                 && let Err(e) = self.instantiate()

@@ -221,7 +221,7 @@ async fn run_placed(plan: &Plan, spec: &ReplicaSpec, info: &Arc<Mutex<ReplicaInf
             ahead: VecDeque::new(),
             started: HashMap::new(),
             restarting: 0,
-            exiting: false,
+            exiting: None,
             streams: HashMap::new(),
         };
         let result = run.once(stop).await;
@@ -277,9 +277,9 @@ struct Run<'a> {
     restarting: usize,
     /// Runs whose HTTP bodies stream; their failures are final.
     streams: HashMap<u64, Streams>,
-    /// A worker said the process exits (its GPU failed or is stuck): it is
-    /// sent no more runs, so a task it gave back is retried elsewhere.
-    exiting: bool,
+    /// When a worker said the process exits (its GPU failed or is stuck): it
+    /// is sent no more runs, so a task it gave back is retried elsewhere.
+    exiting: Option<Instant>,
 }
 
 /// Where one run's streamed bodies go.
@@ -347,7 +347,7 @@ impl Run<'_> {
         loop {
             tokio::select! {
                 lease = plan.dispatch.next(&spec.app, self.all_busy()),
-                    if self.inflight.len() < pace.window(spec.workers) && !draining && !self.exiting => {
+                    if self.inflight.len() < pace.window(spec.workers) && !draining && self.exiting.is_none() => {
                     // This run and any others already waiting, up to the
                     // window, go in one write: one wake-up of the replica.
                     let (mut batch, mut sent) = (Vec::new(), Vec::new());
@@ -416,6 +416,12 @@ impl Run<'_> {
                     send(&mut write, &ToReplica::Drain).await?;
                 }
                 _ = watchdog.tick() => {
+                    if self.exiting.is_some_and(|since| since.elapsed() > EXIT_GRACE) {
+                        // Its exit hangs (in a GPU library's teardown, say): it
+                        // would hold its GPU until killed.
+                        let _ = child.kill().await;
+                        bail!("the replica said it was exiting but was still running {EXIT_GRACE:?} later, so it was killed");
+                    }
                     if let Some(id) = self.overdue() {
                         let _ = child.kill().await;
                         bail!(
@@ -509,7 +515,9 @@ impl Run<'_> {
         // going down (its GPU failed), nor if that new instance fails to start.
         self.ahead.retain(|seq| *seq != done.seq);
         self.started.remove(&done.seq);
-        self.exiting |= done.exits;
+        if done.exits {
+            self.exiting.get_or_insert_with(Instant::now);
+        }
         if done.restarts {
             self.restarting += 1;
         } else if !done.exits {
@@ -681,6 +689,9 @@ impl Pace {
         (workers + ahead) as usize
     }
 }
+
+/// How long a replica that said it exits may take to be gone.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
 
 /// Writes a frame to the replica. One that stops reading its socket (hung)
 /// fails the write after [`HUNG_AFTER`] instead of blocking the node's side.

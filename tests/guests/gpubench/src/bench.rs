@@ -128,25 +128,38 @@ pub fn saxpy(n: u64, iters: u32) -> Result<Compiled<Timed>, GpuError> {
 #[derive(Debug, Serialize)]
 pub struct Launches {
     pub iters: u32,
-    /// Host microseconds per launch call, the queued launches alone.
+    /// Host microseconds per launch call: the median over rounds of at
+    /// most [`ROUND`] queued launches (a round never fills the driver's
+    /// launch queue, which would pace the calls by the GPU instead).
     pub launch_us: f64,
-    /// Microseconds per launch including the final synchronize.
+    /// Microseconds per launch including each round's synchronize.
     pub total_us: f64,
 }
 
-/// `iters` launches of an empty kernel: the cost of one launch through the host.
+/// Launches per round, as `gpu-native-bench` times them.
+const ROUND: u32 = 512;
+
+/// `iters` launches of an empty kernel, in rounds: the cost of one launch
+/// through the host.
 pub fn launch(iters: u32) -> Result<Compiled<Launches>, GpuError> {
     let (kernel, compile_ms) = kernel(&EMPTY_KERNEL, EMPTY, "empty", &[])?;
     let config = LaunchConfig::new((1, 1, 1), (1, 1, 1));
     kernel.launch(config, &[])?;
     gpu::synchronize(SYNC)?;
-    let started = Instant::now();
-    for _ in 0..iters {
-        kernel.launch(config, &[])?;
+    let (mut per_launch, mut total, mut left) = (Vec::new(), Duration::ZERO, iters);
+    while left > 0 {
+        let round = left.min(ROUND);
+        let started = Instant::now();
+        for _ in 0..round {
+            kernel.launch(config, &[])?;
+        }
+        per_launch.push(started.elapsed().as_secs_f64() * 1e6 / f64::from(round));
+        gpu::synchronize(SYNC)?;
+        total += started.elapsed();
+        left -= round;
     }
-    let launched = started.elapsed();
-    gpu::synchronize(SYNC)?;
-    let total = started.elapsed();
-    let per = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(iters);
-    Ok(Compiled { result: Launches { iters, launch_us: per(launched), total_us: per(total) }, compile_ms })
+    per_launch.sort_by(f64::total_cmp);
+    let launch_us = per_launch.get(per_launch.len() / 2).copied().unwrap_or_default();
+    let total_us = total.as_secs_f64() * 1e6 / f64::from(iters.max(1));
+    Ok(Compiled { result: Launches { iters, launch_us, total_us }, compile_ms })
 }
