@@ -433,7 +433,16 @@ impl CudaBackend {
             unavailable(format!("failed to compile the built-in kernels: {e}"))
         })?;
         let module = self.load_module(&ptx)?;
-        let get = |name: String| self.function(module, &name);
+        // Loaded now, not on first launch (CUDA's lazy loading): a lazy load
+        // may wait for the whole context, behind another worker's long kernel.
+        let get = |name: String| -> Result<Raw<sys::CUfunction>> {
+            let function = self.function(module, &name)?;
+            // SAFETY: a function of a module loaded in this (bound) context.
+            unsafe { sys::cuFuncLoad(function.0) }
+                .result()
+                .map_err(|e| self.driver_error("load a built-in kernel", e))?;
+            Ok(function)
+        };
         let per_dtype = |op: &str| -> Result<[Raw<sys::CUfunction>; 3]> {
             Ok([get(format!("{op}_f32"))?, get(format!("{op}_f16"))?, get(format!("{op}_bf16"))?])
         };

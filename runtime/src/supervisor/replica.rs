@@ -720,7 +720,10 @@ pub(crate) fn start_process(
     // `ps` shows the binary's name, not the path it is started from.
     command.arg0(std::env::current_exe().unwrap_or_else(|_| "beamlet".into()));
     if let Some(gpu) = gpu.filter(|gpu| gpu.backend == GpuBackendKind::Cuda) {
-        command.env("CUDA_VISIBLE_DEVICES", gpu.index.to_string()).env("CUDA_DEVICE_ORDER", "PCI_BUS_ID");
+        // By UUID where NVML gave one (the same device whatever order CUDA
+        // numbers them in); else by index, in NVML's (PCI bus) order.
+        let visible = gpu.uuid.clone().filter(|uuid| uuid.starts_with("GPU-")).unwrap_or_else(|| gpu.index.to_string());
+        command.env("CUDA_VISIBLE_DEVICES", visible).env("CUDA_DEVICE_ORDER", "PCI_BUS_ID");
     }
     // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
     unsafe {
