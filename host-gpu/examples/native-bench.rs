@@ -256,28 +256,21 @@ fn run() -> Result<(), Error> {
     let mut native_ms = std::collections::HashMap::new();
     for dtype in [DType::BF16, DType::F32] {
         let iters = if dtype == DType::F32 { GEMM_F32_ITERS } else { GEMM_BF16_ITERS };
+        let time_gemm = |a, b, c| {
+            timed(&mut (), iters, |_| native.gemm(n as i32, a, b, c, dtype), |_| Ok(native.stream.synchronize()?))
+        };
         let (ms, c) = if dtype == DType::F32 {
             let (da, db) = (stream.clone_htod(&a)?, stream.clone_htod(&b)?);
             let mut dc = stream.alloc_zeros::<f32>(n * n)?;
             let (pa, pb, pc) = (da.device_ptr(&stream).0, db.device_ptr(&stream).0, dc.device_ptr_mut(&stream).0);
-            let secs = timed(
-                &mut (),
-                iters,
-                |_| native.gemm(n as i32, pa, pb, pc, dtype),
-                |_| Ok(native.stream.synchronize()?),
-            )?;
+            let secs = time_gemm(pa, pb, pc)?;
             (secs * 1e3, stream.clone_dtoh(&dc)?)
         } else {
             let bits = |v: &[f32]| v.iter().map(|x| bf16::from_f32(*x).to_bits()).collect::<Vec<u16>>();
             let (da, db) = (stream.clone_htod(&bits(&a))?, stream.clone_htod(&bits(&b))?);
             let mut dc = stream.alloc_zeros::<u16>(n * n)?;
             let (pa, pb, pc) = (da.device_ptr(&stream).0, db.device_ptr(&stream).0, dc.device_ptr_mut(&stream).0);
-            let secs = timed(
-                &mut (),
-                iters,
-                |_| native.gemm(n as i32, pa, pb, pc, dtype),
-                |_| Ok(native.stream.synchronize()?),
-            )?;
+            let secs = time_gemm(pa, pb, pc)?;
             let c: Vec<f32> = stream.clone_dtoh(&dc)?.into_iter().map(|h| bf16::from_bits(h).to_f32()).collect();
             (secs * 1e3, c)
         };
