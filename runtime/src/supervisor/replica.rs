@@ -350,19 +350,23 @@ impl Run<'_> {
                     if self.inflight.len() < pace.window(spec.workers) && !draining && self.exiting.is_none() => {
                     // This run and any others already waiting, up to the
                     // window, go in one write: one wake-up of the replica.
-                    let (mut batch, mut sent) = (Vec::new(), Vec::new());
+                    let (mut runs, mut sent) = (Vec::new(), Vec::new());
                     let mut next = Some(lease);
                     while let Some(lease) = next.take() {
                         seq += 1;
-                        let id = lease.id.clone();
-                        batch.extend_from_slice(&ipc::frame(&self.admit(seq, lease, &cancel_tx))?);
-                        sent.push((seq, id));
+                        sent.push((seq, lease.id.clone()));
+                        runs.push(self.admit(seq, lease, &cancel_tx));
                         if self.inflight.len() < pace.window(spec.workers) {
                             next = plan.dispatch.also_next(&spec.app, self.all_busy());
                         }
                     }
                     self.set_busy();
-                    if let Err(e) = send_bytes(&mut write, &batch).await {
+                    let batch = runs.iter().map(ipc::frame).collect::<Result<Vec<_>>>().map(|frames| frames.concat());
+                    let written = match batch {
+                        Ok(batch) => send_bytes(&mut write, &batch).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = written {
                         // The runs never reached the replica: they go back
                         // first in line without spending an attempt.
                         for (seq, _) in sent.iter().rev() {
