@@ -292,9 +292,10 @@ impl RawRuntime {
             each >= MIN_WORKER_MEMORY,
             "memory",
             format!(
-                "{} split across {workers} workers leaves {} each, below the {} a worker needs; raise memory or lower \
-                 workers{}",
+                "{} split across {workers} worker{} leaves {} each, below the {} a worker needs; raise memory or \
+                 lower workers{}",
                 describe_size(memory),
+                if workers == 1 { "" } else { "s" },
                 describe_size(each),
                 format_size(MIN_WORKER_MEMORY),
                 bytes_hint(memory),
@@ -310,11 +311,7 @@ impl RawRuntime {
             ensure(
                 bytes >= 1 << 20,
                 "gpu_memory",
-                format!(
-                    "{} is less than the 1Mi a worker's GPU memory may be{}",
-                    describe_size(bytes),
-                    bytes_hint(bytes)
-                ),
+                format!("{bytes} bytes is less than the 1Mi a worker's GPU memory may be{}", bytes_hint(bytes)),
             )?;
         }
         let timeout = self.timeout.map_or(d.timeout, |t| t.0);
@@ -539,7 +536,7 @@ const DURATION_UNITS: [(&str, u64); 5] = [("d", 86_400_000), ("h", 3_600_000), (
 
 /// For a size too small to be meant: a number without a unit is bytes.
 fn bytes_hint(bytes: u64) -> String {
-    if bytes < 1 << 20 {
+    if bytes > 0 && bytes < 1 << 20 {
         format!(" (a size without a unit is bytes; for {bytes} MiB write \"{bytes}Mi\")")
     } else {
         String::new()
@@ -547,7 +544,7 @@ fn bytes_hint(bytes: u64) -> String {
 }
 
 fn not_a_size(text: &str) -> String {
-    format!("{text} is not a size; use e.g. \"512Mi\", \"4Gi\"")
+    format!("{text} is not a size; use e.g. \"512Mi\", \"4Gi\" (binary Ki Mi Gi Ti, or decimal k M G T; no B)")
 }
 
 fn not_a_duration(text: &str) -> String {
@@ -746,7 +743,7 @@ callback_url = "https://example.com/beamlet/done"
     fn bad_values_name_the_key() {
         assert_eq!(
             error("[runtime]\nmemory = \"4GB\""),
-            r#"[runtime] memory: "4GB" is not a size; use e.g. "512Mi", "4Gi""#
+            r#"[runtime] memory: "4GB" is not a size; use e.g. "512Mi", "4Gi" (binary Ki Mi Gi Ti, or decimal k M G T; no B)"#
         );
         let message = error("[runtime]\ntimeout = 180");
         assert!(message.starts_with("[runtime] timeout: 180 has no unit"), "{message}");
@@ -804,7 +801,7 @@ callback_url = "https://example.com/beamlet/done"
     fn a_size_without_a_unit_is_said_to_be_bytes() {
         let message = error("[runtime]\nmemory = 512");
         assert!(
-            message.contains("512 bytes split across 1 workers") && message.contains("write \"512Mi\""),
+            message.contains("512 bytes split across 1 worker leaves") && message.contains("write \"512Mi\""),
             "{message}"
         );
         let message = error("[runtime]\ngpu = \"any\"\ngpu_memory = 256");

@@ -129,3 +129,23 @@ fn warmup_starts_a_replica_now() {
     let response = server.http.post(server.url("/v1/apps/nope/warmup")).send().unwrap();
     assert_eq!(response.status(), 404);
 }
+
+#[test]
+fn long_tasks_after_tiny_ones_are_not_held_back_on_one_replica_while_another_idles() {
+    let server = Server::start("held-back", &[]);
+    let config = "[runtime]\nworkers = 1\n[autoscaler]\nmin_replicas = 2\n";
+    server.deploy_guest("sleep", "sleep", Some(config));
+    server.wait_status("sleep", "two ready replicas", LONG, |s| ready_pids(s).len() == 2);
+    // Tiny tasks first: the replicas' pace says runs may be sent ahead.
+    for _ in 0..30 {
+        assert_eq!(server.invoke_json("sleep", r#"{"ms": 0}"#).0, 200);
+    }
+    let ids: Vec<String> = (0..4).map(|_| submit(&server, "sleep", r#"{"ms": 1500}"#)).collect();
+    let mut per_replica = std::collections::BTreeMap::<String, usize>::new();
+    for id in &ids {
+        *per_replica.entry(result(&server, id)["replica"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    // One running and at most one waiting per replica: two each, not three
+    // behind one worker while the other replica had nothing to do.
+    assert_eq!(per_replica.values().copied().collect::<Vec<_>>(), vec![2, 2], "{per_replica:?}");
+}

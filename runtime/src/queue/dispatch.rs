@@ -30,6 +30,26 @@ pub(crate) struct Dispatch {
     closing: watch::Sender<bool>,
     /// Waited-on tasks the shared store did not have at the last resync.
     missing: Mutex<HashSet<TaskId>>,
+    /// Replicas taking each app's runs on this node ([`Dispatch::serving`]).
+    serving: Mutex<HashMap<String, usize>>,
+}
+
+/// A replica takes an app's runs while this lives.
+pub(crate) struct Serving<'a> {
+    dispatch: &'a Dispatch,
+    app: String,
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        let mut serving = self.dispatch.serving.lock().unwrap();
+        if let Some(count) = serving.get_mut(&self.app) {
+            *count -= 1;
+            if *count == 0 {
+                serving.remove(&self.app);
+            }
+        }
+    }
 }
 
 impl Dispatch {
@@ -49,8 +69,22 @@ impl Dispatch {
             callbacks,
             closing: watch::Sender::new(false),
             missing: Mutex::default(),
+            serving: Mutex::default(),
         };
         (dispatch, ended)
+    }
+
+    /// Counts a replica taking `app`'s runs until the guard drops.
+    pub(crate) fn serving(&self, app: &str) -> Serving<'_> {
+        *self.serving.lock().unwrap().entry(app.to_owned()).or_default() += 1;
+        Serving { dispatch: self, app: app.to_owned() }
+    }
+
+    /// Whether one replica alone takes `app`'s runs, so runs held for it
+    /// wait for no other replica that sits idle (in a cluster, other nodes'
+    /// replicas may).
+    pub(crate) fn serves_alone(&self, app: &str) -> bool {
+        self.queue.leases_are_cheap() && self.serving.lock().unwrap().get(app).is_none_or(|count| *count <= 1)
     }
 
     fn arrivals(&self, app: &str) -> Arc<Notify> {

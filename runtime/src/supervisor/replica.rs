@@ -336,6 +336,7 @@ impl Run<'_> {
         self.set_state(ReplicaState::Ready);
         tracing::info!(app = %spec.app, replica = %spec.replica, pid = child.id(), "replica ready");
 
+        let _serving = plan.dispatch.serving(&spec.app);
         let (cancel_tx, mut cancels) = mpsc::unbounded_channel::<TaskId>();
         // Frames from body pumps and response credits, written in turn.
         let (out, mut outgoing) = mpsc::unbounded_channel::<ToReplica>();
@@ -347,7 +348,9 @@ impl Run<'_> {
         loop {
             tokio::select! {
                 lease = plan.dispatch.next(&spec.app, self.all_busy()),
-                    if self.inflight.len() < pace.window(spec.workers) && !draining && self.exiting.is_none() => {
+                    if self.inflight.len() < pace.window(spec.workers, plan.dispatch.serves_alone(&spec.app))
+                        && !draining
+                        && self.exiting.is_none() => {
                     // This run and any others already waiting, up to the
                     // window, go in one write: one wake-up of the replica.
                     let (mut runs, mut sent) = (Vec::new(), Vec::new());
@@ -356,7 +359,7 @@ impl Run<'_> {
                         seq += 1;
                         sent.push((seq, lease.id.clone()));
                         runs.push(self.admit(seq, lease, &cancel_tx));
-                        if self.inflight.len() < pace.window(spec.workers) {
+                        if self.inflight.len() < pace.window(spec.workers, plan.dispatch.serves_alone(&spec.app)) {
                             next = plan.dispatch.also_next(&spec.app, self.all_busy());
                         }
                     }
@@ -374,7 +377,7 @@ impl Run<'_> {
                                 self.ahead.push_front(*seq);
                             }
                         }
-                        return Err(e);
+                        return Err(exit_context(e, &mut child).await);
                     }
                     for (seq, id) in sent {
                         if let Some(body) = plan.bodies.take_request(&id) {
@@ -407,17 +410,25 @@ impl Run<'_> {
                     }
                     None => return Err(exit_context(anyhow!("replica connection closed"), &mut child).await),
                 },
-                Some(frame) = outgoing.recv() => send(&mut write, &frame).await?,
+                Some(frame) = outgoing.recv() => {
+                    if let Err(e) = send(&mut write, &frame).await {
+                        return Err(exit_context(e, &mut child).await);
+                    }
+                }
                 Some(id) = cancels.recv() => {
                     let seq = self.inflight.iter().find(|(_, lease)| lease.id == id).map(|(seq, _)| *seq);
-                    if let Some(seq) = seq {
-                        send(&mut write, &ToReplica::Cancel { seq }).await?;
+                    if let Some(seq) = seq
+                        && let Err(e) = send(&mut write, &ToReplica::Cancel { seq }).await
+                    {
+                        return Err(exit_context(e, &mut child).await);
                     }
                 }
                 _ = stop.changed(), if !draining => {
                     draining = true;
                     self.set_state(ReplicaState::Draining);
-                    send(&mut write, &ToReplica::Drain).await?;
+                    if let Err(e) = send(&mut write, &ToReplica::Drain).await {
+                        return Err(exit_context(e, &mut child).await);
+                    }
                 }
                 _ = watchdog.tick() => {
                     if self.exiting.is_some_and(|since| since.elapsed() > EXIT_GRACE) {
@@ -660,11 +671,13 @@ fn outcome_name(outcome: &Outcome) -> &'static str {
 /// How many runs a replica is sent at once. Each worker takes one; when the
 /// app's tasks are short, each may also have one waiting in the replica, so a
 /// worker that finishes starts the next at once instead of after a round trip
-/// through the node; when they are tiny (a hello, a lookup), three, so that
-/// under load workers rarely sleep and frames come in batches (about 10%
-/// more requests/s, a fifth fewer context switches per request in the
-/// replica). Long tasks are never held back this way: one waiting behind a
-/// busy worker here could have run on another replica.
+/// through the node; when they are tiny (a hello, a lookup) and this is the
+/// app's only replica, three, so that under load workers rarely sleep and
+/// frames come in batches (about 10% more requests/s, a fifth fewer context
+/// switches per request in the replica). With other replicas, one: the
+/// average is of past runs, and a burst of long tasks after tiny ones would
+/// otherwise wait here while another replica sits idle. Apps whose tasks
+/// are long are never held back this way.
 #[derive(Default)]
 struct Pace {
     /// Recent average run time, in microseconds (`None` before any ran).
@@ -684,9 +697,10 @@ impl Pace {
         self.average_us = Some(self.average_us.map_or(run_us, |avg| avg + Self::WEIGHT * (run_us - avg)));
     }
 
-    fn window(&self, workers: u32) -> usize {
+    /// `alone`: no other replica could take what this one holds back.
+    fn window(&self, workers: u32, alone: bool) -> usize {
         let ahead = match self.average_us {
-            Some(avg) if avg <= Self::TINY_US => 3 * workers,
+            Some(avg) if avg <= Self::TINY_US && alone => 3 * workers,
             Some(avg) if avg <= Self::SHORT_US => workers,
             _ => 0,
         };
