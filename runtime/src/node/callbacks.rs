@@ -7,13 +7,14 @@
 //! `"{timestamp}.{body}"`. The body is the output of a COMPLETE task, or
 //! `{"error": {"code", "message"}}` for any other end.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 
 use super::Node;
 use crate::queue::{TaskRecord, TaskStatus};
@@ -25,9 +26,25 @@ const ATTEMPTS: u32 = 10;
 const FIRST_RETRY: Duration = Duration::from_millis(250);
 const LONGEST_WAIT: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests in flight to one receiver (scheme, host and port) at a time: a
+/// burst of callbacks (an app removed with hundreds of tasks) must not time
+/// out on a receiver that takes a few connections at once, and be sent twice.
+const PER_RECEIVER: usize = 8;
+
+/// One semaphore per receiver.
+#[derive(Default)]
+struct Receivers(Mutex<HashMap<String, Arc<Semaphore>>>);
+
+impl Receivers {
+    fn of(&self, url: &str) -> Arc<Semaphore> {
+        let key = reqwest::Url::parse(url).map_or_else(|_| url.to_owned(), |url| url.origin().ascii_serialization());
+        self.0.lock().unwrap().entry(key).or_insert_with(|| Arc::new(Semaphore::new(PER_RECEIVER))).clone()
+    }
+}
 
 pub(crate) fn spawn(node: Arc<Node>, mut ended: mpsc::UnboundedReceiver<(TaskRecord, Option<Bytes>)>) {
     let http = reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build().expect("a default HTTP client builds");
+    let receivers = Arc::new(Receivers::default());
     tokio::spawn(async move {
         while let Some((record, output)) = ended.recv().await {
             let Some(url) = record.callback_url.clone() else { continue };
@@ -45,8 +62,9 @@ pub(crate) fn spawn(node: Arc<Node>, mut ended: mpsc::UnboundedReceiver<(TaskRec
             };
             let node = node.clone();
             let http = http.clone();
+            let receiver = receivers.of(&url);
             tokio::spawn(async move {
-                deliver(http, url, secret, &record, body).await;
+                deliver(http, &receiver, url, secret, &record, body).await;
                 node.dispatch.callback_settled(&record.id);
             });
         }
@@ -63,19 +81,31 @@ pub(crate) fn signature(secret: &str, timestamp: u64, body: &[u8]) -> String {
     format!("sha256={}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
 
-async fn deliver(http: reqwest::Client, url: String, secret: String, record: &TaskRecord, body: Bytes) {
+async fn deliver(
+    http: reqwest::Client,
+    receiver: &Semaphore,
+    url: String,
+    secret: String,
+    record: &TaskRecord,
+    body: Bytes,
+) {
     let mut wait = FIRST_RETRY;
     for attempt in 1..=ATTEMPTS {
-        let timestamp = crate::queue::now_ms() / 1000;
-        let request = http
-            .post(&url)
-            .header("content-type", "application/json")
-            .header("x-beamlet-task-id", &record.id)
-            .header("x-beamlet-status", record.status.as_str())
-            .header("x-beamlet-timestamp", timestamp.to_string())
-            .header("x-beamlet-signature", signature(&secret, timestamp, &body))
-            .body(body.clone());
-        let failure = match request.send().await {
+        let sent = {
+            let _turn = receiver.acquire().await.expect("the semaphore is never closed");
+            // Signed when sent, not when it began to wait for its turn.
+            let timestamp = crate::queue::now_ms() / 1000;
+            http.post(&url)
+                .header("content-type", "application/json")
+                .header("x-beamlet-task-id", &record.id)
+                .header("x-beamlet-status", record.status.as_str())
+                .header("x-beamlet-timestamp", timestamp.to_string())
+                .header("x-beamlet-signature", signature(&secret, timestamp, &body))
+                .body(body.clone())
+                .send()
+                .await
+        };
+        let failure = match sent {
             Ok(response) if response.status().is_success() => {
                 tracing::debug!(task = %record.id, %url, attempt, "callback delivered");
                 return;
