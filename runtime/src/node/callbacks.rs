@@ -129,6 +129,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn callbacks_to_one_receiver_share_its_limit() {
+        let receivers = Receivers::default();
+        let hook = receivers.of("http://127.0.0.1:9000/a");
+        assert!(Arc::ptr_eq(&hook, &receivers.of("http://127.0.0.1:9000/b?x=1")));
+        assert!(!Arc::ptr_eq(&hook, &receivers.of("http://127.0.0.1:9001/a")));
+        assert!(!Arc::ptr_eq(&hook, &receivers.of("https://127.0.0.1:9000/a")));
+        assert_eq!(hook.available_permits(), PER_RECEIVER);
+    }
+
+        #[test]
     fn signature_is_hmac_sha256_over_timestamp_and_body() {
         // RFC 4231 test case 2: key "Jefe", data "what do ya want for nothing?".
         let signature = signature("Jefe", 0, b"");
