@@ -138,7 +138,7 @@ mod tests {
         assert_eq!(hook.available_permits(), PER_RECEIVER);
     }
 
-        #[test]
+    #[test]
     fn signature_is_hmac_sha256_over_timestamp_and_body() {
         // RFC 4231 test case 2: key "Jefe", data "what do ya want for nothing?".
         let signature = signature("Jefe", 0, b"");
