@@ -346,11 +346,10 @@ impl Run<'_> {
         let mut watchdog = tokio::time::interval(Duration::from_secs(1));
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let window = pace.window(spec.workers, plan.dispatch.serves_alone(&spec.app));
             tokio::select! {
                 lease = plan.dispatch.next(&spec.app, self.all_busy()),
-                    if self.inflight.len() < pace.window(spec.workers, plan.dispatch.serves_alone(&spec.app))
-                        && !draining
-                        && self.exiting.is_none() => {
+                    if self.inflight.len() < window && !draining && self.exiting.is_none() => {
                     // This run and any others already waiting, up to the
                     // window, go in one write: one wake-up of the replica.
                     let (mut runs, mut sent) = (Vec::new(), Vec::new());
@@ -359,7 +358,7 @@ impl Run<'_> {
                         seq += 1;
                         sent.push((seq, lease.id.clone()));
                         runs.push(self.admit(seq, lease, &cancel_tx));
-                        if self.inflight.len() < pace.window(spec.workers, plan.dispatch.serves_alone(&spec.app)) {
+                        if self.inflight.len() < window {
                             next = plan.dispatch.also_next(&spec.app, self.all_busy());
                         }
                     }
@@ -410,25 +409,17 @@ impl Run<'_> {
                     }
                     None => return Err(exit_context(anyhow!("replica connection closed"), &mut child).await),
                 },
-                Some(frame) = outgoing.recv() => {
-                    if let Err(e) = send(&mut write, &frame).await {
-                        return Err(exit_context(e, &mut child).await);
-                    }
-                }
+                Some(frame) = outgoing.recv() => with_exit(send(&mut write, &frame).await, &mut child).await?,
                 Some(id) = cancels.recv() => {
                     let seq = self.inflight.iter().find(|(_, lease)| lease.id == id).map(|(seq, _)| *seq);
-                    if let Some(seq) = seq
-                        && let Err(e) = send(&mut write, &ToReplica::Cancel { seq }).await
-                    {
-                        return Err(exit_context(e, &mut child).await);
+                    if let Some(seq) = seq {
+                        with_exit(send(&mut write, &ToReplica::Cancel { seq }).await, &mut child).await?;
                     }
                 }
                 _ = stop.changed(), if !draining => {
                     draining = true;
                     self.set_state(ReplicaState::Draining);
-                    if let Err(e) = send(&mut write, &ToReplica::Drain).await {
-                        return Err(exit_context(e, &mut child).await);
-                    }
+                    with_exit(send(&mut write, &ToReplica::Drain).await, &mut child).await?;
                 }
                 _ = watchdog.tick() => {
                     if self.exiting.is_some_and(|since| since.elapsed() > EXIT_GRACE) {
@@ -774,6 +765,15 @@ fn read_frames(read: tokio::net::unix::OwnedReadHalf) -> mpsc::UnboundedReceiver
         }
     });
     rx
+}
+
+/// A failed write to the replica, with how its process ended (usually why
+/// the write failed).
+async fn with_exit(written: Result<()>, child: &mut tokio::process::Child) -> Result<()> {
+    match written {
+        Ok(()) => Ok(()),
+        Err(e) => Err(exit_context(e, child).await),
+    }
 }
 
 /// Adds how the process ended to an error about it.
