@@ -126,6 +126,11 @@ pub(crate) enum ToReplica {
     Cancel {
         seq: u64,
     },
+    /// Give back run `seq` if no worker has begun it: it is answered with
+    /// [`FromReplica::Returned`] then, else it runs and ends as usual.
+    Recall {
+        seq: u64,
+    },
     /// Finish the tasks already sent, then exit.
     Drain,
     /// Request body of run `seq` (a streamed [`HttpRequest`]): the next part,
@@ -240,6 +245,10 @@ pub(crate) enum FromReplica {
         part: Vec<u8>,
     },
     Done(TaskDone),
+    /// Run `seq`, recalled, will not run here ([`ToReplica::Recall`]).
+    Returned {
+        seq: u64,
+    },
 }
 
 /// Body parts either side may send ahead before the other asks for more:

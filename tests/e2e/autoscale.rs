@@ -149,3 +149,27 @@ fn long_tasks_after_tiny_ones_are_not_held_back_on_one_replica_while_another_idl
     // behind one worker while the other replica had nothing to do.
     assert_eq!(per_replica.values().copied().collect::<Vec<_>>(), vec![2, 2], "{per_replica:?}");
 }
+
+#[test]
+fn long_tasks_held_by_an_only_replica_are_taken_back_for_a_new_one() {
+    let server = Server::start("recall", &[]);
+    let config = "[runtime]\nworkers = 1\n[autoscaler]\nkind = \"queue_depth\"\nmax_tasks_per_replica = 2\n\
+                  min_replicas = 1\nmax_replicas = 2\nkeep_warm = \"60s\"\n";
+    server.deploy_guest("sleep", "sleep", Some(config));
+    server.wait_status("sleep", "the minimum replica", LONG, |s| ready_pids(s).len() == 1);
+    // Tiny tasks first: the only replica is sent several runs ahead.
+    for _ in 0..30 {
+        assert_eq!(server.invoke_json("sleep", r#"{"ms": 0}"#).0, 200);
+    }
+    // The replica takes all four at once; the runs it holds go back to the
+    // queue once the first has run a while, and the replica the autoscaler
+    // adds for them takes its share.
+    let ids: Vec<String> = (0..4).map(|_| submit(&server, "sleep", r#"{"ms": 3000}"#)).collect();
+    let mut per_replica = std::collections::BTreeMap::<String, usize>::new();
+    for id in &ids {
+        *per_replica.entry(result(&server, id)["replica"].as_str().unwrap().to_owned()).or_default() += 1;
+        let record = server.get(&format!("/v1/tasks/{id}"));
+        assert_eq!(record["attempts"], 1, "a run taken back is not an attempt: {record}");
+    }
+    assert_eq!(per_replica.len(), 2, "both replicas ran some: {per_replica:?}");
+}

@@ -1,6 +1,7 @@
-//! Cancellation of runs by the node, whether or not a worker picked them up yet.
+//! Cancellation of runs by the node, whether or not a worker picked them up
+//! yet, and runs the node takes back before any worker has.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,8 +51,17 @@ pub(crate) struct Cancels {
 struct Inner {
     /// Runs in a worker now, with the flag its epoch callback watches.
     running: HashMap<u64, Arc<CancelFlag>>,
-    /// Runs cancelled before a worker took them.
-    early: HashSet<u64>,
+    /// Runs cancelled or recalled before a worker took them.
+    early: HashMap<u64, Early>,
+}
+
+/// What befell a run before a worker took it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Early {
+    /// It ends `Cancelled` without running.
+    Cancelled,
+    /// The node took it back: the worker skips it without a word.
+    Recalled,
 }
 
 impl Cancels {
@@ -60,20 +70,32 @@ impl Cancels {
         match inner.running.get(&seq) {
             Some(flag) => flag.set(),
             None => {
-                inner.early.insert(seq);
+                inner.early.entry(seq).or_insert(Early::Cancelled);
             }
         }
     }
 
-    /// Registers a run about to start; `false` if it was already cancelled.
-    pub(crate) fn begin(&self, seq: u64, flag: &Arc<CancelFlag>) -> bool {
+    /// Takes run `seq` back if no worker has begun it: `true` then, and the
+    /// worker that comes to it skips it.
+    pub(crate) fn recall(&self, seq: u64) -> bool {
         let mut inner = self.inner.lock().unwrap();
-        if inner.early.remove(&seq) {
+        if inner.running.contains_key(&seq) {
             return false;
+        }
+        inner.early.insert(seq, Early::Recalled);
+        true
+    }
+
+    /// Registers a run about to start; `Err` if it was cancelled or
+    /// recalled first.
+    pub(crate) fn begin(&self, seq: u64, flag: &Arc<CancelFlag>) -> Result<(), Early> {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(early) = inner.early.remove(&seq) {
+            return Err(early);
         }
         flag.reset();
         inner.running.insert(seq, flag.clone());
-        true
+        Ok(())
     }
 
     pub(crate) fn end(&self, seq: u64) {
@@ -90,13 +112,29 @@ mod tests {
         let cancels = Cancels::default();
         let flag = Arc::new(CancelFlag::default());
         cancels.cancel(1);
-        assert!(!cancels.begin(1, &flag), "a run cancelled early never starts");
-        assert!(cancels.begin(2, &flag));
+        assert_eq!(cancels.begin(1, &flag), Err(Early::Cancelled), "a run cancelled early never starts");
+        assert!(cancels.begin(2, &flag).is_ok());
         cancels.cancel(2);
         assert!(flag.is_set());
         cancels.end(2);
-        assert!(cancels.begin(3, &flag));
+        assert!(cancels.begin(3, &flag).is_ok());
         assert!(!flag.is_set(), "the flag is reset for the next run");
+    }
+
+    #[test]
+    fn only_a_run_not_yet_begun_is_recalled() {
+        let cancels = Cancels::default();
+        let flag = Arc::new(CancelFlag::default());
+        assert!(cancels.recall(1));
+        assert_eq!(cancels.begin(1, &flag), Err(Early::Recalled), "a recalled run is skipped");
+        assert!(cancels.begin(2, &flag).is_ok());
+        assert!(!cancels.recall(2), "a run in progress ends as usual");
+        cancels.end(2);
+        // A run cancelled while waiting, then recalled, is given back: the
+        // node drops it either way, and nobody waits for its `Done`.
+        cancels.cancel(3);
+        assert!(cancels.recall(3));
+        assert_eq!(cancels.begin(3, &flag), Err(Early::Recalled));
     }
 
     #[test]
@@ -104,12 +142,12 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let cancels = Arc::new(Cancels::default());
         let flag = Arc::new(CancelFlag::default());
-        assert!(cancels.begin(1, &flag));
+        assert!(cancels.begin(1, &flag).is_ok());
         cancels.cancel(1);
         runtime.block_on(flag.wait());
         cancels.end(1);
 
-        assert!(cancels.begin(2, &flag));
+        assert!(cancels.begin(2, &flag).is_ok());
         let later = std::thread::spawn({
             let cancels = cancels.clone();
             move || {
@@ -122,7 +160,7 @@ mod tests {
 
         // A permit left by run 2 does not end run 3's wait.
         cancels.end(2);
-        assert!(cancels.begin(3, &flag));
+        assert!(cancels.begin(3, &flag).is_ok());
         let waited =
             runtime.block_on(async { tokio::time::timeout(std::time::Duration::from_millis(20), flag.wait()).await });
         assert!(waited.is_err(), "an uncancelled run keeps waiting");

@@ -65,7 +65,7 @@ pub(crate) fn main(fd: RawFd) -> Result<()> {
         }
     };
     replies.send(&FromReplica::Ready);
-    serve(input, workers, &flows)
+    serve(input, workers, &flows, &replies)
 }
 
 fn start_workers(spec: &ReplicaSpec, replies: &Replies, flows: &Arc<Flows>) -> Result<Vec<Worker>> {
@@ -119,7 +119,7 @@ fn open_gpu(gpu: &GpuSpec) -> Result<Arc<dyn Backend>> {
 }
 
 /// Reads the node's frames until it says drain or goes away.
-fn serve(mut input: BufReader<UnixStream>, workers: Vec<Worker>, flows: &Flows) -> Result<()> {
+fn serve(mut input: BufReader<UnixStream>, workers: Vec<Worker>, flows: &Flows, replies: &Replies) -> Result<()> {
     let (tasks, queue) = mpsc::channel::<RunTask>();
     let queue = Arc::new(Mutex::new(queue));
     let cancels = Arc::new(Cancels::default());
@@ -146,6 +146,11 @@ fn serve(mut input: BufReader<UnixStream>, workers: Vec<Worker>, flows: &Flows) 
             Ok(Some(ToReplica::Cancel { seq })) => {
                 cancels.cancel(seq);
                 flows.abort(seq);
+            }
+            Ok(Some(ToReplica::Recall { seq })) => {
+                if cancels.recall(seq) {
+                    replies.send(&FromReplica::Returned { seq });
+                }
             }
             Ok(Some(ToReplica::Body { seq, part })) => flows.request_part(seq, part),
             Ok(Some(ToReplica::Credit { seq })) => flows.credit(seq),

@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use wasmtime::{Store, Trap, UpdateDeadline};
 
 use super::Replies;
-use super::cancel::{CancelFlag, Cancels};
+use super::cancel::{CancelFlag, Cancels, Early};
 use super::flows::{Flows, RequestBody, stream_response};
 use crate::host::WorkerState;
 use crate::host::bindings::{Function, FunctionPre, GuestError, TaskContext};
@@ -194,12 +194,15 @@ impl Worker {
                 Err(_) => return,
             };
             let seq = task.seq;
-            let mut done = if cancels.begin(seq, &self.cancel) {
-                let done = self.run_one(task);
-                cancels.end(seq);
-                done
-            } else {
-                TaskDone::empty(seq, self.index, Outcome::Cancelled)
+            let mut done = match cancels.begin(seq, &self.cancel) {
+                Ok(()) => {
+                    let done = self.run_one(task);
+                    cancels.end(seq);
+                    done
+                }
+                Err(Early::Cancelled) => TaskDone::empty(seq, self.index, Outcome::Cancelled),
+                // The node took it back (and heard so): on to the next.
+                Err(Early::Recalled) => continue,
             };
             let exit = if matches!(done.outcome, Outcome::DeviceLost(_)) {
                 Some("GPU device lost".to_owned())

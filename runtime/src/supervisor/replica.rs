@@ -2,7 +2,7 @@
 //! it has free workers, and restarts it (with backoff) when it dies. The tasks
 //! a dead replica held go back to the queue.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -219,6 +219,7 @@ async fn run_placed(plan: &Plan, spec: &ReplicaSpec, info: &Arc<Mutex<ReplicaInf
             info,
             inflight: HashMap::new(),
             ahead: VecDeque::new(),
+            recalling: HashSet::new(),
             started: HashMap::new(),
             restarting: 0,
             exiting: None,
@@ -270,6 +271,8 @@ struct Run<'a> {
     /// Runs sent while every worker was busy, oldest first: the replica takes
     /// runs in order, so each starts when a worker reports one done.
     ahead: VecDeque<u64>,
+    /// Runs asked back ([`ToReplica::Recall`]) and not yet returned or done.
+    recalling: HashSet<u64>,
     /// When each run that a worker took started.
     started: HashMap<u64, Instant>,
     /// Workers building a new instance before their next run: busy until
@@ -345,8 +348,16 @@ impl Run<'_> {
         let mut seq = 0u64;
         let mut watchdog = tokio::time::interval(Duration::from_secs(1));
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // While runs wait in the replica, a look now and then at whether they
+        // still should (see `Pace::STALE`).
+        let mut recheck = tokio::time::interval(Pace::STALE / 2);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let window = pace.window(spec.workers, plan.dispatch.serves_alone(&spec.app));
+            let window = pace.window(spec.workers, plan.dispatch.serves_alone(&spec.app), self.longest_run());
+            let recalls = self.recalls(window);
+            if !recalls.is_empty() {
+                with_exit(send_bytes(&mut write, &recalls).await, &mut child).await?;
+            }
             tokio::select! {
                 lease = plan.dispatch.next(&spec.app, self.all_busy()),
                     if self.inflight.len() < window && !draining && self.exiting.is_none() => {
@@ -393,6 +404,10 @@ impl Run<'_> {
                         self.set_busy();
                     }
                     Some(started @ FromReplica::WorkerStarted { .. }) => self.worker_restarted(started),
+                    Some(FromReplica::Returned { seq }) => {
+                        self.returned(seq);
+                        self.set_busy();
+                    }
                     Some(FromReplica::WantBody { seq, parts }) => {
                         if let Some(wants) = self.streams.get(&seq).and_then(|s| s.wants.as_ref()) {
                             let _ = wants.send(parts);
@@ -421,6 +436,7 @@ impl Run<'_> {
                     self.set_state(ReplicaState::Draining);
                     with_exit(send(&mut write, &ToReplica::Drain).await, &mut child).await?;
                 }
+                _ = recheck.tick(), if !self.ahead.is_empty() => {}
                 _ = watchdog.tick() => {
                     if self.exiting.is_some_and(|since| since.elapsed() > EXIT_GRACE) {
                         // Its exit hangs (in a GPU library's teardown, say): it
@@ -458,6 +474,46 @@ impl Run<'_> {
         };
         self.inflight.insert(seq, lease);
         ToReplica::Run(run)
+    }
+
+    /// How long the oldest run in progress has run.
+    fn longest_run(&self) -> Duration {
+        let now = Instant::now();
+        self.started.values().map(|started| now.saturating_duration_since(*started)).max().unwrap_or_default()
+    }
+
+    /// Frames asking back the runs waiting in the replica beyond `window`,
+    /// newest first, once the window holds none back (the app's tasks are
+    /// long now): they go back to the queue, where an idle replica, or a new
+    /// one the autoscaler starts for them, takes them. A run whose request
+    /// body already streams stays.
+    fn recalls(&mut self, window: usize) -> Vec<u8> {
+        let held = self.inflight.len() - self.recalling.len();
+        if window > self.spec.workers as usize || held <= window {
+            return Vec::new();
+        }
+        let recall: Vec<u64> = (self.ahead.iter().rev())
+            .filter(|seq| !self.recalling.contains(seq) && !self.streams.contains_key(seq))
+            .take(held - window)
+            .copied()
+            .collect();
+        self.recalling.extend(&recall);
+        recall.into_iter().filter_map(|seq| ipc::frame(&ToReplica::Recall { seq }).ok()).collect::<Vec<_>>().concat()
+    }
+
+    /// The replica gave back run `seq` without running it: first in line
+    /// again in the queue, its attempt not counted.
+    fn returned(&mut self, seq: u64) {
+        self.recalling.remove(&seq);
+        let Some(lease) = self.inflight.remove(&seq) else { return };
+        if self.started.remove(&seq).is_some() {
+            // Taken as started by the worker that freed before it: that
+            // worker skipped it and took the next run waiting.
+            self.start_next();
+        } else {
+            self.ahead.retain(|ahead| *ahead != seq);
+        }
+        self.plan.dispatch.release(&lease.id);
     }
 
     /// A run unanswered [`HUNG_AFTER`] past its timeout, if any.
@@ -520,6 +576,7 @@ impl Run<'_> {
         // replica: now, or once it has a new instance. Not if the replica is
         // going down (its GPU failed), nor if that new instance fails to start.
         self.ahead.retain(|seq| *seq != done.seq);
+        self.recalling.remove(&done.seq);
         self.started.remove(&done.seq);
         if done.exits {
             self.exiting.get_or_insert_with(Instant::now);
@@ -668,7 +725,8 @@ fn outcome_name(outcome: &Outcome) -> &'static str {
 /// switches per request in the replica). With other replicas, one: the
 /// average is of past runs, and a burst of long tasks after tiny ones would
 /// otherwise wait here while another replica sits idle. Apps whose tasks
-/// are long are never held back this way.
+/// are long are never held back this way, nor once a run has gone on for
+/// [`Pace::STALE`]: the runs held back then are recalled.
 #[derive(Default)]
 struct Pace {
     /// Recent average run time, in microseconds (`None` before any ran).
@@ -682,15 +740,21 @@ impl Pace {
     const TINY_US: f64 = 300.0;
     /// Weight of the newest run in the average.
     const WEIGHT: f64 = 0.1;
+    /// A run in progress this long says the app's tasks are long now,
+    /// whatever the average of past runs (a burst of long tasks after tiny
+    /// ones; the average learns of them only as they end).
+    const STALE: Duration = Duration::from_millis(50);
 
     fn record(&mut self, run_us: u64) {
         let run_us = run_us as f64;
         self.average_us = Some(self.average_us.map_or(run_us, |avg| avg + Self::WEIGHT * (run_us - avg)));
     }
 
-    /// `alone`: no other replica could take what this one holds back.
-    fn window(&self, workers: u32, alone: bool) -> usize {
+    /// `alone`: no other replica could take what this one holds back;
+    /// `longest_run`: how long the oldest run in progress has run.
+    fn window(&self, workers: u32, alone: bool, longest_run: Duration) -> usize {
         let ahead = match self.average_us {
+            _ if longest_run > Self::STALE => 0,
             Some(avg) if avg <= Self::TINY_US && alone => 3 * workers,
             Some(avg) if avg <= Self::SHORT_US => workers,
             _ => 0,
