@@ -354,7 +354,9 @@ impl Run<'_> {
         recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let window = pace.window(spec.workers, plan.dispatch.serves_alone(&spec.app), self.longest_run());
-            let recalls = self.recalls(window);
+            // A draining replica keeps what it holds: at a shutdown, a call
+            // put back in the queue would find no replica to run it.
+            let recalls = if draining { Vec::new() } else { self.recalls(window) };
             if !recalls.is_empty() {
                 with_exit(send_bytes(&mut write, &recalls).await, &mut child).await?;
             }
