@@ -346,33 +346,37 @@ async fn serve_http(
     })();
     let (request, out) = handles?;
     let (replies, credits) = (replies.clone(), flow.credits.clone());
-    // Aborted when this call ends early (a trap, the deadline, a cancel).
-    let mut collector = AbortOnDrop(tokio::spawn(async move {
+    let collector = async move {
         let response = receiver
             .await
             .map_err(|_| "the guest returned without setting a response".to_owned())?
             .map_err(|code| format!("the guest answered with an error: {code:?}"))?;
         stream_response(response, seq, replies, credits, deadline).await
-    }));
-    proxy.wasi_http_incoming_handler().call_handle(&mut *store, request, out).await?;
-    let outcome = match (&mut collector.0).await {
-        Ok(Ok(Some(response))) => Outcome::Complete(response.encode()),
+    };
+    let handled = proxy.wasi_http_incoming_handler().call_handle(&mut *store, request, out);
+    // The response is collected (and streamed) while the guest runs, in this
+    // same future rather than a task of its own: a hello then ends in one
+    // poll, without the runtime parking in between. A trap ends both.
+    tokio::pin!(collector, handled);
+    let collected = tokio::select! {
+        biased;
+        handled_first = &mut handled => {
+            handled_first?;
+            collector.await
+        }
+        collected = &mut collector => {
+            handled.await?;
+            collected
+        }
+    };
+    let outcome = match collected {
+        Ok(Some(response)) => Outcome::Complete(response.encode()),
         // Streamed: the node has the response already.
-        Ok(Ok(None)) => Outcome::Complete(Vec::new()),
-        Ok(Err(message)) => Outcome::Failed(message),
-        Err(e) => Outcome::Failed(format!("failed to read the guest's response: {e}")),
+        Ok(None) => Outcome::Complete(Vec::new()),
+        Err(message) => Outcome::Failed(message),
     };
     drop(flow);
     Ok(outcome)
-}
-
-/// A spawned task that ends with its handle.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Runs a guest call until it returns, its deadline passes or it is
