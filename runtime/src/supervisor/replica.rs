@@ -490,7 +490,7 @@ impl Run<'_> {
     /// one the autoscaler starts for them, takes them. A run whose request
     /// body already streams stays.
     fn recalls(&mut self, window: usize) -> Vec<u8> {
-        let held = self.inflight.len() - self.recalling.len();
+        let held = self.inflight.len().saturating_sub(self.recalling.len());
         if window > self.spec.workers as usize || held <= window {
             return Vec::new();
         }
