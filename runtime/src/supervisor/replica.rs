@@ -852,3 +852,23 @@ async fn exit_context(error: anyhow::Error, child: &mut tokio::process::Child) -
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_go_ahead_only_while_tasks_are_short_and_none_has_run_long() {
+        let ms = Duration::from_millis;
+        let mut pace = Pace::default();
+        assert_eq!(pace.window(4, true, ms(0)), 4, "before any run ends, none ahead");
+        pace.record(100);
+        assert_eq!(pace.window(4, true, ms(1)), 16, "tiny tasks, the app's only replica: three ahead per worker");
+        assert_eq!(pace.window(4, false, ms(1)), 8, "with other replicas, one");
+        assert_eq!(pace.window(4, true, ms(51)), 4, "a run going past 50 ms: none ahead, whatever the average");
+        for _ in 0..50 {
+            pace.record(5_000);
+        }
+        assert_eq!(pace.window(4, true, ms(0)), 4, "long tasks: none ahead");
+    }
+}
