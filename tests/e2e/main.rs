@@ -74,6 +74,11 @@ fn hello_deploys_and_answers_over_http_and_cli() {
     assert_eq!(record["attempts"], 1);
     let result: Value = server.http.get(server.url(&format!("/v1/tasks/{id}/result"))).send().unwrap().json().unwrap();
     assert_eq!(result["message"], "Hello, Lin!");
+    // Or wait for the output itself.
+    let response = server.http.post(server.url("/v1/apps/hello/tasks")).body(r#"{"name":"Kim"}"#).send().unwrap();
+    let id = response.json::<Value>().unwrap()["task_id"].as_str().unwrap().to_owned();
+    let waited = server.http.get(server.url(&format!("/v1/tasks/{id}/result?wait=30s"))).send().unwrap();
+    assert_eq!(waited.json::<Value>().unwrap()["message"], "Hello, Kim!");
 
     // A query parameter an endpoint does not take is refused, not ignored.
     let response =

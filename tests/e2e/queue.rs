@@ -89,6 +89,17 @@ fn cancel_expiry_backpressure_and_listing() {
 
     let running = submit_ok(&server, "spin", "{}");
     wait_status(&server, &running, "RUNNING");
+    let result = |query: &str| {
+        let response = server.http.get(server.url(&format!("/v1/tasks/{running}/result{query}"))).send().unwrap();
+        (response.status().as_u16(), response.json::<Value>().unwrap())
+    };
+    for query in ["", "?wait=200ms"] {
+        let (status, body) = result(query);
+        assert_eq!((status, error_code(&body)), (409, "NOT_FINISHED"), "{query}: {body}");
+        assert!(error_message(&body).contains("/result?wait="), "says how to wait for it: {body}");
+    }
+    let (status, body) = result("?wiat=1s");
+    assert_eq!((status, error_code(&body)), (400, "BAD_REQUEST"), "{body}");
     let queued = submit_ok(&server, "spin", "{}");
     assert_eq!(task(&server, &queued)["status"], "PENDING");
     let (status, body) = submit(&server, "spin", "{}");

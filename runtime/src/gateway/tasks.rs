@@ -172,7 +172,12 @@ fn output_response(ended: &Ended) -> Response {
         (status, _) => ApiError::new(
             StatusCode::CONFLICT,
             "NOT_FINISHED",
-            format!("task {} is {}; wait for it with GET /v1/tasks/{}?wait=30s", record.id, status.as_str(), record.id),
+            format!(
+                "task {} is {}; wait for it with GET /v1/tasks/{}/result?wait=30s",
+                record.id,
+                status.as_str(),
+                record.id
+            ),
         )
         .into_response(),
     }
@@ -217,15 +222,16 @@ pub(crate) async fn status(
     Query(query): Query<WaitQuery>,
 ) -> Result<Json<TaskRecord>, ApiError> {
     let record = match query.wait {
-        Some(wait) => {
-            let wait = crate::config::parse_duration(&wait)
-                .map_err(|e| ApiError::bad_request(format!("wait: {e}")))?
-                .min(MAX_WAIT);
-            node.dispatch.wait(&id, wait).await.map(|ended| ended.record)
-        }
+        Some(wait) => node.dispatch.wait(&id, parse_wait(&wait)?).await.map(|ended| ended.record),
         None => node.dispatch.get(&id),
     };
     record.map(Json).ok_or_else(|| missing_task(&node, &id))
+}
+
+/// A `?wait=` duration, at most [`MAX_WAIT`].
+fn parse_wait(wait: &str) -> Result<Duration, ApiError> {
+    let wait = crate::config::parse_duration(wait).map_err(|e| ApiError::bad_request(format!("wait: {e}")))?;
+    Ok(wait.min(MAX_WAIT))
 }
 
 /// A task the store did not give: unknown, or (a shared store that does
@@ -238,13 +244,19 @@ fn missing_task(node: &Node, id: &str) -> ApiError {
     }
 }
 
-/// `GET /v1/tasks/{id}/result`.
-pub(crate) async fn result(State(node): State<Arc<Node>>, Path(id): Path<String>) -> Response {
-    match node.dispatch.get(&id) {
-        Some(record) => {
-            let output = node.dispatch.output(&id);
-            with_task_id(output_response(&Ended { record, output }), &id)
-        }
+/// `GET /v1/tasks/{id}/result[?wait=30s]`.
+pub(crate) async fn result(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    Query(query): Query<WaitQuery>,
+) -> Response {
+    let ended = match query.wait.as_deref().map(parse_wait) {
+        Some(Ok(wait)) => node.dispatch.wait(&id, wait).await,
+        Some(Err(e)) => return e.into_response(),
+        None => node.dispatch.get(&id).map(|record| Ended { output: node.dispatch.output(&id), record }),
+    };
+    match ended {
+        Some(ended) => with_task_id(output_response(&ended), &id),
         None => missing_task(&node, &id).into_response(),
     }
 }
