@@ -175,7 +175,7 @@ impl Client {
             println!("no apps yet; deploy one with `beamlet deploy APP.wasm --name NAME`");
             return Ok(());
         }
-        println!("{:<24} {:>7} {:>8} {:>7} {:>7}", "NAME", "VERSION", "REPLICAS", "QUEUED", "RUNNING");
+        println!("{:<24} {:>7} {:>8} {:>7} {:>7} {:>7}", "NAME", "VERSION", "REPLICAS", "PENDING", "QUEUED", "RUNNING");
         for app in apps {
             // In a cluster: this node's + the other nodes'.
             let replicas = match app["replicas_on_other_nodes"].as_u64() {
@@ -183,11 +183,12 @@ impl Client {
                 None => app["replicas"].to_string(),
             };
             println!(
-                "{:<24} {:>7} {:>8} {:>7} {:>7}",
+                "{:<24} {:>7} {:>8} {:>7} {:>7} {:>7}",
                 app["name"].as_str().unwrap_or_default(),
                 // Padding applies to strings, not to JSON values.
                 app["version"].to_string(),
                 replicas,
+                app["pending_replicas"].to_string(),
                 app["queue"]["queued"].to_string(),
                 app["queue"]["running"].to_string()
             );

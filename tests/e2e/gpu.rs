@@ -84,6 +84,9 @@ fn a_guest_gets_the_gpu_through_checked_handles_and_a_quota() {
     let status = server.wait_status("second", "a pending replica", LONG, |s| s["replicas"][0]["state"] == "pending");
     let reason = status["replicas"][0]["pending_reason"].as_str().unwrap_or_default().to_owned();
     assert!(reason.contains("waiting for a free GPU"), "exclusive: {status}");
+    let apps = server.get("/v1/apps");
+    let second = apps["apps"].as_array().unwrap().iter().find(|app| app["name"] == "second").unwrap();
+    assert_eq!((second["replicas"].as_u64(), second["pending_replicas"].as_u64()), (Some(0), Some(1)), "{apps}");
     let (status, body) = server.invoke_json("second", r#"{"mode":"info"}"#);
     assert_eq!((status, error_code(&body)), (503, "NO_CAPACITY"), "{body}");
     let id = submit(&server, "second", r#"{"mode":"info"}"#);

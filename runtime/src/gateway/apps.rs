@@ -129,11 +129,15 @@ pub(crate) async fn list(State(node): State<Arc<Node>>) -> Json<Value> {
         .list()
         .iter()
         .map(|app| {
+            let replicas = node.supervisor.replicas(&app.version.name);
+            // A pending replica waits for capacity: it runs nothing yet.
+            let pending = replicas.iter().filter(|r| r.state == ReplicaState::Pending).count();
             json!({
                 "name": app.version.name,
                 "version": app.version.version,
                 "world": app.version.world,
-                "replicas": node.supervisor.replicas(&app.version.name).len(),
+                "replicas": replicas.len() - pending,
+                "pending_replicas": pending,
                 "replicas_on_other_nodes": other_replicas(&node, &app.version.name),
                 "queue": node.dispatch.counts(&app.version.name),
             })
