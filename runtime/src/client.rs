@@ -105,6 +105,9 @@ impl Client {
             body["world"].as_str().unwrap_or("?"),
             body["digest"].as_str().unwrap_or("?").get(..12).unwrap_or("?")
         );
+        for warning in body["warnings"].as_array().into_iter().flatten() {
+            eprintln!("warning: {}", warning.as_str().unwrap_or_default());
+        }
         if body["world"] == "wasi:http/proxy" {
             println!("call it: curl -s {}/http/{name}/", self.base);
         } else {

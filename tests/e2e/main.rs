@@ -103,9 +103,13 @@ fn hello_deploys_and_answers_over_http_and_cli() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a task id"), "{out:?}");
     assert_eq!(server.status("hello")["version"], 1, "untouched");
 
-    // A new deploy is a new version; delete removes the app.
-    let body = server.deploy_guest("hello", "hello", None);
-    assert_eq!(body["version"], 2);
+    // A new deploy is a new version; one without the config the last had
+    // is warned about; delete removes the app.
+    let body = server.deploy_guest("hello", "hello", Some("[runtime]\nworkers = 2\n"));
+    assert_eq!((body["version"].as_u64(), body["warnings"].as_array().map(Vec::len)), (Some(2), Some(0)), "{body}");
+    let out = cli(&server, &["deploy", wasm.to_str().unwrap(), "--name", "hello"]);
+    let warned = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && warned.contains("version 3 runs with the default config"), "{out:?}");
     assert_eq!(server.invoke_json("hello", r#"{"name":"Ada"}"#).0, 200);
     let out = cli(&server, &["delete", "hello"]);
     assert!(out.status.success());

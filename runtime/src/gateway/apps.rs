@@ -63,6 +63,11 @@ pub(crate) async fn deploy(
     if let Some(name) = twice {
         return Err(ApiError::bad_request(format!("the upload has two `{name}` parts; send one")));
     }
+    // A redeploy without a config is easy to do by mistake.
+    let configured_before = match (&config, node.registry.get(&name)) {
+        (None, Some(previous)) if !previous.version.config_toml.trim().is_empty() => Some(previous.version.version),
+        _ => None,
+    };
     let config = config.unwrap_or_default();
     let component = component.ok_or_else(|| {
         ApiError::bad_request("the upload has no `component` part; attach the .wasm file as `component`")
@@ -96,12 +101,24 @@ pub(crate) async fn deploy(
     tracing::info!(app = %app.version.name, version = app.version.version, digest = %app.version.digest, "deployed");
     node.run_app(&app);
     let version = &app.version;
+    let warnings: Vec<String> = configured_before
+        .filter(|before| *before != version.version)
+        .map(|before| {
+            format!(
+                "no config was sent: version {} runs with the default config, not version {before}'s; send the \
+                 config with every deploy (beamlet deploy --config FILE) to keep it",
+                version.version
+            )
+        })
+        .into_iter()
+        .collect();
     let body = json!({
         "name": version.name,
         "version": version.version,
         "world": version.world,
         "digest": version.digest,
         "callback_secret": version.callback_secret,
+        "warnings": warnings,
     });
     Ok((StatusCode::CREATED, Json(body)))
 }
