@@ -105,6 +105,11 @@ fn cancel_expiry_backpressure_and_listing() {
     let (status, body) = submit(&server, "spin", "{}");
     assert_eq!((status, error_code(&body)), (429, "QUEUE_FULL"), "{body}");
     assert!(error_message(&body).contains("max_queued"), "says what to change: {body}");
+    let response = server.http.post(server.url("/v1/apps/spin/tasks")).body("{}").send().unwrap();
+    assert_eq!(
+        (response.status().as_u16(), response.headers().get("retry-after").cloned()),
+        (429, Some("1".parse().unwrap()))
+    );
 
     let record = wait_status(&server, &queued, "EXPIRED");
     assert_eq!((record["attempts"].as_u64(), record["error"]["code"].as_str()), (Some(0), Some("EXPIRED")));

@@ -212,7 +212,10 @@ pub(crate) struct Counts {
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum QueueError {
-    #[error("app {app:?} already has {limit} queued tasks; retry later or raise [task_queue] max_queued")]
+    #[error(
+        "app {app:?} already has {limit} queued task(s) waiting for a worker (max_queued); retry later or raise \
+         [task_queue] max_queued"
+    )]
     Full { app: String, limit: u32 },
     #[error("no task {0:?}")]
     UnknownTask(TaskId),
