@@ -4,6 +4,7 @@
 mod apps;
 mod errors;
 mod http;
+mod server;
 mod tasks;
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 pub(crate) use self::errors::{ApiError, Payload};
+pub(crate) use self::server::serve;
 pub(crate) use self::tasks::no_capacity;
 use crate::node::Node;
 

@@ -265,12 +265,7 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
         tracing::warn!("stopping now; tasks still running run again on the next start");
         std::process::exit(130);
     });
-    let mut signalled = stopped.clone();
-    let server = axum::serve(listener, crate::gateway::router(node.clone()))
-        .with_graceful_shutdown(async move {
-            let _ = signalled.wait_for(|stopped| *stopped).await;
-        })
-        .into_future();
+    let server = crate::gateway::serve(listener, crate::gateway::router(node.clone()), stopped.clone());
     let mut server = tokio::spawn(server);
     let mut signalled = stopped;
     tokio::select! {
@@ -278,7 +273,7 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
         // replicas must be drained all the same.
         biased;
         _ = signalled.wait_for(|stopped| *stopped) => {}
-        result = &mut server => return result.context("the HTTP server stopped")?.context("the HTTP server failed"),
+        result = &mut server => return result.context("the HTTP server stopped"),
     }
     drain(&node, options.shutdown_grace).await;
     // Calls whose tasks just ended still get their answers written; calls
@@ -286,6 +281,7 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     if tokio::time::timeout(ANSWER_GRACE, &mut server).await.is_err() {
         tracing::warn!("requests still open after the replicas stopped; closing them");
     }
+    tracing::info!("stopped");
     Ok(())
 }
 
