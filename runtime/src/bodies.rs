@@ -75,15 +75,22 @@ impl Bodies {
     }
 }
 
+/// How long a guest waiting for more of a request body waits on a client
+/// that sends none before the body fails (else a stalled upload holds a
+/// worker until the task's timeout).
+pub(crate) const BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Sends `body` to run `seq` as [`ToReplica::Body`] frames (through `out`),
 /// one part per part the replica asks for on `wants`. A part gathers what
 /// the client has already sent, up to [`BODY_PART`] bytes, so small reads
-/// from the connection do not each cost a frame.
+/// from the connection do not each cost a frame. A client that sends
+/// nothing for `idle` while the guest waits fails the body.
 pub(crate) async fn pump_request(
     seq: u64,
     mut body: Body,
     mut wants: mpsc::UnboundedReceiver<u32>,
     out: mpsc::UnboundedSender<ToReplica>,
+    idle: std::time::Duration,
 ) {
     let mut credit = 0u32;
     loop {
@@ -96,7 +103,14 @@ pub(crate) async fn pump_request(
         let mut part = Vec::new();
         // What ends the body after this part: `Some(None)` its end, `Some(Some(e))` a failure.
         let mut end: Option<Option<String>> = None;
-        let mut next = Some(body.frame().await);
+        let mut next = match tokio::time::timeout(idle, body.frame()).await {
+            Ok(frame) => Some(frame),
+            Err(_) => {
+                let idle = crate::config::format_duration(idle);
+                end = Some(Some(format!("the client sent nothing more of its request body for {idle}")));
+                None
+            }
+        };
         while let Some(frame) = next {
             match frame {
                 None => end = Some(None),
@@ -153,5 +167,30 @@ impl futures_util::Stream for ResponseParts {
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt as _;
+
+    #[tokio::test]
+    async fn an_upload_that_stalls_while_the_guest_waits_fails_its_body() {
+        let sent = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"abc"))]);
+        let body = Body::from_stream(sent.chain(futures_util::stream::pending()));
+        let (wants, asks) = mpsc::unbounded_channel();
+        let (out, mut frames) = mpsc::unbounded_channel();
+        wants.send(2).unwrap();
+        let pump = tokio::spawn(pump_request(7, body, asks, out, std::time::Duration::from_millis(50)));
+        let Some(ToReplica::Body { seq: 7, part: Some(Ok(part)) }) = frames.recv().await else {
+            panic!("no first part")
+        };
+        assert_eq!(part, b"abc");
+        let Some(ToReplica::Body { seq: 7, part: Some(Err(message)) }) = frames.recv().await else {
+            panic!("the body did not fail")
+        };
+        assert!(message.contains("sent nothing more of its request body"), "{message}");
+        pump.await.unwrap();
     }
 }

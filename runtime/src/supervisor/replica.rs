@@ -394,7 +394,7 @@ impl Run<'_> {
                     for (seq, id) in sent {
                         if let Some(body) = plan.bodies.take_request(&id) {
                             let (wants, asks) = mpsc::unbounded_channel();
-                            tokio::spawn(bodies::pump_request(seq, body, asks, out.clone()));
+                            tokio::spawn(bodies::pump_request(seq, body, asks, out.clone(), bodies::BODY_IDLE));
                             self.streams.entry(seq).or_default().wants = Some(wants);
                         }
                     }
