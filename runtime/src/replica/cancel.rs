@@ -51,8 +51,8 @@ pub(crate) struct Cancels {
 struct Inner {
     /// Runs in a worker now, with the flag its epoch callback watches.
     running: HashMap<u64, Arc<CancelFlag>>,
-    /// Runs cancelled or recalled before a worker took them.
-    early: HashMap<u64, Early>,
+    /// Runs received and not yet begun, with what befell them meanwhile.
+    waiting: HashMap<u64, Option<Early>>,
 }
 
 /// What befell a run before a worker took it.
@@ -65,32 +65,40 @@ pub(crate) enum Early {
 }
 
 impl Cancels {
+    /// Run `seq` arrived and waits for a worker.
+    pub(crate) fn queued(&self, seq: u64) {
+        self.inner.lock().unwrap().waiting.insert(seq, None);
+    }
+
+    /// Stops run `seq` if it runs, or keeps it from starting if it waits;
+    /// nothing if it has ended.
     pub(crate) fn cancel(&self, seq: u64) {
         let mut inner = self.inner.lock().unwrap();
-        match inner.running.get(&seq) {
-            Some(flag) => flag.set(),
-            None => {
-                inner.early.entry(seq).or_insert(Early::Cancelled);
-            }
+        if let Some(flag) = inner.running.get(&seq) {
+            flag.set();
+        } else if let Some(early) = inner.waiting.get_mut(&seq) {
+            early.get_or_insert(Early::Cancelled);
         }
     }
 
-    /// Takes run `seq` back if no worker has begun it: `true` then, and the
-    /// worker that comes to it skips it.
+    /// Takes run `seq` back if it still waits for a worker: `true` then, and
+    /// the worker that comes to it skips it. A run begun, or ended, is not.
     pub(crate) fn recall(&self, seq: u64) -> bool {
         let mut inner = self.inner.lock().unwrap();
-        if inner.running.contains_key(&seq) {
-            return false;
+        match inner.waiting.get_mut(&seq) {
+            Some(early) if *early != Some(Early::Recalled) => {
+                *early = Some(Early::Recalled);
+                true
+            }
+            _ => false,
         }
-        inner.early.insert(seq, Early::Recalled);
-        true
     }
 
     /// Registers a run about to start; `Err` if it was cancelled or
     /// recalled first.
     pub(crate) fn begin(&self, seq: u64, flag: &Arc<CancelFlag>) -> Result<(), Early> {
         let mut inner = self.inner.lock().unwrap();
-        if let Some(early) = inner.early.remove(&seq) {
+        if let Some(early) = inner.waiting.remove(&seq).flatten() {
             return Err(early);
         }
         flag.reset();
@@ -111,6 +119,7 @@ mod tests {
     fn cancel_before_and_during_a_run() {
         let cancels = Cancels::default();
         let flag = Arc::new(CancelFlag::default());
+        cancels.queued(1);
         cancels.cancel(1);
         assert_eq!(cancels.begin(1, &flag), Err(Early::Cancelled), "a run cancelled early never starts");
         assert!(cancels.begin(2, &flag).is_ok());
@@ -125,13 +134,20 @@ mod tests {
     fn only_a_run_not_yet_begun_is_recalled() {
         let cancels = Cancels::default();
         let flag = Arc::new(CancelFlag::default());
+        cancels.queued(1);
         assert!(cancels.recall(1));
+        assert!(!cancels.recall(1), "given back once");
         assert_eq!(cancels.begin(1, &flag), Err(Early::Recalled), "a recalled run is skipped");
+        cancels.queued(2);
         assert!(cancels.begin(2, &flag).is_ok());
         assert!(!cancels.recall(2), "a run in progress ends as usual");
         cancels.end(2);
+        assert!(!cancels.recall(2), "so does one that has ended (its `Done` may not have gone out yet)");
+        cancels.cancel(2);
+        assert!(cancels.inner.lock().unwrap().waiting.is_empty(), "nothing is kept for a run that ended");
         // A run cancelled while waiting, then recalled, is given back: the
         // node drops it either way, and nobody waits for its `Done`.
+        cancels.queued(3);
         cancels.cancel(3);
         assert!(cancels.recall(3));
         assert_eq!(cancels.begin(3, &flag), Err(Early::Recalled));

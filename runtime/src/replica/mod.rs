@@ -140,7 +140,10 @@ fn serve(mut input: BufReader<UnixStream>, workers: Vec<Worker>, flows: &Flows, 
     loop {
         match ipc::read_blocking::<ToReplica>(&mut input) {
             Ok(Some(ToReplica::Run(task))) => match &tasks {
-                Some(tasks) => tasks.send(task).expect("workers outlive the reader"),
+                Some(tasks) => {
+                    cancels.queued(task.seq);
+                    tasks.send(task).expect("workers outlive the reader");
+                }
                 None => bail!("the node sent a run after asking the replica to drain"),
             },
             Ok(Some(ToReplica::Cancel { seq })) => {
