@@ -220,6 +220,7 @@ async fn run_placed(plan: &Plan, spec: &ReplicaSpec, info: &Arc<Mutex<ReplicaInf
             inflight: HashMap::new(),
             ahead: VecDeque::new(),
             recalling: HashSet::new(),
+            stalled: 0,
             started: HashMap::new(),
             restarting: 0,
             exiting: None,
@@ -273,6 +274,8 @@ struct Run<'a> {
     ahead: VecDeque<u64>,
     /// Runs asked back ([`ToReplica::Recall`]) and not yet returned or done.
     recalling: HashSet<u64>,
+    /// Looks in a row (`Pace::STALE`) that found every worker on a long run.
+    stalled: u32,
     /// When each run that a worker took started.
     started: HashMap<u64, Instant>,
     /// Workers building a new instance before their next run: busy until
@@ -348,15 +351,21 @@ impl Run<'_> {
         let mut seq = 0u64;
         let mut watchdog = tokio::time::interval(Duration::from_secs(1));
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // While runs wait in the replica, a look now and then at whether they
-        // still should (see `Pace::STALE`).
+        // While runs are in progress, a look now and then at whether every
+        // worker is stuck on a long one (see `Pace::STALE`).
         let mut recheck = tokio::time::interval(Pace::STALE / 2);
         recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let window = pace.window(spec.workers, plan.dispatch.serves_alone(&spec.app), self.longest_run());
+            if self.started.is_empty() {
+                self.stalled = 0;
+            }
+            // Two looks in a row: a pause of this loop (frames not yet
+            // read) looks like long runs once, not twice.
+            let stalled = self.stalled >= 2;
+            let window = pace.window(spec.workers, plan.dispatch.serves_alone(&spec.app), stalled);
             // A draining replica keeps what it holds: at a shutdown, a call
             // put back in the queue would find no replica to run it.
-            let recalls = if draining { Vec::new() } else { self.recalls(window) };
+            let recalls = if draining || !stalled { Vec::new() } else { self.recalls(window) };
             if !recalls.is_empty() {
                 with_exit(send_bytes(&mut write, &recalls).await, &mut child).await?;
             }
@@ -438,7 +447,9 @@ impl Run<'_> {
                     self.set_state(ReplicaState::Draining);
                     with_exit(send(&mut write, &ToReplica::Drain).await, &mut child).await?;
                 }
-                _ = recheck.tick(), if !self.ahead.is_empty() => {}
+                _ = recheck.tick(), if !self.started.is_empty() => {
+                    self.stalled = if self.all_stuck() { self.stalled + 1 } else { 0 };
+                }
                 _ = watchdog.tick() => {
                     if self.exiting.is_some_and(|since| since.elapsed() > EXIT_GRACE) {
                         // Its exit hangs (in a GPU library's teardown, say): it
@@ -478,20 +489,20 @@ impl Run<'_> {
         ToReplica::Run(run)
     }
 
-    /// How long the oldest run in progress has run.
-    fn longest_run(&self) -> Duration {
+    /// Whether every worker has been on its run for over [`Pace::STALE`].
+    fn all_stuck(&self) -> bool {
         let now = Instant::now();
-        self.started.values().map(|started| now.saturating_duration_since(*started)).max().unwrap_or_default()
+        let stuck = self.started.values().filter(|started| now.saturating_duration_since(**started) > Pace::STALE);
+        stuck.count() >= self.spec.workers as usize
     }
 
-    /// Frames asking back the runs waiting in the replica beyond `window`,
-    /// newest first, once the window holds none back (the app's tasks are
-    /// long now): they go back to the queue, where an idle replica, or a new
-    /// one the autoscaler starts for them, takes them. A run whose request
-    /// body already streams stays.
+    /// Frames asking back the runs waiting in the replica beyond `window`
+    /// (every worker is stuck on a long run): newest first, they go back to
+    /// the queue, where an idle replica, or a new one the autoscaler starts
+    /// for them, takes them. A run whose request body already streams stays.
     fn recalls(&mut self, window: usize) -> Vec<u8> {
         let held = self.inflight.len().saturating_sub(self.recalling.len());
-        if window > self.spec.workers as usize || held <= window {
+        if held <= window {
             return Vec::new();
         }
         let recall: Vec<u64> = (self.ahead.iter().rev())
@@ -727,8 +738,8 @@ fn outcome_name(outcome: &Outcome) -> &'static str {
 /// switches per request in the replica). With other replicas, one: the
 /// average is of past runs, and a burst of long tasks after tiny ones would
 /// otherwise wait here while another replica sits idle. Apps whose tasks
-/// are long are never held back this way, nor once a run has gone on for
-/// [`Pace::STALE`]: the runs held back then are recalled.
+/// are long are never held back this way, nor while every worker has been
+/// on its run for [`Pace::STALE`]: the runs held back then are recalled.
 #[derive(Default)]
 struct Pace {
     /// Recent average run time, in microseconds (`None` before any ran).
@@ -742,9 +753,10 @@ impl Pace {
     const TINY_US: f64 = 300.0;
     /// Weight of the newest run in the average.
     const WEIGHT: f64 = 0.1;
-    /// A run in progress this long says the app's tasks are long now,
+    /// Every worker on a run this long says the app's tasks are long now,
     /// whatever the average of past runs (a burst of long tasks after tiny
-    /// ones; the average learns of them only as they end).
+    /// ones; the average learns of them only as they end), and that the
+    /// runs waiting in the replica would wait long.
     const STALE: Duration = Duration::from_millis(50);
 
     fn record(&mut self, run_us: u64) {
@@ -753,10 +765,10 @@ impl Pace {
     }
 
     /// `alone`: no other replica could take what this one holds back;
-    /// `longest_run`: how long the oldest run in progress has run.
-    fn window(&self, workers: u32, alone: bool, longest_run: Duration) -> usize {
+    /// `stalled`: every worker is on a long run.
+    fn window(&self, workers: u32, alone: bool, stalled: bool) -> usize {
         let ahead = match self.average_us {
-            _ if longest_run > Self::STALE => 0,
+            _ if stalled => 0,
             Some(avg) if avg <= Self::TINY_US && alone => 3 * workers,
             Some(avg) if avg <= Self::SHORT_US => workers,
             _ => 0,
@@ -858,17 +870,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn runs_go_ahead_only_while_tasks_are_short_and_none_has_run_long() {
-        let ms = Duration::from_millis;
+    fn runs_go_ahead_only_while_tasks_are_short_and_workers_are_not_stuck() {
         let mut pace = Pace::default();
-        assert_eq!(pace.window(4, true, ms(0)), 4, "before any run ends, none ahead");
+        assert_eq!(pace.window(4, true, false), 4, "before any run ends, none ahead");
         pace.record(100);
-        assert_eq!(pace.window(4, true, ms(1)), 16, "tiny tasks, the app's only replica: three ahead per worker");
-        assert_eq!(pace.window(4, false, ms(1)), 8, "with other replicas, one");
-        assert_eq!(pace.window(4, true, ms(51)), 4, "a run going past 50 ms: none ahead, whatever the average");
+        assert_eq!(pace.window(4, true, false), 16, "tiny tasks, the app's only replica: three ahead per worker");
+        assert_eq!(pace.window(4, false, false), 8, "with other replicas, one");
+        assert_eq!(pace.window(4, true, true), 4, "every worker on a long run: none ahead, whatever the average");
         for _ in 0..50 {
             pace.record(5_000);
         }
-        assert_eq!(pace.window(4, true, ms(0)), 4, "long tasks: none ahead");
+        assert_eq!(pace.window(4, true, false), 4, "long tasks: none ahead");
     }
 }
