@@ -23,11 +23,20 @@ pub(crate) struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Sent with `Retry-After`: the same request may well succeed shortly.
+    pub retry_later: bool,
 }
 
 impl ApiError {
     pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self { status, code, message: message.into(), retry_later: false }
+    }
+
+    /// A passing condition of the node (not an answer about a task that
+    /// ended): the answer says when to call again.
+    pub(crate) fn retry_later(mut self) -> Self {
+        self.retry_later = true;
+        self
     }
 
     pub(crate) fn bad_request(message: impl Into<String>) -> Self {
@@ -76,7 +85,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({ "error": { "code": self.code, "message": self.message } });
         let mut response = (self.status, Json(body)).into_response();
-        if matches!(self.status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
+        if self.retry_later {
             // Clients and proxies that honour it wait before calling again.
             response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
@@ -143,13 +152,17 @@ impl From<DeployError> for ApiError {
 impl From<QueueError> for ApiError {
     fn from(error: QueueError) -> Self {
         match &error {
-            QueueError::Full { .. } => Self::new(StatusCode::TOO_MANY_REQUESTS, "QUEUE_FULL", error.to_string()),
+            QueueError::Full { .. } => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "QUEUE_FULL", error.to_string()).retry_later()
+            }
             QueueError::UnknownTask(id) => Self::unknown_task(id),
             QueueError::AlreadyEnded { .. } => Self::new(StatusCode::CONFLICT, "ALREADY_ENDED", error.to_string()),
             QueueError::Store | QueueError::Backend(_) | QueueError::Lost(_) => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "STORE_FAILED", error.to_string())
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "STORE_FAILED", error.to_string()).retry_later()
             }
-            QueueError::ShuttingDown => Self::new(StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN", error.to_string()),
+            QueueError::ShuttingDown => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN", error.to_string()).retry_later()
+            }
         }
     }
 }

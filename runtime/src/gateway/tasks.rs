@@ -58,7 +58,9 @@ pub(super) fn refuse_without_capacity(node: &Node, name: &str) -> Result<(), Api
     match node.supervisor.no_capacity(name) {
         // In a cluster another node's replicas may run it.
         Some(_) if node.cluster.as_ref().is_some_and(|cluster| cluster.runs_elsewhere(name)) => Ok(()),
-        Some(reason) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "NO_CAPACITY", no_capacity(name, &reason))),
+        Some(reason) => {
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "NO_CAPACITY", no_capacity(name, &reason)).retry_later())
+        }
         None => Ok(()),
     }
 }
