@@ -216,6 +216,10 @@ impl Dispatch {
     pub(crate) fn release(&self, id: &str) {
         self.routes.lock().unwrap().remove(id);
         if let Some(record) = self.queue.release(id) {
+            if *self.closing.borrow() {
+                // No replica will take a call put back now (see `close`).
+                self.end_calls_taken_here(&record.app);
+            }
             self.wake(&record.app);
         }
     }
@@ -464,12 +468,17 @@ impl Dispatch {
     /// task as it is. Tasks submitted to the queue stay for the next start.
     pub(crate) fn close(&self, apps: &[String]) {
         let _ = self.closing.send(true);
-        let message = "the node is shutting down before the call could run; call again once it is back".to_owned();
         for app in apps {
-            let error = TaskError { code: ErrorCode::ShuttingDown, message: message.clone() };
-            // Another node's callers are still there: their calls stay queued.
-            self.end_queued(app, Queued::CallsTakenHere, TaskStatus::Cancelled, error);
+            self.end_calls_taken_here(app);
         }
+    }
+
+    /// Ends the app's queued calls this node took, as the node shuts down.
+    /// Another node's callers are still there: their calls stay queued.
+    fn end_calls_taken_here(&self, app: &str) {
+        let message = "the node is shutting down before the call could run; call again once it is back".to_owned();
+        let error = TaskError { code: ErrorCode::ShuttingDown, message };
+        self.end_queued(app, Queued::CallsTakenHere, TaskStatus::Cancelled, error);
     }
 
     fn end_queued(&self, app: &str, which: Queued, status: TaskStatus, error: TaskError) {
