@@ -75,16 +75,16 @@ impl Bodies {
     }
 }
 
-/// How long a guest waiting for more of a request body waits on a client
-/// that sends none before the body fails (else a stalled upload holds a
-/// worker until the task's timeout).
+/// How long a client streaming a request body to a run may send nothing
+/// (while the replica has room for more) before the body fails: a stalled
+/// upload would otherwise hold a worker until the task's timeout.
 pub(crate) const BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Sends `body` to run `seq` as [`ToReplica::Body`] frames (through `out`),
 /// one part per part the replica asks for on `wants`. A part gathers what
 /// the client has already sent, up to [`BODY_PART`] bytes, so small reads
 /// from the connection do not each cost a frame. A client that sends
-/// nothing for `idle` while the guest waits fails the body.
+/// nothing for `idle` while the replica has room for more fails the body.
 pub(crate) async fn pump_request(
     seq: u64,
     mut body: Body,

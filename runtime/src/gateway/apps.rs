@@ -65,7 +65,9 @@ pub(crate) async fn deploy(
     }
     // A redeploy without a config is easy to do by mistake.
     let configured_before = match (&config, node.registry.get(&name)) {
-        (None, Some(previous)) if !previous.version.config_toml.trim().is_empty() => Some(previous.version.version),
+        (None, Some(previous)) if crate::config::parse("").ok().as_ref() != Some(&previous.config) => {
+            Some(previous.version.version)
+        }
         _ => None,
     };
     let config = config.unwrap_or_default();

@@ -4,6 +4,7 @@
 //! graceful stop: no new connections, and open ones close once their
 //! request in progress is answered.
 
+use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -13,7 +14,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-/// How long a client may take to send a request line and headers.
+/// How long a client may take to send a request line and headers; also
+/// how long an idle keep-alive connection stays open.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves `router` on `listener` until `stop` turns true, then until every
@@ -29,11 +31,15 @@ pub(crate) async fn serve(listener: TcpListener, router: axum::Router, stop: wat
         };
         let stream = match accepted {
             Ok((stream, _)) => stream,
+            // The client gave up before its connection was taken.
+            Err(e) if matches!(e.kind(), ConnectionAborted | ConnectionReset | ConnectionRefused) => continue,
             Err(e) => {
                 // Out of file descriptors, say: wait for some to close.
-                tracing::warn!("failed to accept a connection: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+                tracing::warn!("failed to accept a connection: {e}; trying again in 1s");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = stopping.wait_for(|stop| *stop) => break,
+                }
             }
         };
         let _ = stream.set_nodelay(true);

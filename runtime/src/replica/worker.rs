@@ -24,6 +24,7 @@ use crate::host::gpu::WorkerGpu;
 use crate::ipc::HttpRequest;
 use crate::ipc::{FromReplica, Outcome, ReplicaSpec, RunTask, TaskDone};
 use beamlet_gpu::{Backend, Session};
+use futures_util::FutureExt as _;
 use http_body_util::BodyExt as _;
 use wasmtime_wasi_http::WasiHttpView as _;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
@@ -346,13 +347,17 @@ async fn serve_http(
     })();
     let (request, out) = handles?;
     let (replies, credits) = (replies.clone(), flow.credits.clone());
-    let collector = async move {
+    let collector = std::panic::AssertUnwindSafe(async move {
         let response = receiver
             .await
             .map_err(|_| "the guest returned without setting a response".to_owned())?
             .map_err(|code| format!("the guest answered with an error: {code:?}"))?;
         stream_response(response, seq, replies, credits, deadline).await
-    };
+    });
+    // A panic reading the response fails the run, not the worker's thread.
+    let collector = collector
+        .catch_unwind()
+        .map(|caught| caught.unwrap_or_else(|_| Err("failed to read the guest's response (it panicked)".to_owned())));
     let handled = proxy.wasi_http_incoming_handler().call_handle(&mut *store, request, out);
     // The response is collected (and streamed) while the guest runs, in this
     // same future rather than a task of its own: a hello then ends in one
