@@ -331,6 +331,9 @@ fn callbacks_are_signed_retried_and_overridable_per_task() {
         assert_eq!(body["message"], "Hello, Ada!");
     }
     drop(hook);
+    // The task says where its callback stands.
+    let settled = || (task(&server, &id)["callback"] == "delivered").then_some(());
+    wait_for("the task to show its callback delivered", LONG, settled);
 
     // A call whose caller waits sends the app's callback too, with its output.
     assert_eq!(server.invoke_json("hello", r#"{"name":"Bo"}"#).0, 200);

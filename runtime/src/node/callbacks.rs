@@ -51,7 +51,7 @@ pub(crate) fn spawn(node: Arc<Node>, mut ended: mpsc::UnboundedReceiver<(TaskRec
             let Some(secret) = node.callback_secret(&record.app) else {
                 // The app was removed before this node started: nothing to sign with.
                 tracing::warn!(task = %record.id, app = %record.app, "callback not sent: the app was removed");
-                node.dispatch.callback_settled(&record.id);
+                node.dispatch.callback_settled(&record.id, false);
                 continue;
             };
             let body = match (record.status, &record.error) {
@@ -64,8 +64,8 @@ pub(crate) fn spawn(node: Arc<Node>, mut ended: mpsc::UnboundedReceiver<(TaskRec
             let http = http.clone();
             let receiver = receivers.of(&url);
             tokio::spawn(async move {
-                deliver(http, &receiver, url, secret, &record, body).await;
-                node.dispatch.callback_settled(&record.id);
+                let delivered = deliver(http, &receiver, url, secret, &record, body).await;
+                node.dispatch.callback_settled(&record.id, delivered);
             });
         }
     });
@@ -88,7 +88,7 @@ async fn deliver(
     secret: String,
     record: &TaskRecord,
     body: Bytes,
-) {
+) -> bool {
     let mut wait = FIRST_RETRY;
     for attempt in 1..=ATTEMPTS {
         let sent = {
@@ -108,7 +108,7 @@ async fn deliver(
         let failure = match sent {
             Ok(response) if response.status().is_success() => {
                 tracing::debug!(task = %record.id, %url, attempt, "callback delivered");
-                return;
+                return true;
             }
             Ok(response) => format!("HTTP {}", response.status()),
             Err(e) if e.is_timeout() => format!("no answer within {REQUEST_TIMEOUT:?}"),
@@ -122,6 +122,7 @@ async fn deliver(
         }
     }
     tracing::error!(task = %record.id, %url, "callback given up after {ATTEMPTS} attempts");
+    false
 }
 
 #[cfg(test)]

@@ -409,8 +409,8 @@ impl Dispatch {
     }
 
     /// The task's callback was delivered, or given up on.
-    pub(crate) fn callback_settled(&self, id: &str) {
-        self.queue.callback_settled(id);
+    pub(crate) fn callback_settled(&self, id: &str, delivered: bool) {
+        self.queue.callback_settled(id, delivered);
     }
 
     /// Whether the task store answered its last calls (see

@@ -12,6 +12,7 @@ use anyhow::Result;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use super::CallbackState;
 use super::sqlite::{Journal, TaskRow};
 use super::{
     Cancelled, Counts, Ended, ErrorCode, Finish, Lease, NewTask, Queue, QueueError, Queued, TaskError, TaskRecord,
@@ -42,8 +43,13 @@ struct Entry {
     max_result_size: u64,
     /// When a still-queued task expires (ms).
     expires_at: u64,
+}
+
+impl Entry {
     /// It ended and its callback is not delivered yet.
-    callback_pending: bool,
+    fn callback_pending(&self) -> bool {
+        self.record.callback == Some(CallbackState::Pending)
+    }
 }
 
 impl Entry {
@@ -67,7 +73,7 @@ impl Entry {
             input: if with_input { self.input.clone() } else { Bytes::new() },
             output: self.output.clone(),
             callback_url: r.callback_url.clone(),
-            callback_pending: self.callback_pending,
+            callback: r.callback,
         }
     }
 
@@ -87,6 +93,7 @@ impl Entry {
                 ended_at: row.ended_at,
                 error,
                 callback_url: row.callback_url,
+                callback: row.callback,
                 durable: true,
             },
             input: row.input,
@@ -96,7 +103,6 @@ impl Entry {
             result_ttl: Duration::from_millis(row.result_ttl_ms),
             max_result_size: row.max_result_size,
             expires_at: row.expires_at,
-            callback_pending: row.callback_pending,
         }
     }
 }
@@ -115,7 +121,7 @@ impl Inner {
         entry.record.ended_at = Some(now);
         entry.input = Bytes::new();
         // Written with the end itself: a restart before delivery delivers it then.
-        entry.callback_pending = entry.record.callback_url.is_some();
+        entry.record.callback = entry.record.callback_url.as_ref().map(|_| CallbackState::Pending);
         let app = entry.record.app.clone();
         if was_running {
             let running = self.running_mut(&app);
@@ -231,7 +237,6 @@ impl Queue for EmbeddedQueue {
             result_ttl: task.result_ttl,
             max_result_size: task.max_result_size,
             expires_at: now.saturating_add(millis(task.ttl)),
-            callback_pending: false,
         };
         if let Some(journal) = self.journal.as_ref().filter(|_| entry.record.durable) {
             journal.insert(entry.row(true));
@@ -277,17 +282,17 @@ impl Queue for EmbeddedQueue {
         let mut pending: Vec<_> = inner
             .tasks
             .values()
-            .filter(|entry| entry.callback_pending)
+            .filter(|entry| entry.callback_pending())
             .map(|entry| (entry.record.clone(), entry.output.clone()))
             .collect();
         pending.sort_by_key(|(record, _)| record.ended_at);
         pending
     }
 
-    fn callback_settled(&self, id: &str) {
+    fn callback_settled(&self, id: &str, delivered: bool) {
         let mut inner = self.inner.lock().unwrap();
-        if let Some(entry) = inner.tasks.get_mut(id).filter(|entry| entry.callback_pending) {
-            entry.callback_pending = false;
+        if let Some(entry) = inner.tasks.get_mut(id).filter(|entry| entry.callback_pending()) {
+            entry.record.callback = Some(if delivered { CallbackState::Delivered } else { CallbackState::Failed });
             self.update(entry);
         }
     }
@@ -388,7 +393,7 @@ impl Queue for EmbeddedQueue {
             // A task whose callback is not delivered yet is kept (and
             // journaled) until it is: a restart must still find it to send.
             .filter(|entry| {
-                !entry.callback_pending
+                !entry.callback_pending()
                     && entry.record.ended_at.is_some_and(|ended| now.saturating_sub(ended) >= millis(entry.result_ttl))
             })
             .map(|entry| entry.record.id.clone())
@@ -526,7 +531,9 @@ mod tests {
         q.finish(&id, Finish::Complete(Bytes::from_static(b"out")), 2).unwrap();
         q.sweep(200_000);
         assert!(q.get(&id).is_some(), "kept (and journaled) until delivered");
-        q.callback_settled(&id);
+        assert_eq!(q.get(&id).unwrap().callback, Some(CallbackState::Pending));
+        q.callback_settled(&id, true);
+        assert_eq!(q.get(&id).unwrap().callback, Some(CallbackState::Delivered));
         q.sweep(200_001);
         assert!(q.get(&id).is_none(), "then forgotten");
     }
@@ -593,12 +600,13 @@ mod tests {
             let pending = q.pending_callbacks();
             assert_eq!(pending.len(), 1, "only the task with a callback URL");
             assert_eq!((pending[0].0.id.as_str(), pending[0].1.as_deref()), (id.as_str(), Some(&b"out"[..])));
-            q.callback_settled(&id);
+            q.callback_settled(&id, false);
             synced(&q);
         }
         let q = EmbeddedQueue::open(&path, 4).unwrap();
         assert!(q.pending_callbacks().is_empty(), "a settled callback is not sent again");
-        assert_eq!(q.get(&id).unwrap().status, TaskStatus::Complete);
+        let record = q.get(&id).unwrap();
+        assert_eq!((record.status, record.callback), (TaskStatus::Complete, Some(CallbackState::Failed)), "journaled");
     }
 
     #[test]

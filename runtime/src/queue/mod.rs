@@ -109,6 +109,39 @@ pub(crate) enum ErrorCode {
     NoCapacity,
 }
 
+/// Where the callback of a task that ended stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum CallbackState {
+    /// Not delivered yet (being tried, or waiting for a retry).
+    Pending,
+    /// The receiver answered 2xx.
+    Delivered,
+    /// Given up on after its tries (or the app was removed before it went).
+    Failed,
+}
+
+impl CallbackState {
+    /// As a number, for the journal: 0 none, 1 pending, 2 delivered, 3 failed.
+    pub(crate) fn code(state: Option<Self>) -> i64 {
+        match state {
+            None => 0,
+            Some(Self::Pending) => 1,
+            Some(Self::Delivered) => 2,
+            Some(Self::Failed) => 3,
+        }
+    }
+
+    pub(crate) fn from_code(code: i64) -> Option<Self> {
+        match code {
+            1 => Some(Self::Pending),
+            2 => Some(Self::Delivered),
+            3 => Some(Self::Failed),
+            _ => None,
+        }
+    }
+}
+
 /// What a caller sees of a task.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct TaskRecord {
@@ -124,6 +157,9 @@ pub(crate) struct TaskRecord {
     /// Where the result is POSTed when the task ends.
     #[serde(skip)]
     pub callback_url: Option<String>,
+    /// Its callback, once the task has ended with one to send.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub callback: Option<CallbackState>,
     /// Journaled and kept after it ends; `false` for calls whose caller
     /// waits (they are forgotten once the caller has the answer).
     #[serde(skip)]
@@ -175,6 +211,7 @@ impl NewTask {
             ended_at: None,
             error: None,
             callback_url: self.callback_url.clone(),
+            callback: None,
             durable: self.durable,
         }
     }
@@ -275,7 +312,7 @@ pub(crate) trait Queue: Send + Sync + 'static {
     /// oldest end first, with their outputs.
     fn pending_callbacks(&self) -> Vec<(TaskRecord, Option<Bytes>)>;
     /// The task's callback was delivered, or given up on.
-    fn callback_settled(&self, id: &str);
+    fn callback_settled(&self, id: &str, delivered: bool);
     /// Records how a run ended, and returns the task with its output; a
     /// retryable failure with attempts left goes back to the queue as
     /// `Retry`. Unknown or already-ended tasks are `None` (a cancelled task

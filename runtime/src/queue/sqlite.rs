@@ -11,6 +11,8 @@ use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension as _, params};
 use tokio::sync::oneshot;
 
+use super::CallbackState;
+
 /// One task as stored.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct TaskRow {
@@ -31,8 +33,9 @@ pub(crate) struct TaskRow {
     pub input: Bytes,
     pub output: Option<Bytes>,
     pub callback_url: Option<String>,
-    /// The task ended and its callback is not delivered yet.
-    pub callback_pending: bool,
+    /// Where its callback stands once it ended (the column
+    /// `callback_pending` keeps [`CallbackState::code`]).
+    pub callback: Option<CallbackState>,
 }
 
 enum Op {
@@ -161,7 +164,7 @@ fn load(conn: &Connection) -> Result<Vec<TaskRow>> {
             input: Bytes::from(row.get::<_, Vec<u8>>(14)?),
             output: row.get::<_, Option<Vec<u8>>>(15)?.map(Bytes::from),
             callback_url: row.get(16)?,
-            callback_pending: row.get(17)?,
+            callback: CallbackState::from_code(row.get(17)?),
         })
     })?;
     rows.collect::<rusqlite::Result<_>>().context("failed to read the task store")
@@ -226,7 +229,7 @@ fn commit(conn: &mut Connection, batch: Vec<Op>, syncs: &mut Vec<oneshot::Sender
                         r.input.as_ref(),
                         r.output.as_deref(),
                         r.callback_url,
-                        r.callback_pending,
+                        CallbackState::code(r.callback),
                     ])?;
                 }
                 Op::Update(r) => {
@@ -242,7 +245,7 @@ fn commit(conn: &mut Connection, batch: Vec<Op>, syncs: &mut Vec<oneshot::Sender
                         r.error_message,
                         r.output.as_deref(),
                         drop_input,
-                        r.callback_pending,
+                        CallbackState::code(r.callback),
                     ])?;
                 }
                 Op::Delete(id) => {
@@ -280,7 +283,7 @@ mod tests {
         }
         let (_journal, rows) = Journal::open(&path).unwrap();
         assert_eq!(rows.len(), 1);
-        assert!(!rows[0].callback_pending, "tasks of a version 1 store have no pending callback");
+        assert_eq!(rows[0].callback, None, "tasks of a version 1 store have no pending callback");
         let conn = Connection::open(&path).unwrap();
         let version: String = conn.query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| r.get(0)).unwrap();
         assert_eq!(version, SCHEMA_VERSION);

@@ -21,8 +21,8 @@ pub(crate) use self::events::{AppsChanged, Event, spawn as spawn_cluster};
 use self::resp::{Client, RedisError, RedisUrl, Reply};
 use self::scripts as lua;
 use super::{
-    Cancelled, Counts, Ended, ErrorCode, Finish, Lease, NewTask, Queue, QueueError, Queued, TaskError, TaskRecord,
-    TaskStatus, millis,
+    CallbackState, Cancelled, Counts, Ended, ErrorCode, Finish, Lease, NewTask, Queue, QueueError, Queued, TaskError,
+    TaskRecord, TaskStatus, millis,
 };
 
 /// How long a node counts as alive after its last heartbeat.
@@ -329,7 +329,26 @@ fn record(reply: Reply) -> Option<TaskRecord> {
     let error = code.map(|code| TaskError { code, message: message.unwrap_or_default() });
     let callback_url = next().into_string();
     let durable = next().into_string().as_deref() != Some("0");
-    Some(TaskRecord { id, app, status, attempts, created_at, started_at, ended_at, error, callback_url, durable })
+    let _origin = next();
+    let callback = match next().into_string().as_deref() {
+        Some("pending") => Some(CallbackState::Pending),
+        Some("delivered") => Some(CallbackState::Delivered),
+        Some("failed") => Some(CallbackState::Failed),
+        _ => None,
+    };
+    Some(TaskRecord {
+        id,
+        app,
+        status,
+        attempts,
+        created_at,
+        started_at,
+        ended_at,
+        error,
+        callback_url,
+        callback,
+        durable,
+    })
 }
 
 fn flag(on: bool) -> &'static [u8] {
@@ -433,8 +452,9 @@ impl Queue for RedisQueue {
         pending
     }
 
-    fn callback_settled(&self, id: &str) {
-        self.logged("settle a callback", self.client.call(&[b"HDEL", b"beamlet:callbacks", id.as_bytes()]));
+    fn callback_settled(&self, id: &str, delivered: bool) {
+        let state: &[u8] = if delivered { b"delivered" } else { b"failed" };
+        self.eval("settle a callback", &lua::SETTLE_CALLBACK, &[id.as_bytes(), state]);
     }
 
     fn finish(&self, id: &str, finish: Finish, now: u64) -> Option<Ended> {
@@ -546,7 +566,7 @@ impl Queue for RedisQueue {
 }
 
 /// The record fields the scripts return, in `record`'s order.
-const FIELDS: [&str; 12] = [
+const FIELDS: [&str; 13] = [
     "id",
     "app",
     "status",
@@ -559,6 +579,7 @@ const FIELDS: [&str; 12] = [
     "callback_url",
     "durable",
     "origin",
+    "callback",
 ];
 
 fn lease(app: &str, reply: Reply) -> Option<Lease> {
@@ -689,7 +710,9 @@ mod tests {
         assert_eq!((pending[0].0.id.as_str(), pending[0].0.status), (hooked.as_str(), TaskStatus::Expired));
         q.sweep(100_000);
         assert!(q.get(&hooked).is_some(), "kept until its callback is delivered");
-        q.callback_settled(&hooked);
+        assert_eq!(q.get(&hooked).unwrap().callback, Some(CallbackState::Pending));
+        q.callback_settled(&hooked, true);
+        assert_eq!(q.get(&hooked).unwrap().callback, Some(CallbackState::Delivered));
         q.sweep(200_000);
         assert!(q.get(&hooked).is_none(), "then forgotten");
         assert!(q.pending_callbacks().is_empty());

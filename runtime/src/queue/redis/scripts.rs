@@ -27,7 +27,7 @@ macro_rules! prelude {
         r#"
 local P = 'beamlet:'
 local FIELDS = {'id', 'app', 'status', 'attempts', 'created_at', 'started_at', 'ended_at',
-                'error_code', 'error_message', 'callback_url', 'durable', 'origin'}
+                'error_code', 'error_message', 'callback_url', 'durable', 'origin', 'callback'}
 local function tkey(id) return P .. 't:' .. id end
 local function record(id) return redis.call('HMGET', tkey(id), unpack(FIELDS)) end
 local function terminal(status)
@@ -73,7 +73,10 @@ local function finish(id, status, code, message, now, me, dequeued)
     redis.call('HDEL', k, 'error_code', 'error_message')
   end
   redis.call('HDEL', k, 'input', 'node', 'ahead')
-  if t[5] then redis.call('HSET', P .. 'callbacks', id, me) end
+  if t[5] then
+    redis.call('HSET', P .. 'callbacks', id, me)
+    redis.call('HSET', k, 'callback', 'pending')
+  end
   -- A call is forgotten by its node once its caller has the answer (or by
   -- whoever reaps that node); the sweep only catches what slipped by.
   local keep = tonumber(t[4])
@@ -371,6 +374,18 @@ script!(
     r#"
 local running = tonumber(redis.call('HGET', P .. 'running', ARGV[1]) or '0')
 return {redis.call('LLEN', P .. 'q:' .. ARGV[1]), math.max(running, 0)}
+"#
+);
+
+// ARGV: id, state (delivered or failed). The task's callback went, or was
+// given up on; a task already forgotten is not brought back.
+script!(
+    SETTLE_CALLBACK,
+    r#"
+local k = tkey(ARGV[1])
+if redis.call('EXISTS', k) == 1 then redis.call('HSET', k, 'callback', ARGV[2]) end
+redis.call('HDEL', P .. 'callbacks', ARGV[1])
+return 1
 "#
 );
 
