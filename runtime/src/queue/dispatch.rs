@@ -229,16 +229,30 @@ impl Dispatch {
         self.routes.lock().unwrap().insert(id.to_owned(), route.clone());
     }
 
-    pub(crate) fn finish(&self, id: &str, finish: Finish) -> Option<TaskRecord> {
-        let Ended { record, output } = self.queue.finish(id, finish, now_ms())?;
-        if record.status.is_terminal() {
-            // The queue forgot a call that ended itself (see `Queue::finish`).
-            self.settle(&record, Some(output), false);
-        } else {
-            self.routes.lock().unwrap().remove(id);
-            self.wake(&record.app);
+    pub(crate) fn finish(&self, id: &str, finish: Finish) {
+        self.finish_and_next(id, finish, None);
+    }
+
+    /// [`Dispatch::finish`], and with `next` (an app, and whether its
+    /// replica's workers are all busy) that app's next task for the same
+    /// replica, leased with the end (see [`Queue::finish_and_lease`]).
+    pub(crate) fn finish_and_next(&self, id: &str, finish: Finish, next: Option<(&str, bool)>) -> Option<Lease> {
+        let (ended, lease) = self.queue.finish_and_lease(id, finish, now_ms(), next);
+        if let Some(Ended { record, output }) = ended {
+            if record.status.is_terminal() {
+                // The queue forgot a call that ended itself (see `Queue::finish`).
+                self.settle(&record, Some(output), false);
+            } else {
+                self.routes.lock().unwrap().remove(id);
+                self.wake(&record.app);
+            }
         }
-        Some(record)
+        lease
+    }
+
+    /// Whether a lease costs next to nothing (see [`Queue::leases_are_cheap`]).
+    pub(crate) fn leases_are_cheap(&self) -> bool {
+        self.queue.leases_are_cheap()
     }
 
     pub(crate) fn cancel(&self, id: &str) -> Result<TaskRecord, QueueError> {

@@ -319,6 +319,25 @@ pub(crate) trait Queue: Send + Sync + 'static {
     /// whose worker reports late). A call (not durable) that ended, taken
     /// on this node, is forgotten at once: what this returns is its answer.
     fn finish(&self, id: &str, finish: Finish, now: u64) -> Option<Ended>;
+    /// [`Queue::finish`], then with `next` (an app, and whether its
+    /// replica's workers are all busy) the lease of that app's next task
+    /// for the same replica ([`Queue::lease`] or [`Queue::lease_ahead`]): one
+    /// round trip where the store is remote.
+    fn finish_and_lease(
+        &self,
+        id: &str,
+        finish: Finish,
+        now: u64,
+        next: Option<(&str, bool)>,
+    ) -> (Option<Ended>, Option<Lease>) {
+        let ended = self.finish(id, finish, now);
+        let lease = match next {
+            Some((app, true)) => self.lease_ahead(app, now),
+            Some((app, false)) => self.lease(app, now),
+            None => None,
+        };
+        (ended, lease)
+    }
     /// Ends a queued or running task as cancelled, `why` its error message.
     fn cancel(&self, id: &str, why: &str, now: u64) -> Result<Cancelled, QueueError>;
     fn get(&self, id: &str) -> Option<TaskRecord>;

@@ -221,6 +221,7 @@ async fn run_placed(plan: &Plan, spec: &ReplicaSpec, info: &Arc<Mutex<ReplicaInf
             ahead: VecDeque::new(),
             recalling: HashSet::new(),
             stalled: 0,
+            prefetched: None,
             started: HashMap::new(),
             restarting: 0,
             exiting: None,
@@ -276,6 +277,9 @@ struct Run<'a> {
     recalling: HashSet<u64>,
     /// Looks in a row (`Pace::STALE`) that found every worker on a long run.
     stalled: u32,
+    /// The next run, leased with the end of the last in one round trip to
+    /// a shared store; sent at the next turn of the loop.
+    prefetched: Option<Lease>,
     /// When each run that a worker took started.
     started: HashMap<u64, Instant>,
     /// Workers building a new instance before their next run: busy until
@@ -369,100 +373,113 @@ impl Run<'_> {
             if !recalls.is_empty() {
                 with_exit(send_bytes(&mut write, &recalls).await, &mut child).await?;
             }
-            tokio::select! {
-                lease = plan.dispatch.next(&spec.app, self.all_busy()),
-                    if self.inflight.len() < window && !draining && self.exiting.is_none() => {
-                    // This run and any others already waiting, up to the
-                    // window, go in one write: one wake-up of the replica.
-                    let (mut runs, mut sent) = (Vec::new(), Vec::new());
-                    let mut next = Some(lease);
-                    while let Some(lease) = next.take() {
-                        seq += 1;
-                        sent.push((seq, lease.id.clone()));
-                        runs.push(self.admit(seq, lease, &cancel_tx));
-                        if self.inflight.len() < window {
-                            next = plan.dispatch.also_next(&spec.app, self.all_busy());
+            // A run leased with the end of the last (see `Run::done`) goes
+            // out now, unless the replica takes no more.
+            let mut leased = self.prefetched.take();
+            if (draining || self.exiting.is_some())
+                && let Some(lease) = leased.take()
+            {
+                plan.dispatch.release(&lease.id);
+            }
+            if leased.is_none() {
+                tokio::select! {
+                    lease = plan.dispatch.next(&spec.app, self.all_busy()),
+                        if self.inflight.len() < window && !draining && self.exiting.is_none() => leased = Some(lease),
+                    frame = frames.recv() => match frame {
+                        Some(FromReplica::Done(done)) => {
+                            pace.record(done.run_us);
+                            // Room for another run once this one is done.
+                            let room = self.inflight.len() <= window && !draining && self.exiting.is_none();
+                            self.done(done, room);
+                            self.set_busy();
                         }
-                    }
-                    self.set_busy();
-                    let batch = runs.iter().map(ipc::frame).collect::<Result<Vec<_>>>().map(|frames| frames.concat());
-                    let written = match batch {
-                        Ok(batch) => send_bytes(&mut write, &batch).await,
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = written {
-                        // The runs never reached the replica: they go back
-                        // first in line without spending an attempt.
-                        for (seq, _) in sent.iter().rev() {
-                            if self.started.remove(seq).is_some() {
-                                self.ahead.push_front(*seq);
+                        Some(started @ FromReplica::WorkerStarted { .. }) => self.worker_restarted(started),
+                        Some(FromReplica::Returned { seq }) => {
+                            self.returned(seq);
+                            self.set_busy();
+                        }
+                        Some(FromReplica::WantBody { seq, parts }) => {
+                            if let Some(wants) = self.streams.get(&seq).and_then(|s| s.wants.as_ref()) {
+                                let _ = wants.send(parts);
                             }
                         }
-                        return Err(exit_context(e, &mut child).await);
+                        Some(FromReplica::ResponseHead { seq, status, headers }) => {
+                            self.response_head(seq, status, headers, &out);
+                        }
+                        Some(FromReplica::ResponseBody { seq, part }) => self.response_part(seq, part),
+                        Some(other) => tracing::warn!(replica = %spec.replica, "unexpected frame {other:?}"),
+                        None if draining && self.inflight.is_empty() => {
+                            let _ = child.wait().await;
+                            return Ok(());
+                        }
+                        None => return Err(exit_context(anyhow!("replica connection closed"), &mut child).await),
+                    },
+                    Some(frame) = outgoing.recv() => with_exit(send(&mut write, &frame).await, &mut child).await?,
+                    Some(id) = cancels.recv() => {
+                        let seq = self.inflight.iter().find(|(_, lease)| lease.id == id).map(|(seq, _)| *seq);
+                        if let Some(seq) = seq {
+                            with_exit(send(&mut write, &ToReplica::Cancel { seq }).await, &mut child).await?;
+                        }
                     }
-                    for (seq, id) in sent {
-                        if let Some(body) = plan.bodies.take_request(&id) {
-                            let (wants, asks) = mpsc::unbounded_channel();
-                            tokio::spawn(bodies::pump_request(seq, body, asks, out.clone(), bodies::BODY_IDLE));
-                            self.streams.entry(seq).or_default().wants = Some(wants);
+                    _ = stop.changed(), if !draining => {
+                        draining = true;
+                        self.set_state(ReplicaState::Draining);
+                        with_exit(send(&mut write, &ToReplica::Drain).await, &mut child).await?;
+                    }
+                    _ = recheck.tick(), if !self.started.is_empty() => {
+                        self.stalled = if self.all_stuck() { self.stalled + 1 } else { 0 };
+                    }
+                    _ = watchdog.tick() => {
+                        if self.exiting.is_some_and(|since| since.elapsed() > EXIT_GRACE) {
+                            // Its exit hangs (in a GPU library's teardown, say): it
+                            // would hold its GPU until killed.
+                            let _ = child.kill().await;
+                            bail!("the replica said it was exiting but was still running {EXIT_GRACE:?} later, so it was killed");
+                        }
+                        if let Some(id) = self.overdue() {
+                            let _ = child.kill().await;
+                            bail!(
+                                "task {id} was still unanswered {HUNG_AFTER:?} past its timeout: the replica was hung, \
+                                 so it was killed"
+                            );
                         }
                     }
                 }
-                frame = frames.recv() => match frame {
-                    Some(FromReplica::Done(done)) => {
-                        pace.record(done.run_us);
-                        self.done(done);
-                        self.set_busy();
+            }
+            if let Some(lease) = leased {
+                // This run and any others already waiting, up to the
+                // window, go in one write: one wake-up of the replica.
+                let (mut runs, mut sent) = (Vec::new(), Vec::new());
+                let mut next = Some(lease);
+                while let Some(lease) = next.take() {
+                    seq += 1;
+                    sent.push((seq, lease.id.clone()));
+                    runs.push(self.admit(seq, lease, &cancel_tx));
+                    if self.inflight.len() < window {
+                        next = plan.dispatch.also_next(&spec.app, self.all_busy());
                     }
-                    Some(started @ FromReplica::WorkerStarted { .. }) => self.worker_restarted(started),
-                    Some(FromReplica::Returned { seq }) => {
-                        self.returned(seq);
-                        self.set_busy();
-                    }
-                    Some(FromReplica::WantBody { seq, parts }) => {
-                        if let Some(wants) = self.streams.get(&seq).and_then(|s| s.wants.as_ref()) {
-                            let _ = wants.send(parts);
+                }
+                self.set_busy();
+                let batch = runs.iter().map(ipc::frame).collect::<Result<Vec<_>>>().map(|frames| frames.concat());
+                let written = match batch {
+                    Ok(batch) => send_bytes(&mut write, &batch).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = written {
+                    // The runs never reached the replica: they go back
+                    // first in line without spending an attempt.
+                    for (seq, _) in sent.iter().rev() {
+                        if self.started.remove(seq).is_some() {
+                            self.ahead.push_front(*seq);
                         }
                     }
-                    Some(FromReplica::ResponseHead { seq, status, headers }) => {
-                        self.response_head(seq, status, headers, &out);
-                    }
-                    Some(FromReplica::ResponseBody { seq, part }) => self.response_part(seq, part),
-                    Some(other) => tracing::warn!(replica = %spec.replica, "unexpected frame {other:?}"),
-                    None if draining && self.inflight.is_empty() => {
-                        let _ = child.wait().await;
-                        return Ok(());
-                    }
-                    None => return Err(exit_context(anyhow!("replica connection closed"), &mut child).await),
-                },
-                Some(frame) = outgoing.recv() => with_exit(send(&mut write, &frame).await, &mut child).await?,
-                Some(id) = cancels.recv() => {
-                    let seq = self.inflight.iter().find(|(_, lease)| lease.id == id).map(|(seq, _)| *seq);
-                    if let Some(seq) = seq {
-                        with_exit(send(&mut write, &ToReplica::Cancel { seq }).await, &mut child).await?;
-                    }
+                    return Err(exit_context(e, &mut child).await);
                 }
-                _ = stop.changed(), if !draining => {
-                    draining = true;
-                    self.set_state(ReplicaState::Draining);
-                    with_exit(send(&mut write, &ToReplica::Drain).await, &mut child).await?;
-                }
-                _ = recheck.tick(), if !self.started.is_empty() => {
-                    self.stalled = if self.all_stuck() { self.stalled + 1 } else { 0 };
-                }
-                _ = watchdog.tick() => {
-                    if self.exiting.is_some_and(|since| since.elapsed() > EXIT_GRACE) {
-                        // Its exit hangs (in a GPU library's teardown, say): it
-                        // would hold its GPU until killed.
-                        let _ = child.kill().await;
-                        bail!("the replica said it was exiting but was still running {EXIT_GRACE:?} later, so it was killed");
-                    }
-                    if let Some(id) = self.overdue() {
-                        let _ = child.kill().await;
-                        bail!(
-                            "task {id} was still unanswered {HUNG_AFTER:?} past its timeout: the replica was hung, \
-                             so it was killed"
-                        );
+                for (seq, id) in sent {
+                    if let Some(body) = plan.bodies.take_request(&id) {
+                        let (wants, asks) = mpsc::unbounded_channel();
+                        tokio::spawn(bodies::pump_request(seq, body, asks, out.clone(), bodies::BODY_IDLE));
+                        self.streams.entry(seq).or_default().wants = Some(wants);
                     }
                 }
             }
@@ -584,7 +601,9 @@ impl Run<'_> {
         }
     }
 
-    fn done(&mut self, done: TaskDone) {
+    /// A run ended. `room`: the replica may be sent another, which a store
+    /// that is a round trip away (Redis) leases with this end.
+    fn done(&mut self, done: TaskDone, room: bool) {
         // The worker that sent this takes the oldest run waiting in the
         // replica: now, or once it has a new instance. Not if the replica is
         // going down (its GPU failed), nor if that new instance fails to start.
@@ -634,7 +653,9 @@ impl Run<'_> {
             Outcome::Cancelled => Finish::Cancelled,
         };
         let finish = self.end_streams(done.seq, finish);
-        self.plan.dispatch.finish(&lease.id, finish);
+        let dispatch = &self.plan.dispatch;
+        let next = (room && !done.exits && !dispatch.leases_are_cheap()).then(|| (lease.app.as_str(), self.all_busy()));
+        self.prefetched = dispatch.finish_and_next(&lease.id, finish, next);
     }
 
     /// Passes a streamed response's head to the gateway, with a body that
@@ -695,6 +716,9 @@ impl Run<'_> {
     /// Puts back what a dead replica held: each run it started counts as a
     /// failed attempt; a run still waiting for a worker goes back first in line.
     fn requeue_inflight(&mut self, error: Option<&anyhow::Error>) {
+        if let Some(lease) = self.prefetched.take() {
+            self.plan.dispatch.release(&lease.id);
+        }
         let reason = error.map_or_else(|| "replica stopped".to_owned(), |e| format!("{e:#}"));
         for seq in std::mem::take(&mut self.ahead) {
             // A run whose request body already moved cannot start over.

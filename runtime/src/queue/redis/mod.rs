@@ -224,7 +224,20 @@ impl RedisQueue {
 
     /// The end of a run as the finish script records it: `None` when the
     /// task is not running (ended or cancelled meanwhile).
-    fn try_finish<'a>(&self, id: &str, finish: &'a Finish, now: u64) -> Result<Option<Ended>, RedisError> {
+    fn try_finish(&self, id: &str, finish: &Finish, now: u64) -> Result<Option<Ended>, RedisError> {
+        Ok(self.try_finish_and_lease(id, finish, now, None)?.0)
+    }
+
+    /// Records how a run ended and, with `next` (the app, and whether its
+    /// replica's workers are all busy), leases the app's next task for the
+    /// same replica in the same script.
+    fn try_finish_and_lease<'a>(
+        &self,
+        id: &str,
+        finish: &'a Finish,
+        now: u64,
+        next: Option<(&str, bool)>,
+    ) -> Result<(Option<Ended>, Option<Lease>), RedisError> {
         let now = now.to_string();
         let (id, me) = (id.as_bytes(), self.node.as_bytes());
         let error = |e: &'a TaskError| vec![e.code.as_str().as_bytes(), e.message.as_bytes()];
@@ -234,13 +247,24 @@ impl RedisQueue {
             Finish::Rejected(e) => (b"rejected", error(e)),
             Finish::Retryable(e) => (b"retryable", error(e)),
         };
-        let mut args = vec![id, kind, now.as_bytes(), me];
-        args.extend(detail);
-        let reply = self.client.eval(&lua::FINISH, &args)?;
-        let mut parts = reply.into_array().into_iter();
-        let Some(record) = parts.next().and_then(record) else { return Ok(None) };
+        let (ended, lease) = match next {
+            None => {
+                let mut args = vec![id, kind, now.as_bytes(), me];
+                args.extend(detail);
+                (self.client.eval(&lua::FINISH, &args)?, None)
+            }
+            Some((app, ahead)) => {
+                let mut args = vec![app.as_bytes(), now.as_bytes(), me, flag(ahead), id, kind];
+                args.extend(detail);
+                let mut both = self.client.eval(&lua::FINISH_LEASE, &args)?.into_array().into_iter();
+                let ended = both.next().unwrap_or(Reply::Nil);
+                (ended, both.next().filter(|reply| *reply != Reply::Nil).and_then(|reply| lease(app, reply)))
+            }
+        };
+        let mut parts = ended.into_array().into_iter();
+        let Some(record) = parts.next().and_then(record) else { return Ok((None, lease)) };
         let output = parts.next().and_then(Reply::into_bytes).map(Bytes::from);
-        Ok(Some(Ended { output: output.filter(|_| record.status == TaskStatus::Complete), record }))
+        Ok((Some(Ended { output: output.filter(|_| record.status == TaskStatus::Complete), record }), lease))
     }
 
     /// Records the ends of runs (and releases) that Redis did not take while
@@ -458,14 +482,24 @@ impl Queue for RedisQueue {
     }
 
     fn finish(&self, id: &str, finish: Finish, now: u64) -> Option<Ended> {
-        match self.try_finish(id, &finish, now) {
-            Ok(ended) => ended,
+        self.finish_and_lease(id, finish, now, None).0
+    }
+
+    fn finish_and_lease(
+        &self,
+        id: &str,
+        finish: Finish,
+        now: u64,
+        next: Option<(&str, bool)>,
+    ) -> (Option<Ended>, Option<Lease>) {
+        match self.try_finish_and_lease(id, &finish, now, next) {
+            Ok(both) => both,
             Err(e) => {
                 // Kept, and saved once Redis answers again (see `save_unsaved`):
                 // dropping it would leave the task running forever.
                 self.log_failure("finish a task", &e);
                 self.unsaved.lock().unwrap().push(Unsaved::Finish { id: id.to_owned(), finish, at: now });
-                None
+                (None, None)
             }
         }
     }

@@ -100,6 +100,62 @@ macro_rules! script {
     ($name:ident, $body:literal) => {
         pub(crate) static $name: Script = Script::new(concat!(prelude!(), $body));
     };
+    // A script that ends or leases runs (see `runs!`).
+    ($name:ident, runs, $body:literal) => {
+        pub(crate) static $name: Script = Script::new(concat!(prelude!(), runs!(), $body));
+    };
+}
+
+/// Ending a run and leasing the next, as functions: scripts that do one,
+/// and one that does both in a single round trip.
+macro_rules! runs {
+    () => {
+        r#"
+-- Leases the app's oldest queued task to `node`; `ahead` ('1' or '0'): for
+-- a replica whose workers are all busy. {id, input, attempt, timeout_ms,
+-- max_result_size}, or false.
+local function lease_next(app, now, node, ahead)
+  local id = redis.call('LPOP', P .. 'q:' .. app)
+  if not id then return false end
+  local k = tkey(id)
+  local attempt = redis.call('HINCRBY', k, 'attempts', 1)
+  redis.call('HSET', k, 'status', 'RUNNING', 'started_at', now, 'node', node)
+  if ahead == '1' then redis.call('HSET', k, 'ahead', '1') end
+  redis.call('SADD', P .. 'running:' .. node, id)
+  redis.call('HINCRBY', P .. 'running', app, 1)
+  redis.call('ZREM', P .. 'expiry', id)
+  local t = redis.call('HMGET', k, 'input', 'timeout_ms', 'max_result_size')
+  return {id, t[1] or '', attempt, t[2], t[3]}
+end
+-- Records how run `id` ended: `kind` complete (`a` the output), rejected
+-- or retryable (`a`, `b` the error code and message), cancelled. {record,
+-- output}, or false when the task is not running. A call `me` took that
+-- ended is dropped: this answer is its caller's.
+local function end_run(id, kind, now, me, a, b)
+  local k = tkey(id)
+  local t = redis.call('HMGET', k, 'status', 'attempts', 'retries', 'app', 'node')
+  if t[1] ~= 'RUNNING' then return false end
+  if kind == 'complete' then
+    redis.call('HSET', k, 'output', a)
+    finish(id, 'COMPLETE', nil, nil, now, me)
+  elseif kind == 'cancelled' then
+    finish(id, 'CANCELLED', 'CANCELLED', 'the task was cancelled', now, me)
+  elseif kind == 'rejected' then
+    finish(id, 'FAILED', a, b, now, me)
+  elseif tonumber(t[2]) > tonumber(t[3]) then
+    finish(id, a == 'TIMEOUT' and 'TIMEOUT' or 'FAILED', a, b, now, me)
+  else
+    unrun(t[4], t[5], id)
+    redis.call('HSET', k, 'error_code', a, 'error_message', b)
+    requeue(id, t[4], 'RETRY')
+  end
+  local r = record(id)
+  local output = redis.call('HGET', k, 'output') or false
+  if terminal(r[3]) and r[11] == '0' and r[12] == me then drop(id, r[2], me) end
+  return {r, output}
+end
+"#
+    };
 }
 
 // ARGV: app, id, max_queued, created_at, expires_at, origin, durable, then
@@ -124,19 +180,9 @@ return 1
 // timeout_ms, max_result_size}, or nil.
 script!(
     LEASE,
+    runs,
     r#"
-local app, node = ARGV[1], ARGV[3]
-local id = redis.call('LPOP', P .. 'q:' .. app)
-if not id then return false end
-local k = tkey(id)
-local attempt = redis.call('HINCRBY', k, 'attempts', 1)
-redis.call('HSET', k, 'status', 'RUNNING', 'started_at', ARGV[2], 'node', node)
-if ARGV[4] == '1' then redis.call('HSET', k, 'ahead', '1') end
-redis.call('SADD', P .. 'running:' .. node, id)
-redis.call('HINCRBY', P .. 'running', app, 1)
-redis.call('ZREM', P .. 'expiry', id)
-local t = redis.call('HMGET', k, 'input', 'timeout_ms', 'max_result_size')
-return {id, t[1] or '', attempt, t[2], t[3]}
+return lease_next(ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 "#
 );
 
@@ -175,29 +221,20 @@ return record(id)
 // answer is its caller's.
 script!(
     FINISH,
+    runs,
     r#"
-local id, kind, now, me = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local k = tkey(id)
-local t = redis.call('HMGET', k, 'status', 'attempts', 'retries', 'app', 'node')
-if t[1] ~= 'RUNNING' then return false end
-if kind == 'complete' then
-  redis.call('HSET', k, 'output', ARGV[5])
-  finish(id, 'COMPLETE', nil, nil, now, me)
-elseif kind == 'cancelled' then
-  finish(id, 'CANCELLED', 'CANCELLED', 'the task was cancelled', now, me)
-elseif kind == 'rejected' then
-  finish(id, 'FAILED', ARGV[5], ARGV[6], now, me)
-elseif tonumber(t[2]) > tonumber(t[3]) then
-  finish(id, ARGV[5] == 'TIMEOUT' and 'TIMEOUT' or 'FAILED', ARGV[5], ARGV[6], now, me)
-else
-  unrun(t[4], t[5], id)
-  redis.call('HSET', k, 'error_code', ARGV[5], 'error_message', ARGV[6])
-  requeue(id, t[4], 'RETRY')
-end
-local r = record(id)
-local output = redis.call('HGET', k, 'output') or false
-if terminal(r[3]) and r[11] == '0' and r[12] == me then drop(id, r[2], me) end
-return {r, output}
+return end_run(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+"#
+);
+
+// ARGV: app, now, me, ahead, then FINISH's id, kind and output or error
+// code and message. {FINISH's answer, LEASE's answer}: the end of a run and
+// the next for the same replica, in one round trip.
+script!(
+    FINISH_LEASE,
+    runs,
+    r#"
+return {end_run(ARGV[5], ARGV[6], ARGV[2], ARGV[3], ARGV[7], ARGV[8]), lease_next(ARGV[1], ARGV[2], ARGV[3], ARGV[4])}
 "#
 );
 
