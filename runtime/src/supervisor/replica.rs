@@ -366,7 +366,11 @@ impl Run<'_> {
             // Two looks in a row: a pause of this loop (frames not yet
             // read) looks like long runs once, not twice.
             let stalled = self.stalled >= 2;
-            let window = pace.window(spec.workers, plan.dispatch.serves_alone(&spec.app), stalled);
+            // With a store a round trip away (Redis), a run sent ahead costs
+            // one more (its start is recorded) than a worker's wait for the
+            // run leased with the end of its last: none are.
+            let none_ahead = stalled || !plan.dispatch.leases_are_cheap();
+            let window = pace.window(spec.workers, plan.dispatch.serves_alone(&spec.app), none_ahead);
             // A draining replica keeps what it holds: at a shutdown, a call
             // put back in the queue would find no replica to run it.
             let recalls = if draining || !stalled { Vec::new() } else { self.recalls(window) };
@@ -789,10 +793,11 @@ impl Pace {
     }
 
     /// `alone`: no other replica could take what this one holds back;
-    /// `stalled`: every worker is on a long run.
-    fn window(&self, workers: u32, alone: bool, stalled: bool) -> usize {
+    /// `none_ahead`: none are sent ahead whatever the pace (every worker is
+    /// on a long run, or each run sent ahead costs a round trip).
+    fn window(&self, workers: u32, alone: bool, none_ahead: bool) -> usize {
         let ahead = match self.average_us {
-            _ if stalled => 0,
+            _ if none_ahead => 0,
             Some(avg) if avg <= Self::TINY_US && alone => 3 * workers,
             Some(avg) if avg <= Self::SHORT_US => workers,
             _ => 0,
