@@ -191,7 +191,7 @@ impl Client {
                 // Padding applies to strings, not to JSON values.
                 app["version"].to_string(),
                 replicas,
-                app["pending_replicas"].to_string(),
+                app["pending_replicas"].as_u64().unwrap_or(0).to_string(),
                 app["queue"]["queued"].to_string(),
                 app["queue"]["running"].to_string()
             );
