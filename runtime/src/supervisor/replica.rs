@@ -658,7 +658,9 @@ impl Run<'_> {
         };
         let finish = self.end_streams(done.seq, finish);
         let dispatch = &self.plan.dispatch;
-        let next = (room && !done.exits && !dispatch.leases_are_cheap()).then(|| (lease.app.as_str(), self.all_busy()));
+        // For a worker free now (not one building a new instance first).
+        let free = room && !done.exits && !self.all_busy();
+        let next = (free && !dispatch.leases_are_cheap()).then_some((lease.app.as_str(), false));
         self.prefetched = dispatch.finish_and_next(&lease.id, finish, next);
     }
 
