@@ -128,6 +128,20 @@ fn bad_uploads_and_requests_get_clear_errors() {
         (status, body)
     };
 
+    // An error answered before the request's body was read says the
+    // connection closes, so a pooled client does not reuse it.
+    let addr = server.url("").trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let body = "x".repeat(100_000);
+    let request =
+        format!("POST /v1/apps/nope/tasks HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+    std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = std::io::Read::read_to_string(&mut stream, &mut answer);
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
+
     let (status, body) = deploy_error("junk", b"this is not wasm at all", None);
     assert_eq!((status, error_code(&body)), (400, "NOT_WASM"), "{body}");
 

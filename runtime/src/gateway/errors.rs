@@ -1,6 +1,12 @@
 //! Every error the API returns, mapped to its status in one place.
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
 use axum::Json;
+use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
@@ -90,6 +96,54 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
         response
+    }
+}
+
+/// An error answered before the request's body was read to its end leaves
+/// the rest on the connection, which hyper then closes after the answer:
+/// saying so (`connection: close`) keeps a client from sending its next
+/// request on it (a pooled client saw a broken pipe after a 404 to a POST).
+pub(crate) async fn close_unread(request: Request, next: Next) -> Response {
+    if http_body::Body::is_end_stream(request.body()) {
+        return next.run(request).await;
+    }
+    let ended = Arc::new(AtomicBool::new(false));
+    let request = request.map(|inner| Body::new(Tracked { inner, ended: ended.clone() }));
+    let mut response = next.run(request).await;
+    let status = response.status();
+    if (status.is_client_error() || status.is_server_error()) && !ended.load(Ordering::Relaxed) {
+        response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// A request body that notes when it has been read to its end.
+struct Tracked {
+    inner: Body,
+    ended: Arc<AtomicBool>,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.ended.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -184,6 +238,12 @@ impl From<&TaskError> for ApiError {
             ErrorCode::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN"),
             ErrorCode::NoCapacity => (StatusCode::SERVICE_UNAVAILABLE, "NO_CAPACITY"),
         };
-        Self::new(status, code, error.message.clone())
+        let answer = Self::new(status, code, error.message.clone());
+        // Only calls end so (queued tasks wait instead): calling again soon
+        // may well work.
+        match error.code {
+            ErrorCode::ShuttingDown | ErrorCode::NoCapacity => answer.retry_later(),
+            _ => answer,
+        }
     }
 }

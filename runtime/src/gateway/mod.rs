@@ -44,6 +44,7 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
             ApiError::new(axum::http::StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint; see the API in README.md")
         })
         .layer(axum::middleware::from_fn(errors::as_json))
+        .layer(axum::middleware::from_fn(errors::close_unread))
         .with_state(node)
 }
 
