@@ -173,3 +173,22 @@ fn long_tasks_held_by_an_only_replica_are_taken_back_for_a_new_one() {
     }
     assert_eq!(per_replica.len(), 2, "both replicas ran some: {per_replica:?}");
 }
+
+#[test]
+fn request_latency_scales_for_long_tasks_after_tiny_ones_before_they_end() {
+    let server = Server::start("latency-burst", &[]);
+    let config = "[runtime]\nworkers = 1\n[autoscaler]\nkind = \"request_latency\"\ndesired_latency = \"1s\"\n\
+                  max_replicas = 4\nmin_replicas = 1\nkeep_warm = \"60s\"\n";
+    server.deploy_guest("sleep", "sleep", Some(config));
+    server.wait_status("sleep", "the minimum replica", LONG, |s| ready_pids(s).len() == 1);
+    // Tiny tasks first: the recent average says one replica is plenty.
+    for _ in 0..30 {
+        assert_eq!(server.invoke_json("sleep", r#"{"ms": 0}"#).0, 200);
+    }
+    // The runs in progress outgrow that average: more replicas start for
+    // the tasks still queued, before the first long one ends.
+    let ids: Vec<String> = (0..4).map(|_| submit(&server, "sleep", r#"{"ms": 3000}"#)).collect();
+    let replicas: BTreeSet<String> =
+        ids.iter().map(|id| result(&server, id)["replica"].as_str().unwrap().to_owned()).collect();
+    assert!(replicas.len() >= 2, "the long tasks ran on more than one replica: {replicas:?}");
+}

@@ -78,7 +78,8 @@ pub(crate) struct Sample {
     pub running: u64,
     /// `[runtime] workers`; 0 is read as 1.
     pub workers_per_replica: u32,
-    /// Recent average task run time; `None` before any task has finished.
+    /// Recent average task run time, at least as long as the longest run
+    /// in progress; `None` before any task has finished.
     pub avg_task_time: Option<Duration>,
     /// Every replica the app has, in any placement.
     pub replicas: Vec<ReplicaSample>,

@@ -9,7 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub(crate) use self::placement::{Capacity, Demand, GpuDemand, Gpus, NodeGpu};
 use self::replica::{Plan, ReplicaHandle};
@@ -234,16 +234,25 @@ impl Supervisor {
     pub(crate) fn sample(&self, name: &str, counts: Counts) -> Option<(Sample, AutoscalerConfig)> {
         let apps = self.apps.lock().unwrap();
         let replicas = apps.get(name)?;
+        let infos: Vec<_> = (replicas.current.iter())
+            .map(ReplicaHandle::info)
+            .filter(|info| info.state != ReplicaState::Stopped)
+            .collect();
+        // A run in progress for longer than the recent average says tasks
+        // take at least that long now (a burst of long tasks after tiny
+        // ones; the average learns of them only as they end).
+        let now = Instant::now();
+        let longest_run = (infos.iter().filter_map(|info| info.oldest_run))
+            .map(|started| now.saturating_duration_since(started))
+            .max()
+            .unwrap_or_default();
         let sample = Sample {
             queued: counts.queued,
             running: counts.running,
             workers_per_replica: replicas.app.config.runtime.workers,
-            avg_task_time: replicas.times.average(),
-            replicas: replicas
-                .current
-                .iter()
-                .map(ReplicaHandle::info)
-                .filter(|info| info.state != ReplicaState::Stopped)
+            avg_task_time: replicas.times.average().map(|average| average.max(longest_run)),
+            replicas: infos
+                .into_iter()
                 .map(|info| ReplicaSample {
                     placement: match info.state {
                         ReplicaState::Pending => Placement::Pending,

@@ -79,6 +79,9 @@ pub(crate) struct ReplicaInfo {
     /// Since when it has run nothing (`None` while busy or not yet ready).
     #[serde(skip)]
     pub idle_since: Option<Instant>,
+    /// When its oldest run in progress started (`None` when it runs none).
+    #[serde(skip)]
+    pub oldest_run: Option<Instant>,
     pub restarts: u32,
     pub last_error: Option<String>,
     /// Why a pending replica waits.
@@ -146,6 +149,7 @@ pub(crate) fn spawn(plan: Plan) -> ReplicaHandle {
         tasks_done: 0,
         busy: 0,
         idle_since: None,
+        oldest_run: None,
         restarts: 0,
         last_error: None,
         pending_reason: None,
@@ -310,10 +314,11 @@ impl Run<'_> {
         }
     }
 
-    /// Publishes how many tasks the replica runs now.
+    /// Publishes how many tasks the replica runs now, and since when.
     fn set_busy(&self) {
         let mut info = self.info.lock().unwrap();
         info.busy = self.inflight.len() as u32;
+        info.oldest_run = self.started.values().min().copied();
         info.idle_since = match (info.busy, info.idle_since) {
             (0, None) => Some(Instant::now()),
             (0, since) => since,
@@ -397,7 +402,10 @@ impl Run<'_> {
                             self.done(done, room);
                             self.set_busy();
                         }
-                        Some(started @ FromReplica::WorkerStarted { .. }) => self.worker_restarted(started),
+                        Some(started @ FromReplica::WorkerStarted { .. }) => {
+                            self.worker_restarted(started);
+                            self.set_busy();
+                        }
                         Some(FromReplica::Returned { seq }) => {
                             self.returned(seq);
                             self.set_busy();
