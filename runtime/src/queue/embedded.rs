@@ -50,9 +50,7 @@ impl Entry {
     fn callback_pending(&self) -> bool {
         self.record.callback == Some(CallbackState::Pending)
     }
-}
 
-impl Entry {
     fn row(&self, with_input: bool) -> TaskRow {
         let r = &self.record;
         TaskRow {

@@ -109,6 +109,8 @@ pub(crate) enum ErrorCode {
     NoCapacity,
 }
 
+names!(CallbackState { Pending = "pending", Delivered = "delivered", Failed = "failed" });
+
 /// Where the callback of a task that ended stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

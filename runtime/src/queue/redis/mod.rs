@@ -354,12 +354,7 @@ fn record(reply: Reply) -> Option<TaskRecord> {
     let callback_url = next().into_string();
     let durable = next().into_string().as_deref() != Some("0");
     let _origin = next();
-    let callback = match next().into_string().as_deref() {
-        Some("pending") => Some(CallbackState::Pending),
-        Some("delivered") => Some(CallbackState::Delivered),
-        Some("failed") => Some(CallbackState::Failed),
-        _ => None,
-    };
+    let callback = next().into_string().as_deref().and_then(CallbackState::parse);
     Some(TaskRecord {
         id,
         app,
@@ -477,8 +472,8 @@ impl Queue for RedisQueue {
     }
 
     fn callback_settled(&self, id: &str, delivered: bool) {
-        let state: &[u8] = if delivered { b"delivered" } else { b"failed" };
-        self.eval("settle a callback", &lua::SETTLE_CALLBACK, &[id.as_bytes(), state]);
+        let state = if delivered { CallbackState::Delivered } else { CallbackState::Failed };
+        self.eval("settle a callback", &lua::SETTLE_CALLBACK, &[id.as_bytes(), state.as_str().as_bytes()]);
     }
 
     fn finish(&self, id: &str, finish: Finish, now: u64) -> Option<Ended> {
