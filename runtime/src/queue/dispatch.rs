@@ -80,11 +80,11 @@ impl Dispatch {
         Serving { dispatch: self, app: app.to_owned() }
     }
 
-    /// Whether one replica alone takes `app`'s runs, so runs held for it
-    /// wait for no other replica that sits idle (in a cluster, other nodes'
-    /// replicas may).
+    /// Whether one replica alone takes `app`'s runs on this node, so runs
+    /// held for it wait for no other replica that sits idle. (With a shared
+    /// store, other nodes' replicas may, but no runs are held then.)
     pub(crate) fn serves_alone(&self, app: &str) -> bool {
-        self.queue.leases_are_cheap() && self.serving.lock().unwrap().get(app).is_none_or(|count| *count <= 1)
+        self.serving.lock().unwrap().get(app).is_none_or(|count| *count <= 1)
     }
 
     fn arrivals(&self, app: &str) -> Arc<Notify> {
@@ -233,10 +233,10 @@ impl Dispatch {
         self.finish_and_next(id, finish, None);
     }
 
-    /// [`Dispatch::finish`], and with `next` (an app, and whether its
-    /// replica's workers are all busy) that app's next task for the same
-    /// replica, leased with the end (see [`Queue::finish_and_lease`]).
-    pub(crate) fn finish_and_next(&self, id: &str, finish: Finish, next: Option<(&str, bool)>) -> Option<Lease> {
+    /// [`Dispatch::finish`], and with `next` (an app) that app's next task
+    /// for the worker the run freed, leased with the end (see
+    /// [`Queue::finish_and_lease`]).
+    pub(crate) fn finish_and_next(&self, id: &str, finish: Finish, next: Option<&str>) -> Option<Lease> {
         let (ended, lease) = self.queue.finish_and_lease(id, finish, now_ms(), next);
         if let Some(Ended { record, output }) = ended {
             if record.status.is_terminal() {

@@ -321,24 +321,18 @@ pub(crate) trait Queue: Send + Sync + 'static {
     /// whose worker reports late). A call (not durable) that ended, taken
     /// on this node, is forgotten at once: what this returns is its answer.
     fn finish(&self, id: &str, finish: Finish, now: u64) -> Option<Ended>;
-    /// [`Queue::finish`], then with `next` (an app, and whether its
-    /// replica's workers are all busy) the lease of that app's next task
-    /// for the same replica ([`Queue::lease`] or [`Queue::lease_ahead`]): one
-    /// round trip where the store is remote.
+    /// [`Queue::finish`], then with `next` (an app) the [`Queue::lease`] of
+    /// that app's next task for the worker the run freed: one round trip
+    /// where the store is remote.
     fn finish_and_lease(
         &self,
         id: &str,
         finish: Finish,
         now: u64,
-        next: Option<(&str, bool)>,
+        next: Option<&str>,
     ) -> (Option<Ended>, Option<Lease>) {
         let ended = self.finish(id, finish, now);
-        let lease = match next {
-            Some((app, true)) => self.lease_ahead(app, now),
-            Some((app, false)) => self.lease(app, now),
-            None => None,
-        };
-        (ended, lease)
+        (ended, next.and_then(|app| self.lease(app, now)))
     }
     /// Ends a queued or running task as cancelled, `why` its error message.
     fn cancel(&self, id: &str, why: &str, now: u64) -> Result<Cancelled, QueueError>;

@@ -282,7 +282,8 @@ struct Run<'a> {
     /// Looks in a row (`Pace::STALE`) that found every worker on a long run.
     stalled: u32,
     /// The next run, leased with the end of the last in one round trip to
-    /// a shared store; sent at the next turn of the loop.
+    /// a shared store (never for a draining or exiting replica); sent at the
+    /// next turn of the loop.
     prefetched: Option<Lease>,
     /// When each run that a worker took started.
     started: HashMap<u64, Instant>,
@@ -382,14 +383,8 @@ impl Run<'_> {
             if !recalls.is_empty() {
                 with_exit(send_bytes(&mut write, &recalls).await, &mut child).await?;
             }
-            // A run leased with the end of the last (see `Run::done`) goes
-            // out now, unless the replica takes no more.
+            // A run leased with the end of the last (see `Run::done`) goes out now.
             let mut leased = self.prefetched.take();
-            if (draining || self.exiting.is_some())
-                && let Some(lease) = leased.take()
-            {
-                plan.dispatch.release(&lease.id);
-            }
             if leased.is_none() {
                 tokio::select! {
                     lease = plan.dispatch.next(&spec.app, self.all_busy()),
@@ -397,9 +392,7 @@ impl Run<'_> {
                     frame = frames.recv() => match frame {
                         Some(FromReplica::Done(done)) => {
                             pace.record(done.run_us);
-                            // Room for another run once this one is done.
-                            let room = self.inflight.len() <= window && !draining && self.exiting.is_none();
-                            self.done(done, room);
+                            self.done(done, draining);
                             self.set_busy();
                         }
                         Some(started @ FromReplica::WorkerStarted { .. }) => {
@@ -613,9 +606,10 @@ impl Run<'_> {
         }
     }
 
-    /// A run ended. `room`: the replica may be sent another, which a store
-    /// that is a round trip away (Redis) leases with this end.
-    fn done(&mut self, done: TaskDone, room: bool) {
+    /// A run ended. Unless the replica is `draining` (or exiting), a store
+    /// that is a round trip away (Redis) leases the freed worker's next run
+    /// with this end.
+    fn done(&mut self, done: TaskDone, draining: bool) {
         // The worker that sent this takes the oldest run waiting in the
         // replica: now, or once it has a new instance. Not if the replica is
         // going down (its GPU failed), nor if that new instance fails to start.
@@ -667,8 +661,8 @@ impl Run<'_> {
         let finish = self.end_streams(done.seq, finish);
         let dispatch = &self.plan.dispatch;
         // For a worker free now (not one building a new instance first).
-        let free = room && !done.exits && !self.all_busy();
-        let next = (free && !dispatch.leases_are_cheap()).then_some((lease.app.as_str(), false));
+        let free = !draining && self.exiting.is_none() && !self.all_busy();
+        let next = (free && !dispatch.leases_are_cheap()).then_some(lease.app.as_str());
         self.prefetched = dispatch.finish_and_next(&lease.id, finish, next);
     }
 

@@ -228,15 +228,14 @@ impl RedisQueue {
         Ok(self.try_finish_and_lease(id, finish, now, None)?.0)
     }
 
-    /// Records how a run ended and, with `next` (the app, and whether its
-    /// replica's workers are all busy), leases the app's next task for the
-    /// same replica in the same script.
+    /// Records how a run ended and, with `next` (the app), leases the app's
+    /// next task for the worker it freed in the same script.
     fn try_finish_and_lease<'a>(
         &self,
         id: &str,
         finish: &'a Finish,
         now: u64,
-        next: Option<(&str, bool)>,
+        next: Option<&str>,
     ) -> Result<(Option<Ended>, Option<Lease>), RedisError> {
         let now = now.to_string();
         let (id, me) = (id.as_bytes(), self.node.as_bytes());
@@ -253,8 +252,8 @@ impl RedisQueue {
                 args.extend(detail);
                 (self.client.eval(&lua::FINISH, &args)?, None)
             }
-            Some((app, ahead)) => {
-                let mut args = vec![app.as_bytes(), now.as_bytes(), me, flag(ahead), id, kind];
+            Some(app) => {
+                let mut args = vec![app.as_bytes(), now.as_bytes(), me, id, kind];
                 args.extend(detail);
                 let mut both = self.client.eval(&lua::FINISH_LEASE, &args)?.into_array().into_iter();
                 let ended = both.next().unwrap_or(Reply::Nil);
@@ -485,7 +484,7 @@ impl Queue for RedisQueue {
         id: &str,
         finish: Finish,
         now: u64,
-        next: Option<(&str, bool)>,
+        next: Option<&str>,
     ) -> (Option<Ended>, Option<Lease>) {
         match self.try_finish_and_lease(id, &finish, now, next) {
             Ok(both) => both,

@@ -227,14 +227,14 @@ return end_run(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 "#
 );
 
-// ARGV: app, now, me, ahead, then FINISH's id, kind and output or error
-// code and message. {FINISH's answer, LEASE's answer}: the end of a run and
-// the next for the same replica, in one round trip.
+// ARGV: app, now, me, then FINISH's id, kind and output or error code and
+// message. {FINISH's answer, LEASE's answer}: the end of a run and the next
+// for the worker it freed, in one round trip.
 script!(
     FINISH_LEASE,
     runs,
     r#"
-return {end_run(ARGV[5], ARGV[6], ARGV[2], ARGV[3], ARGV[7], ARGV[8]), lease_next(ARGV[1], ARGV[2], ARGV[3], ARGV[4])}
+return {end_run(ARGV[4], ARGV[5], ARGV[2], ARGV[3], ARGV[6], ARGV[7]), lease_next(ARGV[1], ARGV[2], ARGV[3], '0')}
 "#
 );
 
