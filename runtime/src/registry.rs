@@ -181,6 +181,8 @@ impl Registry {
     /// of another world could not run.
     /// `fits`: whether a node (this one, or one of its cluster) can run
     /// the app's replicas, see [`fits_node`].
+    /// `after`: the number of the cluster's version of the app, which the
+    /// new one follows (a node may not have taken it on yet).
     pub(crate) fn deploy(
         &self,
         name: &str,
@@ -188,6 +190,7 @@ impl Registry {
         config_toml: &str,
         fits: impl Fn(&AppConfig) -> Result<(), DeployError>,
         unfinished: u64,
+        after: Option<u32>,
     ) -> Result<App, DeployError> {
         validate_name(name)?;
         let config = config::parse(config_toml)?;
@@ -218,7 +221,7 @@ impl Registry {
         }
         let version = AppVersion {
             name: name.to_owned(),
-            version: previous.map_or(1, |v| v.version + 1),
+            version: previous.map(|v| v.version).max(after).map_or(1, |last| last + 1),
             callback_secret: previous.map_or_else(new_secret, |v| v.callback_secret.clone()),
             world,
             digest,

@@ -43,6 +43,14 @@ fn nodes_on_one_redis_share_apps_calls_and_tasks() {
         (a.ready_pids("hello").len() + b.ready_pids("hello").len() == 1).then_some(())
     });
 
+    // Versions count on across nodes, whichever a deploy goes through, and
+    // however soon after the last one (the node need not have synced yet).
+    assert_eq!(b.deploy_guest("hello", "hello", None)["version"], 2);
+    assert_eq!(a.deploy_guest("hello", "hello", None)["version"], 3);
+    wait_for("both nodes on version 3", Duration::from_secs(60), || {
+        [&a, &b].iter().all(|node| node.get("/v1/apps/hello")["version"] == 3).then_some(())
+    });
+
     let removed = b.http.delete(b.url("/v1/apps/hello")).send().unwrap();
     assert_eq!(removed.status(), 200);
     wait_for("node a to drop the app", Duration::from_secs(60), || (!knows(&a, "hello")).then_some(()));

@@ -13,6 +13,7 @@ use super::{ApiError, Payload, read_body};
 use crate::config::AppConfig;
 use crate::metrics::{AppGauges, DeviceGauges};
 use crate::node::{Cluster, Node};
+use crate::queue::Published;
 use crate::registry::{self, App};
 use crate::supervisor::ReplicaState;
 
@@ -82,21 +83,34 @@ pub(crate) async fn deploy(
     let unfinished = counts.queued + counts.running;
     let app = tokio::task::spawn_blocking(move || {
         let node = &registry_node;
-        // In a cluster the new version is the cluster's before any sync runs.
-        let _held = node.cluster.as_ref().map(Cluster::hold);
-        // In a cluster, another node may be the one to run it (a GPU app
-        // deployed through a node without a GPU).
-        let fits = |config: &AppConfig| match &node.cluster {
-            Some(cluster) => cluster.fits_some_node(config, node.capacity, &node.gpus),
-            None => registry::fits_node(config, node.capacity, &node.gpus),
+        let Some(cluster) = &node.cluster else {
+            let fits = |config: &AppConfig| registry::fits_node(config, node.capacity, &node.gpus);
+            return Ok(node.registry.deploy(&name, &component, &config, fits, unfinished, None)?);
         };
-        let app = node.registry.deploy(&name, &component, &config, fits, unfinished)?;
-        if let Some(cluster) = &node.cluster
-            && let Err(e) = cluster.publish(&app, &component)
-        {
-            return Err(unshared(&format!("{e:#}")));
-        }
-        Ok(app)
+        let superseded = {
+            // The new version is the cluster's before any sync runs.
+            let _held = cluster.hold();
+            let after = cluster.version_of(&name).map_err(|e| unshared(&format!("{e:#}")))?;
+            // Another node may be the one to run it (a GPU app deployed
+            // through a node without a GPU).
+            let fits = |config: &AppConfig| cluster.fits_some_node(config, node.capacity, &node.gpus);
+            let app = node.registry.deploy(&name, &component, &config, fits, unfinished, after)?;
+            match cluster.publish(&app, &component).map_err(|e| unshared(&format!("{e:#}")))? {
+                Published::Current => return Ok(app),
+                Published::Superseded(newer) => (app.version.version, newer),
+            }
+        };
+        // This node's copy of the app goes back to the cluster's.
+        node.sync_app(&name);
+        let (version, newer) = superseded;
+        Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "DEPLOY_CONFLICT",
+            format!(
+                "version {newer} of app {name:?} was deployed through another node while this deploy ran, so this \
+                 one (version {version}) did not take effect; deploy again to make it the current version"
+            ),
+        ))
     })
     .await
     .map_err(ApiError::internal)??;

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Node;
 use crate::config::AppConfig;
-use crate::queue::{AppsChanged, RedisQueue};
+use crate::queue::{AppsChanged, Published, RedisQueue};
 use crate::registry::{self, App, AppVersion, DeployError};
 use crate::supervisor::{Demand, Gpus};
 
@@ -33,13 +33,22 @@ impl Cluster {
         self.sync.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Makes `app`, just deployed here, the cluster's version.
-    pub(crate) fn publish(&self, app: &App, wasm: &[u8]) -> Result<()> {
+    /// Makes `app`, just deployed here, the cluster's version, unless the
+    /// cluster has the same version number or a later one (see
+    /// [`RedisQueue::publish_app`]).
+    pub(crate) fn publish(&self, app: &App, wasm: &[u8]) -> Result<Published> {
         let record = serde_json::to_vec(&app.version)?;
         let name = &app.version.name;
         self.queue
-            .publish_app(name, &record, &app.version.digest, wasm)
+            .publish_app(name, &record, app.version.version, &app.version.digest, wasm)
             .with_context(|| format!("failed to share app {name:?} with the other nodes"))
+    }
+
+    /// The number of the cluster's current version of `name`, if any: a
+    /// version deployed here follows it.
+    pub(crate) fn version_of(&self, name: &str) -> Result<Option<u32>> {
+        let record = self.queue.app(name).with_context(|| format!("failed to read app {name:?} from Redis"))?;
+        Ok(record.and_then(|record| serde_json::from_slice::<AppVersion>(&record).ok()).map(|app| app.version))
     }
 
     /// Whether another node runs `name` at all (with replicas or none
@@ -155,15 +164,18 @@ fn share_own_apps(node: &Node, cluster: &Cluster) -> Result<()> {
             .registry
             .component(&app.version.digest)
             .with_context(|| format!("failed to read the component of app {name:?} to share it"))?;
-        cluster.publish(&app, &wasm)?;
-        tracing::info!(app = %name, "shared this node's app with the cluster");
+        match cluster.publish(&app, &wasm)? {
+            Published::Current => tracing::info!(app = %name, "shared this node's app with the cluster"),
+            // Deployed through another node meanwhile: the sync takes it on.
+            Published::Superseded(_) => {}
+        }
     }
     cluster.queue.mark_cluster()?;
     Ok(())
 }
 
 /// Brings this node's apps (all, or `only`) in line with the cluster's.
-fn sync(node: &Node, only: Option<&str>) {
+pub(super) fn sync(node: &Node, only: Option<&str>) {
     let cluster = node.cluster.as_ref().expect("a cluster node");
     // An empty Redis (restarted without persistence) is not "every app was
     // deleted": the nodes share theirs again rather than drop them.

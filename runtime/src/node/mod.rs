@@ -77,6 +77,14 @@ impl Node {
         }
     }
 
+    /// In a cluster, brings this node's copy of `name` in line with the
+    /// cluster's now. Blocking.
+    pub(crate) fn sync_app(&self, name: &str) {
+        if self.cluster.is_some() {
+            cluster::sync(self, Some(name));
+        }
+    }
+
     /// Stops what runs of an app just removed from the registry and drops
     /// what this node kept of it, but its callback secret.
     pub(crate) fn drop_app(&self, app: &crate::registry::App) {

@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 
 pub(crate) use self::dispatch::Dispatch;
 pub(crate) use self::embedded::EmbeddedQueue;
-pub(crate) use self::redis::{AppsChanged, Elsewhere, Event, RedisQueue, Saved, spawn_cluster};
+pub(crate) use self::redis::{AppsChanged, Elsewhere, Event, Published, RedisQueue, Saved, spawn_cluster};
 
 pub(crate) type TaskId = String;
 

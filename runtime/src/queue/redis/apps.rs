@@ -4,16 +4,64 @@
 //! announced on the event channel as `d {name}`.
 
 use super::RedisQueue;
-use super::resp::RedisError;
+use super::resp::{RedisError, Script};
+
+/// What came of [`RedisQueue::publish_app`].
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Published {
+    /// The version is the cluster's current one.
+    Current,
+    /// Not recorded: the cluster has this version number or a later one
+    /// (deployed through another node meanwhile); this is its number.
+    Superseded(u32),
+}
+
+// ARGV: name, record, its version. 0 when recorded; else the number of the
+// cluster's version, which is the same or later. Publishing the current
+// record again is no change (a retried call).
+static PUBLISH_APP: Script = Script::new(
+    r#"
+local current = redis.call('HGET', 'beamlet:apps', ARGV[1])
+if current and current ~= ARGV[2] then
+  local ok, decoded = pcall(cjson.decode, current)
+  if ok and type(decoded) == 'table' and type(decoded.version) == 'number'
+      and decoded.version >= tonumber(ARGV[3]) then
+    return decoded.version
+  end
+end
+redis.call('HSET', 'beamlet:apps', ARGV[1], ARGV[2])
+redis.call('HDEL', 'beamlet:deleted', ARGV[1])
+redis.call('PUBLISH', 'beamlet:events', 'd ' .. ARGV[1])
+return 0
+"#,
+);
 
 impl RedisQueue {
-    /// Records a new version of an app (its record as JSON) and its component.
-    pub(crate) fn publish_app(&self, name: &str, record: &[u8], digest: &str, wasm: &[u8]) -> Result<(), RedisError> {
+    /// Records a new version of an app (its record as JSON, numbered
+    /// `version`) and its component, unless the cluster already has this
+    /// version of it or a later one: two nodes deploying at once must not
+    /// both make their own version N the current one.
+    pub(crate) fn publish_app(
+        &self,
+        name: &str,
+        record: &[u8],
+        version: u32,
+        digest: &str,
+        wasm: &[u8],
+    ) -> Result<Published, RedisError> {
         let key = format!("beamlet:component:{digest}");
         self.client.call(&[b"SET", key.as_bytes(), wasm])?;
-        self.client.call(&[b"HSET", b"beamlet:apps", name.as_bytes(), record])?;
-        self.client.call(&[b"HDEL", b"beamlet:deleted", name.as_bytes()])?;
-        self.announce(name)
+        let version = version.to_string();
+        let reply = self.client.eval(&PUBLISH_APP, &[name.as_bytes(), record, version.as_bytes()])?;
+        Ok(match reply.as_int() {
+            Some(newer) if newer > 0 => Published::Superseded(newer as u32),
+            _ => Published::Current,
+        })
+    }
+
+    /// The cluster's current record of `name`, as JSON.
+    pub(crate) fn app(&self, name: &str) -> Result<Option<Vec<u8>>, RedisError> {
+        Ok(self.client.call(&[b"HGET", b"beamlet:apps", name.as_bytes()])?.into_bytes())
     }
 
     /// Removes an app for every node; `record`: the version removed, kept so

@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-pub(crate) use self::apps::Elsewhere;
+pub(crate) use self::apps::{Elsewhere, Published};
 pub(crate) use self::events::{AppsChanged, Event, spawn as spawn_cluster};
 use self::resp::{Client, RedisError, RedisUrl, Reply};
 use self::scripts as lua;
@@ -823,5 +823,24 @@ mod tests {
         let record = q.get(&id).unwrap();
         assert_eq!((record.status, record.attempts), (TaskStatus::Retry, 1));
         assert_eq!(q.lease("a", 2).unwrap().attempt, 2);
+    }
+
+    #[test]
+    fn a_version_is_published_only_after_the_clusters_own() {
+        let Some(redis) = TestRedis::start() else { return };
+        let (a, b) = (node(&redis, "a"), node(&redis, "b"));
+        let record = |version: u32, digest: &str| format!(r#"{{"name":"x","version":{version},"digest":"{digest}"}}"#);
+        let v1 = record(1, "d1");
+        assert_eq!(a.publish_app("x", v1.as_bytes(), 1, "d1", b"w1").unwrap(), Published::Current);
+        assert_eq!(a.publish_app("x", v1.as_bytes(), 1, "d1", b"w1").unwrap(), Published::Current, "the same again");
+        // Both nodes deploy version 2 at once: the first one counts.
+        let (ours, theirs) = (record(2, "d2a"), record(2, "d2b"));
+        assert_eq!(a.publish_app("x", ours.as_bytes(), 2, "d2a", b"w2a").unwrap(), Published::Current);
+        assert_eq!(b.publish_app("x", theirs.as_bytes(), 2, "d2b", b"w2b").unwrap(), Published::Superseded(2));
+        assert_eq!(b.app("x").unwrap().unwrap(), ours.as_bytes());
+        let v3 = record(3, "d3");
+        assert_eq!(b.publish_app("x", v3.as_bytes(), 3, "d3", b"w3").unwrap(), Published::Current);
+        assert_eq!(a.app("x").unwrap().unwrap(), v3.as_bytes());
+        assert_eq!(a.component("d2b").unwrap().unwrap(), b"w2b", "the component is kept: content-addressed");
     }
 }
