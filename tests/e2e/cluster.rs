@@ -38,6 +38,10 @@ fn nodes_on_one_redis_share_apps_calls_and_tasks() {
     }
     let listed = a.get("/v1/apps/hello/tasks?status=COMPLETE");
     assert_eq!(listed["tasks"].as_array().map(Vec::len), Some(10), "{listed}");
+    let page = a.get("/v1/apps/hello/tasks?status=COMPLETE&limit=6");
+    let rest = a.get(&format!("/v1/apps/hello/tasks?status=COMPLETE&before={}", page["next"].as_str().unwrap()));
+    let ids = |list: &Value| list["tasks"].as_array().unwrap().iter().map(|t| t["id"].clone()).collect::<Vec<_>>();
+    assert_eq!([ids(&page), ids(&rest)].concat(), ids(&listed), "two pages, the same tasks in the same order");
     // One replica in all for a fixed pool of one, whichever node runs it.
     wait_for("one replica in the cluster", Duration::from_secs(60), || {
         (a.ready_pids("hello").len() + b.ready_pids("hello").len() == 1).then_some(())

@@ -133,6 +133,15 @@ fn cancel_expiry_backpressure_and_listing() {
     assert_eq!(listed["tasks"].as_array().unwrap().len(), 3, "{listed}");
     let all = server.get("/v1/apps/spin/tasks");
     assert_eq!(all["tasks"].as_array().unwrap().len(), 4);
+    assert_eq!(all["next"], Value::Null, "one page holds them all");
+    // Page by page: `next` is where the following page starts.
+    let ids = |page: &Value| page["tasks"].as_array().unwrap().iter().map(|t| t["id"].clone()).collect::<Vec<_>>();
+    let first = server.get("/v1/apps/spin/tasks?limit=3");
+    assert_eq!(ids(&first), ids(&all)[..3]);
+    let next = first["next"].as_str().unwrap();
+    let second = server.get(&format!("/v1/apps/spin/tasks?limit=3&before={next}"));
+    assert_eq!((ids(&second), &second["next"]), (ids(&all)[3..].to_vec(), &Value::Null));
+    assert_eq!(error_code(&server.get("/v1/apps/spin/tasks?before=x")), "BAD_REQUEST");
     let bad = server.get("/v1/apps/spin/tasks?status=DONE");
     assert_eq!(error_code(&bad), "BAD_REQUEST");
     let (status, body) = cancel(&server, "no-such-task");

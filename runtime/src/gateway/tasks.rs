@@ -276,9 +276,11 @@ pub(crate) async fn cancel(
 pub(crate) struct ListQuery {
     status: Option<String>,
     limit: Option<usize>,
+    before: Option<String>,
 }
 
-/// `GET /v1/apps/{name}/tasks[?status=RUNNING&limit=100]`: newest first.
+/// `GET /v1/apps/{name}/tasks[?status=RUNNING&limit=100&before=ID]`:
+/// newest first; `next` is the `before` of the next page (null on the last).
 pub(crate) async fn list(
     State(node): State<Arc<Node>>,
     Path(name): Path<String>,
@@ -293,9 +295,20 @@ pub(crate) async fn list(
             ))
         })?),
     };
-    let tasks = node.dispatch.list(&name, status, query.limit.unwrap_or(100).min(10_000));
+    let before = query.before.as_deref();
+    if let Some(before) = before.filter(|before| uuid::Uuid::try_parse(before).is_err()) {
+        return Err(ApiError::bad_request(format!(
+            "before {before:?} is not a task id; pass the `next` of the page before"
+        )));
+    }
+    let limit = query.limit.unwrap_or(100).min(10_000);
+    if limit == 0 {
+        return Err(ApiError::bad_request("limit 0 lists nothing; ask for 1 to 10000 tasks (100 when not given)"));
+    }
+    let tasks = node.dispatch.list(&name, status, before, limit);
     if tasks.is_empty() && !node.dispatch.store_available() {
         return Err(ApiError::from(QueueError::Backend(format!("the tasks of app {name:?} cannot be read now"))));
     }
-    Ok(Json(json!({ "app": name, "tasks": tasks })))
+    let next = (tasks.len() == limit).then(|| tasks.last().map(|task| task.id.clone())).flatten();
+    Ok(Json(json!({ "app": name, "tasks": tasks, "next": next })))
 }

@@ -445,8 +445,14 @@ impl Dispatch {
         self.queue.counts(app)
     }
 
-    pub(crate) fn list(&self, app: &str, status: Option<TaskStatus>, limit: usize) -> Vec<TaskRecord> {
-        self.queue.list(app, status, limit)
+    pub(crate) fn list(
+        &self,
+        app: &str,
+        status: Option<TaskStatus>,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Vec<TaskRecord> {
+        self.queue.list(app, status, before, limit)
     }
 
     pub(crate) fn sweep(&self) {
@@ -461,7 +467,7 @@ impl Dispatch {
         let why = format!("app {app:?} was removed");
         let error = TaskError { code: ErrorCode::Cancelled, message: why.clone() };
         self.end_queued(app, Queued::All, TaskStatus::Cancelled, error);
-        for record in self.queue.list(app, Some(TaskStatus::Running), usize::MAX) {
+        for record in self.queue.list(app, Some(TaskStatus::Running), None, usize::MAX) {
             let _ = self.cancel_because(&record.id, &why);
         }
     }

@@ -369,12 +369,13 @@ impl Queue for EmbeddedQueue {
         }
     }
 
-    fn list(&self, app: &str, status: Option<TaskStatus>, limit: usize) -> Vec<TaskRecord> {
+    fn list(&self, app: &str, status: Option<TaskStatus>, before: Option<&str>, limit: usize) -> Vec<TaskRecord> {
         let inner = self.inner.lock().unwrap();
         let mut records: Vec<TaskRecord> = inner
             .tasks
             .values()
             .filter(|entry| entry.record.app == app && status.is_none_or(|status| entry.record.status == status))
+            .filter(|entry| before.is_none_or(|before| entry.record.id.as_str() < before))
             .map(|entry| entry.record.clone())
             .collect();
         // Ids are time-ordered (UUIDv7): newest first.
@@ -502,7 +503,11 @@ mod tests {
         assert_eq!(expired.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec![a.as_str()]);
         assert_eq!(q.get(&a).unwrap().status, TaskStatus::Expired);
         assert!(q.lease("a", 10_001).is_none());
-        assert_eq!(q.list("a", Some(TaskStatus::Cancelled), 10).len(), 1);
+        assert_eq!(q.list("a", Some(TaskStatus::Cancelled), None, 10).len(), 1);
+        let newest = q.list("a", None, None, 1);
+        assert_eq!(newest.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec![b.as_str()]);
+        let next = q.list("a", None, Some(&b), 10);
+        assert_eq!(next.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec![a.as_str()], "the page after b");
         q.sweep(200_000);
         assert!(q.get(&a).is_none() && q.get(&b).is_none(), "finished tasks are forgotten after their result ttl");
     }

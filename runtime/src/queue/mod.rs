@@ -341,8 +341,10 @@ pub(crate) trait Queue: Send + Sync + 'static {
     /// Drops an ended task at once (a call whose caller has its answer).
     fn forget(&self, id: &str);
     fn counts(&self, app: &str) -> Counts;
-    /// The app's tasks, newest first, optionally only those in `status`.
-    fn list(&self, app: &str, status: Option<TaskStatus>, limit: usize) -> Vec<TaskRecord>;
+    /// The app's tasks, newest first, optionally only those in `status`,
+    /// and only those older than the task `before` (the last of the page
+    /// before: ids are time-ordered).
+    fn list(&self, app: &str, status: Option<TaskStatus>, before: Option<&str>, limit: usize) -> Vec<TaskRecord>;
     /// Expires queued tasks past their ttl and forgets finished tasks past
     /// their result ttl; returns the tasks it expired.
     fn sweep(&self, now: u64) -> Vec<TaskRecord>;

@@ -543,10 +543,11 @@ impl Queue for RedisQueue {
         Counts { queued: count(0), running: count(1) }
     }
 
-    fn list(&self, app: &str, status: Option<TaskStatus>, limit: usize) -> Vec<TaskRecord> {
+    fn list(&self, app: &str, status: Option<TaskStatus>, before: Option<&str>, limit: usize) -> Vec<TaskRecord> {
         let status = status.map_or("", TaskStatus::as_str);
         let limit = limit.min(i64::MAX as usize).to_string();
-        let reply = self.eval("list tasks", &lua::LIST, &[app.as_bytes(), status.as_bytes(), limit.as_bytes()]);
+        let args = [app.as_bytes(), status.as_bytes(), limit.as_bytes(), before.unwrap_or_default().as_bytes()];
+        let reply = self.eval("list tasks", &lua::LIST, &args);
         reply.map(Reply::into_array).unwrap_or_default().into_iter().filter_map(record).collect()
     }
 
@@ -664,11 +665,23 @@ mod tests {
             q.enqueue(task(0), 13).unwrap();
         }
         assert!(matches!(q.enqueue(task(0), 13), Err(QueueError::Full { limit: 3, .. })));
-        let listed = q.list("a", None, 10);
+        let listed = q.list("a", None, None, 10);
         assert_eq!(listed.len(), 5, "newest first, every task of the app");
         assert_eq!(listed.last().unwrap().id, id);
-        assert_eq!(q.list("a", Some(TaskStatus::Complete), 10).len(), 1);
-        assert_eq!(q.list("a", Some(TaskStatus::Pending), 2).len(), 2);
+        assert_eq!(q.list("a", Some(TaskStatus::Complete), None, 10).len(), 1);
+        assert_eq!(q.list("a", Some(TaskStatus::Pending), None, 2).len(), 2);
+        // Pages: each goes on after the last task of the one before, also
+        // when that task has been forgotten since.
+        let ids = |records: Vec<TaskRecord>| records.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        let all = ids(listed);
+        let first = ids(q.list("a", None, None, 2));
+        assert_eq!(first, all[..2]);
+        assert_eq!(ids(q.list("a", None, Some(&first[1]), 2)), all[2..4]);
+        assert_eq!(ids(q.list("a", None, Some(&all[3]), 2)), all[4..]);
+        q.forget(&done);
+        assert_eq!(all[3], done);
+        assert_eq!(ids(q.list("a", None, Some(&done), 2)), [id.clone()]);
+        assert_eq!(ids(q.list("a", Some(TaskStatus::Pending), Some(&all[0]), 10)), all[1..3]);
     }
 
     #[test]

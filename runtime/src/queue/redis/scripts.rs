@@ -384,20 +384,35 @@ return {ended, adopted, retried}
 "#
 );
 
-// ARGV: app, status ('' for any), limit. Records, newest first.
+// ARGV: app, status ('' for any), limit, before (the id the list goes on
+// after; '' for none). Records, newest first.
 script!(
     LIST,
     r#"
 local out = {}
-local limit = tonumber(ARGV[3])
+local limit, before = tonumber(ARGV[3]), ARGV[4]
 local key, from, chunk = P .. 'tasks:' .. ARGV[1], 0, 500
+if before ~= '' then
+  local rank = redis.call('ZREVRANK', key, before)
+  if rank then
+    from, before = rank + 1, ''
+  else
+    -- Forgotten since: start a second before its creation time (the first
+    -- 48 bits of its id, a UUIDv7; the score is the node's clock read a
+    -- moment apart) and skip the ids not older than it.
+    local ms = tonumber(string.sub(before, 1, 8) .. string.sub(before, 10, 13), 16)
+    if ms then from = redis.call('ZCOUNT', key, '(' .. (ms + 1000), '+inf') end
+  end
+end
 while #out < limit do
   local ids = redis.call('ZREVRANGE', key, from, from + chunk - 1)
   if #ids == 0 then break end
   for _, id in ipairs(ids) do
     if #out >= limit then break end
-    local r = record(id)
-    if r[1] and (ARGV[2] == '' or r[3] == ARGV[2]) then table.insert(out, r) end
+    if before == '' or id < before then
+      local r = record(id)
+      if r[1] and (ARGV[2] == '' or r[3] == ARGV[2]) then table.insert(out, r) end
+    end
   end
   from = from + chunk
 end
