@@ -680,7 +680,7 @@ mod tests {
         assert_eq!(ids(q.list("a", None, Some(&all[3]), 2)), all[4..]);
         q.forget(&done);
         assert_eq!(all[3], done);
-        assert_eq!(ids(q.list("a", None, Some(&done), 2)), [id.clone()]);
+        assert_eq!(ids(q.list("a", None, Some(&done), 2)), vec![id.clone()]);
         assert_eq!(ids(q.list("a", Some(TaskStatus::Pending), Some(&all[0]), 10)), all[1..3]);
     }
 
