@@ -99,11 +99,21 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// The guest's GEMM inputs (`value` in tests/guests/gpubench/src/data.rs):
+/// multiples of 1/8 in [-0.75, 0.75], `a` with salt 1 and `b` with salt 2.
+/// A tensor-core GEMM's speed depends on its data (fewer bit flips draw less
+/// power and keep the clocks up: on an H100 "predictable" inputs run several
+/// percent faster than random ones), so the native reference must multiply
+/// the very matrices the guest does, or the guest/native ratio measures the
+/// data, not beamlet.
+fn gemm_values(n: usize, salt: u64) -> Vec<f32> {
+    (0..n as u64).map(|i| (i.wrapping_mul(7).wrapping_add(salt.wrapping_mul(3)) % 13) as f32 / 8.0 - 0.75).collect()
+}
+
 /// Checks sampled entries of column-major `c = a * b` (n x n) against f64:
 /// each may be off by the output's rounding (`dtype`, relative to the entry)
-/// plus f32 accumulation error (relative to the sum of |products|, which for
-/// K = 8192 is ~2000 against entries of ~30, so that term alone would pass
-/// almost anything).
+/// plus f32 accumulation error (relative to the sum of |products|). With
+/// [`gemm_values`] the f32 sums are exact, so only the rounding counts.
 fn check_gemm(what: &str, dtype: DType, n: usize, a: &[f32], b: &[f32], c: &[f32]) -> Result<(), Error> {
     // bf16 keeps 8 significant bits: rounding costs at most 2^-9 of the
     // entry; 2^-7 leaves room for accumulation in a different order.
@@ -212,7 +222,14 @@ fn run() -> Result<(), Error> {
     let context_s = started.elapsed().as_secs_f64();
     let stream = ctx.new_stream()?;
     let handle = blas::create_handle()?;
-    // As beamlet-gpu's backend: f16/bf16 accumulate in f32 all the way.
+    let (major, minor) = ctx.compute_capability()?;
+    // As beamlet-gpu's backend's workspace (which cuBLAS's algorithm choice
+    // depends on): 32 MiB on Hopper and later, 4 MiB before. It outlives the
+    // handle (dropped at the end of `run`).
+    let workspace_bytes: usize = if major >= 9 { 32 << 20 } else { 4 << 20 };
+    let workspace = stream.alloc_zeros::<u8>(workspace_bytes)?;
+    // As beamlet-gpu's backend: f16/bf16 accumulate in f32 all the way, and
+    // the workspace is set after the stream (setting a stream resets it).
     unsafe {
         cudarc::cublas::sys::cublasSetMathMode(
             handle,
@@ -220,9 +237,11 @@ fn run() -> Result<(), Error> {
         )
         .result()?;
         blas::set_stream(handle, stream.cu_stream() as _)?;
+        let (workspace_ptr, _record) = workspace.device_ptr(&stream);
+        cudarc::cublas::sys::cublasSetWorkspace_v2(handle, workspace_ptr as *mut std::ffi::c_void, workspace_bytes)
+            .result()?;
     }
     // The same target as the backend's NVRTC: this device's compute capability.
-    let (major, minor) = ctx.compute_capability()?;
     let compile = |source: &str| {
         let options = cudarc::nvrtc::CompileOptions {
             options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
@@ -232,8 +251,8 @@ fn run() -> Result<(), Error> {
     };
     let native = Native { stream: stream.clone(), blas: handle };
 
-    let a = values(n * n, 1);
-    let b = values(n * n, 2);
+    let a = gemm_values(n * n, 1);
+    let b = gemm_values(n * n, 2);
     let flops = 2.0 * (n as f64).powi(3);
     let mut report = Vec::new();
     report.push(format!("\"device\": {:?}", ctx.name()?));
