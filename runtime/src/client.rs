@@ -178,7 +178,11 @@ impl Client {
             println!("no apps yet; deploy one with `beamlet deploy APP.wasm --name NAME`");
             return Ok(());
         }
-        println!("{:<24} {:>7} {:>8} {:>7} {:>7} {:>7}", "NAME", "VERSION", "REPLICAS", "PENDING", "QUEUED", "RUNNING");
+        let width = apps.iter().filter_map(|app| app["name"].as_str()).map(str::len).max().unwrap_or(0).max(24);
+        println!(
+            "{:<width$} {:>7} {:>8} {:>7} {:>7} {:>7} {:>7}",
+            "NAME", "VERSION", "REPLICAS", "PENDING", "FAILING", "QUEUED", "RUNNING"
+        );
         for app in apps {
             // In a cluster: this node's + the other nodes'.
             let replicas = match app["replicas_on_other_nodes"].as_u64() {
@@ -186,12 +190,13 @@ impl Client {
                 None => app["replicas"].to_string(),
             };
             println!(
-                "{:<24} {:>7} {:>8} {:>7} {:>7} {:>7}",
+                "{:<width$} {:>7} {:>8} {:>7} {:>7} {:>7} {:>7}",
                 app["name"].as_str().unwrap_or_default(),
                 // Padding applies to strings, not to JSON values.
                 app["version"].to_string(),
                 replicas,
                 app["pending_replicas"].as_u64().unwrap_or(0).to_string(),
+                app["failing_replicas"].as_u64().unwrap_or(0).to_string(),
                 app["queue"]["queued"].to_string(),
                 app["queue"]["running"].to_string()
             );

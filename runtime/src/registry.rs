@@ -42,6 +42,19 @@ impl World {
     }
 }
 
+/// A version just deployed, and what the deploy learned of its component.
+pub(crate) struct Deployed {
+    pub app: App,
+    /// It imports `beamlet:function/gpu` (its code calls the GPU).
+    pub uses_gpu: bool,
+}
+
+/// What a component is: its world, and whether it calls the GPU.
+struct Inspected {
+    world: World,
+    uses_gpu: bool,
+}
+
 /// One deployed version of an app, as stored and as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct AppVersion {
@@ -191,18 +204,18 @@ impl Registry {
         fits: impl Fn(&AppConfig) -> Result<(), DeployError>,
         unfinished: u64,
         after: Option<u32>,
-    ) -> Result<App, DeployError> {
+    ) -> Result<Deployed, DeployError> {
         validate_name(name)?;
         let config = config::parse(config_toml)?;
         fits(&config)?;
         check_header(wasm)?;
         let digest = hex(&Sha256::digest(wasm));
         let compiled = self.compiled_path(&digest);
-        let world = if compiled.exists() {
+        let Inspected { world, uses_gpu } = if compiled.exists() {
             // SAFETY: written by `write_compiled` from this engine (its key is in the name).
             let component = unsafe { Component::deserialize_file(&self.engine, &compiled) };
             match component {
-                Ok(component) => self.world_of(&component)?,
+                Ok(component) => self.inspect(&component)?,
                 Err(_) => self.compile_and_store(wasm, &compiled)?,
             }
         } else {
@@ -232,7 +245,7 @@ impl Registry {
         write_atomic(&self.dir.join("apps").join(format!("{name}.json")), &json)?;
         let app = App { version, config, compiled };
         apps.insert(name.to_owned(), app.clone());
-        Ok(app)
+        Ok(Deployed { app, uses_gpu })
     }
 
     /// Takes on a version deployed on another node of the cluster, as it
@@ -279,11 +292,11 @@ impl Registry {
         Component::new(&self.engine, wasm).map_err(|e| DeployError::Compile(format!("{e:#}")))
     }
 
-    fn compile_and_store(&self, wasm: &[u8], compiled: &Path) -> Result<World, DeployError> {
+    fn compile_and_store(&self, wasm: &[u8], compiled: &Path) -> Result<Inspected, DeployError> {
         let component = self.compile(wasm)?;
-        let world = self.world_of(&component)?;
+        let inspected = self.inspect(&component)?;
         self.write_compiled(&component, compiled)?;
-        Ok(world)
+        Ok(inspected)
     }
 
     fn write_compiled(&self, component: &Component, path: &Path) -> Result<()> {
@@ -291,19 +304,23 @@ impl Registry {
         write_atomic(path, &bytes)
     }
 
-    /// Checks the component against the worlds this node serves.
-    fn world_of(&self, component: &Component) -> Result<World, DeployError> {
+    /// Checks the component against the worlds this node serves, and
+    /// whether it calls the GPU interface.
+    fn inspect(&self, component: &Component) -> Result<Inspected, DeployError> {
         let function = self.linker.instantiate_pre(component).and_then(FunctionPre::new);
         let proxy = self.linker.instantiate_pre(component).and_then(ProxyPre::new);
-        match (function, proxy) {
-            (Ok(_), _) => Ok(World::Function),
-            (_, Ok(_)) => Ok(World::HttpProxy),
+        let ty = component.component_type();
+        let world = match (function, proxy) {
+            (Ok(_), _) => World::Function,
+            (_, Ok(_)) => World::HttpProxy,
             (Err(e), Err(_)) => {
-                let ty = component.component_type();
                 let exports: Vec<&str> = ty.exports(&self.engine).map(|(name, _)| name).collect();
-                Err(DeployError::WrongWorld { reason: format!("{e:#}"), exports: exports.join(", ") })
+                return Err(DeployError::WrongWorld { reason: format!("{e:#}"), exports: exports.join(", ") });
             }
-        }
+        };
+        // A component imports only the interfaces its code calls.
+        let uses_gpu = ty.imports(&self.engine).any(|(name, _)| name.starts_with("beamlet:function/gpu"));
+        Ok(Inspected { world, uses_gpu })
     }
 }
 

@@ -24,8 +24,13 @@ fn error_of(body: &Value) -> &str {
 #[test]
 fn a_guest_gets_the_gpu_through_checked_handles_and_a_quota() {
     let server = Server::start("gpu", &["--gpu-backend", "cpu", "--gpus", "1", "--cpu-gpu-memory", "1Gi"]);
+    // A GPU component deployed without a GPU in its config is warned about.
+    let warned = server.deploy_guest("gpu", "guest-gpu", None);
+    let warning = warned["warnings"][0].as_str().unwrap_or_default();
+    assert!(warning.contains("imports beamlet:function/gpu") && warning.contains(r#"gpu = "any""#), "{warned}");
     let config = "[runtime]\nworkers = 1\ngpu = \"any\"\ngpu_memory = \"64Mi\"\n[task_queue]\nretries = 0\n";
-    server.deploy_guest("gpu", "guest-gpu", Some(config));
+    let deployed = server.deploy_guest("gpu", "guest-gpu", Some(config));
+    assert_eq!(deployed["warnings"].as_array().map(Vec::len), Some(0), "{deployed}");
 
     let info = call(&server, "gpu", r#"{"mode":"info"}"#);
     assert_eq!((info["backend"].as_str(), info["quota"].as_u64()), (Some("cpu"), Some(64 << 20)), "{info}");

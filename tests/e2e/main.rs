@@ -305,6 +305,12 @@ fn an_app_whose_init_fails_answers_with_the_reason() {
     let status = server.status("badinit");
     let last_error = status["replicas"][0]["last_error"].as_str().unwrap_or_default();
     assert!(last_error.contains("model file missing"), "{status}");
+    // The app list tells a replica that fails to start from one that serves.
+    wait_for("the replica listed as failing", LONG, || {
+        let apps = server.get("/v1/apps");
+        let app = apps["apps"].as_array()?.iter().find(|app| app["name"] == "badinit")?.clone();
+        (app["failing_replicas"] == 1 && app["replicas"] == 0).then_some(())
+    });
 
     // An init longer than the app's timeout says which key limits it.
     server.deploy_guest("slow", "guest-slowstart", Some("[runtime]\nworkers = 2\ntimeout = \"1s\"\n"));

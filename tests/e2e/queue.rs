@@ -58,6 +58,8 @@ fn retries_carry_the_attempt_number_and_results_have_a_size_limit() {
     assert_eq!(record["error"]["code"], "GUEST_TRAP");
     let response = server.http.get(server.url(&format!("/v1/tasks/{id}/result"))).send().unwrap();
     assert_eq!(response.status(), 500, "the result of a failed task is its error");
+    let body: Value = response.json().unwrap();
+    assert!(error_message(&body).ends_with("(the last of 3 attempts)"), "says it ran more than once: {body}");
 
     let (status, body) = server.invoke_json("trap", r#"{"mode":"big","bytes":4096}"#);
     assert_eq!((status, error_code(&body)), (500, "RESULT_TOO_LARGE"), "{body}");

@@ -14,7 +14,7 @@ use crate::config::AppConfig;
 use crate::metrics::{AppGauges, DeviceGauges};
 use crate::node::{Cluster, Node};
 use crate::queue::Published;
-use crate::registry::{self, App};
+use crate::registry::{self, App, Deployed};
 use crate::supervisor::ReplicaState;
 
 pub(crate) async fn deploy(
@@ -81,7 +81,7 @@ pub(crate) async fn deploy(
     let registry_node = node.clone();
     let counts = node.dispatch.counts(&name);
     let unfinished = counts.queued + counts.running;
-    let app = tokio::task::spawn_blocking(move || {
+    let deployed = tokio::task::spawn_blocking(move || {
         let node = &registry_node;
         let Some(cluster) = &node.cluster else {
             let fits = |config: &AppConfig| registry::fits_node(config, node.capacity, &node.gpus);
@@ -94,10 +94,10 @@ pub(crate) async fn deploy(
             // Another node may be the one to run it (a GPU app deployed
             // through a node without a GPU).
             let fits = |config: &AppConfig| cluster.fits_some_node(config, node.capacity, &node.gpus);
-            let app = node.registry.deploy(&name, &component, &config, fits, unfinished, after)?;
-            match cluster.publish(&app, &component).map_err(|e| unshared(&format!("{e:#}")))? {
-                Published::Current => return Ok(app),
-                Published::Superseded(newer) => (app.version.version, newer),
+            let deployed = node.registry.deploy(&name, &component, &config, fits, unfinished, after)?;
+            match cluster.publish(&deployed.app, &component).map_err(|e| unshared(&format!("{e:#}")))? {
+                Published::Current => return Ok(deployed),
+                Published::Superseded(newer) => (deployed.app.version.version, newer),
             }
         };
         // This node's copy of the app goes back to the cluster's.
@@ -114,10 +114,11 @@ pub(crate) async fn deploy(
     })
     .await
     .map_err(ApiError::internal)??;
+    let Deployed { app, uses_gpu } = deployed;
     tracing::info!(app = %app.version.name, version = app.version.version, digest = %app.version.digest, "deployed");
     node.run_app(&app);
     let version = &app.version;
-    let warnings: Vec<String> = configured_before
+    let mut warnings: Vec<String> = configured_before
         .filter(|before| *before != version.version)
         .map(|before| {
             format!(
@@ -128,6 +129,13 @@ pub(crate) async fn deploy(
         })
         .into_iter()
         .collect();
+    if uses_gpu && app.config.runtime.gpu.is_none() {
+        warnings.push(
+            "the component calls the GPU (it imports beamlet:function/gpu) but the config asks for none: its GPU \
+             calls will fail; add gpu = \"any\" (or a model name) under [runtime]"
+                .into(),
+        );
+    }
     let body = json!({
         "name": version.name,
         "version": version.version,
@@ -163,14 +171,17 @@ pub(crate) async fn list(State(node): State<Arc<Node>>) -> Json<Value> {
         .iter()
         .map(|app| {
             let replicas = node.supervisor.replicas(&app.version.name);
-            // A pending replica waits for capacity: it runs nothing yet.
+            // A pending replica waits for capacity, a failing one fails to
+            // start: neither runs anything.
             let pending = replicas.iter().filter(|r| r.state == ReplicaState::Pending).count();
+            let failing = replicas.iter().filter(|r| r.failing).count();
             json!({
                 "name": app.version.name,
                 "version": app.version.version,
                 "world": app.version.world,
-                "replicas": replicas.len() - pending,
+                "replicas": replicas.len() - pending - failing,
                 "pending_replicas": pending,
+                "failing_replicas": failing,
                 "replicas_on_other_nodes": other_replicas(&node, &app.version.name),
                 "queue": node.dispatch.counts(&app.version.name),
             })

@@ -221,6 +221,19 @@ impl From<QueueError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// The response for a task that ended without an output after
+    /// `attempts` runs (said when there were several: a timeout after a
+    /// retry took twice the timeout).
+    pub(crate) fn task_failed(error: &TaskError, attempts: u32) -> Self {
+        let mut answer = Self::from(error);
+        if attempts > 1 {
+            answer.message = format!("{} (the last of {attempts} attempts)", answer.message);
+        }
+        answer
+    }
+}
+
 /// The response for a task that ended without an output.
 impl From<&TaskError> for ApiError {
     fn from(error: &TaskError) -> Self {

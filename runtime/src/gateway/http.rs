@@ -84,7 +84,7 @@ async fn proxy(node: &Node, name: &str, request: Request) -> Result<Response, Ap
                     let HttpResponse { status, headers, body } = response;
                     into_response(status, headers, Body::from(body))?
                 }
-                (_, Some(error)) => ApiError::from(error).into_response(),
+                (_, Some(error)) => ApiError::task_failed(error, record.attempts).into_response(),
                 (status, None) => {
                     ApiError::internal(format!("task ended {} without an error", status.as_str())).into_response()
                 }

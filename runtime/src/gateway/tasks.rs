@@ -170,7 +170,7 @@ fn output_response(ended: &Ended) -> Response {
             }
             None => ApiError::unknown_task(&record.id).into_response(),
         },
-        (status, Some(error)) if status.is_terminal() => ApiError::from(error).into_response(),
+        (status, Some(error)) if status.is_terminal() => ApiError::task_failed(error, record.attempts).into_response(),
         (status, _) => ApiError::new(
             StatusCode::CONFLICT,
             "NOT_FINISHED",

@@ -84,6 +84,10 @@ pub(crate) struct ReplicaInfo {
     pub oldest_run: Option<Instant>,
     pub restarts: u32,
     pub last_error: Option<String>,
+    /// Its last start failed, and none has succeeded since (a guest whose
+    /// init fails, a start slower than the timeout): it is restarted with
+    /// backoff but serves nothing.
+    pub failing: bool,
     /// Why a pending replica waits.
     pub pending_reason: Option<String>,
     /// The GPU it holds: `"0: NVIDIA H100 80GB HBM3 (GPU-8d6f...)"`.
@@ -152,6 +156,7 @@ pub(crate) fn spawn(plan: Plan) -> ReplicaHandle {
         oldest_run: None,
         restarts: 0,
         last_error: None,
+        failing: false,
         pending_reason: None,
         gpu: None,
         gpu_memory_used: 0,
@@ -254,6 +259,7 @@ async fn run_placed(plan: &Plan, spec: &ReplicaSpec, info: &Arc<Mutex<ReplicaInf
             info.pid = None;
             info.restarts += 1;
             info.last_error = Some(message);
+            info.failing = failed_starts > 0;
         }
         if started.elapsed() > STABLE_AFTER {
             backoff = MIN_BACKOFF;
@@ -312,6 +318,7 @@ impl Run<'_> {
         info.state = state;
         if state == ReplicaState::Ready {
             info.idle_since = Some(Instant::now());
+            info.failing = false;
         }
     }
 
