@@ -90,8 +90,11 @@ pub enum GpuError {
     Unavailable(String),
     #[error("out of device memory allocating {requested} bytes")]
     OutOfMemory { requested: u64 },
-    #[error("quota exceeded: {requested} more bytes would pass the worker's {quota} byte gpu_memory quota")]
-    QuotaExceeded { requested: u64, quota: u64 },
+    #[error(
+        "quota exceeded: {requested} more bytes would pass the worker's gpu_memory quota of {quota} bytes \
+         ({used} in use)"
+    )]
+    QuotaExceeded { requested: u64, quota: u64, used: u64 },
     #[error("out of bounds: {0}")]
     OutOfBounds(String),
     #[error("invalid argument: {0}")]

@@ -118,7 +118,7 @@ impl Session {
             if self.quota >= self.backend.info().memory_bytes {
                 return Err(GpuError::OutOfMemory { requested: bytes });
             }
-            return Err(GpuError::QuotaExceeded { requested: bytes, quota: self.quota });
+            return Err(GpuError::QuotaExceeded { requested: bytes, quota: self.quota, used: self.used });
         }
         let result = self.backend.alloc(self.stream, dtype, len);
         let id = self.track(result)?;
@@ -267,7 +267,7 @@ mod tests {
         let b = session.alloc(DType::BF16, 16).unwrap(); // 32 bytes
         assert_eq!(session.used_bytes(), 64);
         let err = session.alloc(DType::F32, 1).unwrap_err();
-        assert_eq!(err, GpuError::QuotaExceeded { requested: 4, quota: 64 });
+        assert_eq!(err, GpuError::QuotaExceeded { requested: 4, quota: 64, used: 64 });
         assert!(matches!(session.alloc(DType::F32, u64::MAX), Err(GpuError::OutOfBounds(_))));
         session.free(a).unwrap();
         assert_eq!(session.used_bytes(), 32);

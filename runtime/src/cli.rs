@@ -357,6 +357,15 @@ async fn run(command: Command) -> Result<()> {
             if memory == Some(0) {
                 bail!("--memory must be more than 0: replicas reserve memory from it");
             }
+            let sizes = [
+                ("--max-input-size", max_input_size, "task input"),
+                ("--max-component-size", max_component_size, "component upload"),
+            ];
+            for (flag, size, what) in sizes {
+                if size == 0 {
+                    bail!("{flag} must be more than 0: it is the largest {what} the node takes");
+                }
+            }
             if let Some(url) = &redis {
                 crate::queue::RedisQueue::check_url(url)?;
             }

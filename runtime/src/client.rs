@@ -23,6 +23,9 @@ impl Client {
         if !base.starts_with("http://") && !base.starts_with("https://") {
             bail!("--server {server:?} is not an http:// or https:// URL");
         }
+        if let Err(e) = reqwest::Url::parse(&base) {
+            bail!("--server {server:?} is not a valid URL: {e}");
+        }
         Ok(Self { base, http: reqwest::Client::builder().build()? })
     }
 

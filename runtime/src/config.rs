@@ -200,8 +200,8 @@ impl Default for TaskQueueConfig {
 /// Why a `beamlet.toml` was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    #[error("TOML syntax error at line {line}, column {column}: {message}; fix the config there")]
-    Syntax { line: usize, column: usize, message: String },
+    #[error("TOML syntax error at line {line}, column {column} ({text:?}): {message}; fix the config there")]
+    Syntax { line: usize, column: usize, text: String, message: String },
     #[error("unknown key {key:?} in {table}; expected one of: {expected}")]
     UnknownKey { table: String, key: String, expected: String },
     /// `key` reads like `[runtime] memory`.
@@ -213,7 +213,13 @@ pub enum ConfigError {
 pub fn parse(toml_text: &str) -> Result<AppConfig, ConfigError> {
     let doc: toml::Table = toml::from_str(toml_text).map_err(|e| {
         let (line, column) = line_column(toml_text, e.span().map_or(0, |span| span.start));
-        ConfigError::Syntax { line, column, message: e.message().trim_end().to_owned() }
+        let text = toml_text.lines().nth(line - 1).unwrap_or_default().trim().chars().take(80).collect();
+        let mut message = e.message().trim_end().to_owned();
+        if message.contains("as i128") {
+            // The parser's words for an integer TOML cannot hold.
+            message = format!("the number is too large (TOML integers are at most {})", i64::MAX);
+        }
+        ConfigError::Syntax { line, column, text, message }
     })?;
     let raw: RawConfig = decode("", doc)?;
     Ok(AppConfig {
@@ -286,7 +292,8 @@ impl RawRuntime {
             "cpu",
             format!("must be a positive number of cores such as 1 or 0.5, got {cpu}"),
         )?;
-        let memory = self.memory.map_or(d.memory, |s| s.0);
+        let memory = self.memory.map_or(d.memory, |s| s.bytes);
+        let memory_hint = self.memory.map_or_else(String::new, |s| s.bytes_hint());
         let each = memory / u64::from(workers);
         ensure(
             each >= MIN_WORKER_MEMORY,
@@ -298,20 +305,24 @@ impl RawRuntime {
                 if workers == 1 { "" } else { "s" },
                 describe_size(each),
                 format_size(MIN_WORKER_MEMORY),
-                bytes_hint(memory),
+                memory_hint,
             ),
         )?;
         let gpu_named = self.gpu.as_deref().is_none_or(|gpu| !gpu.trim().is_empty());
         ensure(gpu_named, "gpu", "must be \"any\" or a model name such as \"H100\"; omit gpu for a CPU app".into())?;
-        let gpu_memory = self.gpu_memory.map(|s| s.0);
+        let gpu_memory = self.gpu_memory.map(|s| s.bytes);
         let needs_gpu = "needs a GPU; add gpu = \"any\" (or a model name) or remove gpu_memory";
         ensure(gpu_memory.is_none() || self.gpu.is_some(), "gpu_memory", needs_gpu.into())?;
         ensure(gpu_memory != Some(0), "gpu_memory", "must be more than 0; omit it for no per-worker quota".into())?;
-        if let Some(bytes) = gpu_memory {
+        if let Some(size) = self.gpu_memory {
             ensure(
-                bytes >= 1 << 20,
+                size.bytes >= 1 << 20,
                 "gpu_memory",
-                format!("{bytes} bytes is less than the 1Mi a worker's GPU memory may be{}", bytes_hint(bytes)),
+                format!(
+                    "{} is less than the 1Mi a worker's GPU memory may be{}",
+                    describe_size(size.bytes),
+                    size.bytes_hint()
+                ),
             )?;
         }
         let timeout = self.timeout.map_or(d.timeout, |t| t.0);
@@ -411,7 +422,7 @@ impl RawTaskQueue {
         ensure(!result_ttl.is_zero(), "result_ttl", "must be more than 0s, e.g. \"1h\"")?;
         let max_queued = self.max_queued.unwrap_or(d.max_queued);
         ensure(max_queued > 0, "max_queued", "must be at least 1")?;
-        let max_result_size = self.max_result_size.map_or(d.max_result_size, |s| s.0);
+        let max_result_size = self.max_result_size.map_or(d.max_result_size, |s| s.bytes);
         ensure(max_result_size > 0, "max_result_size", "must be more than 0, e.g. \"16Mi\"")?;
         if let Some(url) = &self.callback_url {
             ensure(check_callback_url(url).is_ok(), "callback_url", "must be an http:// or https:// URL")?;
@@ -489,16 +500,38 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 }
 
 /// A size in bytes: a non-negative integer or a string such as `"4Gi"`.
-struct Size(u64);
+#[derive(Clone, Copy)]
+struct Size {
+    bytes: u64,
+    /// Written without a unit (`512`, `"512"`): bytes.
+    bare: bool,
+}
+
+impl Size {
+    /// For a size too small to be meant, written without a unit: it is bytes.
+    fn bytes_hint(self) -> String {
+        let bytes = self.bytes;
+        if self.bare && bytes > 0 && bytes < 1 << 20 {
+            format!(" (a size without a unit is bytes; for {bytes} MiB write \"{bytes}Mi\")")
+        } else {
+            String::new()
+        }
+    }
+}
 
 impl<'de> Deserialize<'de> for Size {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let bytes = match toml::Value::deserialize(deserializer)? {
-            toml::Value::String(text) => parse_size(&text),
-            toml::Value::Integer(n) => u64::try_from(n).map_err(|_| not_a_size(&n.to_string())),
+        let size = match toml::Value::deserialize(deserializer)? {
+            toml::Value::String(text) => {
+                let bare = text.trim().bytes().all(|b| b.is_ascii_digit());
+                parse_size(&text).map(|bytes| Size { bytes, bare })
+            }
+            toml::Value::Integer(n) => {
+                u64::try_from(n).map(|bytes| Size { bytes, bare: true }).map_err(|_| not_a_size(&n.to_string()))
+            }
             other => Err(not_a_size(&format!("this {}", other.type_str()))),
         };
-        bytes.map(Size).map_err(de::Error::custom)
+        size.map_err(de::Error::custom)
     }
 }
 
@@ -533,15 +566,6 @@ const SIZE_UNITS: [(&str, u64); 9] = [
 
 /// Largest first, for [`format_duration`].
 const DURATION_UNITS: [(&str, u64); 5] = [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)];
-
-/// For a size too small to be meant: a number without a unit is bytes.
-fn bytes_hint(bytes: u64) -> String {
-    if bytes > 0 && bytes < 1 << 20 {
-        format!(" (a size without a unit is bytes; for {bytes} MiB write \"{bytes}Mi\")")
-    } else {
-        String::new()
-    }
-}
 
 fn not_a_size(text: &str) -> String {
     format!("{text} is not a size; use e.g. \"512Mi\", \"4Gi\" (binary Ki Mi Gi Ti, or decimal k M G T; no B)")
@@ -604,16 +628,25 @@ pub fn format_size(bytes: u64) -> String {
 }
 
 /// [`format_size`] for messages: a size without a unit says "bytes", and
-/// about how many Ki/Mi/Gi/Ti when it is that large (`"89478485 bytes (~85.3Mi)"`).
+/// about how many Ki/Mi/Gi/Ti when it is that large (`"89478485 bytes (~85.3Mi)"`,
+/// `"24684100Ki (~23.5Gi)"`).
 pub fn describe_size(bytes: u64) -> String {
     let size = format_size(bytes);
-    if !size.ends_with(|c: char| c.is_ascii_digit()) {
-        return size;
+    let unit_given = !size.ends_with(|c: char| c.is_ascii_digit());
+    let exact = if unit_given { size.clone() } else { format!("{size} bytes") };
+    // Up to four digits read at a glance.
+    if size.bytes().take_while(u8::is_ascii_digit).count() <= 4 {
+        return exact;
     }
     match SIZE_UNITS[..4].iter().find(|(_, scale)| bytes >= *scale) {
-        Some((unit, scale)) => format!("{size} bytes (~{:.1}{unit})", bytes as f64 / *scale as f64),
-        None => format!("{size} bytes"),
+        Some((unit, scale)) => format!("{exact} (~{:.1}{unit})", bytes as f64 / *scale as f64),
+        None => exact,
     }
+}
+
+/// A number of cores for messages: `"1 core"`, `"0.5 cores"`.
+pub fn describe_cores(cores: f64) -> String {
+    if cores == 1.0 { "1 core".into() } else { format!("{cores} cores") }
 }
 
 /// Formats a duration as its nonzero parts, largest first (`"3m"`, `"1h30m"`,
@@ -806,12 +839,19 @@ callback_url = "https://example.com/beamlet/done"
         );
         let message = error("[runtime]\ngpu = \"any\"\ngpu_memory = 256");
         assert!(message.contains("256 bytes is less than the 1Mi") && message.contains("\"256Mi\""), "{message}");
+        // A size with a unit was meant as written: no hint about bytes.
+        for config in ["[runtime]\nmemory = \"1Ki\"", "[runtime]\ngpu = \"any\"\ngpu_memory = \"1Ki\""] {
+            let message = error(config);
+            assert!(message.contains("1Ki") && !message.contains("without a unit"), "{message}");
+        }
     }
 
     #[test]
     fn syntax_errors_give_line_and_column() {
         let message = error("[runtime]\nworkers = 4\nmemory = ");
-        assert!(message.starts_with("TOML syntax error at line 3, column 10: "), "{message}");
+        assert!(message.starts_with("TOML syntax error at line 3, column 10 (\"memory =\"): "), "{message}");
+        let message = error("[runtime]\nworkers = 99999999999999999999");
+        assert!(message.contains("\"workers = 99999999999999999999\"): the number is too large"), "{message}");
     }
 
     #[test]
@@ -834,6 +874,8 @@ callback_url = "https://example.com/beamlet/done"
         assert_eq!(describe_size(4 << 30), "4Gi");
         assert_eq!(describe_size(1001), "1001 bytes");
         assert_eq!(describe_size((256 << 20) / 3), "89478485 bytes (~85.3Mi)");
+        assert_eq!(describe_size(24_684_100 << 10), "24684100Ki (~23.5Gi)");
+        assert_eq!(describe_size(1536 << 20), "1536Mi");
         assert_eq!(parse("[task_queue]\nmax_result_size = 2048").unwrap().task_queue.max_result_size, 2048);
         for bad in ["4GB", "", "Gi", "-1", "1.5Gi", "99999999999Ti"] {
             assert!(parse_size(bad).is_err(), "{bad}");

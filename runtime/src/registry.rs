@@ -341,25 +341,26 @@ fn check_fits_node(config: &config::AppConfig, node: Demand) -> Result<(), Deplo
         || runtime.memory.saturating_mul(u64::from(baseline)) > node.memory;
     if baseline > 1 && too_many {
         return Err(DeployError::TooBigForNode(format!(
-            "[autoscaler] min_replicas = {baseline} replicas of cpu = {} and memory = {} need more than the {} cores \
+            "[autoscaler] min_replicas = {baseline} replicas of cpu = {} and memory = {} need more than the {} \
              and {} this node has for replicas (serve --cpus, --memory); lower min_replicas",
             runtime.cpu,
-            config::format_size(runtime.memory),
-            node.cpu,
-            config::format_size(node.memory)
+            config::describe_size(runtime.memory),
+            config::describe_cores(node.cpu),
+            config::describe_size(node.memory)
         )));
     }
     if runtime.cpu > node.cpu {
         return Err(DeployError::TooBigForNode(format!(
-            "[runtime] cpu = {} is more than the {} cores this node has for replicas (serve --cpus); lower cpu",
-            runtime.cpu, node.cpu
+            "[runtime] cpu = {} is more than the {} this node has for replicas (serve --cpus); lower cpu",
+            runtime.cpu,
+            config::describe_cores(node.cpu)
         )));
     }
     if runtime.memory > node.memory {
         return Err(DeployError::TooBigForNode(format!(
             "[runtime] memory = {} is more than the {} this node has for replicas (serve --memory); lower memory",
-            config::format_size(runtime.memory),
-            config::format_size(node.memory)
+            config::describe_size(runtime.memory),
+            config::describe_size(node.memory)
         )));
     }
     Ok(())
@@ -402,9 +403,9 @@ fn check_gpu(config: &config::AppConfig, gpus: &Gpus) -> Result<(), DeployError>
             "[runtime] workers * gpu_memory = {} * {} = {} is more than the {} of this node's largest fitting GPU \
              ({}); lower gpu_memory or workers",
             runtime.workers,
-            config::format_size(per_worker),
-            config::format_size(needed),
-            config::format_size(largest.memory_bytes),
+            config::describe_size(per_worker),
+            config::describe_size(needed),
+            config::describe_size(largest.memory_bytes),
             largest.name
         )));
     }

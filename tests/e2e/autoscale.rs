@@ -86,18 +86,18 @@ fn a_replica_that_does_not_fit_is_pending_until_capacity_frees() {
     let response = server.deploy("huge", &std::fs::read(wasm("hello")).unwrap(), Some("[runtime]\ncpu = 2\n"));
     let (status, body) = (response.status().as_u16(), response.json::<Value>().unwrap());
     assert_eq!((status, error_code(&body)), (400, "BAD_CONFIG"), "more cores than the node has: {body}");
-    assert!(error_message(&body).contains("1 cores"), "{body}");
+    assert!(error_message(&body).contains("more than the 1 core this node has"), "{body}");
     server.deploy_guest("hello", "hello", Some("[runtime]\ncpu = 1\n"));
     server.wait_status("hello", "hello's replica", LONG, |s| ready_pids(s).len() == 1);
     server.deploy_guest("sleep", "sleep", Some("[runtime]\ncpu = 1\n"));
     let status = server.wait_status("sleep", "a pending replica", LONG, |s| s["replicas"][0]["state"] == "pending");
     let reason = status["replicas"][0]["pending_reason"].as_str().unwrap_or_default().to_owned();
-    assert!(reason.contains("cores"), "status says why: {status}");
+    assert!(reason.contains("waiting for 1 core;"), "status says why: {status}");
 
     // A call whose caller waits is refused at once; a queued task waits.
     let (status, body) = server.invoke_json("sleep", r#"{"ms": 1}"#);
     assert_eq!((status, error_code(&body)), (503, "NO_CAPACITY"), "{body}");
-    assert!(error_message(&body).contains("cores"), "says why: {body}");
+    assert!(error_message(&body).contains("waiting for 1 core;"), "says why: {body}");
     let id = submit(&server, "sleep", r#"{"ms": 1}"#);
     assert_eq!(server.get(&format!("/v1/tasks/{id}"))["status"], "PENDING", "the task waits, it is not dropped");
     // An app scaled to zero has no replica to be pending when the call

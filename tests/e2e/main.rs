@@ -195,10 +195,12 @@ fn bad_uploads_and_requests_get_clear_errors() {
     assert_eq!(response.status(), 405);
     assert!(response.headers().contains_key("allow"));
     assert_eq!(error_code(&response.json().unwrap()), "METHOD_NOT_ALLOWED");
-    let response = server.http.get(server.url("/v1/apps/hello/tasks?limit=-1")).send().unwrap();
-    assert_eq!(response.status(), 400);
-    let body: Value = response.json().unwrap();
-    assert!(error_code(&body) == "BAD_REQUEST" && error_message(&body).contains("limit"), "{body}");
+    for limit in ["-1", "0", "lots"] {
+        let response = server.http.get(server.url(&format!("/v1/apps/hello/tasks?limit={limit}"))).send().unwrap();
+        assert_eq!(response.status(), 400);
+        let body: Value = response.json().unwrap();
+        assert!(error_message(&body).contains("is not a number of tasks; ask for 1 to 10000"), "{body}");
+    }
 
     server.deploy_guest("hello", "hello", None);
     let response = server.invoke("hello", &"x".repeat(2 * 1024 * 1024));

@@ -275,7 +275,7 @@ pub(crate) async fn cancel(
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListQuery {
     status: Option<String>,
-    limit: Option<usize>,
+    limit: Option<String>,
     before: Option<String>,
 }
 
@@ -286,7 +286,6 @@ pub(crate) async fn list(
     Path(name): Path<String>,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    node.registry.get(&name).ok_or_else(|| ApiError::unknown_app(&name))?;
     let status = match query.status.as_deref() {
         None => None,
         Some(text) => Some(TaskStatus::parse(&text.to_ascii_uppercase()).ok_or_else(|| {
@@ -301,10 +300,17 @@ pub(crate) async fn list(
             "before {before:?} is not a task id; pass the `next` of the page before"
         )));
     }
-    let limit = query.limit.unwrap_or(100).min(10_000);
-    if limit == 0 {
-        return Err(ApiError::bad_request("limit 0 lists nothing; ask for 1 to 10000 tasks (100 when not given)"));
-    }
+    let limit = match query.limit.as_deref().map(str::parse::<usize>) {
+        None => 100,
+        Some(Ok(limit @ 1..)) => limit.min(10_000),
+        Some(_) => {
+            return Err(ApiError::bad_request(format!(
+                "limit {:?} is not a number of tasks; ask for 1 to 10000 (100 when not given)",
+                query.limit.unwrap_or_default()
+            )));
+        }
+    };
+    node.registry.get(&name).ok_or_else(|| ApiError::unknown_app(&name))?;
     let tasks = node.dispatch.list(&name, status, before, limit);
     if tasks.is_empty() && !node.dispatch.store_available() {
         return Err(ApiError::from(QueueError::Backend(format!("the tasks of app {name:?} cannot be read now"))));

@@ -42,8 +42,17 @@ pub(crate) fn discover(choice: GpuBackendChoice, count: Option<u32>, cpu_memory:
             if count > MAX_CPU_GPUS {
                 bail!("--gpus {count}: at most {MAX_CPU_GPUS} GPUs backed by the CPU backend");
             }
-            if cpu_memory == 0 {
-                bail!("--cpu-gpu-memory must be more than 0: it is the memory each CPU-backed GPU offers");
+            if count == 0 {
+                bail!(
+                    "--gpus 0 with --gpu-backend cpu offers no GPU; give --gpus 1 or more, or leave out --gpu-backend"
+                );
+            }
+            if cpu_memory < 1 << 20 {
+                bail!(
+                    "--cpu-gpu-memory {} is less than 1Mi, the least a worker's GPU memory may be: it is the memory \
+                     each CPU-backed GPU offers (e.g. 16Gi)",
+                    format_size(cpu_memory)
+                );
             }
             // Host memory, taken as guests fill their buffers.
             let machine = crate::supervisor::Capacity::of_this_machine().memory;

@@ -164,6 +164,11 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     let data_dir = options.data_dir.clone();
+    if data_dir.exists() && !data_dir.is_dir() {
+        anyhow::bail!(
+            "--data-dir {data_dir:?} is a file, not a directory; give a directory (it is created if missing)"
+        );
+    }
     std::fs::create_dir_all(&data_dir).with_context(|| format!("failed to create data dir {data_dir:?}"))?;
     let _lock = lock_data_dir(&data_dir)?;
     let registry = tokio::task::spawn_blocking(move || Registry::open(&data_dir)).await??;

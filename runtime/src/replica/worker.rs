@@ -456,9 +456,14 @@ fn classify_trap(store: &mut Store<WorkerState>, error: wasmtime::Error, stderr:
     Outcome::Trap(format!("guest trapped: {}{}", trap_message(&error), stderr_note(stderr)))
 }
 
+/// A trap's name, or a failed host call's reason (ahead of the wasm
+/// backtrace wasmtime wraps it in, which would bury it).
 fn trap_message(error: &wasmtime::Error) -> String {
-    match error.downcast_ref::<Trap>() {
-        Some(trap) => trap.to_string(),
+    if let Some(trap) = error.downcast_ref::<Trap>() {
+        return trap.to_string();
+    }
+    match error.downcast_ref::<wasmtime::WasmBacktrace>() {
+        Some(backtrace) => format!("{}; {backtrace}", error.root_cause()),
         None => format!("{error:#}"),
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::config::format_size;
+use crate::config::{describe_cores, describe_size};
 use crate::ipc::{GpuBackendKind, GpuSpec};
 
 /// A replica's claim on the node.
@@ -91,16 +91,17 @@ impl Capacity {
         let free_memory = self.total.memory.saturating_sub(used.memory);
         if demand.cpu > free_cpu + EPSILON {
             return Err(format!(
-                "waiting for {} cores; {free_cpu:.2} of the node's {} are free",
-                demand.cpu, self.total.cpu
+                "waiting for {}; {free_cpu:.2} of the node's {} are free",
+                describe_cores(demand.cpu),
+                self.total.cpu
             ));
         }
         if demand.memory > free_memory {
             return Err(format!(
                 "waiting for {} of memory; {} of the node's {} are free",
-                format_size(demand.memory),
-                format_size(free_memory),
-                format_size(self.total.memory)
+                describe_size(demand.memory),
+                describe_size(free_memory),
+                describe_size(self.total.memory)
             ));
         }
         let placed = match gpu {
@@ -143,14 +144,15 @@ impl Capacity {
         if largest < want.memory_needed {
             return Err(format!(
                 "waiting for a {model}GPU with {} of memory (workers * gpu_memory); this node's have at most {}",
-                format_size(want.memory_needed),
-                format_size(largest)
+                describe_size(want.memory_needed),
+                describe_size(largest)
             ));
         }
         let fitting: Vec<usize> =
             fitting.into_iter().filter(|i| self.gpus.devices[*i].memory_bytes >= want.memory_needed).collect();
-        fitting.iter().copied().find(|i| !used.gpus[*i]).ok_or_else(|| {
-            format!("waiting for a free {model}GPU; all {} of this node's are held by other replicas", fitting.len())
+        fitting.iter().copied().find(|i| !used.gpus[*i]).ok_or_else(|| match fitting.len() {
+            1 => format!("waiting for a free {model}GPU; this node's only one is held by another replica"),
+            n => format!("waiting for a free {model}GPU; all {n} of this node's are held by other replicas"),
         })
     }
 
@@ -193,7 +195,7 @@ mod tests {
         capacity.try_reserve(half, None).unwrap();
         capacity.try_reserve(half, None).unwrap();
         let why = capacity.try_reserve(half, None).unwrap_err();
-        assert!(why.contains("cores"), "{why}");
+        assert!(why.contains("waiting for 1 core;"), "{why}");
         capacity.release(half, None);
         capacity.try_reserve(half, None).unwrap();
         let big = Demand { cpu: 0.0, memory: 2 << 30 };
