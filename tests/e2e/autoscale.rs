@@ -106,7 +106,7 @@ fn a_replica_that_does_not_fit_is_pending_until_capacity_frees() {
     server.deploy_guest("cold", "sleep", Some(config));
     let (status, body) = server.invoke_json("cold", r#"{"ms": 1}"#);
     assert_eq!((status, error_code(&body)), (503, "NO_CAPACITY"), "{body}");
-    assert!(error_message(&body).contains("cores"), "says why: {body}");
+    assert!(error_message(&body).contains("waiting for 1 core;"), "says why: {body}");
     let response = server.http.delete(server.url("/v1/apps/cold")).send().unwrap();
     assert_eq!(response.status(), 200);
     let response = server.http.delete(server.url("/v1/apps/hello")).send().unwrap();
