@@ -460,7 +460,13 @@ fn classify_trap(store: &mut Store<WorkerState>, error: wasmtime::Error, stderr:
 /// backtrace wasmtime wraps it in, which would bury it).
 fn trap_message(error: &wasmtime::Error) -> String {
     if let Some(trap) = error.downcast_ref::<Trap>() {
-        return trap.to_string();
+        return match trap {
+            // A stack in linear memory (Rust, C) runs off its end so.
+            Trap::MemoryOutOfBounds => {
+                format!("{trap} (when the guest recursed deeply or has large locals: its stack overflowed)")
+            }
+            _ => trap.to_string(),
+        };
     }
     match error.downcast_ref::<wasmtime::WasmBacktrace>() {
         Some(backtrace) => format!("{}; {backtrace}", error.root_cause()),
