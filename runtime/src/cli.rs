@@ -246,6 +246,20 @@ enum TaskCommand {
         /// The task id `submit` printed.
         id: String,
     },
+    /// List an app's tasks, newest first, a line each.
+    List {
+        /// The app.
+        name: String,
+        /// Only tasks in this state, e.g. RUNNING or FAILED.
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many (1 to 10000).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Only tasks older than this one (the `next` a list printed).
+        #[arg(long)]
+        before: Option<String>,
+    },
 }
 
 /// A call's input: inline or from a file; `{}` when neither is given.
@@ -392,6 +406,9 @@ async fn run(command: Command) -> Result<()> {
                 TaskCommand::Status { id } => client.task_status(&id).await,
                 TaskCommand::Wait { id, timeout } => client.task_wait(&id, &timeout).await,
                 TaskCommand::Cancel { id } => client.task_cancel(&id).await,
+                TaskCommand::List { name, status, limit, before } => {
+                    client.task_list(&name, status.as_deref(), limit, before.as_deref()).await
+                }
             }
         }
         Command::Apps { server } => Client::new(&server.server)?.apps().await,

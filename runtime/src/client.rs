@@ -168,6 +168,50 @@ impl Client {
         }
     }
 
+    pub(crate) async fn task_list(
+        &self,
+        name: &str,
+        status: Option<&str>,
+        limit: usize,
+        before: Option<&str>,
+    ) -> Result<()> {
+        let mut url = reqwest::Url::parse(&self.app_url(name, "/tasks")?)?;
+        {
+            let mut query = url.query_pairs_mut();
+            query.append_pair("limit", &limit.to_string());
+            for (key, value) in [("status", status), ("before", before)] {
+                if let Some(value) = value {
+                    query.append_pair(key, value);
+                }
+            }
+        }
+        let body = self.get_json(url.into()).await?;
+        let tasks = body["tasks"].as_array().cloned().unwrap_or_default();
+        if tasks.is_empty() {
+            println!("no {}tasks", status.map(|status| format!("{status} ")).unwrap_or_default());
+            return Ok(());
+        }
+        println!("{:<36} {:<9} {:>8} {:>10} ERROR", "ID", "STATUS", "ATTEMPTS", "AGE");
+        let now = crate::queue::now_ms();
+        for task in &tasks {
+            // Whole seconds since it was created.
+            let age = |created: u64| Duration::from_secs(now.saturating_sub(created) / 1000);
+            let created = task["created_at"].as_u64().map(|ms| crate::config::format_duration(age(ms)));
+            println!(
+                "{:<36} {:<9} {:>8} {:>10} {}",
+                task["id"].as_str().unwrap_or_default(),
+                task["status"].as_str().unwrap_or_default(),
+                task["attempts"].to_string(),
+                created.unwrap_or_default(),
+                task["error"]["code"].as_str().unwrap_or_default()
+            );
+        }
+        if let Some(next) = body["next"].as_str() {
+            println!("more: beamlet task list {name} --before {next}");
+        }
+        Ok(())
+    }
+
     pub(crate) async fn task_cancel(&self, id: &str) -> Result<()> {
         let response = self.send(self.http.delete(self.task_url(id, "")?)).await?;
         print_json(&self.json(response).await?);

@@ -60,6 +60,13 @@ fn retries_carry_the_attempt_number_and_results_have_a_size_limit() {
     assert_eq!(response.status(), 500, "the result of a failed task is its error");
     let body: Value = response.json().unwrap();
     assert!(error_message(&body).ends_with("(the last of 3 attempts)"), "says it ran more than once: {body}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_beamlet"))
+        .args(["task", "list", "trap", "--status", "FAILED", "--server", &server.base])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let line = listed.lines().find(|line| line.starts_with(id.as_str())).unwrap_or_default().to_owned();
+    assert!(line.contains("FAILED") && line.ends_with("GUEST_TRAP"), "the CLI lists it: {listed}");
 
     let (status, body) = server.invoke_json("trap", r#"{"mode":"big","bytes":4096}"#);
     assert_eq!((status, error_code(&body)), (500, "RESULT_TOO_LARGE"), "{body}");
