@@ -207,7 +207,8 @@ impl Client {
             );
         }
         if let Some(next) = body["next"].as_str() {
-            println!("more: beamlet task list {name} --before {next}");
+            let status = status.map(|status| format!(" --status {status}")).unwrap_or_default();
+            println!("more: beamlet task list {name}{status} --limit {limit} --before {next} --server {}", self.base);
         }
         Ok(())
     }

@@ -319,7 +319,9 @@ impl Registry {
             }
         };
         // A component imports only the interfaces its code calls.
-        let uses_gpu = ty.imports(&self.engine).any(|(name, _)| name.starts_with("beamlet:function/gpu"));
+        let uses_gpu = ty
+            .imports(&self.engine)
+            .any(|(name, _)| name == "beamlet:function/gpu" || name.starts_with("beamlet:function/gpu@"));
         Ok(Inspected { world, uses_gpu })
     }
 }

@@ -150,6 +150,8 @@ fn cancel_expiry_backpressure_and_listing() {
     let next = first["next"].as_str().unwrap();
     let second = server.get(&format!("/v1/apps/spin/tasks?limit=3&before={next}"));
     assert_eq!((ids(&second), &second["next"]), (ids(&all)[3..].to_vec(), &Value::Null));
+    let upper = server.get(&format!("/v1/apps/spin/tasks?limit=3&before={}", next.to_uppercase()));
+    assert_eq!(ids(&upper), ids(&second), "an id in capitals is the same id");
     assert_eq!(error_code(&server.get("/v1/apps/spin/tasks?before=x")), "BAD_REQUEST");
     let bad = server.get("/v1/apps/spin/tasks?status=DONE");
     assert_eq!(error_code(&bad), "BAD_REQUEST");

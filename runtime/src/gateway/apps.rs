@@ -174,7 +174,7 @@ pub(crate) async fn list(State(node): State<Arc<Node>>) -> Json<Value> {
             // A pending replica waits for capacity, a failing one fails to
             // start: neither runs anything.
             let pending = replicas.iter().filter(|r| r.state == ReplicaState::Pending).count();
-            let failing = replicas.iter().filter(|r| r.failing).count();
+            let failing = replicas.iter().filter(|r| r.state != ReplicaState::Pending && r.failing).count();
             json!({
                 "name": app.version.name,
                 "version": app.version.version,

@@ -294,12 +294,16 @@ pub(crate) async fn list(
             ))
         })?),
     };
-    let before = query.before.as_deref();
-    if let Some(before) = before.filter(|before| uuid::Uuid::try_parse(before).is_err()) {
-        return Err(ApiError::bad_request(format!(
-            "before {before:?} is not a task id; pass the `next` of the page before"
-        )));
-    }
+    // Ids compare as text: in the form the node writes them.
+    let before = match query.before.as_deref().map(|before| (before, uuid::Uuid::try_parse(before))) {
+        None => None,
+        Some((_, Ok(id))) => Some(id.hyphenated().to_string()),
+        Some((before, Err(_))) => {
+            return Err(ApiError::bad_request(format!(
+                "before {before:?} is not a task id; pass the `next` of the page before"
+            )));
+        }
+    };
     let limit = match query.limit.as_deref().map(str::parse::<usize>) {
         None => 100,
         Some(Ok(limit @ 1..)) => limit.min(10_000),
@@ -311,7 +315,7 @@ pub(crate) async fn list(
         }
     };
     node.registry.get(&name).ok_or_else(|| ApiError::unknown_app(&name))?;
-    let tasks = node.dispatch.list(&name, status, before, limit);
+    let tasks = node.dispatch.list(&name, status, before.as_deref(), limit);
     if tasks.is_empty() && !node.dispatch.store_available() {
         return Err(ApiError::from(QueueError::Backend(format!("the tasks of app {name:?} cannot be read now"))));
     }

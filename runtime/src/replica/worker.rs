@@ -469,7 +469,10 @@ fn trap_message(error: &wasmtime::Error) -> String {
         };
     }
     match error.downcast_ref::<wasmtime::WasmBacktrace>() {
-        Some(backtrace) => format!("{}; {backtrace}", error.root_cause()),
+        Some(backtrace) => {
+            let reason: Vec<String> = error.chain().skip(1).map(ToString::to_string).collect();
+            format!("{}; {backtrace}", reason.join(": "))
+        }
         None => format!("{error:#}"),
     }
 }

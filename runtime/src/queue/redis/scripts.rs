@@ -29,6 +29,8 @@ local P = 'beamlet:'
 local FIELDS = {'id', 'app', 'status', 'attempts', 'created_at', 'started_at', 'ended_at',
                 'error_code', 'error_message', 'callback_url', 'durable', 'origin', 'callback'}
 local function tkey(id) return P .. 't:' .. id end
+-- The milliseconds in a UUIDv7 id (its first 48 bits), or nil.
+local function id_ms(id) return tonumber(string.sub(id, 1, 8) .. string.sub(id, 10, 13), 16) end
 local function record(id) return redis.call('HMGET', tkey(id), unpack(FIELDS)) end
 local function terminal(status)
   return status == 'COMPLETE' or status == 'FAILED' or status == 'TIMEOUT'
@@ -169,7 +171,9 @@ if redis.call('LLEN', q) >= tonumber(ARGV[3]) then return 0 end
 redis.call('HSET', tkey(id), unpack(ARGV, 8))
 redis.call('RPUSH', q, id)
 redis.call('ZADD', P .. 'expiry', ARGV[5], id)
-redis.call('ZADD', P .. 'tasks:' .. app, ARGV[4], id)
+-- Scored by the time in the id (a UUIDv7), so that listing by score is
+-- listing by id, as the embedded store does.
+redis.call('ZADD', P .. 'tasks:' .. app, id_ms(id) or ARGV[4], id)
 if ARGV[7] == '0' then redis.call('SADD', P .. 'calls:' .. ARGV[6], id) end
 arrived(app, ARGV[6])
 return 1
@@ -397,11 +401,10 @@ if before ~= '' then
   if rank then
     from, before = rank + 1, ''
   else
-    -- Forgotten since: start a second before its creation time (the first
-    -- 48 bits of its id, a UUIDv7; the score is the node's clock read a
-    -- moment apart) and skip the ids not older than it.
-    local ms = tonumber(string.sub(before, 1, 8) .. string.sub(before, 10, 13), 16)
-    if ms then from = redis.call('ZCOUNT', key, '(' .. (ms + 1000), '+inf') end
+    -- Forgotten since: start at its time (ids are scored by theirs) and
+    -- skip the ids of that millisecond not older than it.
+    local ms = id_ms(before)
+    if ms then from = redis.call('ZCOUNT', key, '(' .. ms, '+inf') end
   end
 end
 while #out < limit do
