@@ -47,6 +47,8 @@ pub(crate) struct Deployed {
     pub app: App,
     /// It imports `beamlet:function/gpu` (its code calls the GPU).
     pub uses_gpu: bool,
+    /// The version it follows, if any.
+    pub previous: Option<AppVersion>,
 }
 
 /// What a component is: its world, and whether it calls the GPU.
@@ -194,8 +196,9 @@ impl Registry {
     /// of another world could not run.
     /// `fits`: whether a node (this one, or one of its cluster) can run
     /// the app's replicas, see [`fits_node`].
-    /// `after`: the number of the cluster's version of the app, which the
-    /// new one follows (a node may not have taken it on yet).
+    /// `shared`: the cluster's current version of the app, which the new
+    /// one follows when it is newer than this node's (a node may not have
+    /// taken it on yet): its number, callback secret and world count.
     pub(crate) fn deploy(
         &self,
         name: &str,
@@ -203,7 +206,7 @@ impl Registry {
         config_toml: &str,
         fits: impl Fn(&AppConfig) -> Result<(), DeployError>,
         unfinished: u64,
-        after: Option<u32>,
+        shared: Option<&AppVersion>,
     ) -> Result<Deployed, DeployError> {
         validate_name(name)?;
         let config = config::parse(config_toml)?;
@@ -223,7 +226,11 @@ impl Registry {
         };
         write_atomic(&self.component_path(&digest), wasm)?;
         let mut apps = self.apps.lock().unwrap();
-        let previous = apps.get(name).map(|app| &app.version);
+        let here = apps.get(name).map(|app| &app.version);
+        let previous = match (here, shared) {
+            (Some(here), Some(shared)) if here.version > shared.version => Some(here),
+            (here, shared) => shared.or(here),
+        };
         if let Some(previous) = previous.filter(|previous| previous.world != world && unfinished > 0) {
             return Err(DeployError::WorldChange(format!(
                 "app {name:?} is a {} app with {unfinished} queued or running tasks, which a {} component cannot \
@@ -234,7 +241,7 @@ impl Registry {
         }
         let version = AppVersion {
             name: name.to_owned(),
-            version: previous.map(|v| v.version).max(after).map_or(1, |last| last + 1),
+            version: previous.map_or(1, |v| v.version + 1),
             callback_secret: previous.map_or_else(new_secret, |v| v.callback_secret.clone()),
             world,
             digest,
@@ -244,8 +251,9 @@ impl Registry {
         let json = serde_json::to_vec_pretty(&version).context("failed to encode app record")?;
         write_atomic(&self.dir.join("apps").join(format!("{name}.json")), &json)?;
         let app = App { version, config, compiled };
+        let previous = previous.cloned();
         apps.insert(name.to_owned(), app.clone());
-        Ok(Deployed { app, uses_gpu })
+        Ok(Deployed { app, uses_gpu, previous })
     }
 
     /// Takes on a version deployed on another node of the cluster, as it

@@ -64,13 +64,7 @@ pub(crate) async fn deploy(
     if let Some(name) = twice {
         return Err(ApiError::bad_request(format!("the upload has two `{name}` parts; send one")));
     }
-    // A redeploy without a config is easy to do by mistake.
-    let configured_before = match (&config, node.registry.get(&name)) {
-        (None, Some(previous)) if crate::config::parse("").ok().as_ref() != Some(&previous.config) => {
-            Some(previous.version.version)
-        }
-        _ => None,
-    };
+    let sent_config = config.is_some();
     let config = config.unwrap_or_default();
     let component = component.ok_or_else(|| {
         ApiError::bad_request("the upload has no `component` part; attach the .wasm file as `component`")
@@ -90,36 +84,51 @@ pub(crate) async fn deploy(
         let superseded = {
             // The new version is the cluster's before any sync runs.
             let _held = cluster.hold();
-            let after = cluster.version_of(&name).map_err(|e| unshared(&format!("{e:#}")))?;
+            let read = cluster.current(&name).map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "STORE_FAILED",
+                    format!("{e:#}; nothing was deployed: deploy again once Redis answers"),
+                )
+                .retry_later()
+            })?;
             // Another node may be the one to run it (a GPU app deployed
             // through a node without a GPU).
             let fits = |config: &AppConfig| cluster.fits_some_node(config, node.capacity, &node.gpus);
-            let deployed = node.registry.deploy(&name, &component, &config, fits, unfinished, after)?;
-            match cluster.publish(&deployed.app, &component).map_err(|e| unshared(&format!("{e:#}")))? {
+            let deployed = node.registry.deploy(&name, &component, &config, fits, unfinished, read.version.as_ref())?;
+            match cluster.publish(&deployed.app, &component, &read).map_err(|e| unshared(&format!("{e:#}")))? {
                 Published::Current => return Ok(deployed),
-                Published::Superseded(newer) => (deployed.app.version.version, newer),
+                Published::Superseded(now) => (deployed.app.version.version, now),
             }
         };
         // This node's copy of the app goes back to the cluster's.
         node.sync_app(&name);
-        let (version, newer) = superseded;
+        let (version, now) = superseded;
+        let changed = match now {
+            Some(now) => format!("version {now} of app {name:?} was deployed"),
+            None => format!("app {name:?} was deleted"),
+        };
         Err(ApiError::new(
             StatusCode::CONFLICT,
             "DEPLOY_CONFLICT",
             format!(
-                "version {newer} of app {name:?} was deployed through another node while this deploy ran, so this \
-                 one (version {version}) did not take effect; deploy again to make it the current version"
+                "{changed} through another node while this deploy ran, so this one (version {version}) did not take \
+                 effect; deploy again to make it the current version"
             ),
         ))
     })
     .await
     .map_err(ApiError::internal)??;
-    let Deployed { app, uses_gpu } = deployed;
+    let Deployed { app, uses_gpu, previous } = deployed;
+    // A redeploy without a config is easy to do by mistake.
+    let default_config = crate::config::parse("").ok();
+    let configured_before = previous
+        .filter(|previous| !sent_config && crate::config::parse(&previous.config_toml).ok() != default_config)
+        .map(|previous| previous.version);
     tracing::info!(app = %app.version.name, version = app.version.version, digest = %app.version.digest, "deployed");
     node.run_app(&app);
     let version = &app.version;
     let mut warnings: Vec<String> = configured_before
-        .filter(|before| *before != version.version)
         .map(|before| {
             format!(
                 "no config was sent: version {} runs with the default config, not version {before}'s; send the \

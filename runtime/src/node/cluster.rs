@@ -34,21 +34,22 @@ impl Cluster {
     }
 
     /// Makes `app`, just deployed here, the cluster's version, unless the
-    /// cluster has the same version number or a later one (see
+    /// cluster's record of it is no longer `read` (see
     /// [`RedisQueue::publish_app`]).
-    pub(crate) fn publish(&self, app: &App, wasm: &[u8]) -> Result<Published> {
+    pub(crate) fn publish(&self, app: &App, wasm: &[u8], read: &SharedApp) -> Result<Published> {
         let record = serde_json::to_vec(&app.version)?;
         let name = &app.version.name;
         self.queue
-            .publish_app(name, &record, app.version.version, &app.version.digest, wasm)
+            .publish_app(name, &record, read.record.as_deref(), &app.version.digest, wasm)
             .with_context(|| format!("failed to share app {name:?} with the other nodes"))
     }
 
-    /// The number of the cluster's current version of `name`, if any: a
-    /// version deployed here follows it.
-    pub(crate) fn version_of(&self, name: &str) -> Result<Option<u32>> {
+    /// The cluster's current version of `name`: a version deployed here
+    /// follows it.
+    pub(crate) fn current(&self, name: &str) -> Result<SharedApp> {
         let record = self.queue.app(name).with_context(|| format!("failed to read app {name:?} from Redis"))?;
-        Ok(record.and_then(|record| serde_json::from_slice::<AppVersion>(&record).ok()).map(|app| app.version))
+        let version = record.as_deref().and_then(|record| serde_json::from_slice(record).ok());
+        Ok(SharedApp { record, version })
     }
 
     /// Whether another node runs `name` at all (with replicas or none
@@ -94,6 +95,13 @@ impl Cluster {
             .unpublish_app(name, &record)
             .with_context(|| format!("failed to remove app {name:?} for the other nodes"))
     }
+}
+
+/// The cluster's record of an app as a deploy read it.
+pub(crate) struct SharedApp {
+    /// As stored (JSON); `None`: the cluster has no such app.
+    record: Option<Vec<u8>>,
+    pub version: Option<AppVersion>,
 }
 
 /// What a node tells the others about itself: what its replicas may use.
@@ -164,7 +172,8 @@ fn share_own_apps(node: &Node, cluster: &Cluster) -> Result<()> {
             .registry
             .component(&app.version.digest)
             .with_context(|| format!("failed to read the component of app {name:?} to share it"))?;
-        match cluster.publish(&app, &wasm)? {
+        let absent = SharedApp { record: None, version: None };
+        match cluster.publish(&app, &wasm, &absent)? {
             Published::Current => tracing::info!(app = %name, "shared this node's app with the cluster"),
             // Deployed through another node meanwhile: the sync takes it on.
             Published::Superseded(_) => {}

@@ -11,23 +11,23 @@ use super::resp::{RedisError, Script};
 pub(crate) enum Published {
     /// The version is the cluster's current one.
     Current,
-    /// Not recorded: the cluster has this version number or a later one
-    /// (deployed through another node meanwhile); this is its number.
-    Superseded(u32),
+    /// Not recorded: the app changed since it was read (deployed or deleted
+    /// through another node meanwhile); the number of its version now, if
+    /// it has one.
+    Superseded(Option<u32>),
 }
 
-// ARGV: name, record, its version. 0 when recorded; else the number of the
-// cluster's version, which is the same or later. Publishing the current
-// record again is no change (a retried call).
+// ARGV: name, record, the record read before ('' for none). 0 when recorded;
+// else the app changed since: the number of its version now, or -1 when it
+// has none (deleted). Publishing the current record again is no change (a
+// retried call).
 static PUBLISH_APP: Script = Script::new(
     r#"
 local current = redis.call('HGET', 'beamlet:apps', ARGV[1])
-if current and current ~= ARGV[2] then
-  local ok, decoded = pcall(cjson.decode, current)
-  if ok and type(decoded) == 'table' and type(decoded.version) == 'number'
-      and decoded.version >= tonumber(ARGV[3]) then
-    return decoded.version
-  end
+if current ~= ARGV[2] and (current or '') ~= ARGV[3] then
+  local ok, decoded = pcall(cjson.decode, current or 'null')
+  if ok and type(decoded) == 'table' and type(decoded.version) == 'number' then return decoded.version end
+  return -1
 end
 redis.call('HSET', 'beamlet:apps', ARGV[1], ARGV[2])
 redis.call('HDEL', 'beamlet:deleted', ARGV[1])
@@ -37,25 +37,25 @@ return 0
 );
 
 impl RedisQueue {
-    /// Records a new version of an app (its record as JSON, numbered
-    /// `version`) and its component, unless the cluster already has this
-    /// version of it or a later one: two nodes deploying at once must not
-    /// both make their own version N the current one.
+    /// Records a new version of an app (its record as JSON) and its
+    /// component, unless the app's record is no longer `read` (`None`: no
+    /// record): two nodes deploying at once must not both make theirs the
+    /// current version, nor a deploy undo a delete and redeploy meanwhile.
     pub(crate) fn publish_app(
         &self,
         name: &str,
         record: &[u8],
-        version: u32,
+        read: Option<&[u8]>,
         digest: &str,
         wasm: &[u8],
     ) -> Result<Published, RedisError> {
         let key = format!("beamlet:component:{digest}");
         self.client.call(&[b"SET", key.as_bytes(), wasm])?;
-        let version = version.to_string();
-        let reply = self.client.eval(&PUBLISH_APP, &[name.as_bytes(), record, version.as_bytes()])?;
+        let reply = self.client.eval(&PUBLISH_APP, &[name.as_bytes(), record, read.unwrap_or_default()])?;
         Ok(match reply.as_int() {
-            Some(newer) if newer > 0 => Published::Superseded(newer as u32),
-            _ => Published::Current,
+            Some(0) => Published::Current,
+            Some(now) => Published::Superseded(u32::try_from(now).ok()),
+            None => return Err(RedisError::Protocol(format!("publishing an app gave {reply:?}"))),
         })
     }
 

@@ -839,21 +839,38 @@ mod tests {
     }
 
     #[test]
-    fn a_version_is_published_only_after_the_clusters_own() {
+    fn an_app_is_published_only_over_the_record_its_deploy_read() {
         let Some(redis) = TestRedis::start() else { return };
         let (a, b) = (node(&redis, "a"), node(&redis, "b"));
         let record = |version: u32, digest: &str| format!(r#"{{"name":"x","version":{version},"digest":"{digest}"}}"#);
         let v1 = record(1, "d1");
-        assert_eq!(a.publish_app("x", v1.as_bytes(), 1, "d1", b"w1").unwrap(), Published::Current);
-        assert_eq!(a.publish_app("x", v1.as_bytes(), 1, "d1", b"w1").unwrap(), Published::Current, "the same again");
-        // Both nodes deploy version 2 at once: the first one counts.
+        assert_eq!(a.publish_app("x", v1.as_bytes(), None, "d1", b"w1").unwrap(), Published::Current);
+        assert_eq!(a.publish_app("x", v1.as_bytes(), None, "d1", b"w1").unwrap(), Published::Current, "the same again");
+        // Both nodes read version 1 and deploy version 2 at once: the first counts.
         let (ours, theirs) = (record(2, "d2a"), record(2, "d2b"));
-        assert_eq!(a.publish_app("x", ours.as_bytes(), 2, "d2a", b"w2a").unwrap(), Published::Current);
-        assert_eq!(b.publish_app("x", theirs.as_bytes(), 2, "d2b", b"w2b").unwrap(), Published::Superseded(2));
+        assert_eq!(
+            a.publish_app("x", ours.as_bytes(), Some(v1.as_bytes()), "d2a", b"w2a").unwrap(),
+            Published::Current
+        );
+        let late = b.publish_app("x", theirs.as_bytes(), Some(v1.as_bytes()), "d2b", b"w2b").unwrap();
+        assert_eq!(late, Published::Superseded(Some(2)));
         assert_eq!(b.app("x").unwrap().unwrap(), ours.as_bytes());
+        // Deleted meanwhile: a deploy that read the old record does not bring it back.
+        b.unpublish_app("x", ours.as_bytes()).unwrap();
         let v3 = record(3, "d3");
-        assert_eq!(b.publish_app("x", v3.as_bytes(), 3, "d3", b"w3").unwrap(), Published::Current);
-        assert_eq!(a.app("x").unwrap().unwrap(), v3.as_bytes());
+        assert_eq!(
+            a.publish_app("x", v3.as_bytes(), Some(ours.as_bytes()), "d3", b"w3").unwrap(),
+            Published::Superseded(None)
+        );
+        assert!(a.app("x").unwrap().is_none());
+        // Deleted and deployed again as version 1 meanwhile: not overwritten by a later number.
+        let again = record(1, "d1b");
+        assert_eq!(b.publish_app("x", again.as_bytes(), None, "d1b", b"w1b").unwrap(), Published::Current);
+        assert_eq!(
+            a.publish_app("x", v3.as_bytes(), Some(ours.as_bytes()), "d3", b"w3").unwrap(),
+            Published::Superseded(Some(1))
+        );
+        assert_eq!(a.app("x").unwrap().unwrap(), again.as_bytes());
         assert_eq!(a.component("d2b").unwrap().unwrap(), b"w2b", "the component is kept: content-addressed");
     }
 }
