@@ -79,7 +79,9 @@ pub(crate) async fn deploy(
         let node = &registry_node;
         let Some(cluster) = &node.cluster else {
             let fits = |config: &AppConfig| registry::fits_node(config, node.capacity, &node.gpus);
-            return Ok(node.registry.deploy(&name, &component, &config, fits, unfinished, None)?);
+            let deployed = node.registry.deploy(&name, &component, &config, fits, unfinished, None)?;
+            node.run_app(&deployed.app);
+            return Ok(deployed);
         };
         let superseded = {
             // The new version is the cluster's before any sync runs.
@@ -97,7 +99,11 @@ pub(crate) async fn deploy(
             let fits = |config: &AppConfig| cluster.fits_some_node(config, node.capacity, &node.gpus);
             let deployed = node.registry.deploy(&name, &component, &config, fits, unfinished, read.version.as_ref())?;
             match cluster.publish(&deployed.app, &component, &read).map_err(|e| unshared(&format!("{e:#}")))? {
-                Published::Current => return Ok(deployed),
+                Published::Current => {
+                    // Before a sync can take on a later version.
+                    node.run_app(&deployed.app);
+                    return Ok(deployed);
+                }
                 Published::Superseded(now) => (deployed.app.version.version, now),
             }
         };
@@ -126,7 +132,6 @@ pub(crate) async fn deploy(
         .filter(|previous| !sent_config && crate::config::parse(&previous.config_toml).ok() != default_config)
         .map(|previous| previous.version);
     tracing::info!(app = %app.version.name, version = app.version.version, digest = %app.version.digest, "deployed");
-    node.run_app(&app);
     let version = &app.version;
     let mut warnings: Vec<String> = configured_before
         .map(|before| {
@@ -237,14 +242,20 @@ fn other_replicas(node: &Node, name: &str) -> Option<u32> {
 }
 
 pub(crate) async fn remove(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    let removed = {
+    let holder = node.clone();
+    let named = name.clone();
+    // Blocking: the cluster's hold may be taken by a deploy compiling.
+    let removed = tokio::task::spawn_blocking(move || {
+        let node = &holder;
         let _held = node.cluster.as_ref().map(Cluster::hold);
-        let removed = node.registry.remove(&name).map_err(ApiError::internal)?;
+        let removed = node.registry.remove(&named).map_err(ApiError::internal)?;
         if let (Some(cluster), Some(app)) = (&node.cluster, &removed) {
             cluster.unpublish(app).map_err(|e| unshared(&format!("{e:#}")))?;
         }
-        removed
-    };
+        Ok::<_, ApiError>(removed)
+    })
+    .await
+    .map_err(ApiError::internal)??;
     let Some(app) = removed else { return Err(ApiError::unknown_app(&name)) };
     node.drop_app(&app);
     node.dispatch.remove_app(&name);
