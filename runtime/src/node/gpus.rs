@@ -75,6 +75,9 @@ pub(crate) fn discover(choice: GpuBackendChoice, count: Option<u32>, cpu_memory:
             Gpus { backend: Some(GpuBackendKind::Cpu), devices }
         }
         GpuBackendChoice::Cuda => {
+            if count == Some(0) {
+                bail!("--gpus 0 with --gpu-backend cuda offers no GPU; give --gpus 1 or more, or leave out --gpus for all");
+            }
             let gpus = cuda()?;
             if gpus.devices.is_empty() {
                 bail!("--gpu-backend cuda: NVML found no NVIDIA GPU on this machine");
