@@ -13,7 +13,7 @@ use super::{ApiError, Payload, read_body};
 use crate::config::AppConfig;
 use crate::metrics::{AppGauges, DeviceGauges};
 use crate::node::{Cluster, Node};
-use crate::queue::Published;
+use crate::queue::{Published, QueueError};
 use crate::registry::{self, App, Deployed};
 use crate::supervisor::ReplicaState;
 
@@ -87,12 +87,9 @@ pub(crate) async fn deploy(
             // The new version is the cluster's before any sync runs.
             let _held = cluster.hold();
             let read = cluster.current(&name).map_err(|e| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "STORE_FAILED",
-                    format!("{e:#}; nothing was deployed: deploy again once Redis answers"),
-                )
-                .retry_later()
+                ApiError::from(QueueError::Backend(format!(
+                    "{e:#}; nothing was deployed: deploy again once Redis answers"
+                )))
             })?;
             // Another node may be the one to run it (a GPU app deployed
             // through a node without a GPU).
@@ -110,18 +107,7 @@ pub(crate) async fn deploy(
         // This node's copy of the app goes back to the cluster's.
         node.sync_app(&name);
         let (version, now) = superseded;
-        let changed = match now {
-            Some(now) => format!("version {now} of app {name:?} was deployed"),
-            None => format!("app {name:?} was deleted"),
-        };
-        Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "DEPLOY_CONFLICT",
-            format!(
-                "{changed} through another node while this deploy ran, so this one (version {version}) did not take \
-                 effect; deploy again to make it the current version"
-            ),
-        ))
+        Err(ApiError::deploy_conflict(&name, version, now))
     })
     .await
     .map_err(ApiError::internal)??;

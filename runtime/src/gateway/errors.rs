@@ -222,6 +222,23 @@ impl From<QueueError> for ApiError {
 }
 
 impl ApiError {
+    /// A deploy of `version` whose app changed through another node of the
+    /// cluster meanwhile: it is `now` that version, or deleted (`None`).
+    pub(crate) fn deploy_conflict(name: &str, version: u32, now: Option<u32>) -> Self {
+        let changed = match now {
+            Some(now) => format!("version {now} of app {name:?} was deployed"),
+            None => format!("app {name:?} was deleted"),
+        };
+        Self::new(
+            StatusCode::CONFLICT,
+            "DEPLOY_CONFLICT",
+            format!(
+                "{changed} through another node while this deploy ran, so this one (version {version}) did not take \
+                 effect; deploy again to make it the current version"
+            ),
+        )
+    }
+
     /// The response for a task that ended without an output after
     /// `attempts` runs (said when there were several: a timeout after a
     /// retry took twice the timeout).

@@ -76,7 +76,9 @@ pub(crate) fn discover(choice: GpuBackendChoice, count: Option<u32>, cpu_memory:
         }
         GpuBackendChoice::Cuda => {
             if count == Some(0) {
-                bail!("--gpus 0 with --gpu-backend cuda offers no GPU; give --gpus 1 or more, or leave out --gpus for all");
+                bail!(
+                    "--gpus 0 with --gpu-backend cuda offers no GPU; give --gpus 1 or more, or leave out --gpus for all"
+                );
             }
             let gpus = cuda()?;
             if gpus.devices.is_empty() {
