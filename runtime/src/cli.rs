@@ -31,7 +31,7 @@ enum Command {
     /// Run a node: the HTTP API, the task queue and the replicas.
     Serve {
         /// Address to listen on; port 0 picks a free one.
-        #[arg(long, default_value = "127.0.0.1:8080")]
+        #[arg(long, env = "BEAMLET_LISTEN", default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
         /// Where apps, compiled components and queues are kept.
         #[arg(long, default_value = ".beamlet")]

@@ -51,6 +51,17 @@ pub(crate) struct Deployed {
     pub previous: Option<AppVersion>,
 }
 
+/// The version a new one follows.
+#[derive(Clone, Copy)]
+pub(crate) enum Follows<'a> {
+    /// This node's current version of the app, if any.
+    ThisNode,
+    /// The cluster's, as read from Redis (`None`: it has none). This node's
+    /// copy may be behind it (not taken on yet), or ahead of it (a deploy
+    /// the cluster never took, or an app deleted through another node).
+    Cluster(Option<&'a AppVersion>),
+}
+
 /// What a component is: its world, and whether it calls the GPU.
 struct Inspected {
     world: World,
@@ -58,7 +69,7 @@ struct Inspected {
 }
 
 /// One deployed version of an app, as stored and as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct AppVersion {
     pub name: String,
     pub version: u32,
@@ -196,9 +207,8 @@ impl Registry {
     /// of another world could not run.
     /// `fits`: whether a node (this one, or one of its cluster) can run
     /// the app's replicas, see [`fits_node`].
-    /// `shared`: the cluster's current version of the app, which the new
-    /// one follows when it is newer than this node's (a node may not have
-    /// taken it on yet): its number, callback secret and world count.
+    /// `follows`: the version the new one follows (its number, callback
+    /// secret and world count).
     pub(crate) fn deploy(
         &self,
         name: &str,
@@ -206,7 +216,7 @@ impl Registry {
         config_toml: &str,
         fits: impl Fn(&AppConfig) -> Result<(), DeployError>,
         unfinished: u64,
-        shared: Option<&AppVersion>,
+        follows: Follows<'_>,
     ) -> Result<Deployed, DeployError> {
         validate_name(name)?;
         let config = config::parse(config_toml)?;
@@ -226,10 +236,9 @@ impl Registry {
         };
         write_atomic(&self.component_path(&digest), wasm)?;
         let mut apps = self.apps.lock().unwrap();
-        let here = apps.get(name).map(|app| &app.version);
-        let previous = match (here, shared) {
-            (Some(here), Some(shared)) if here.version > shared.version => Some(here),
-            (here, shared) => shared.or(here),
+        let previous = match follows {
+            Follows::ThisNode => apps.get(name).map(|app| &app.version),
+            Follows::Cluster(shared) => shared,
         };
         if let Some(previous) = previous.filter(|previous| previous.world != world && unfinished > 0) {
             return Err(DeployError::WorldChange(format!(

@@ -195,7 +195,7 @@ fn bad_uploads_and_requests_get_clear_errors() {
     assert_eq!(response.status(), 405);
     assert!(response.headers().contains_key("allow"));
     assert_eq!(error_code(&response.json().unwrap()), "METHOD_NOT_ALLOWED");
-    for limit in ["-1", "0", "lots"] {
+    for limit in ["-1", "0", "lots", "10001"] {
         let response = server.http.get(server.url(&format!("/v1/apps/hello/tasks?limit={limit}"))).send().unwrap();
         assert_eq!(response.status(), 400);
         let body: Value = response.json().unwrap();
@@ -319,6 +319,25 @@ fn an_app_whose_init_fails_answers_with_the_reason() {
     let (status, body) = server.invoke_json("slow", "{}");
     assert_eq!((status, error_code(&body)), (503, "START_FAILED"), "{body}");
     assert!(error_message(&body).contains("[runtime] timeout = 1s"), "says what to raise: {body}");
+}
+
+#[test]
+fn a_call_made_once_a_deploy_answered_runs_the_new_version() {
+    let server = Server::start("redeploy", &[]);
+    // Two deploys at a time (the first version's replica still starting
+    // when the second's deploy answers); the call right after runs on the
+    // second (sleep names the replica that ran it, which names its version).
+    for round in 0..8 {
+        server.deploy_guest("turns", "sleep", None);
+        let version = server.deploy_guest("turns", "sleep", None)["version"].as_u64().unwrap();
+        let (status, body) = server.invoke_json("turns", r#"{"ms":0}"#);
+        assert_eq!(status, 200, "{body}");
+        let replica = body["replica"].as_str().unwrap_or_default();
+        assert!(
+            replica.starts_with(&format!("turns-v{version}-")),
+            "round {round}: version {version} should run it: {body}"
+        );
+    }
 }
 
 #[test]

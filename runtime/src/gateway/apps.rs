@@ -14,7 +14,7 @@ use crate::config::AppConfig;
 use crate::metrics::{AppGauges, DeviceGauges};
 use crate::node::{Cluster, Node};
 use crate::queue::{Published, QueueError};
-use crate::registry::{self, App, Deployed};
+use crate::registry::{self, App, Deployed, Follows};
 use crate::supervisor::ReplicaState;
 
 pub(crate) async fn deploy(
@@ -79,7 +79,7 @@ pub(crate) async fn deploy(
         let node = &registry_node;
         let Some(cluster) = &node.cluster else {
             let fits = |config: &AppConfig| registry::fits_node(config, node.capacity, &node.gpus);
-            let deployed = node.registry.deploy(&name, &component, &config, fits, unfinished, None)?;
+            let deployed = node.registry.deploy(&name, &component, &config, fits, unfinished, Follows::ThisNode)?;
             node.run_app(&deployed.app);
             return Ok(deployed);
         };
@@ -94,7 +94,8 @@ pub(crate) async fn deploy(
             // Another node may be the one to run it (a GPU app deployed
             // through a node without a GPU).
             let fits = |config: &AppConfig| cluster.fits_some_node(config, node.capacity, &node.gpus);
-            let deployed = node.registry.deploy(&name, &component, &config, fits, unfinished, read.version.as_ref())?;
+            let follows = Follows::Cluster(read.version.as_ref());
+            let deployed = node.registry.deploy(&name, &component, &config, fits, unfinished, follows)?;
             match cluster.publish(&deployed.app, &component, &read).map_err(|e| unshared(&format!("{e:#}")))? {
                 Published::Current => {
                     // Before a sync can take on a later version.

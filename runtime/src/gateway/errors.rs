@@ -240,12 +240,13 @@ impl ApiError {
     }
 
     /// The response for a task that ended without an output after
-    /// `attempts` runs (said when there were several: a timeout after a
-    /// retry took twice the timeout).
+    /// `attempts` runs (said when there were several, ahead of the guest's
+    /// stderr the message may end with: a timeout after a retry took twice
+    /// the timeout).
     pub(crate) fn task_failed(error: &TaskError, attempts: u32) -> Self {
         let mut answer = Self::from(error);
         if attempts > 1 {
-            answer.message = format!("{} (the last of {attempts} attempts)", answer.message);
+            answer.message = format!("after {attempts} attempts: {}", answer.message);
         }
         answer
     }

@@ -306,19 +306,22 @@ pub(crate) async fn list(
     };
     let limit = match query.limit.as_deref().map(str::parse::<usize>) {
         None => 100,
-        Some(Ok(limit @ 1..)) => limit.min(10_000),
+        Some(Ok(limit @ 1..=10_000)) => limit,
         Some(_) => {
             return Err(ApiError::bad_request(format!(
-                "limit {:?} is not a number of tasks; ask for 1 to 10000 (100 when not given)",
+                "limit {:?} is not a number of tasks; ask for 1 to 10000",
                 query.limit.unwrap_or_default()
             )));
         }
     };
     node.registry.get(&name).ok_or_else(|| ApiError::unknown_app(&name))?;
-    let tasks = node.dispatch.list(&name, status, before.as_deref(), limit);
+    // One more than asked for tells whether there is a page after this one.
+    let mut tasks = node.dispatch.list(&name, status, before.as_deref(), limit + 1);
     if tasks.is_empty() && !node.dispatch.store_available() {
         return Err(ApiError::from(QueueError::Backend(format!("the tasks of app {name:?} cannot be read now"))));
     }
-    let next = (tasks.len() == limit).then(|| tasks.last().map(|task| task.id.clone())).flatten();
+    let more = tasks.len() > limit;
+    tasks.truncate(limit);
+    let next = more.then(|| tasks.last().map(|task| task.id.clone())).flatten();
     Ok(Json(json!({ "app": name, "tasks": tasks, "next": next })))
 }

@@ -226,11 +226,9 @@ pub(super) fn sync(node: &Node, only: Option<&str>) {
         }
     }
     for (name, version) in versions {
-        let current = node.registry.get(&name);
-        let same = current.is_some_and(|current| {
-            (current.version.version, &current.version.digest, current.version.deployed_at)
-                == (version.version, &version.digest, version.deployed_at)
-        });
+        // The whole record: two deploys of one component in the same
+        // millisecond differ only in their configs.
+        let same = node.registry.get(&name).is_some_and(|current| current.version == version);
         if !wanted(&name) || same {
             continue;
         }

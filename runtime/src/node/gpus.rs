@@ -101,7 +101,7 @@ pub(crate) fn discover(choice: GpuBackendChoice, count: Option<u32>, cpu_memory:
         },
     };
     for gpu in &gpus.devices {
-        tracing::info!(index = gpu.index, name = %gpu.name, uuid = gpu.uuid.as_deref().unwrap_or("-"), memory = %format_size(gpu.memory_bytes), backend = ?gpus.backend, "GPU");
+        tracing::info!(index = gpu.index, name = %gpu.name, uuid = gpu.uuid.as_deref().unwrap_or("-"), memory = %crate::config::describe_size(gpu.memory_bytes), backend = ?gpus.backend, "GPU");
     }
     Ok(gpus)
 }

@@ -263,7 +263,7 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
         tracing::warn!("could not print the address to stdout: {e}");
     }
     tracing::info!(
-        data_dir = ?options.data_dir, cpus = options.capacity.cpu, memory = %crate::config::format_size(options.capacity.memory),
+        data_dir = ?options.data_dir, cpus = options.capacity.cpu, memory = %crate::config::describe_size(options.capacity.memory),
         "beamlet node serving on http://{addr}"
     );
     let (stopping, stopped) = tokio::sync::watch::channel(false);

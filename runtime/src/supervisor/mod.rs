@@ -212,10 +212,13 @@ impl Supervisor {
             .collect()
     }
 
-    /// Replicas of `name` starting or ready (what other nodes count).
+    /// Replicas of `name` starting, ready, or restarting after a failure
+    /// (what other nodes count: a replica that fails to start holds its
+    /// place in the app's pool, or every node would start one of its own).
     pub(crate) fn serving_replicas(&self, name: &str) -> u64 {
         let replicas = self.replicas(name);
-        replicas.iter().filter(|r| matches!(r.state, ReplicaState::Starting | ReplicaState::Ready)).count() as u64
+        let counted = |state| matches!(state, ReplicaState::Starting | ReplicaState::Ready | ReplicaState::Backoff);
+        replicas.iter().filter(|r| counted(r.state)).count() as u64
     }
 
     /// Why no replica of `name` can run a call now: it has replicas and every

@@ -458,6 +458,16 @@ impl Run<'_> {
                     }
                 }
             }
+            // A stop asked for meanwhile (a new version was deployed, say)
+            // wins over a run leased at the same moment: the run goes back
+            // for the replicas that stay, so a call made once a deploy has
+            // answered runs on the new version.
+            if !draining
+                && *stop.borrow()
+                && let Some(lease) = leased.take()
+            {
+                plan.dispatch.release(&lease.id);
+            }
             if let Some(lease) = leased {
                 // This run and any others already waiting, up to the
                 // window, go in one write: one wake-up of the replica.
