@@ -45,10 +45,24 @@ impl Cluster {
     }
 
     /// The cluster's current version of `name`: a version deployed here
-    /// follows it.
+    /// follows it. An error when Redis does not answer, has lost the
+    /// cluster's data (the nodes share their apps again first), or holds a
+    /// record this node cannot read.
     pub(crate) fn current(&self, name: &str) -> Result<SharedApp> {
-        let record = self.queue.app(name).with_context(|| format!("failed to read app {name:?} from Redis"))?;
-        let version = record.as_deref().and_then(|record| serde_json::from_slice(record).ok());
+        let unreadable = || format!("failed to read app {name:?} from Redis");
+        if !self.queue.holds_cluster().with_context(unreadable)? {
+            anyhow::bail!(
+                "Redis lost the cluster's data (restarted without persistence?); the nodes share their apps again within seconds"
+            );
+        }
+        let record = self.queue.app(name).with_context(unreadable)?;
+        let version = match record.as_deref().map(serde_json::from_slice::<AppVersion>) {
+            None => None,
+            Some(Ok(version)) => Some(version),
+            Some(Err(e)) => anyhow::bail!(
+                "the cluster's record of app {name:?} is unreadable here ({e}): is another node running another beamlet version?"
+            ),
+        };
         Ok(SharedApp { record, version })
     }
 

@@ -109,7 +109,7 @@ impl Supervisor {
         if let Some(previous) = previous {
             let replicas = apps.get_mut(&app.version.name).expect("just inserted");
             for handle in previous.current.iter() {
-                handle.stop();
+                handle.replace();
             }
             replicas.draining = previous.draining;
             replicas.draining.extend(previous.current);
@@ -212,13 +212,16 @@ impl Supervisor {
             .collect()
     }
 
-    /// Replicas of `name` starting, ready, or restarting after a failure
-    /// (what other nodes count: a replica that fails to start holds its
-    /// place in the app's pool, or every node would start one of its own).
+    /// Replicas of `name` starting, ready, or restarting after a crash
+    /// (what other nodes count). One that fails to start does not count: it
+    /// may be this node that fails it (a GPU, memory), and the app must run
+    /// on the others; if it is the app, each node's replica fails alike.
     pub(crate) fn serving_replicas(&self, name: &str) -> u64 {
         let replicas = self.replicas(name);
-        let counted = |state| matches!(state, ReplicaState::Starting | ReplicaState::Ready | ReplicaState::Backoff);
-        replicas.iter().filter(|r| counted(r.state)).count() as u64
+        let counted = |r: &ReplicaInfo| {
+            !r.failing && matches!(r.state, ReplicaState::Starting | ReplicaState::Ready | ReplicaState::Backoff)
+        };
+        replicas.iter().filter(|r| counted(r)).count() as u64
     }
 
     /// Why no replica of `name` can run a call now: it has replicas and every

@@ -105,9 +105,28 @@ impl ReplicaInfo {
     }
 }
 
+/// What a replica is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asked {
+    /// Run on.
+    Run,
+    /// Drain and stop: its runs are finished there (a scale-down, a node's
+    /// shutdown).
+    Stop,
+    /// Drain and stop for a new version of its app: a run it leased but has
+    /// not sent yet goes back, for the new version.
+    Replace,
+}
+
+impl Asked {
+    fn stops(self) -> bool {
+        self != Asked::Run
+    }
+}
+
 pub(crate) struct ReplicaHandle {
     info: Arc<Mutex<ReplicaInfo>>,
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<Asked>,
 }
 
 impl ReplicaHandle {
@@ -122,7 +141,24 @@ impl ReplicaHandle {
 
     /// Asks the replica to drain and stop; returns at once.
     pub(crate) fn stop(&self) {
-        let _ = self.stop.send(true);
+        self.stop.send_if_modified(|asked| {
+            let first = *asked == Asked::Run;
+            if first {
+                *asked = Asked::Stop;
+            }
+            first
+        });
+    }
+
+    /// [`ReplicaHandle::stop`], for a new version of its app.
+    pub(crate) fn replace(&self) {
+        self.stop.send_if_modified(|asked| {
+            let first = *asked == Asked::Run;
+            if first {
+                *asked = Asked::Replace;
+            }
+            first
+        });
     }
 }
 
@@ -162,12 +198,12 @@ pub(crate) fn spawn(plan: Plan) -> ReplicaHandle {
         gpu_memory_used: 0,
         gpu_by_worker: HashMap::new(),
     }));
-    let (stop, stop_rx) = watch::channel(false);
+    let (stop, stop_rx) = watch::channel(Asked::Run);
     tokio::spawn(supervise(plan, info.clone(), stop_rx));
     ReplicaHandle { info, stop }
 }
 
-async fn supervise(plan: Plan, info: Arc<Mutex<ReplicaInfo>>, mut stop: watch::Receiver<bool>) {
+async fn supervise(plan: Plan, info: Arc<Mutex<ReplicaInfo>>, mut stop: watch::Receiver<Asked>) {
     if let Some(gpu) = place(&plan, &info, &mut stop).await {
         let spec = ReplicaSpec { gpu: gpu.clone(), ..plan.spec.clone() };
         run_placed(&plan, &spec, &info, &mut stop).await;
@@ -182,7 +218,7 @@ async fn supervise(plan: Plan, info: Arc<Mutex<ReplicaInfo>>, mut stop: watch::R
 
 /// Waits until the node has room for the replica; `None` if it was stopped
 /// first, else the GPU it got (if it asked for one).
-async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receiver<bool>) -> Option<Option<GpuSpec>> {
+async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receiver<Asked>) -> Option<Option<GpuSpec>> {
     loop {
         let freed = plan.capacity.freed.notified();
         tokio::pin!(freed);
@@ -207,7 +243,7 @@ async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receive
                 info.pending_reason = Some(reason);
             }
         }
-        if *stop.borrow() {
+        if stop.borrow().stops() {
             return None;
         }
         tokio::select! {
@@ -217,10 +253,15 @@ async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receive
     }
 }
 
-async fn run_placed(plan: &Plan, spec: &ReplicaSpec, info: &Arc<Mutex<ReplicaInfo>>, stop: &mut watch::Receiver<bool>) {
+async fn run_placed(
+    plan: &Plan,
+    spec: &ReplicaSpec,
+    info: &Arc<Mutex<ReplicaInfo>>,
+    stop: &mut watch::Receiver<Asked>,
+) {
     let mut backoff = MIN_BACKOFF;
     let mut failed_starts = 0;
-    while !*stop.borrow() {
+    while !stop.borrow().stops() {
         let started = Instant::now();
         let mut run = Run {
             plan,
@@ -335,7 +376,7 @@ impl Run<'_> {
     }
 
     /// `Ok` when the replica drained and exited as asked.
-    async fn once(&mut self, stop: &mut watch::Receiver<bool>) -> Result<()> {
+    async fn once(&mut self, stop: &mut watch::Receiver<Asked>) -> Result<()> {
         let plan = self.plan;
         let spec = self.spec;
         let (mut child, stream) = start_process(&plan.exe, spec.gpu.as_ref())?;
@@ -365,6 +406,7 @@ impl Run<'_> {
         let (out, mut outgoing) = mpsc::unbounded_channel::<ToReplica>();
         let mut pace = Pace::default();
         let mut draining = false;
+        let mut stop_asked = false;
         let mut seq = 0u64;
         let mut watchdog = tokio::time::interval(Duration::from_secs(1));
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -433,11 +475,8 @@ impl Run<'_> {
                             with_exit(send(&mut write, &ToReplica::Cancel { seq }).await, &mut child).await?;
                         }
                     }
-                    _ = stop.changed(), if !draining => {
-                        draining = true;
-                        self.set_state(ReplicaState::Draining);
-                        with_exit(send(&mut write, &ToReplica::Drain).await, &mut child).await?;
-                    }
+                    // Handled below (an error: the handle is gone, a stop too).
+                    _ = stop.changed(), if !draining => stop_asked = true,
                     _ = recheck.tick(), if !self.started.is_empty() => {
                         self.stalled = if self.all_stuck() { self.stalled + 1 } else { 0 };
                     }
@@ -458,12 +497,14 @@ impl Run<'_> {
                     }
                 }
             }
-            // A stop asked for meanwhile (a new version was deployed, say)
-            // wins over a run leased at the same moment: the run goes back
-            // for the replicas that stay, so a call made once a deploy has
-            // answered runs on the new version.
-            if !draining
-                && *stop.borrow()
+            let asked = *stop.borrow_and_update();
+            let stopping = !draining && (stop_asked || asked.stops());
+            // For a new version, a run leased at the same moment goes back
+            // for its replicas: a call made once a deploy has answered runs
+            // on the new version. (At a scale-down or a shutdown it runs
+            // here, sent before the replica is told to drain.)
+            if stopping
+                && asked == Asked::Replace
                 && let Some(lease) = leased.take()
             {
                 plan.dispatch.release(&lease.id);
@@ -477,7 +518,7 @@ impl Run<'_> {
                     seq += 1;
                     sent.push((seq, lease.id.clone()));
                     runs.push(self.admit(seq, lease, &cancel_tx));
-                    if self.inflight.len() < window {
+                    if self.inflight.len() < window && !stopping {
                         next = plan.dispatch.also_next(&spec.app, self.all_busy());
                     }
                 }
@@ -504,6 +545,11 @@ impl Run<'_> {
                         self.streams.entry(seq).or_default().wants = Some(wants);
                     }
                 }
+            }
+            if stopping {
+                draining = true;
+                self.set_state(ReplicaState::Draining);
+                with_exit(send(&mut write, &ToReplica::Drain).await, &mut child).await?;
             }
         }
     }

@@ -162,8 +162,8 @@ impl RedisQueue {
 /// What other nodes of a cluster run of one app.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Elsewhere {
-    /// Replicas (starting, ready or restarting) on nodes senior to this one
-    /// (whose ids sort first).
+    /// Replicas (starting, ready or restarting after a crash) on nodes
+    /// senior to this one (whose ids sort first).
     pub senior: u32,
     /// Replicas on every other node.
     pub all: u32,
