@@ -297,6 +297,17 @@ impl Registry {
         std::fs::read(self.component_path(digest)).ok()
     }
 
+    /// Puts `before` back as the app's current version (`None`: no such
+    /// app), in place of a version just deployed here that the cluster may
+    /// not have taken.
+    pub(crate) fn restore(&self, name: &str, before: Option<App>) -> Result<()> {
+        let Some(app) = before else { return self.remove(name).map(drop) };
+        let json = serde_json::to_vec_pretty(&app.version).context("failed to encode app record")?;
+        write_atomic(&self.dir.join("apps").join(format!("{name}.json")), &json)?;
+        self.apps.lock().unwrap().insert(name.to_owned(), app);
+        Ok(())
+    }
+
     pub(crate) fn remove(&self, name: &str) -> Result<Option<App>> {
         let mut apps = self.apps.lock().unwrap();
         let Some(app) = apps.remove(name) else { return Ok(None) };

@@ -95,8 +95,17 @@ pub(crate) async fn deploy(
             // through a node without a GPU).
             let fits = |config: &AppConfig| cluster.fits_some_node(config, node.capacity, &node.gpus);
             let follows = Follows::Cluster(read.version.as_ref());
+            let before = node.registry.get(&name);
             let deployed = node.registry.deploy(&name, &component, &config, fits, unfinished, follows)?;
-            match cluster.publish(&deployed.app, &component, &read).map_err(|e| unshared(&format!("{e:#}")))? {
+            let published = cluster.publish(&deployed.app, &component, &read).map_err(|e| {
+                // Its answer may be what was lost: this node's copy goes back
+                // to what it was, and the sync takes on what Redis has.
+                if let Err(e) = node.registry.restore(&name, before) {
+                    tracing::warn!(app = %name, "failed to put the app's last version back: {e:#}");
+                }
+                unshared(&format!("{e:#}"))
+            })?;
+            match published {
                 Published::Current => {
                     // Before a sync can take on a later version.
                     node.run_app(&deployed.app);
