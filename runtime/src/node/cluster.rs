@@ -220,18 +220,23 @@ pub(super) fn sync(node: &Node, only: Option<&str>) {
         Err(e) => return tracing::warn!("failed to read the cluster's apps: {e}"),
     };
     let mut versions = BTreeMap::new();
+    // Kept as they are here: an app the cluster has is not removed.
+    let mut unreadable = Vec::new();
     for (name, record) in shared {
         match serde_json::from_slice::<AppVersion>(&record) {
             Ok(version) => {
                 versions.insert(name, version);
             }
-            Err(e) => tracing::error!(app = %name, "the cluster's record of the app is unreadable: {e}"),
+            Err(e) => {
+                tracing::error!(app = %name, "the cluster's record of the app is unreadable: {e}");
+                unreadable.push(name);
+            }
         }
     }
     let wanted = |name: &str| only.is_none_or(|only| only == name);
     for app in node.registry.list() {
         let name = &app.version.name;
-        if wanted(name) && !versions.contains_key(name) {
+        if wanted(name) && !versions.contains_key(name) && !unreadable.contains(name) {
             match node.registry.remove(name) {
                 Ok(_) => tracing::info!(app = %name, "removed (on another node)"),
                 Err(e) => tracing::error!(app = %name, "failed to remove the app: {e:#}"),
