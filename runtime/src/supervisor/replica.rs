@@ -141,21 +141,20 @@ impl ReplicaHandle {
 
     /// Asks the replica to drain and stop; returns at once.
     pub(crate) fn stop(&self) {
-        self.stop.send_if_modified(|asked| {
-            let first = *asked == Asked::Run;
-            if first {
-                *asked = Asked::Stop;
-            }
-            first
-        });
+        self.ask(Asked::Stop);
     }
 
     /// [`ReplicaHandle::stop`], for a new version of its app.
     pub(crate) fn replace(&self) {
+        self.ask(Asked::Replace);
+    }
+
+    /// The first stop asked for is the one the replica sees.
+    fn ask(&self, stop: Asked) {
         self.stop.send_if_modified(|asked| {
             let first = *asked == Asked::Run;
             if first {
-                *asked = Asked::Replace;
+                *asked = stop;
             }
             first
         });
