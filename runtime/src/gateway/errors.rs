@@ -85,6 +85,35 @@ impl ApiError {
     pub(crate) fn internal(error: impl std::fmt::Display) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", format!("{error:#}"))
     }
+
+    /// A deploy of `version` whose app changed through another node of the
+    /// cluster meanwhile: it is `now` that version, or deleted (`None`).
+    pub(crate) fn deploy_conflict(name: &str, version: u32, now: Option<u32>) -> Self {
+        let changed = match now {
+            Some(now) => format!("version {now} of app {name:?} was deployed"),
+            None => format!("app {name:?} was deleted"),
+        };
+        Self::new(
+            StatusCode::CONFLICT,
+            "DEPLOY_CONFLICT",
+            format!(
+                "{changed} through another node while this deploy ran, so this one (version {version}) did not take \
+                 effect; deploy again to make it the current version"
+            ),
+        )
+    }
+
+    /// The response for a task that ended without an output after
+    /// `attempts` runs (said when there were several, ahead of the guest's
+    /// stderr the message may end with: a timeout after a retry took twice
+    /// the timeout).
+    pub(crate) fn task_failed(error: &TaskError, attempts: u32) -> Self {
+        let mut answer = Self::from(error);
+        if attempts > 1 {
+            answer.message = format!("after {attempts} attempts: {}", answer.message);
+        }
+        answer
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -218,37 +247,6 @@ impl From<QueueError> for ApiError {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN", error.to_string()).retry_later()
             }
         }
-    }
-}
-
-impl ApiError {
-    /// A deploy of `version` whose app changed through another node of the
-    /// cluster meanwhile: it is `now` that version, or deleted (`None`).
-    pub(crate) fn deploy_conflict(name: &str, version: u32, now: Option<u32>) -> Self {
-        let changed = match now {
-            Some(now) => format!("version {now} of app {name:?} was deployed"),
-            None => format!("app {name:?} was deleted"),
-        };
-        Self::new(
-            StatusCode::CONFLICT,
-            "DEPLOY_CONFLICT",
-            format!(
-                "{changed} through another node while this deploy ran, so this one (version {version}) did not take \
-                 effect; deploy again to make it the current version"
-            ),
-        )
-    }
-
-    /// The response for a task that ended without an output after
-    /// `attempts` runs (said when there were several, ahead of the guest's
-    /// stderr the message may end with: a timeout after a retry took twice
-    /// the timeout).
-    pub(crate) fn task_failed(error: &TaskError, attempts: u32) -> Self {
-        let mut answer = Self::from(error);
-        if attempts > 1 {
-            answer.message = format!("after {attempts} attempts: {}", answer.message);
-        }
-        answer
     }
 }
 
