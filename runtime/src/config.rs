@@ -14,6 +14,9 @@ const MIB: u64 = 1 << 20;
 const MAX_WORKERS: u32 = 256;
 /// Below this a worker cannot hold a typical guest's stack, data and heap.
 const MIN_WORKER_MEMORY: u64 = 16 * MIB;
+/// The least GPU memory a worker may be given (`gpu_memory`), and so the
+/// least a CPU-backed GPU may offer.
+pub const MIN_GPU_MEMORY: u64 = MIB;
 const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// An app's configuration.
@@ -316,11 +319,12 @@ impl RawRuntime {
         ensure(gpu_memory != Some(0), "gpu_memory", "must be more than 0; omit it for no per-worker quota".into())?;
         if let Some(size) = self.gpu_memory {
             ensure(
-                size.bytes >= 1 << 20,
+                size.bytes >= MIN_GPU_MEMORY,
                 "gpu_memory",
                 format!(
-                    "{} is less than the 1Mi a worker's GPU memory may be{}",
+                    "{} is less than the {} a worker's GPU memory may be{}",
                     describe_size(size.bytes),
+                    format_size(MIN_GPU_MEMORY),
                     size.bytes_hint()
                 ),
             )?;

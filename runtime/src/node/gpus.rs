@@ -2,7 +2,7 @@
 
 use anyhow::{Result, bail};
 
-use crate::config::format_size;
+use crate::config::{MIN_GPU_MEMORY, format_size};
 use crate::ipc::GpuBackendKind;
 use crate::supervisor::{Gpus, NodeGpu};
 
@@ -47,11 +47,12 @@ pub(crate) fn discover(choice: GpuBackendChoice, count: Option<u32>, cpu_memory:
                     "--gpus 0 with --gpu-backend cpu offers no GPU; give --gpus 1 or more, or leave out --gpu-backend"
                 );
             }
-            if cpu_memory < 1 << 20 {
+            if cpu_memory < MIN_GPU_MEMORY {
                 bail!(
-                    "--cpu-gpu-memory {} is less than 1Mi, the least a worker's GPU memory may be: it is the memory \
+                    "--cpu-gpu-memory {} is less than {}, the least a worker's GPU memory may be: it is the memory \
                      each CPU-backed GPU offers (e.g. 16Gi)",
-                    format_size(cpu_memory)
+                    format_size(cpu_memory),
+                    format_size(MIN_GPU_MEMORY)
                 );
             }
             // Host memory, taken as guests fill their buffers.
