@@ -186,17 +186,18 @@ impl Client {
             }
         }
         let body = self.get_json(url.into()).await?;
-        let tasks = body["tasks"].as_array().cloned().unwrap_or_default();
+        let tasks = body["tasks"].as_array().map(Vec::as_slice).unwrap_or_default();
         if tasks.is_empty() {
             println!("no {}tasks", status.map(|status| format!("{status} ")).unwrap_or_default());
             return Ok(());
         }
         println!("{:<36} {:<9} {:>8} {:>10} ERROR", "ID", "STATUS", "ATTEMPTS", "AGE");
         let now = crate::queue::now_ms();
-        for task in &tasks {
-            // Whole seconds since it was created.
-            let age = |created: u64| Duration::from_secs(now.saturating_sub(created) / 1000);
-            let created = task["created_at"].as_u64().map(|ms| crate::config::format_duration(age(ms)));
+        // Whole seconds since it was created.
+        let age =
+            |created: u64| crate::config::format_duration(Duration::from_secs(now.saturating_sub(created) / 1000));
+        for task in tasks {
+            let created = task["created_at"].as_u64().map(age);
             println!(
                 "{:<36} {:<9} {:>8} {:>10} {}",
                 task["id"].as_str().unwrap_or_default(),
