@@ -113,6 +113,9 @@ enum Command {
     Status {
         /// The app.
         name: String,
+        /// Print the server's JSON record of the app as is.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         server: Server,
     },
@@ -412,7 +415,7 @@ async fn run(command: Command) -> Result<()> {
             }
         }
         Command::Apps { server } => Client::new(&server.server)?.apps().await,
-        Command::Status { name, server } => Client::new(&server.server)?.status(&name).await,
+        Command::Status { name, json, server } => Client::new(&server.server)?.status(&name, json).await,
         Command::Logs { name, lines, server } => Client::new(&server.server)?.logs(&name, lines).await,
         Command::Delete { name, server } => Client::new(&server.server)?.delete(&name).await,
         Command::Bench {

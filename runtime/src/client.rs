@@ -253,8 +253,13 @@ impl Client {
         Ok(())
     }
 
-    pub(crate) async fn status(&self, name: &str) -> Result<()> {
-        print_json(&self.get_json(self.app_url(name, "")?).await?);
+    pub(crate) async fn status(&self, name: &str, json: bool) -> Result<()> {
+        let app = self.get_json(self.app_url(name, "")?).await?;
+        if json {
+            print_json(&app);
+        } else {
+            print!("{}", describe_app(&app, crate::queue::now_ms()));
+        }
         Ok(())
     }
 
@@ -303,6 +308,95 @@ fn api_error(status: StatusCode, body: &str) -> anyhow::Error {
     }
 }
 
+/// `beamlet status NAME` for people: the app's version, queue, autoscaler,
+/// replicas and config, from its `GET /v1/apps/{name}` record.
+fn describe_app(app: &Value, now_ms: u64) -> String {
+    use std::fmt::Write as _;
+    let text = |value: &Value| match value {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    };
+    let ago = |at: &Value| {
+        at.as_u64()
+            .map(|at| crate::config::format_duration(Duration::from_secs(now_ms.saturating_sub(at) / 1000)) + " ago")
+    };
+    let mut out = String::new();
+    let digest = app["digest"].as_str().unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "{} version {} ({}, sha256 {}), deployed {}",
+        text(&app["name"]),
+        app["version"],
+        text(&app["world"]),
+        &digest[..digest.len().min(12)],
+        ago(&app["deployed_at"]).unwrap_or_else(|| "at an unknown time".into())
+    );
+    let average = app["avg_task_ms"].as_f64().map(|ms| format!("; average task {ms:.3} ms")).unwrap_or_default();
+    let _ =
+        writeln!(out, "queue       {} queued, {} running{average}", app["queue"]["queued"], app["queue"]["running"]);
+    let autoscaler = &app["autoscaler"];
+    if !autoscaler.is_null() {
+        let _ = writeln!(
+            out,
+            "autoscaler  desired {} of at most {}: {}",
+            autoscaler["desired"],
+            autoscaler["max"],
+            text(&autoscaler["reason"])
+        );
+    }
+    let replicas = app["replicas"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let others = app["replicas_on_other_nodes"].as_u64().map(|n| format!(" (+{n} on other nodes)")).unwrap_or_default();
+    let _ = writeln!(out, "replicas    {} on this node{others}", replicas.len());
+    if !replicas.is_empty() {
+        let _ = writeln!(
+            out,
+            "  {:<24} {:>7} {:<9} {:>7} {:>4} {:>8} {:>8} {:>8} {:>10}",
+            "ID", "VERSION", "STATE", "WORKERS", "BUSY", "DONE", "RESTARTS", "PID", "UP"
+        );
+    }
+    for replica in replicas {
+        let state = text(&replica["state"]) + if replica["failing"] == true { ",failing" } else { "" };
+        let up = ago(&replica["started_at"]).map(|ago| ago.trim_end_matches(" ago").to_owned());
+        let _ = writeln!(
+            out,
+            "  {:<24} {:>7} {:<9} {:>7} {:>4} {:>8} {:>8} {:>8} {:>10}",
+            text(&replica["id"]),
+            replica["version"].to_string(),
+            state,
+            replica["workers"].to_string(),
+            replica["busy"].to_string(),
+            replica["tasks_done"].to_string(),
+            replica["restarts"].to_string(),
+            replica["pid"].as_u64().map(|pid| pid.to_string()).unwrap_or_else(|| "-".into()),
+            up.unwrap_or_else(|| "-".into())
+        );
+        for (label, key) in [("gpu", "gpu"), ("waits", "pending_reason"), ("last error", "last_error")] {
+            if let Some(value) = replica[key].as_str() {
+                let _ = writeln!(out, "    {label}: {value}");
+            }
+        }
+        if replica["gpu"].is_string() {
+            let used = replica["gpu_memory_used"].as_u64().unwrap_or(0);
+            let _ = writeln!(out, "    gpu memory used: {}", crate::config::describe_size(used));
+        }
+    }
+    // The config as deployed, one line per section; unset keys left out.
+    let mut label = "config";
+    for (section, keys) in app["config"].as_object().into_iter().flatten() {
+        let keys = keys.as_object().into_iter().flatten();
+        let set: Vec<String> = keys
+            .filter(|(_, value)| !value.is_null() && value.as_array().is_none_or(|list| !list.is_empty()))
+            .map(|(key, value)| format!("{key} = {}", text(value)))
+            .collect();
+        let _ = writeln!(out, "{label:<11} [{section}] {}", set.join(", "));
+        label = "";
+    }
+    if let Some(secret) = app["callback_secret"].as_str() {
+        let _ = writeln!(out, "secret      {secret} (signs callbacks)");
+    }
+    out
+}
+
 fn print_output(output: &[u8]) {
     match serde_json::from_slice::<Value>(output) {
         Ok(value) => print_json(&value),
@@ -315,4 +409,49 @@ fn print_output(output: &[u8]) {
 
 fn print_json(value: &Value) {
     println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::describe_app;
+
+    #[test]
+    fn status_shows_each_replica_with_its_troubles_and_the_config_that_is_set() {
+        let app = json!({
+            "name": "mlp", "version": 3, "world": "beamlet:function/function",
+            "digest": "4351957f2101b33283c122e5", "deployed_at": 1_000_000,
+            "queue": {"queued": 5, "running": 2}, "avg_task_ms": 12.5,
+            "autoscaler": {"desired": 2, "max": 3, "reason": "queue_depth: 7 tasks -> desired 2"},
+            "replicas": [
+                {"id": "mlp-v3-r0", "version": 3, "state": "ready", "failing": false, "workers": 2, "busy": 2,
+                 "tasks_done": 40, "restarts": 0, "pid": 77, "started_at": 1_060_000,
+                 "gpu": "0: NVIDIA H100 80GB HBM3", "gpu_memory_used": 3u64 << 30, "last_error": null, "pending_reason": null},
+                {"id": "mlp-v3-r1", "version": 3, "state": "backoff", "failing": true, "workers": 2, "busy": 0,
+                 "tasks_done": 0, "restarts": 4, "pid": null, "started_at": null, "gpu": null,
+                 "gpu_memory_used": 0, "last_error": "init failed: no model", "pending_reason": null}
+            ],
+            "replicas_on_other_nodes": 1,
+            "config": {"runtime": {"workers": 2, "gpu": "any", "gpu_memory": null, "allowed_outbound_hosts": []}},
+            "callback_secret": "s3cret"
+        });
+        let text = describe_app(&app, 1_120_000);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "mlp version 3 (beamlet:function/function, sha256 4351957f2101), deployed 2m ago");
+        assert_eq!(lines[1], "queue       5 queued, 2 running; average task 12.500 ms");
+        assert!(lines[2].ends_with("desired 2 of at most 3: queue_depth: 7 tasks -> desired 2"), "{text}");
+        assert_eq!(lines[3], "replicas    2 on this node (+1 on other nodes)");
+        let ready: Vec<&str> = lines[5].split_whitespace().collect();
+        assert_eq!(ready, ["mlp-v3-r0", "3", "ready", "2", "2", "40", "0", "77", "1m"]);
+        assert_eq!(lines[6], "    gpu: 0: NVIDIA H100 80GB HBM3");
+        assert_eq!(lines[7], "    gpu memory used: 3Gi");
+        let failing: Vec<&str> = lines[8].split_whitespace().collect();
+        assert_eq!(failing, ["mlp-v3-r1", "3", "backoff,failing", "2", "0", "0", "4", "-", "-"]);
+        assert_eq!(lines[9], "    last error: init failed: no model");
+        // Unset keys (null, an empty list) are left out.
+        assert_eq!(lines[10], "config      [runtime] gpu = any, workers = 2");
+        assert_eq!(lines[11], "secret      s3cret (signs callbacks)");
+        assert_eq!(lines.len(), 12, "{text}");
+    }
 }

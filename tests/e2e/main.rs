@@ -57,6 +57,10 @@ fn hello_deploys_and_answers_over_http_and_cli() {
     let out = cli(&server, &["apps"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("hello"));
     let out = cli(&server, &["status", "hello"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("hello version 1 (beamlet:function/function"), "{text}");
+    assert!(text.contains("hello-v1-r0") && text.contains(" ready "), "{text}");
+    let out = cli(&server, &["status", "hello", "--json"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"version\": 1"));
     let out = cli(&server, &["logs", "hello"]);
     assert!(
