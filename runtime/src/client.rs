@@ -350,7 +350,7 @@ fn describe_app(app: &Value, now_ms: u64) -> String {
     if !replicas.is_empty() {
         let _ = writeln!(
             out,
-            "  {:<24} {:>7} {:<9} {:>7} {:>4} {:>8} {:>8} {:>8} {:>10}",
+            "  {:<24} {:>7} {:<15} {:>7} {:>4} {:>8} {:>8} {:>8} {:>10}",
             "ID", "VERSION", "STATE", "WORKERS", "BUSY", "DONE", "RESTARTS", "PID", "UP"
         );
     }
@@ -359,7 +359,7 @@ fn describe_app(app: &Value, now_ms: u64) -> String {
         let up = ago(&replica["started_at"]).map(|ago| ago.trim_end_matches(" ago").to_owned());
         let _ = writeln!(
             out,
-            "  {:<24} {:>7} {:<9} {:>7} {:>4} {:>8} {:>8} {:>8} {:>10}",
+            "  {:<24} {:>7} {:<15} {:>7} {:>4} {:>8} {:>8} {:>8} {:>10}",
             text(&replica["id"]),
             replica["version"].to_string(),
             state,
@@ -440,7 +440,10 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "mlp version 3 (beamlet:function/function, sha256 4351957f2101), deployed 2m ago");
         assert_eq!(lines[1], "queue       5 queued, 2 running; average task 12.500 ms");
-        assert!(lines[2].ends_with("desired 2 of at most 3; last decision: queue_depth: 7 tasks -> desired 2"), "{text}");
+        assert!(
+            lines[2].ends_with("desired 2 of at most 3; last decision: queue_depth: 7 tasks -> desired 2"),
+            "{text}"
+        );
         assert_eq!(lines[3], "replicas    2 on this node (+1 on other nodes)");
         let ready: Vec<&str> = lines[5].split_whitespace().collect();
         assert_eq!(ready, ["mlp-v3-r0", "3", "ready", "2", "2", "40", "0", "77", "1m"]);
