@@ -193,11 +193,8 @@ impl Client {
         }
         println!("{:<36} {:<9} {:>8} {:>10} ERROR", "ID", "STATUS", "ATTEMPTS", "AGE");
         let now = crate::queue::now_ms();
-        // Whole seconds since it was created.
-        let age =
-            |created: u64| crate::config::format_duration(Duration::from_secs(now.saturating_sub(created) / 1000));
         for task in tasks {
-            let created = task["created_at"].as_u64().map(age);
+            let created = task["created_at"].as_u64().map(|created| time_since(created, now));
             println!(
                 "{:<36} {:<9} {:>8} {:>10} {}",
                 task["id"].as_str().unwrap_or_default(),
@@ -316,10 +313,7 @@ fn describe_app(app: &Value, now_ms: u64) -> String {
         Value::String(text) => text.clone(),
         other => other.to_string(),
     };
-    let ago = |at: &Value| {
-        at.as_u64()
-            .map(|at| crate::config::format_duration(Duration::from_secs(now_ms.saturating_sub(at) / 1000)) + " ago")
-    };
+    let since = |at: &Value| at.as_u64().map(|at| time_since(at, now_ms));
     let mut out = String::new();
     let digest = app["digest"].as_str().unwrap_or_default();
     let _ = writeln!(
@@ -329,7 +323,7 @@ fn describe_app(app: &Value, now_ms: u64) -> String {
         app["version"],
         text(&app["world"]),
         &digest[..digest.len().min(12)],
-        ago(&app["deployed_at"]).unwrap_or_else(|| "at an unknown time".into())
+        since(&app["deployed_at"]).map_or_else(|| "at an unknown time".into(), |since| since + " ago")
     );
     let average = app["avg_task_ms"].as_f64().map(|ms| format!("; average task {ms:.3} ms")).unwrap_or_default();
     let _ =
@@ -347,29 +341,25 @@ fn describe_app(app: &Value, now_ms: u64) -> String {
     let replicas = app["replicas"].as_array().map(Vec::as_slice).unwrap_or_default();
     let others = app["replicas_on_other_nodes"].as_u64().map(|n| format!(" (+{n} on other nodes)")).unwrap_or_default();
     let _ = writeln!(out, "replicas    {} on this node{others}", replicas.len());
-    if !replicas.is_empty() {
+    // The header and each replica's row, in the same columns.
+    let row = |out: &mut String, [id, version, state, workers, busy, done, restarts, pid, up]: [String; 9]| {
         let _ = writeln!(
             out,
-            "  {:<24} {:>7} {:<15} {:>7} {:>4} {:>8} {:>8} {:>8} {:>10}",
-            "ID", "VERSION", "STATE", "WORKERS", "BUSY", "DONE", "RESTARTS", "PID", "UP"
+            "  {id:<24} {version:>7} {state:<15} {workers:>7} {busy:>4} {done:>8} {restarts:>8} {pid:>8} {up:>10}"
         );
+    };
+    if !replicas.is_empty() {
+        let header = ["ID", "VERSION", "STATE", "WORKERS", "BUSY", "DONE", "RESTARTS", "PID", "UP"];
+        row(&mut out, header.map(String::from));
     }
     for replica in replicas {
         let state = text(&replica["state"]) + if replica["failing"] == true { ",failing" } else { "" };
-        let up = ago(&replica["started_at"]).map(|ago| ago.trim_end_matches(" ago").to_owned());
-        let _ = writeln!(
-            out,
-            "  {:<24} {:>7} {:<15} {:>7} {:>4} {:>8} {:>8} {:>8} {:>10}",
-            text(&replica["id"]),
-            replica["version"].to_string(),
-            state,
-            replica["workers"].to_string(),
-            replica["busy"].to_string(),
-            replica["tasks_done"].to_string(),
-            replica["restarts"].to_string(),
-            replica["pid"].as_u64().map(|pid| pid.to_string()).unwrap_or_else(|| "-".into()),
-            up.unwrap_or_else(|| "-".into())
-        );
+        let pid = replica["pid"].as_u64().map_or_else(|| "-".into(), |pid| pid.to_string());
+        let up = since(&replica["started_at"]).unwrap_or_else(|| "-".into());
+        let count = |key: &str| replica[key].to_string();
+        let [version, workers, busy, done, restarts] =
+            ["version", "workers", "busy", "tasks_done", "restarts"].map(count);
+        row(&mut out, [text(&replica["id"]), version, state, workers, busy, done, restarts, pid, up]);
         for (label, key) in [("gpu", "gpu"), ("waits", "pending_reason"), ("last error", "last_error")] {
             if let Some(value) = replica[key].as_str() {
                 let _ = writeln!(out, "    {label}: {value}");
@@ -395,6 +385,11 @@ fn describe_app(app: &Value, now_ms: u64) -> String {
         let _ = writeln!(out, "secret      {secret} (signs callbacks)");
     }
     out
+}
+
+/// Whole seconds from `at_ms` to `now_ms`, as `1m5s`.
+fn time_since(at_ms: u64, now_ms: u64) -> String {
+    crate::config::format_duration(Duration::from_secs(now_ms.saturating_sub(at_ms) / 1000))
 }
 
 fn print_output(output: &[u8]) {
