@@ -138,19 +138,32 @@ pub(crate) async fn pump_request(
 
 /// The response body of run `seq` as the gateway sends it: the parts the
 /// replica streams, each returning a credit once taken; an `Err` part (the
-/// run failed mid-body) aborts the client's connection.
+/// run failed mid-body) aborts the client's connection. Dropped before its
+/// end (the client went away), it says so on `gone`, so the run is stopped
+/// even while the guest waits for credit and sends nothing.
 pub(crate) fn response_body(
     seq: u64,
     parts: mpsc::UnboundedReceiver<Result<Bytes, String>>,
     out: mpsc::UnboundedSender<ToReplica>,
+    gone: mpsc::UnboundedSender<u64>,
 ) -> Body {
-    Body::from_stream(ResponseParts { seq, parts, out })
+    Body::from_stream(ResponseParts { seq, parts, out, gone, ended: false })
 }
 
 struct ResponseParts {
     seq: u64,
     parts: mpsc::UnboundedReceiver<Result<Bytes, String>>,
     out: mpsc::UnboundedSender<ToReplica>,
+    gone: mpsc::UnboundedSender<u64>,
+    ended: bool,
+}
+
+impl Drop for ResponseParts {
+    fn drop(&mut self) {
+        if !self.ended {
+            let _ = self.gone.send(self.seq);
+        }
+    }
 }
 
 impl futures_util::Stream for ResponseParts {
@@ -163,8 +176,14 @@ impl futures_util::Stream for ResponseParts {
                 let _ = this.out.send(ToReplica::Credit { seq: this.seq });
                 Poll::Ready(Some(Ok(part)))
             }
-            Poll::Ready(Some(Err(message))) => Poll::Ready(Some(Err(std::io::Error::other(message)))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(Some(Err(message))) => {
+                this.ended = true;
+                Poll::Ready(Some(Err(std::io::Error::other(message))))
+            }
+            Poll::Ready(None) => {
+                this.ended = true;
+                Poll::Ready(None)
+            }
             Poll::Pending => Poll::Pending,
         }
     }

@@ -137,6 +137,28 @@ fn request_and_response_bodies_stream_both_ways() {
     assert!(text.starts_with("HTTP/1.1 200") && text.contains("first"), "{text}");
     assert!(!text.ends_with("0\r\n\r\n"), "the body did not end as if whole: {text}");
     assert_eq!(server.http.get(server.url("/http/slow/hello")).send().unwrap().text().unwrap(), "Hello, world!\n");
+
+    // A client that stops reading a big response and then hangs up: the
+    // guest waits on flow control, sending nothing, yet its run is
+    // cancelled at once (not left to the task's timeout, longer than the
+    // test client waits) and the only worker serves the next request.
+    let config = "[runtime]\nworkers = 1\ntimeout = \"10m\"\n[task_queue]\nretries = 0\n";
+    server.deploy_guest("held", "guest-http", Some(config));
+    let mut socket = connect(&server);
+    socket.write_all(b"GET /http/held/big?bytes=200000000 HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut seen = Vec::new();
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut buf = [0u8; 4096];
+        let n = socket.read(&mut buf).unwrap();
+        assert!(n > 0, "the connection closed before the response head");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(seen.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&seen));
+    // Not a timing check: time for the socket's buffers and the stream's
+    // window to fill, so the guest is blocked on a write when the client goes.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    drop(socket);
+    assert_eq!(server.http.get(server.url("/http/held/hello")).send().unwrap().text().unwrap(), "Hello, world!\n");
 }
 
 #[test]

@@ -403,6 +403,8 @@ impl Run<'_> {
         let (cancel_tx, mut cancels) = mpsc::unbounded_channel::<TaskId>();
         // Frames from body pumps and response credits, written in turn.
         let (out, mut outgoing) = mpsc::unbounded_channel::<ToReplica>();
+        // Runs whose streamed response lost its client before its end.
+        let (gone, mut abandoned) = mpsc::unbounded_channel::<u64>();
         let mut pace = Pace::default();
         let mut draining = false;
         let mut stop_asked = false;
@@ -457,7 +459,7 @@ impl Run<'_> {
                             }
                         }
                         Some(FromReplica::ResponseHead { seq, status, headers }) => {
-                            self.response_head(seq, status, headers, &out);
+                            self.response_head(seq, status, headers, &out, &gone);
                         }
                         Some(FromReplica::ResponseBody { seq, part }) => self.response_part(seq, part),
                         Some(other) => tracing::warn!(replica = %spec.replica, "unexpected frame {other:?}"),
@@ -468,6 +470,7 @@ impl Run<'_> {
                         None => return Err(exit_context(anyhow!("replica connection closed"), &mut child).await),
                     },
                     Some(frame) = outgoing.recv() => with_exit(send(&mut write, &frame).await, &mut child).await?,
+                    Some(seq) = abandoned.recv() => self.client_gone(seq),
                     Some(id) = cancels.recv() => {
                         let seq = self.inflight.iter().find(|(_, lease)| lease.id == id).map(|(seq, _)| *seq);
                         if let Some(seq) = seq {
@@ -736,10 +739,12 @@ impl Run<'_> {
         status: u16,
         headers: Vec<(String, Vec<u8>)>,
         out: &mpsc::UnboundedSender<ToReplica>,
+        gone: &mpsc::UnboundedSender<u64>,
     ) {
         let Some(lease) = self.inflight.get(&seq) else { return };
         let (parts, received) = mpsc::unbounded_channel();
-        let start = ResponseStart { status, headers, body: bodies::response_body(seq, received, out.clone()) };
+        let body = bodies::response_body(seq, received, out.clone(), gone.clone());
+        let start = ResponseStart { status, headers, body };
         let taken = self.plan.bodies.take_head(&lease.id).is_some_and(|head| head.send(start).is_ok());
         self.streams.entry(seq).or_default().response = Some(parts);
         if !taken {
