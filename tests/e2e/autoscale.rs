@@ -116,6 +116,26 @@ fn a_replica_that_does_not_fit_is_pending_until_capacity_frees() {
 }
 
 #[test]
+fn a_replica_that_cannot_start_leaves_its_core_to_other_apps_between_tries() {
+    let server = Server::start("failing-frees", &["--cpus", "1"]);
+    let config = "[runtime]\ncpu = 1\n";
+    server.deploy_guest("broken", "guest-badinit", Some(config));
+    server.wait_status("broken", "a failed start", LONG, |s| s["replicas"][0]["failed_starts"].as_u64() >= Some(1));
+    // The only core is the broken replica's only while it tries to start.
+    server.deploy_guest("hello", "hello", Some(config));
+    server.wait_status("hello", "hello's replica", LONG, |s| ready_pids(s).len() == 1);
+    let (status, body) = server.invoke_json("hello", r#"{"name":"Bo"}"#);
+    assert_eq!(status, 200, "{body}");
+    let status = server.wait_status("broken", "the broken replica to wait for the core", LONG, |s| {
+        s["replicas"][0]["state"] == "pending"
+    });
+    let replica = &status["replicas"][0];
+    assert!(replica["pending_reason"].as_str().unwrap_or_default().contains("waiting for 1 core;"), "{status}");
+    assert_eq!(replica["failing"], true, "still known to fail: {status}");
+    assert!(replica["last_error"].as_str().unwrap_or_default().contains("model file missing"), "{status}");
+}
+
+#[test]
 fn warmup_starts_a_replica_now() {
     let server = Server::start("warmup", &[]);
     let config = "[autoscaler]\nkind = \"queue_depth\"\nmax_replicas = 2\nmin_replicas = 0\nkeep_warm = \"60s\"\n";

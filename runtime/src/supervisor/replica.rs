@@ -88,6 +88,8 @@ pub(crate) struct ReplicaInfo {
     /// init fails, a start slower than the timeout): it is restarted with
     /// backoff but serves nothing.
     pub failing: bool,
+    /// Starts that failed in a row, up to now (0 once one succeeds).
+    pub failed_starts: u32,
     /// Why a pending replica waits.
     pub pending_reason: Option<String>,
     /// The GPU it holds: `"0: NVIDIA H100 80GB HBM3 (GPU-8d6f...)"`.
@@ -192,6 +194,7 @@ pub(crate) fn spawn(plan: Plan) -> ReplicaHandle {
         restarts: 0,
         last_error: None,
         failing: false,
+        failed_starts: 0,
         pending_reason: None,
         gpu: None,
         gpu_memory_used: 0,
@@ -203,16 +206,46 @@ pub(crate) fn spawn(plan: Plan) -> ReplicaHandle {
 }
 
 async fn supervise(plan: Plan, info: Arc<Mutex<ReplicaInfo>>, mut stop: watch::Receiver<Asked>) {
-    if let Some(gpu) = place(&plan, &info, &mut stop).await {
+    let mut restarts = Restarts { backoff: MIN_BACKOFF, failed_starts: 0 };
+    while let Some(gpu) = place(&plan, &info, &mut stop).await {
         let spec = ReplicaSpec { gpu: gpu.clone(), ..plan.spec.clone() };
-        run_placed(&plan, &spec, &info, &mut stop).await;
+        let start_failed = run_placed(&plan, &spec, &info, &mut stop, &mut restarts).await;
         plan.capacity.release(plan.demand, gpu.as_ref());
+        // A replica that cannot start holds no cores, memory or GPU while it
+        // waits to try again: another app's replica may take them meanwhile.
+        if !start_failed {
+            break;
+        }
+        info.lock().unwrap().gpu = None;
+        if !restarts.wait(&mut stop).await {
+            break;
+        }
     }
     let mut info = info.lock().unwrap();
     info.state = ReplicaState::Stopped;
     info.pid = None;
     info.gpu = None;
     info.idle_since = None;
+}
+
+/// How a replica's restarts are paced.
+struct Restarts {
+    /// The wait before the next start; doubles with each, up to [`MAX_BACKOFF`].
+    backoff: Duration,
+    /// Starts that failed since the last that succeeded.
+    failed_starts: u32,
+}
+
+impl Restarts {
+    /// Waits out the backoff; `false` when the replica was stopped meanwhile.
+    async fn wait(&mut self, stop: &mut watch::Receiver<Asked>) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(self.backoff) => {}
+            _ = stop.changed() => {}
+        }
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        !stop.borrow().stops()
+    }
 }
 
 /// Waits until the node has room for the replica; `None` if it was stopped
@@ -252,14 +285,16 @@ async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receive
     }
 }
 
+/// Runs the replica on its place, restarting it when it dies, until it is
+/// stopped (`false`) or a start fails (`true`: the caller gives the place up
+/// while it waits to try again).
 async fn run_placed(
     plan: &Plan,
     spec: &ReplicaSpec,
     info: &Arc<Mutex<ReplicaInfo>>,
     stop: &mut watch::Receiver<Asked>,
-) {
-    let mut backoff = MIN_BACKOFF;
-    let mut failed_starts = 0;
+    restarts: &mut Restarts,
+) -> bool {
     while !stop.borrow().stops() {
         let started = Instant::now();
         let mut run = Run {
@@ -280,11 +315,9 @@ async fn run_placed(
         run.requeue_inflight(result.as_ref().err());
         let Err(error) = result else { break };
         let message = format!("{error:#}");
-        if info.lock().unwrap().state == ReplicaState::Starting {
-            failed_starts += 1;
-        } else {
-            failed_starts = 0;
-        }
+        let start_failed = info.lock().unwrap().state == ReplicaState::Starting;
+        restarts.failed_starts = if start_failed { restarts.failed_starts + 1 } else { 0 };
+        let failed_starts = restarts.failed_starts;
         if failed_starts >= FAILED_STARTS {
             plan.dispatch.fail_queued(
                 &plan.spec.app,
@@ -300,16 +333,17 @@ async fn run_placed(
             info.restarts += 1;
             info.last_error = Some(message);
             info.failing = failed_starts > 0;
+            info.failed_starts = failed_starts;
         }
         if started.elapsed() > STABLE_AFTER {
-            backoff = MIN_BACKOFF;
+            restarts.backoff = MIN_BACKOFF;
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.changed() => {}
+        if start_failed {
+            return true;
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        restarts.wait(stop).await;
     }
+    false
 }
 
 /// One process's life.
@@ -359,6 +393,7 @@ impl Run<'_> {
         if state == ReplicaState::Ready {
             info.idle_since = Some(Instant::now());
             info.failing = false;
+            info.failed_starts = 0;
         }
     }
 
