@@ -225,27 +225,27 @@ impl Client {
             return Ok(());
         }
         let width = apps.iter().filter_map(|app| app["name"].as_str()).map(str::len).max().unwrap_or(0).max(24);
-        println!(
-            "{:<width$} {:>7} {:>8} {:>7} {:>7} {:>7} {:>7}",
-            "NAME", "VERSION", "REPLICAS", "PENDING", "FAILING", "QUEUED", "RUNNING"
-        );
+        // The header and each app's row, in the same columns.
+        let row = |[name, version, replicas, pending, failing, queued, running]: [String; 7]| {
+            println!("{name:<width$} {version:>7} {replicas:>8} {pending:>7} {failing:>7} {queued:>7} {running:>7}");
+        };
+        row(["NAME", "VERSION", "REPLICAS", "PENDING", "FAILING", "QUEUED", "RUNNING"].map(String::from));
         for app in apps {
             // In a cluster: this node's + the other nodes'.
             let replicas = match app["replicas_on_other_nodes"].as_u64() {
                 Some(others) => format!("{}+{others}", app["replicas"]),
                 None => app["replicas"].to_string(),
             };
-            println!(
-                "{:<width$} {:>7} {:>8} {:>7} {:>7} {:>7} {:>7}",
-                app["name"].as_str().unwrap_or_default(),
-                // Padding applies to strings, not to JSON values.
+            let count = |key: &str| app[key].as_u64().unwrap_or(0).to_string();
+            row([
+                app["name"].as_str().unwrap_or_default().to_owned(),
                 app["version"].to_string(),
                 replicas,
-                app["pending_replicas"].as_u64().unwrap_or(0).to_string(),
-                app["failing_replicas"].as_u64().unwrap_or(0).to_string(),
+                count("pending_replicas"),
+                count("failing_replicas"),
                 app["queue"]["queued"].to_string(),
-                app["queue"]["running"].to_string()
-            );
+                app["queue"]["running"].to_string(),
+            ]);
         }
         Ok(())
     }
@@ -342,10 +342,11 @@ fn describe_app(app: &Value, now_ms: u64) -> String {
     let others = app["replicas_on_other_nodes"].as_u64().map(|n| format!(" (+{n} on other nodes)")).unwrap_or_default();
     let _ = writeln!(out, "replicas    {} on this node{others}", replicas.len());
     // The header and each replica's row, in the same columns.
+    let id_width = replicas.iter().filter_map(|replica| replica["id"].as_str()).map(str::len).fold(2, usize::max);
     let row = |out: &mut String, [id, version, state, workers, busy, done, restarts, pid, up]: [String; 9]| {
         let _ = writeln!(
             out,
-            "  {id:<24} {version:>7} {state:<15} {workers:>7} {busy:>4} {done:>8} {restarts:>8} {pid:>8} {up:>10}"
+            "  {id:<id_width$} {version:>7} {state:<15} {workers:>7} {busy:>4} {done:>8} {restarts:>8} {pid:>8} {up:>10}"
         );
     };
     if !replicas.is_empty() {
@@ -355,7 +356,8 @@ fn describe_app(app: &Value, now_ms: u64) -> String {
     for replica in replicas {
         let state = text(&replica["state"]) + if replica["failing"] == true { ",failing" } else { "" };
         let pid = replica["pid"].as_u64().map_or_else(|| "-".into(), |pid| pid.to_string());
-        let up = since(&replica["started_at"]).unwrap_or_else(|| "-".into());
+        // A replica between processes (backoff) has no uptime.
+        let up = replica["pid"].as_u64().and(since(&replica["started_at"])).unwrap_or_else(|| "-".into());
         let count = |key: &str| replica[key].to_string();
         let [version, workers, busy, done, restarts] =
             ["version", "workers", "busy", "tasks_done", "restarts"].map(count);
@@ -364,6 +366,11 @@ fn describe_app(app: &Value, now_ms: u64) -> String {
             if let Some(value) = replica[key].as_str() {
                 let _ = writeln!(out, "    {label}: {value}");
             }
+        }
+        // RESTARTS counts every restart; this, the starts that failed since
+        // the last good one.
+        if let Some(failed) = replica["failed_starts"].as_u64().filter(|n| *n > 0) {
+            let _ = writeln!(out, "    failing: its last {failed} start(s) failed; it is retried with backoff");
         }
         if replica["gpu"].is_string() {
             let used = replica["gpu_memory_used"].as_u64().unwrap_or(0);
@@ -423,8 +430,9 @@ mod tests {
                 {"id": "mlp-v3-r0", "version": 3, "state": "ready", "failing": false, "workers": 2, "busy": 2,
                  "tasks_done": 40, "restarts": 0, "pid": 77, "started_at": 1_060_000,
                  "gpu": "0: NVIDIA H100 80GB HBM3", "gpu_memory_used": 3u64 << 30, "last_error": null, "pending_reason": null},
-                {"id": "mlp-v3-r1", "version": 3, "state": "backoff", "failing": true, "workers": 2, "busy": 0,
-                 "tasks_done": 0, "restarts": 4, "pid": null, "started_at": null, "gpu": null,
+                {"id": "mlp-v3-r1-with-a-long-name", "version": 3, "state": "backoff", "failing": true,
+                 "failed_starts": 3, "workers": 2, "busy": 0,
+                 "tasks_done": 0, "restarts": 4, "pid": null, "started_at": 1_100_000, "gpu": null,
                  "gpu_memory_used": 0, "last_error": "init failed: no model", "pending_reason": null}
             ],
             "replicas_on_other_nodes": 1,
@@ -445,11 +453,18 @@ mod tests {
         assert_eq!(lines[6], "    gpu: 0: NVIDIA H100 80GB HBM3");
         assert_eq!(lines[7], "    gpu memory used: 3Gi");
         let failing: Vec<&str> = lines[8].split_whitespace().collect();
-        assert_eq!(failing, ["mlp-v3-r1", "3", "backoff,failing", "2", "0", "0", "4", "-", "-"]);
+        // No process, so no uptime, whenever its last one started.
+        assert_eq!(failing, ["mlp-v3-r1-with-a-long-name", "3", "backoff,failing", "2", "0", "0", "4", "-", "-"]);
+        // Every row's columns line up, whatever the length of an id.
+        let version_end = lines[4].find("VERSION").unwrap() + "VERSION".len();
+        for row in [lines[5], lines[8]] {
+            assert_eq!(row.find(" 3 ").unwrap() + 2, version_end, "{text}");
+        }
         assert_eq!(lines[9], "    last error: init failed: no model");
+        assert_eq!(lines[10], "    failing: its last 3 start(s) failed; it is retried with backoff");
         // Unset keys (null, an empty list) are left out.
-        assert_eq!(lines[10], "config      [runtime] gpu = any, workers = 2");
-        assert_eq!(lines[11], "secret      s3cret (signs callbacks)");
-        assert_eq!(lines.len(), 12, "{text}");
+        assert_eq!(lines[11], "config      [runtime] gpu = any, workers = 2");
+        assert_eq!(lines[12], "secret      s3cret (signs callbacks)");
+        assert_eq!(lines.len(), 13, "{text}");
     }
 }
