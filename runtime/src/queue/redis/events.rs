@@ -119,6 +119,10 @@ fn beat(queue: &RedisQueue, dispatch: &Dispatch, apps: &AppsChanged) {
     let mut last_failure: Option<Instant> = None;
     loop {
         std::thread::sleep(BEAT);
+        // A node that left beats no more (nor says Redis answers when it did not ask).
+        if queue.has_left() {
+            return;
+        }
         let result = queue.heartbeat().and_then(|()| {
             for saved in queue.save_unsaved() {
                 dispatch.saved_late(saved);

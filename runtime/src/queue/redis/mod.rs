@@ -155,7 +155,7 @@ impl RedisQueue {
 
     /// Marks this node alive for [`NODE_TTL`].
     pub(crate) fn heartbeat(&self) -> Result<(), RedisError> {
-        if self.left.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.has_left() {
             return Ok(());
         }
         let ttl = millis(NODE_TTL).to_string();
@@ -183,6 +183,11 @@ impl RedisQueue {
         self.left.store(true, std::sync::atomic::Ordering::SeqCst);
         let key = self.alive_key();
         self.logged("leave the cluster", self.client.call(&[b"DEL", key.as_bytes()]));
+    }
+
+    /// Whether [`RedisQueue::leave`] was called: the node is stopping.
+    pub(crate) fn has_left(&self) -> bool {
+        self.left.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Takes over the work of every node whose heartbeat stopped.
