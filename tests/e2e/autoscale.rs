@@ -98,6 +98,7 @@ fn a_replica_that_does_not_fit_is_pending_until_capacity_frees() {
     let (status, body) = server.invoke_json("sleep", r#"{"ms": 1}"#);
     assert_eq!((status, error_code(&body)), (503, "NO_CAPACITY"), "{body}");
     assert!(error_message(&body).contains("waiting for 1 core;"), "says why: {body}");
+    assert!(error_message(&body).contains("(held now by hello (1 replica))"), "and who has it: {body}");
     let id = submit(&server, "sleep", r#"{"ms": 1}"#);
     assert_eq!(server.get(&format!("/v1/tasks/{id}"))["status"], "PENDING", "the task waits, it is not dropped");
     // An app scaled to zero has no replica to be pending when the call
@@ -133,6 +134,11 @@ fn a_replica_that_cannot_start_leaves_its_core_to_other_apps_between_tries() {
     assert!(replica["pending_reason"].as_str().unwrap_or_default().contains("waiting for 1 core;"), "{status}");
     assert_eq!(replica["failing"], true, "still known to fail: {status}");
     assert!(replica["last_error"].as_str().unwrap_or_default().contains("model file missing"), "{status}");
+    // A call says both what it waits for and that the app fails to start.
+    let (status, body) = server.invoke_json("broken", "{}");
+    assert_eq!((status, error_code(&body)), (503, "NO_CAPACITY"), "{body}");
+    let message = error_message(&body);
+    assert!(message.contains("held now by hello (1 replica)") && message.contains("model file missing"), "{body}");
 }
 
 #[test]

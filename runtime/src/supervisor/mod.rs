@@ -233,7 +233,37 @@ impl Supervisor {
         if replicas.iter().any(|replica| replica.state != ReplicaState::Pending) {
             return None;
         }
-        Some(first.pending_reason.clone().unwrap_or_else(|| "its replicas are pending".to_owned()))
+        let reason = first.pending_reason.clone().unwrap_or_else(|| "its replicas are pending".to_owned());
+        let holders = self.holders();
+        let mut reason = if holders.is_empty() { reason } else { format!("{reason} (held now by {holders})") };
+        // Capacity is not its only trouble: it would not start when it had some.
+        if let Some(error) = replicas.iter().filter(|replica| replica.failing).find_map(|r| r.last_error.as_ref()) {
+            reason = format!("{reason}; its last start failed: {error}");
+        }
+        Some(reason)
+    }
+
+    /// The apps whose replicas hold the node's capacity, with how many each:
+    /// `hello (1 replica), sleep (2 replicas)`.
+    fn holders(&self) -> String {
+        let apps = self.apps.lock().unwrap();
+        let mut held: Vec<String> = apps
+            .iter()
+            .filter_map(|(name, replicas)| {
+                let holding = replicas.current.iter().chain(&replicas.draining).map(ReplicaHandle::info);
+                // One pending, stopped, or waiting to retry a failed start holds nothing.
+                let n = holding
+                    .filter(|info| match info.state {
+                        ReplicaState::Pending | ReplicaState::Stopped => false,
+                        ReplicaState::Backoff => !info.failing,
+                        ReplicaState::Starting | ReplicaState::Ready | ReplicaState::Draining => true,
+                    })
+                    .count();
+                (n > 0).then(|| format!("{name} ({n} replica{})", if n == 1 { "" } else { "s" }))
+            })
+            .collect();
+        held.sort();
+        held.join(", ")
     }
 
     /// What the autoscaler needs to decide for `name`.
