@@ -159,3 +159,53 @@ fn an_app_deleted_while_a_node_was_away_stays_deleted_when_it_returns() {
     assert!(!knows(&a, "hello"));
     assert!(b.log().contains("deleted from the cluster while this node was away"), "{}", b.log());
 }
+
+#[test]
+fn a_node_stopped_while_redis_is_down_saves_its_runs_ends_once_redis_answers() {
+    let Some(mut redis) = Redis::start() else { return };
+    let server = node("cluster-save", &redis);
+    server.deploy_guest("sleep", "sleep", Some("[task_queue]\nretries = 0\n"));
+    let id = submit(&server, "sleep", r#"{"ms":2000}"#);
+    wait_for("the task to run", Duration::from_secs(60), || {
+        (server.get(&format!("/v1/tasks/{id}"))["status"] == "RUNNING").then_some(())
+    });
+    redis.stop();
+    server.sigterm();
+    // The run ends while Redis is down; the node waits for Redis to save it.
+    wait_for("the node to wait for Redis", Duration::from_secs(60), || {
+        server.log().contains("waiting for Redis to save the ends of 1 runs").then_some(())
+    });
+    redis.restart();
+    let log = {
+        let data_dir = server.wait_exit();
+        std::fs::read_to_string(data_dir.with_extension("log")).unwrap_or_default()
+    };
+    assert!(log.contains("saved the ends of the runs Redis missed"), "{log}");
+    let other = node("cluster-save-b", &redis);
+    let record = other.get(&format!("/v1/tasks/{id}?wait=30s"));
+    assert_eq!((record["status"].as_str(), record["attempts"].as_u64()), (Some("COMPLETE"), Some(1)), "{record}");
+}
+
+#[test]
+fn a_stopping_node_answers_its_callers_whose_tasks_run_on_another_node() {
+    let Some(redis) = Redis::start() else { return };
+    let (a, b) = (node("cluster-calls-a", &redis), node("cluster-calls-b", &redis));
+    deploy_to_both(&a, &b, "sleep", None);
+    // One replica in the cluster (a fixed pool of one): the other node takes the call.
+    let (runner, caller) = wait_for("the app's replica", Duration::from_secs(60), || {
+        match (a.ready_pids("sleep").is_empty(), b.ready_pids("sleep").is_empty()) {
+            (false, true) => Some((&a, &b)),
+            (true, false) => Some((&b, &a)),
+            _ => None,
+        }
+    });
+    std::thread::scope(|scope| {
+        let call = scope.spawn(|| caller.invoke_json("sleep", r#"{"ms":3000}"#));
+        wait_for("the call to run", Duration::from_secs(60), || {
+            (runner.status("sleep")["queue"]["running"] == 1).then_some(())
+        });
+        caller.sigterm();
+        let (status, body) = call.join().unwrap();
+        assert_eq!(status, 200, "the caller got its answer: {body}");
+    });
+}

@@ -157,9 +157,19 @@ impl Server {
 
     /// Stops the node with SIGTERM, as an operator would, and waits for it
     /// to exit; panics unless it exits cleanly.
-    pub fn terminate(mut self) -> PathBuf {
+    pub fn terminate(self) -> PathBuf {
+        self.sigterm();
+        self.wait_exit()
+    }
+
+    /// Sends the node SIGTERM, not waiting for it to exit.
+    pub fn sigterm(&self) {
         // SAFETY: sending a signal has no memory-safety preconditions.
         assert_eq!(unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) }, 0);
+    }
+
+    /// Waits for the node to exit; panics unless it exits cleanly.
+    pub fn wait_exit(mut self) -> PathBuf {
         let status = self.child.wait().unwrap();
         assert!(status.success(), "serve exited with {status} after SIGTERM:\n{}", self.log());
         self.handed_on = true;

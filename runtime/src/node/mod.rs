@@ -301,18 +301,24 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
 /// How long answers may take to be written once the replicas have stopped.
 const ANSWER_GRACE: Duration = Duration::from_secs(1);
 
-/// Stops every replica, each finishing the tasks it holds, for at most
-/// `grace`; then makes sure every change to the task store is on disk.
-/// Tasks still running when the grace runs out run again on the next start
-/// (in a cluster, at once on another node).
+/// Stops every replica, each finishing the tasks it holds, and waits for the
+/// calls still running (in a cluster, maybe on other nodes), for at most
+/// `grace`; then makes sure every change to the task store is saved. Tasks
+/// still running when the grace runs out run again on the next start (in a
+/// cluster, at once on another node).
 async fn drain(node: &Node, grace: Duration) {
     node.supervisor.stop_all();
     let apps: Vec<String> = node.registry.list().into_iter().map(|app| app.version.name).collect();
     node.dispatch.close(&apps);
     let deadline = tokio::time::Instant::now() + grace;
-    while !node.supervisor.all_stopped() {
+    // Calls whose tasks run on another node of a cluster are waited for too:
+    // their callers are connected here.
+    while !node.supervisor.all_stopped() || node.dispatch.calls_waiting() {
         if tokio::time::Instant::now() >= deadline {
-            tracing::warn!("replicas still running tasks {grace:?} after the shutdown signal; stopping them");
+            tracing::warn!(
+                "replicas still running tasks, or calls still waiting for their tasks, {grace:?} after the shutdown \
+                 signal; stopping"
+            );
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -321,7 +327,46 @@ async fn drain(node: &Node, grace: Duration) {
         tracing::error!("the task store could not save its last changes");
     }
     if let Some(cluster) = &node.cluster {
+        save_before_leaving(node, &cluster.queue, deadline).await;
         cluster.queue.leave();
+    }
+}
+
+/// Saves the ends of runs that Redis did not take while it was down (they
+/// are kept in memory until it answers), trying until `deadline`: a node
+/// that left without them would have those tasks run again (or fail, out
+/// of retries) though they ran to their end.
+async fn save_before_leaving(node: &Node, queue: &Arc<RedisQueue>, deadline: tokio::time::Instant) {
+    let mut said = false;
+    loop {
+        let saving = queue.clone();
+        let Ok((saved, left)) = tokio::task::spawn_blocking(move || (saving.save_unsaved(), saving.unsaved())).await
+        else {
+            return;
+        };
+        for saved in saved {
+            node.dispatch.saved_late(saved);
+        }
+        if left == 0 {
+            if said {
+                tracing::info!("saved the ends of the runs Redis missed");
+            }
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::error!(
+                "Redis did not answer before the shutdown grace ran out: the ends of {left} runs are lost, and their \
+                 tasks run again (or fail, out of retries) once another node takes over this node's work"
+            );
+            return;
+        }
+        if !said {
+            tracing::warn!(
+                "waiting for Redis to save the ends of {left} runs that it missed (until the shutdown grace ends)"
+            );
+            said = true;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

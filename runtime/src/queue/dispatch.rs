@@ -493,6 +493,12 @@ impl Dispatch {
         }
     }
 
+    /// Whether a caller still waits for a call's end (once closed: a call
+    /// already running, here or on another node of a cluster).
+    pub(crate) fn calls_waiting(&self) -> bool {
+        self.waiters.lock().unwrap().values().flatten().any(|waiter| !waiter.is_closed())
+    }
+
     /// Ends the app's queued calls this node took, as the node shuts down.
     /// Another node's callers are still there: their calls stay queued.
     fn end_calls_taken_here(&self, app: &str) {

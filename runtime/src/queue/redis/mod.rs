@@ -300,6 +300,11 @@ impl RedisQueue {
         saved
     }
 
+    /// How many run ends and releases wait for Redis (see [`RedisQueue::save_unsaved`]).
+    pub(crate) fn unsaved(&self) -> usize {
+        self.unsaved.lock().unwrap().len()
+    }
+
     /// Logs a failed call, at most once a second (an outage fails every
     /// call: thousands a second under load), with how many went unsaid.
     fn log_failure(&self, what: &str, error: &RedisError) {
