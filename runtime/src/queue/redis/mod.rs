@@ -281,9 +281,10 @@ impl RedisQueue {
         for unsaved in pending.by_ref() {
             let result = match &unsaved {
                 Unsaved::Finish { id, finish, at } => self.try_finish(id, finish, *at).map(|e| e.map(Saved::Finished)),
-                Unsaved::Release { id } => {
-                    self.client.eval(&lua::RELEASE, &[id.as_bytes()]).map(|reply| record(reply).map(Saved::Released))
-                }
+                Unsaved::Release { id } => self
+                    .client
+                    .eval(&lua::RELEASE, &[id.as_bytes(), self.node.as_bytes()])
+                    .map(|reply| record(reply).map(Saved::Released)),
             };
             match result {
                 Ok(done) => saved.extend(done),
@@ -453,7 +454,7 @@ impl Queue for RedisQueue {
     }
 
     fn release(&self, id: &str) -> Option<TaskRecord> {
-        match self.client.eval(&lua::RELEASE, &[id.as_bytes()]) {
+        match self.client.eval(&lua::RELEASE, &[id.as_bytes(), self.node.as_bytes()]) {
             Ok(reply) => record(reply),
             Err(e) => {
                 self.log_failure("release a task", &e);
@@ -831,6 +832,13 @@ mod tests {
         expected.sort();
         assert_eq!(next, expected, "both first in line again, ahead of nothing else");
         assert!(a.reap_dead(7).unwrap().ended.is_empty(), "b is reaped once");
+        // b was only frozen: its late ends and releases of runs now a's change nothing.
+        assert!(b.finish(&started, Finish::Complete(Bytes::from_static(b"late")), 8).is_none());
+        assert!(b.release(&ahead).is_none());
+        let running = a.get(&started).unwrap();
+        assert_eq!((running.status, running.attempts), (TaskStatus::Running, 2), "a's run stands");
+        assert_eq!(a.finish(&started, Finish::Complete(Bytes::from_static(b"a's")), 9).unwrap().record.attempts, 2);
+        assert_eq!(a.output(&started).unwrap(), Bytes::from_static(b"a's"));
     }
 
     #[test]

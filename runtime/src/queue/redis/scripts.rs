@@ -131,12 +131,13 @@ local function lease_next(app, now, node, ahead)
 end
 -- Records how run `id` ended: `kind` complete (`a` the output), rejected
 -- or retryable (`a`, `b` the error code and message), cancelled. {record,
--- output}, or false when the task is not running. A call `me` took that
--- ended is dropped: this answer is its caller's.
+-- output}, or false when the task is not running on `me` (a node taken
+-- for dead whose run went to another node ends nothing). A call `me` took
+-- that ended is dropped: this answer is its caller's.
 local function end_run(id, kind, now, me, a, b)
   local k = tkey(id)
   local t = redis.call('HMGET', k, 'status', 'attempts', 'retries', 'app', 'node')
-  if t[1] ~= 'RUNNING' then return false end
+  if t[1] ~= 'RUNNING' or t[5] ~= me then return false end
   if kind == 'complete' then
     redis.call('HSET', k, 'output', a)
     finish(id, 'COMPLETE', nil, nil, now, me)
@@ -203,14 +204,14 @@ return 1
 "#
 );
 
-// ARGV: id. The record, or nil when it is not running.
+// ARGV: id, node. The record, or nil when it is not running on `node`.
 script!(
     RELEASE,
     r#"
 local id = ARGV[1]
 local k = tkey(id)
 local t = redis.call('HMGET', k, 'status', 'app', 'node', 'error_code')
-if t[1] ~= 'RUNNING' then return false end
+if t[1] ~= 'RUNNING' or t[3] ~= ARGV[2] then return false end
 redis.call('HINCRBY', k, 'attempts', -1)
 redis.call('HDEL', k, 'started_at')
 unrun(t[2], t[3], id)
