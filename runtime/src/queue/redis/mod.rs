@@ -450,7 +450,8 @@ impl Queue for RedisQueue {
     }
 
     fn started(&self, id: &str, now: u64) {
-        self.eval("mark a task started", &lua::STARTED, &[id.as_bytes(), now.to_string().as_bytes()]);
+        let now = now.to_string();
+        self.eval("mark a task started", &lua::STARTED, &[id.as_bytes(), now.as_bytes(), self.node.as_bytes()]);
     }
 
     fn release(&self, id: &str) -> Option<TaskRecord> {
@@ -832,7 +833,9 @@ mod tests {
         expected.sort();
         assert_eq!(next, expected, "both first in line again, ahead of nothing else");
         assert!(a.reap_dead(7).unwrap().ended.is_empty(), "b is reaped once");
-        // b was only frozen: its late ends and releases of runs now a's change nothing.
+        // b was only frozen: its late starts, ends and releases of runs now a's change nothing.
+        b.started(&started, 100);
+        assert_ne!(a.get(&started).unwrap().started_at, Some(100));
         assert!(b.finish(&started, Finish::Complete(Bytes::from_static(b"late")), 8).is_none());
         assert!(b.release(&ahead).is_none());
         let running = a.get(&started).unwrap();

@@ -191,12 +191,13 @@ return lease_next(ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 "#
 );
 
-// ARGV: id, now.
+// ARGV: id, now, node: only the node the task runs on marks it.
 script!(
     STARTED,
     r#"
 local k = tkey(ARGV[1])
-if redis.call('HGET', k, 'status') == 'RUNNING' then
+local t = redis.call('HMGET', k, 'status', 'node')
+if t[1] == 'RUNNING' and t[2] == ARGV[3] then
   redis.call('HSET', k, 'started_at', ARGV[2])
   redis.call('HDEL', k, 'ahead')
 end
