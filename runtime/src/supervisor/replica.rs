@@ -767,7 +767,8 @@ impl Run<'_> {
     }
 
     /// Passes a streamed response's head to the gateway, with a body that
-    /// will yield its parts; cancels the run when nobody waits for it.
+    /// will yield its parts. A body nobody takes, or whose client goes away,
+    /// says so on `gone` as it drops, which cancels the run (`client_gone`).
     fn response_head(
         &mut self,
         seq: u64,
@@ -780,17 +781,15 @@ impl Run<'_> {
         let (parts, received) = mpsc::unbounded_channel();
         let body = bodies::response_body(seq, received, out.clone(), gone.clone());
         let start = ResponseStart { status, headers, body };
-        let taken = self.plan.bodies.take_head(&lease.id).is_some_and(|head| head.send(start).is_ok());
-        self.streams.entry(seq).or_default().response = Some(parts);
-        if !taken {
-            self.client_gone(seq);
+        if let Some(head) = self.plan.bodies.take_head(&lease.id) {
+            let _ = head.send(start);
         }
+        self.streams.entry(seq).or_default().response = Some(parts);
     }
 
     fn response_part(&mut self, seq: u64, part: Vec<u8>) {
-        let Some(response) = self.streams.get(&seq).and_then(|s| s.response.as_ref()) else { return };
-        if response.send(Ok(part.into())).is_err() {
-            self.client_gone(seq);
+        if let Some(response) = self.streams.get(&seq).and_then(|s| s.response.as_ref()) {
+            let _ = response.send(Ok(part.into()));
         }
     }
 
