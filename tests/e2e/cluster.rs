@@ -165,11 +165,18 @@ fn a_node_stopped_while_redis_is_down_saves_its_runs_ends_once_redis_answers() {
     let Some(mut redis) = Redis::start() else { return };
     let server = node("cluster-save", &redis);
     server.deploy_guest("sleep", "sleep", Some("[task_queue]\nretries = 0\n"));
-    let id = submit(&server, "sleep", r#"{"ms":2000}"#);
+    let id = submit(&server, "sleep", r#"{"ms":3000}"#);
     wait_for("the task to run", Duration::from_secs(60), || {
         (server.get(&format!("/v1/tasks/{id}"))["status"] == "RUNNING").then_some(())
     });
+    let ready = || server.http.get(server.url("/readyz")).send().unwrap();
+    assert_eq!(ready().status(), 200);
     redis.stop();
+    // Alive, but not ready: a load balancer sends its calls elsewhere.
+    wait_for("the node to say it is not ready", Duration::from_secs(30), || (ready().status() == 503).then_some(()));
+    let body: Value = ready().json().unwrap();
+    assert_eq!(error_code(&body), "STORE_FAILED", "{body}");
+    assert_eq!(server.http.get(server.url("/healthz")).send().unwrap().status(), 200);
     server.sigterm();
     // The run ends while Redis is down; the node waits for Redis to save it.
     wait_for("the node to wait for Redis", Duration::from_secs(60), || {

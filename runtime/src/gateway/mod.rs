@@ -20,11 +20,13 @@ pub(crate) use self::errors::{ApiError, Payload};
 pub(crate) use self::server::serve;
 pub(crate) use self::tasks::no_capacity;
 use crate::node::Node;
+use crate::queue::QueueError;
 
 pub(crate) fn router(node: Arc<Node>) -> Router {
     let upload_limit = node.limits.max_component + 1024 * 1024;
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
         .route("/metrics", get(apps::metrics))
         .route("/v1/apps", get(apps::list))
         .route(
@@ -46,6 +48,16 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         .layer(axum::middleware::from_fn(errors::as_json))
         .layer(axum::middleware::from_fn(errors::close_unread))
         .with_state(node)
+}
+
+/// `GET /readyz`: whether this node can take work now, that is whether its
+/// task store answers (`/healthz` says only that the process lives). A
+/// stopping node takes no new connections at all.
+async fn ready(axum::extract::State(node): axum::extract::State<Arc<Node>>) -> Result<&'static str, ApiError> {
+    if !node.dispatch.store_available() {
+        return Err(QueueError::Backend("it does not answer now; see the node's log".into()).into());
+    }
+    Ok("ready\n")
 }
 
 /// Reads a request body of at most `limit` bytes.

@@ -160,14 +160,19 @@ impl RedisQueue {
         }
         let ttl = millis(NODE_TTL).to_string();
         let key = self.alive_key();
-        self.client.call(&[b"SET", key.as_bytes(), b"1", b"PX", ttl.as_bytes()])?;
-        self.client.call(&[b"SADD", b"beamlet:nodes", self.node.as_bytes()])?;
-        let info = self.info.lock().unwrap().clone();
-        if !info.is_empty() {
-            self.client.call(&[b"HSET", b"beamlet:node-info", self.node.as_bytes(), &info])?;
-        }
-        self.failing.store(false, std::sync::atomic::Ordering::SeqCst);
-        Ok(())
+        let beat = || {
+            self.client.call(&[b"SET", key.as_bytes(), b"1", b"PX", ttl.as_bytes()])?;
+            self.client.call(&[b"SADD", b"beamlet:nodes", self.node.as_bytes()])?;
+            let info = self.info.lock().unwrap().clone();
+            if !info.is_empty() {
+                self.client.call(&[b"HSET", b"beamlet:node-info", self.node.as_bytes(), &info])?;
+            }
+            Ok(())
+        };
+        let result = beat();
+        // An idle node learns here that Redis stopped answering.
+        self.failing.store(result.is_err(), std::sync::atomic::Ordering::SeqCst);
+        result
     }
 
     /// Sets what this node tells the others about itself (what it can run),
