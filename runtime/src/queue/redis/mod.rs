@@ -271,7 +271,19 @@ impl RedisQueue {
             }
         };
         let mut parts = ended.into_array().into_iter();
-        let Some(record) = parts.next().and_then(record) else { return Ok((None, lease)) };
+        let first = parts.next();
+        if first.as_ref().is_some_and(|first| *first == Reply::Data(b"stale".to_vec())) {
+            let mut said = parts.filter_map(Reply::into_string);
+            let (status, node) = (said.next().unwrap_or_default(), said.next().unwrap_or_default());
+            let now_on = if node.is_empty() { String::new() } else { format!(" on node {node}") };
+            tracing::warn!(
+                "task {}: this run's end does not count: the task is {status}{now_on} since this node was \
+                 taken for dead (it did not beat its heartbeat in Redis for {NODE_TTL:?})",
+                String::from_utf8_lossy(id)
+            );
+            return Ok((None, lease));
+        }
+        let Some(record) = first.and_then(record) else { return Ok((None, lease)) };
         let output = parts.next().and_then(Reply::into_bytes).map(Bytes::from);
         Ok((Some(Ended { output: output.filter(|_| record.status == TaskStatus::Complete), record }), lease))
     }

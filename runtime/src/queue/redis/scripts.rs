@@ -131,13 +131,20 @@ local function lease_next(app, now, node, ahead)
 end
 -- Records how run `id` ended: `kind` complete (`a` the output), rejected
 -- or retryable (`a`, `b` the error code and message), cancelled. {record,
--- output}, or false when the task is not running on `me` (a node taken
--- for dead whose run went to another node ends nothing). A call `me` took
--- that ended is dropped: this answer is its caller's.
+-- output}; false when the task is not running (cancelled, say); {'stale',
+-- status, node} when `me` was taken for dead meanwhile (its runs were
+-- queued again, or failed: a run of a node taken for dead ends nothing). A call `me`
+-- took that ended is dropped: this answer is its caller's.
 local function end_run(id, kind, now, me, a, b)
   local k = tkey(id)
   local t = redis.call('HMGET', k, 'status', 'attempts', 'retries', 'app', 'node')
-  if t[1] ~= 'RUNNING' or t[5] ~= me then return false end
+  if t[1] ~= 'RUNNING' or t[5] ~= me then
+    local reaped = t[1] == 'FAILED' and redis.call('HGET', k, 'error_code') == 'REPLICA_LOST'
+    if t[1] == 'RUNNING' or t[1] == 'PENDING' or t[1] == 'RETRY' or reaped then
+      return {'stale', t[1], t[5] or ''}
+    end
+    return false
+  end
   if kind == 'complete' then
     redis.call('HSET', k, 'output', a)
     finish(id, 'COMPLETE', nil, nil, now, me)
