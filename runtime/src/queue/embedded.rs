@@ -43,6 +43,8 @@ struct Entry {
     max_result_size: u64,
     /// When a still-queued task expires (ms).
     expires_at: u64,
+    /// Leased ahead, waiting in a replica for a worker: not started yet.
+    held: bool,
 }
 
 impl Entry {
@@ -101,6 +103,7 @@ impl Entry {
             result_ttl: Duration::from_millis(row.result_ttl_ms),
             max_result_size: row.max_result_size,
             expires_at: row.expires_at,
+            held: false,
         }
     }
 }
@@ -202,6 +205,7 @@ impl EmbeddedQueue {
         entry.record.status = TaskStatus::Running;
         entry.record.attempts += 1;
         entry.record.started_at = Some(now);
+        entry.held = !record;
         if record {
             self.update(entry);
         }
@@ -235,6 +239,7 @@ impl Queue for EmbeddedQueue {
             result_ttl: task.result_ttl,
             max_result_size: task.max_result_size,
             expires_at: now.saturating_add(millis(task.ttl)),
+            held: false,
         };
         if let Some(journal) = self.journal.as_ref().filter(|_| entry.record.durable) {
             journal.insert(entry.row(true));
@@ -255,6 +260,7 @@ impl Queue for EmbeddedQueue {
         let mut inner = self.inner.lock().unwrap();
         if let Some(entry) = inner.tasks.get_mut(id).filter(|entry| entry.record.status == TaskStatus::Running) {
             entry.record.started_at = Some(now);
+            entry.held = false;
             self.update(entry);
         }
     }
@@ -264,6 +270,7 @@ impl Queue for EmbeddedQueue {
         let entry = inner.tasks.get_mut(id).filter(|entry| entry.record.status == TaskStatus::Running)?;
         entry.record.attempts -= 1;
         entry.record.started_at = None;
+        entry.held = false;
         // Back where it was: first in line, as queued or as waiting for a retry.
         entry.record.status = if entry.record.error.is_some() { TaskStatus::Retry } else { TaskStatus::Pending };
         let app = entry.record.app.clone();
@@ -335,6 +342,13 @@ impl Queue for EmbeddedQueue {
         let status = inner.tasks.get(id).ok_or_else(|| QueueError::UnknownTask(id.to_owned()))?.record.status;
         if status.is_terminal() {
             return Err(QueueError::AlreadyEnded { id: id.to_owned(), status });
+        }
+        let entry = inner.tasks.get_mut(id).expect("checked above");
+        if entry.held {
+            // It never started: no attempt spent.
+            entry.record.attempts -= 1;
+            entry.record.started_at = None;
+            entry.held = false;
         }
         let error = TaskError { code: ErrorCode::Cancelled, message: why.to_owned() };
         let entry = inner.end(id, TaskStatus::Cancelled, Some(error), now).expect("checked above");
@@ -648,5 +662,10 @@ mod tests {
         assert!(q.release(&later).is_some_and(|r| r.status == TaskStatus::Pending));
         assert!(q.finish(&waiting, Finish::Cancelled, 105).is_some());
         assert!(q.release(&waiting).is_none(), "an ended task is not released");
+
+        // Cancelled while waiting in a replica: it never ran.
+        assert_eq!(q.lease_ahead("a", 107).unwrap().id, later);
+        let Ok(Cancelled::Running(record)) = q.cancel(&later, "cancelled", 108) else { panic!("held: a run") };
+        assert_eq!((record.status, record.attempts, record.started_at), (TaskStatus::Cancelled, 0, None));
     }
 }

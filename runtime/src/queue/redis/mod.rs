@@ -745,9 +745,9 @@ mod tests {
         // The first in line was leased; cancel the other while queued.
         let (leased, waiting) = (queued, running);
         assert!(matches!(q.cancel(&waiting, "no", 2), Ok(Cancelled::Queued(r)) if r.status == TaskStatus::Cancelled));
-        assert!(
-            matches!(q.cancel(&leased, "stop", 2), Ok(Cancelled::Running(r)) if r.error.as_ref().unwrap().message == "stop")
-        );
+        let Ok(Cancelled::Running(record)) = q.cancel(&leased, "stop", 2) else { panic!("leased: a run") };
+        assert_eq!(record.error.unwrap().message, "stop");
+        assert_eq!((record.attempts, record.started_at), (0, None), "leased ahead, never started: no attempt spent");
         assert!(matches!(
             q.cancel(&leased, "again", 3),
             Err(QueueError::AlreadyEnded { status: TaskStatus::Cancelled, .. })

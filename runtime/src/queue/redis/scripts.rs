@@ -260,6 +260,11 @@ local id = ARGV[1]
 local status = redis.call('HGET', tkey(id), 'status')
 if not status then return {'unknown'} end
 if terminal(status) then return {'ended', status} end
+if status == 'RUNNING' and redis.call('HEXISTS', tkey(id), 'ahead') == 1 then
+  -- Waiting in a replica for a worker: it never started, no attempt spent.
+  redis.call('HINCRBY', tkey(id), 'attempts', -1)
+  redis.call('HDEL', tkey(id), 'started_at')
+end
 finish(id, 'CANCELLED', 'CANCELLED', ARGV[2], ARGV[3], ARGV[4])
 if status == 'RUNNING' then
   redis.call('PUBLISH', P .. 'events', 'c ' .. id)
