@@ -555,6 +555,25 @@ fn a_node_stopped_by_sigterm_lets_its_replicas_finish_their_tasks() {
 }
 
 #[test]
+fn a_call_whose_replica_dies_while_its_node_stops_is_answered_at_once() {
+    let server = Server::start("shutdown-lost", &["--shutdown-grace", "10m"]);
+    server.deploy_guest("sleep", "sleep", Some("[runtime]\nworkers = 1\n[task_queue]\nretries = 1\n"));
+    let client = reqwest::blocking::Client::builder().timeout(LONG).build().unwrap();
+    let url = server.url("/v1/apps/sleep/invoke");
+    let call = std::thread::spawn(move || client.post(url).body(r#"{"ms": 100000}"#).send().map(|r| r.json()));
+    server.wait_status("sleep", "the call to run", LONG, |s| s["queue"]["running"] == 1);
+    let replica = server.ready_pids("sleep")[0];
+    server.sigterm();
+    wait_for("the node to begin its shutdown", LONG, || server.log().contains("shutting down").then_some(()));
+    kill9(replica);
+    // Its retry would wait for the next start: the caller is answered now,
+    // and the node does not wait its grace out for it.
+    let call: Value = call.join().unwrap().expect("an answer, not a timeout").unwrap();
+    assert_eq!(error_code(&call), "SHUTTING_DOWN", "{call}");
+    server.wait_exit();
+}
+
+#[test]
 fn sigterm_with_no_request_open_still_lets_running_tasks_finish() {
     // No connection open when the signal comes: the HTTP server ends at
     // once, and the replicas must be drained all the same.

@@ -216,11 +216,7 @@ impl Dispatch {
     pub(crate) fn release(&self, id: &str) {
         self.routes.lock().unwrap().remove(id);
         if let Some(record) = self.queue.release(id) {
-            if *self.closing.borrow() {
-                // No replica will take a call put back now (see `close`).
-                self.end_calls_taken_here(&record.app);
-            }
-            self.wake(&record.app);
+            self.requeued(&record.app);
         }
     }
 
@@ -244,10 +240,20 @@ impl Dispatch {
                 self.settle(&record, Some(output), false);
             } else {
                 self.routes.lock().unwrap().remove(id);
-                self.wake(&record.app);
+                self.requeued(&record.app);
             }
         }
         lease
+    }
+
+    /// A task went back in `app`'s queue. Once the node is closing no
+    /// replica here takes a call put back: it ends now (see `close`), and
+    /// its caller is not kept waiting until the node exits.
+    fn requeued(&self, app: &str) {
+        if *self.closing.borrow() {
+            self.end_calls_taken_here(app);
+        }
+        self.wake(app);
     }
 
     /// Whether a lease costs next to nothing (see [`Queue::leases_are_cheap`]).
@@ -487,7 +493,8 @@ impl Dispatch {
     /// at once (no replica will take them), and long-polls answer with the
     /// task as it is. Tasks submitted to the queue stay for the next start.
     pub(crate) fn close(&self, apps: &[String]) {
-        let _ = self.closing.send(true);
+        // `send` would change nothing while no long-poll holds a receiver.
+        self.closing.send_replace(true);
         for app in apps {
             self.end_calls_taken_here(app);
         }

@@ -324,7 +324,8 @@ async fn run_placed(
                 format!("the app's replicas failed to start {failed_starts} times in a row; last: {message}"),
             );
         }
-        tracing::warn!(app = %plan.spec.app, replica = %plan.spec.replica, "replica stopped: {message}; restarting");
+        let next = if stop.borrow().stops() { "not restarted: it was being stopped" } else { "restarting" };
+        tracing::warn!(app = %plan.spec.app, replica = %plan.spec.replica, "replica stopped: {message}; {next}");
         plan.logs.push(&plan.spec.app, format!("[replica {}] {message}", plan.spec.replica));
         {
             let mut info = info.lock().unwrap();
