@@ -36,6 +36,20 @@ impl TestRedis {
         let _ = self.child.wait();
     }
 
+    /// Freezes the server (SIGSTOP): connections open, nothing answered.
+    #[allow(dead_code)] // The end-to-end tests' only.
+    pub fn freeze(&self) {
+        // SAFETY: sending a signal has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) }, 0);
+    }
+
+    /// Undoes [`TestRedis::freeze`].
+    #[allow(dead_code)] // The end-to-end tests' only.
+    pub fn thaw(&self) {
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) }, 0);
+    }
+
     /// Starts again on the same port with the data of [`TestRedis::stop`].
     #[allow(dead_code)] // The end-to-end tests' only.
     pub fn restart(&mut self) {

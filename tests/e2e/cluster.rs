@@ -194,6 +194,33 @@ fn a_node_stopped_while_redis_is_down_saves_its_runs_ends_once_redis_answers() {
 }
 
 #[test]
+fn a_node_whose_redis_stops_answering_still_answers_its_health_checks() {
+    let Some(redis) = Redis::start() else { return };
+    let server = node("cluster-frozen", &redis);
+    server.deploy_guest("hello", "hello", None);
+    assert_eq!(server.invoke_json("hello", r#"{"name":"Ada"}"#).0, 200);
+    redis.freeze();
+    // More calls than the node has threads, each waiting on Redis.
+    let calls: Vec<_> = (0..16)
+        .map(|_| {
+            let (http, url) = (server.http.clone(), server.url("/v1/apps/hello/invoke"));
+            std::thread::spawn(move || http.post(url).body(r#"{"name":"Ada"}"#).send().map(|r| r.status().as_u16()))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let health = server.http.get(server.url("/healthz")).send().unwrap();
+    assert_eq!(health.status(), 200);
+    // Answered while every call still waits: Redis holds them, not the node.
+    assert!(calls.iter().all(|call| !call.is_finished()), "the node answered only once the calls gave up on Redis");
+    redis.thaw();
+    for call in calls {
+        let status = call.join().unwrap().expect("an answer");
+        assert!(status == 200 || status == 503, "{status}");
+    }
+    assert_eq!(server.invoke_json("hello", r#"{"name":"Ada"}"#).0, 200);
+}
+
+#[test]
 fn a_stopping_node_answers_its_callers_whose_tasks_run_on_another_node() {
     let Some(redis) = Redis::start() else { return };
     let (a, b) = (node("cluster-calls-a", &redis), node("cluster-calls-b", &redis));

@@ -149,6 +149,14 @@ impl Conn {
     }
 
     fn io(&self, error: std::io::Error) -> RedisError {
+        // A read or write past its timeout says "resource temporarily unavailable".
+        let error = match error.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {IO_TIMEOUT:?} (the server is overloaded, frozen or unreachable)"),
+            ),
+            _ => error,
+        };
         RedisError::Io { addr: self.addr.clone(), error }
     }
 
@@ -247,7 +255,11 @@ impl Client {
     /// Runs `f` on an idle connection (or a new one); a connection that
     /// failed is dropped, not reused. An idle connection the server closed
     /// meanwhile (it restarted) fails at once: `f` runs again on a new one.
-    fn with_conn<T>(&self, mut f: impl FnMut(&mut Conn) -> Result<T, RedisError>) -> Result<T, RedisError> {
+    fn with_conn<T>(&self, f: impl FnMut(&mut Conn) -> Result<T, RedisError>) -> Result<T, RedisError> {
+        off_the_executor(|| self.with_conn_here(f))
+    }
+
+    fn with_conn_here<T>(&self, mut f: impl FnMut(&mut Conn) -> Result<T, RedisError>) -> Result<T, RedisError> {
         let idle = self.idle.lock().unwrap().pop();
         let reused = idle.is_some();
         let mut conn = match idle {
@@ -295,6 +307,20 @@ impl Client {
             call.extend_from_slice(args);
             conn.call(&call)
         })
+    }
+}
+
+/// Runs `f`, which blocks on the network, so that the async tasks sharing
+/// the caller's executor thread go on meanwhile: on a worker of the node's
+/// runtime, that thread hands its work to another first. Without this, a
+/// Redis that stops answering (frozen, or a network that drops packets)
+/// would hold every worker for [`IO_TIMEOUT`] and the whole node, `/healthz`
+/// included, would stop answering.
+fn off_the_executor<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
