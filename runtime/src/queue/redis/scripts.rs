@@ -133,8 +133,8 @@ end
 -- or retryable (`a`, `b` the error code and message), cancelled. {record,
 -- output}; false when the task is not running (cancelled, say); {'stale',
 -- status, node} when `me` was taken for dead meanwhile (its runs were
--- queued again, or failed: a run of a node taken for dead ends nothing). A call `me`
--- took that ended is dropped: this answer is its caller's.
+-- queued again, or failed: a run of a node taken for dead ends nothing).
+-- A call `me` took that ended is dropped: this answer is its caller's.
 local function end_run(id, kind, now, me, a, b)
   local k = tkey(id)
   local t = redis.call('HMGET', k, 'status', 'attempts', 'retries', 'app', 'node')
