@@ -148,8 +148,16 @@ impl Dispatch {
         let durable = wait_for_store.then(|| self.queue.sync());
         // Running it before the commit lands is fine: delivery is at least once.
         self.wake(&record.app);
-        if let Some(durable) = durable {
-            durable.await.map_err(|_| QueueError::Store)?;
+        if let Some(durable) = durable
+            && durable.await.is_err()
+        {
+            // Refused: it must not run (a run begun meanwhile stops), nor
+            // come back after a restart.
+            if let Some(route) = self.routes.lock().unwrap().remove(&record.id) {
+                let _ = route.send(record.id.clone());
+            }
+            self.queue.abandon(&record.id);
+            return Err(QueueError::Store);
         }
         Ok(record)
     }

@@ -357,6 +357,19 @@ impl Queue for EmbeddedQueue {
         Ok(if status == TaskStatus::Running { Cancelled::Running(record) } else { Cancelled::Queued(record) })
     }
 
+    fn abandon(&self, id: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        // Out of its queue, or off the running count.
+        if inner.tasks.get(id).is_some_and(|entry| !entry.record.status.is_terminal()) {
+            inner.end(id, TaskStatus::Cancelled, None, 0);
+        }
+        if let Some(entry) = inner.tasks.remove(id)
+            && let Some(journal) = self.journal.as_ref().filter(|_| entry.record.durable)
+        {
+            journal.delete(entry.record.id);
+        }
+    }
+
     fn get(&self, id: &str) -> Option<TaskRecord> {
         self.inner.lock().unwrap().tasks.get(id).map(|entry| entry.record.clone())
     }
@@ -480,6 +493,28 @@ mod tests {
     /// Waits until everything `q` changed is on disk.
     fn synced(q: &EmbeddedQueue) {
         tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(q.sync()).unwrap();
+    }
+
+    #[test]
+    fn an_abandoned_task_is_gone_and_stays_gone() {
+        let store = ScratchStore::new("queue-abandon");
+        let path = store.path();
+        {
+            let q = EmbeddedQueue::open(&path, 0).unwrap();
+            let mut t = task(0);
+            t.max_queued = 10;
+            let queued = q.enqueue(NewTask { id: new_task_id(), ..t.clone() }, 0).unwrap().id;
+            let running = q.enqueue(NewTask { id: new_task_id(), ..t }, 0).unwrap().id;
+            assert_eq!(q.lease("a", 1).unwrap().id, queued);
+            q.abandon(&queued);
+            q.abandon(&running);
+            assert_eq!(q.counts("a"), Counts::default());
+            assert!(q.get(&queued).is_none() && q.get(&running).is_none());
+            assert!(q.finish(&queued, Finish::Complete(Bytes::new()), 2).is_none(), "its run's end is ignored");
+            synced(&q);
+        }
+        let q = EmbeddedQueue::open(&path, 3).unwrap();
+        assert!(q.list("a", None, None, 10).is_empty(), "not run again after a restart");
     }
 
     #[test]

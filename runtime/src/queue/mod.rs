@@ -362,6 +362,11 @@ pub(crate) trait Queue: Send + Sync + 'static {
     /// Resolves once every change made so far is durable (at once for a
     /// store that keeps nothing); an error if it could not be made durable.
     fn sync(&self) -> oneshot::Receiver<()>;
+    /// Forgets a task whose submit was refused because the store could not
+    /// make it durable: its caller was told so, and would run it twice by
+    /// submitting it again. A store whose enqueue is durable when it
+    /// returns has nothing to undo.
+    fn abandon(&self, _id: &str) {}
     /// Ends the queued tasks of `app` that `which` says with `status` and
     /// `error`.
     fn end_queued(&self, app: &str, which: Queued, status: TaskStatus, error: TaskError, now: u64) -> Vec<TaskRecord>;

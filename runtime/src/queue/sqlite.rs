@@ -5,6 +5,7 @@
 
 use std::path::Path;
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
@@ -170,29 +171,94 @@ fn load(conn: &Connection) -> Result<Vec<TaskRow>> {
     rows.collect::<rusqlite::Result<_>>().context("failed to read the task store")
 }
 
+/// How long a failed commit waits before it is tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+
+/// Changes a failed commit left unsaved, kept in order and tried again with
+/// every later commit: a sync answers only once everything sent before it
+/// is on disk, so a write lost to a full disk is never acknowledged, and the
+/// ends of runs are saved once there is room again.
+#[derive(Default)]
+struct Unsaved {
+    ops: Vec<Op>,
+    /// Failed commits since the last that went through, and when the last
+    /// was logged.
+    failures: u64,
+    logged: Option<Instant>,
+}
+
+impl Unsaved {
+    /// Adds a change; a deleted task's earlier changes that never reached
+    /// the disk are dropped with it (its delete still runs: an older row
+    /// may be there).
+    fn push(&mut self, op: Op) {
+        if let Op::Delete(id) = &op {
+            self.ops.retain(|kept| !matches!(kept, Op::Insert(row) | Op::Update(row) if row.id == *id));
+        }
+        self.ops.push(op);
+    }
+
+    fn failed(&mut self, error: &anyhow::Error) {
+        self.failures += 1;
+        // Said at once, then every half minute while it lasts.
+        if self.logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(30)) {
+            tracing::error!(
+                "failed to write to the task store: {error:#} ({} changes wait to be saved, tried again every \
+                 {RETRY_EVERY:?}; is the data dir's disk full?)",
+                self.ops.len()
+            );
+            self.logged = Some(Instant::now());
+        }
+    }
+
+    fn saved(&mut self, changes: usize) {
+        if self.failures > 0 {
+            tracing::info!("the task store saved the {changes} changes that waited ({} failed tries)", self.failures);
+        }
+        self.failures = 0;
+        self.logged = None;
+    }
+}
+
 fn write_loop(mut conn: Connection, ops: mpsc::Receiver<Op>) {
-    while let Ok(first) = ops.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match ops.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
+    let mut unsaved = Unsaved::default();
+    loop {
+        let first = if unsaved.ops.is_empty() {
+            ops.recv().ok()
+        } else {
+            match ops.recv_timeout(RETRY_EVERY) {
+                Ok(op) => Some(op),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
+        };
+        let closed = first.is_none() && unsaved.ops.is_empty();
+        if closed {
+            return;
         }
         let mut syncs = Vec::new();
-        match commit(&mut conn, batch, &mut syncs) {
+        for op in first.into_iter().chain(std::iter::from_fn(|| ops.try_recv().ok())).take(MAX_BATCH) {
+            match op {
+                Op::Sync(sync) => syncs.push(sync),
+                change => unsaved.push(change),
+            }
+        }
+        match commit(&mut conn, &unsaved.ops) {
             Ok(()) => {
+                unsaved.saved(unsaved.ops.len());
+                unsaved.ops.clear();
                 for sync in syncs {
                     let _ = sync.send(());
                 }
             }
-            // Dropping the syncs tells their waiters the write failed.
-            Err(e) => tracing::error!("failed to write to the task store: {e:#}"),
+            // Dropping the syncs tells their waiters the write failed; the
+            // changes stay for the next try.
+            Err(e) => unsaved.failed(&e),
         }
     }
 }
 
-fn commit(conn: &mut Connection, batch: Vec<Op>, syncs: &mut Vec<oneshot::Sender<()>>) -> Result<()> {
+fn commit(conn: &mut Connection, changes: &[Op]) -> Result<()> {
     let tx = conn.transaction()?;
     {
         let mut insert = tx.prepare_cached(
@@ -208,7 +274,7 @@ fn commit(conn: &mut Connection, batch: Vec<Op>, syncs: &mut Vec<oneshot::Sender
              WHERE id = ?1",
         )?;
         let mut delete = tx.prepare_cached("DELETE FROM tasks WHERE id = ?1")?;
-        for op in batch {
+        for op in changes {
             match op {
                 Op::Insert(r) => {
                     insert.execute(params![
@@ -251,7 +317,7 @@ fn commit(conn: &mut Connection, batch: Vec<Op>, syncs: &mut Vec<oneshot::Sender
                 Op::Delete(id) => {
                     delete.execute([id])?;
                 }
-                Op::Sync(sync) => syncs.push(sync),
+                Op::Sync(_) => {}
             }
         }
     }
@@ -262,6 +328,41 @@ fn commit(conn: &mut Connection, batch: Vec<Op>, syncs: &mut Vec<oneshot::Sender
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changes_a_failed_commit_left_are_saved_by_the_next_and_no_sync_answers_before() {
+        let store = crate::queue::ScratchStore::new("store-retry");
+        let path = store.path();
+        let (journal, _) = Journal::open(&path).unwrap();
+        let row =
+            |status: &str| TaskRow { id: "t1".into(), app: "a".into(), status: status.into(), ..TaskRow::default() };
+        // Another writer holds the store: the journal's commits fail (after
+        // SQLite's busy wait), as they would on a full disk.
+        let blocker = Connection::open(&path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        journal.insert(row("PENDING"));
+        assert!(journal.sync().blocking_recv().is_err(), "not saved: the submit is refused");
+        journal.update(row("COMPLETE"));
+        blocker.execute_batch("COMMIT").unwrap();
+        // The insert that failed is saved with the next commit, before its sync answers.
+        assert!(journal.sync().blocking_recv().is_ok());
+        let (_, rows) = Journal::open(&path).unwrap();
+        assert_eq!(
+            rows.iter().map(|r| (r.id.as_str(), r.status.as_str())).collect::<Vec<_>>(),
+            vec![("t1", "COMPLETE")]
+        );
+
+        // A task refused, then deleted, before any commit went through: nothing of it is written.
+        let blocker = Connection::open(&path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        journal.insert(TaskRow { id: "t2".into(), ..row("PENDING") });
+        assert!(journal.sync().blocking_recv().is_err());
+        journal.delete("t2".into());
+        blocker.execute_batch("COMMIT").unwrap();
+        assert!(journal.sync().blocking_recv().is_ok());
+        let (_, rows) = Journal::open(&path).unwrap();
+        assert_eq!(rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["t1"]);
+    }
 
     #[test]
     fn a_version_1_store_is_upgraded_in_place() {
