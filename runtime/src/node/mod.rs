@@ -324,7 +324,10 @@ async fn drain(node: &Node, grace: Duration) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if node.dispatch.sync().await.is_err() {
-        tracing::error!("the task store could not save its last changes");
+        tracing::error!(
+            "the task store could not save its last changes (see the errors above; is the data dir's disk full?): \
+             tasks that ended since its last save run again on the next start"
+        );
     }
     if let Some(cluster) = &node.cluster {
         save_before_leaving(node, &cluster.queue, deadline).await;

@@ -185,6 +185,7 @@ struct Unsaved {
     /// was logged.
     failures: u64,
     logged: Option<Instant>,
+    said_failing: bool,
 }
 
 impl Unsaved {
@@ -200,7 +201,8 @@ impl Unsaved {
 
     fn failed(&mut self, error: &anyhow::Error) {
         self.failures += 1;
-        // Said at once, then every half minute while it lasts.
+        // Said at once, then at most every half minute (a full disk fails
+        // many commits, and refused submits end each such run of failures).
         if self.logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(30)) {
             tracing::error!(
                 "failed to write to the task store: {error:#} ({} changes wait to be saved, tried again every \
@@ -208,15 +210,17 @@ impl Unsaved {
                 self.ops.len()
             );
             self.logged = Some(Instant::now());
+            self.said_failing = true;
         }
     }
 
     fn saved(&mut self, changes: usize) {
-        if self.failures > 0 {
+        // Said once for each failure said.
+        if self.failures > 0 && self.said_failing {
             tracing::info!("the task store saved the {changes} changes that waited ({} failed tries)", self.failures);
+            self.said_failing = false;
         }
         self.failures = 0;
-        self.logged = None;
     }
 }
 
