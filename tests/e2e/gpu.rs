@@ -125,9 +125,8 @@ fn a_scale_to_zero_app_that_cannot_start_gives_its_gpu_back() {
     let server = Server::start("gpu-failing", &["--gpu-backend", "cpu", "--gpus", "1"]);
     let config = "[runtime]\ngpu = \"any\"\n[autoscaler]\nkind = \"queue_depth\"\nmax_tasks_per_replica = 1\n";
     server.deploy_guest("broken", "guest-badinit", Some(config));
-    let id = submit(&server, "broken", "{}");
-    let record = server.get(&format!("/v1/tasks/{id}?wait=60s"));
-    assert_eq!((record["status"].as_str(), error_code(&record)), (Some("FAILED"), "START_FAILED"), "{record}");
+    let (status, body) = server.invoke_json("broken", "{}");
+    assert_eq!((status, error_code(&body)), (503, "START_FAILED"), "{body}");
     // Nothing left to run: its crash-looping replica is surplus and stops,
     // freeing the only GPU for another app.
     server.wait_status("broken", "the failing replica to stop", LONG, |s| {

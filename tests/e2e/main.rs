@@ -317,6 +317,16 @@ fn an_app_whose_init_fails_answers_with_the_reason() {
         let app = apps["apps"].as_array()?.iter().find(|app| app["name"] == "badinit")?.clone();
         (app["failing_replicas"] == 1 && app["replicas"] == 0).then_some(())
     });
+    // A task submitted to the queue waits instead (up to its ttl), through
+    // more failed starts; a fixed version runs it.
+    let failed_starts = || server.status("badinit")["replicas"][0]["failed_starts"].as_u64();
+    let before = failed_starts().unwrap_or_default();
+    let id = submit(&server, "badinit", r#"{"ms": 1}"#);
+    wait_for("another failed start", LONG, || failed_starts().is_some_and(|n| n > before).then_some(()));
+    assert_eq!(server.get(&format!("/v1/tasks/{id}"))["status"], "PENDING");
+    server.deploy_guest("badinit", "sleep", None);
+    let record = server.get(&format!("/v1/tasks/{id}?wait=60s"));
+    assert_eq!((record["status"].as_str(), record["attempts"].as_u64()), (Some("COMPLETE"), Some(1)), "{record}");
 
     // An init longer than the app's timeout says which key limits it.
     server.deploy_guest("slow", "guest-slowstart", Some("[runtime]\nworkers = 2\ntimeout = \"1s\"\n"));

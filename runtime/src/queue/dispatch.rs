@@ -486,9 +486,12 @@ impl Dispatch {
         }
     }
 
-    /// Fails the queued tasks of an app that cannot start, saying why.
-    pub(crate) fn fail_queued(&self, app: &str, message: String) {
-        self.end_queued(app, Queued::All, TaskStatus::Failed, TaskError { code: ErrorCode::StartFailed, message });
+    /// Fails the queued calls of an app that cannot start, saying why: their
+    /// callers wait. Tasks submitted to the queue stay queued (up to their
+    /// ttl): a start that fails for a while (a model store down), or a fixed
+    /// redeploy, runs them then.
+    pub(crate) fn fail_calls(&self, app: &str, message: String) {
+        self.end_queued(app, Queued::Calls, TaskStatus::Failed, TaskError { code: ErrorCode::StartFailed, message });
     }
 
     /// Ends the app's queued calls (their callers wait) with `message`: no

@@ -26,8 +26,9 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A replica up this long has recovered: its next crash restarts at once.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
-/// Failed starts in a row after which the app's queued tasks are failed
-/// rather than left waiting for a replica that cannot come up.
+/// Failed starts in a row after which the app's queued calls are failed
+/// rather than left waiting for a replica that cannot come up (their callers
+/// wait; tasks submitted to the queue wait on, up to their ttl).
 const FAILED_STARTS: u32 = 3;
 /// Time a replica gets beyond its `init` timeout to start all workers.
 const START_GRACE: Duration = Duration::from_secs(30);
@@ -319,7 +320,7 @@ async fn run_placed(
         restarts.failed_starts = if start_failed { restarts.failed_starts + 1 } else { 0 };
         let failed_starts = restarts.failed_starts;
         if failed_starts >= FAILED_STARTS {
-            plan.dispatch.fail_queued(
+            plan.dispatch.fail_calls(
                 &plan.spec.app,
                 format!("the app's replicas failed to start {failed_starts} times in a row; last: {message}"),
             );
