@@ -134,12 +134,19 @@ pub(crate) enum DeployError {
     Internal(#[from] anyhow::Error),
 }
 
+/// Where the callback secrets of removed apps are kept, in the data dir.
+const REMOVED_SECRETS: &str = "removed-secrets.json";
+
 pub(crate) struct Registry {
     dir: PathBuf,
     engine: Engine,
     linker: Linker<WorkerState>,
     engine_key: String,
     apps: Mutex<BTreeMap<String, App>>,
+    /// The callback secrets of removed apps, by name (kept in
+    /// `removed-secrets.json`): the tasks a removal cancels still get their
+    /// signed callbacks, after a restart too.
+    removed_secrets: Mutex<BTreeMap<String, String>>,
 }
 
 impl Registry {
@@ -158,7 +165,17 @@ impl Registry {
             engine,
             linker,
             apps: Mutex::default(),
+            removed_secrets: Mutex::default(),
         };
+        let secrets = data_dir.join(REMOVED_SECRETS);
+        match std::fs::read(&secrets) {
+            Ok(json) => match serde_json::from_slice(&json) {
+                Ok(removed) => *registry.removed_secrets.lock().unwrap() = removed,
+                Err(e) => tracing::error!("failed to read {secrets:?}: {e}; callbacks of removed apps go unsent"),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::error!("failed to read {secrets:?}: {e}; callbacks of removed apps go unsent"),
+        }
         for entry in std::fs::read_dir(data_dir.join("apps"))? {
             let path = entry?.path();
             if path.extension().is_some_and(|ext| ext == "json") {
@@ -308,9 +325,20 @@ impl Registry {
         Ok(())
     }
 
+    /// The callback secret of a removed app.
+    pub(crate) fn removed_secret(&self, name: &str) -> Option<String> {
+        self.removed_secrets.lock().unwrap().get(name).cloned()
+    }
+
     pub(crate) fn remove(&self, name: &str) -> Result<Option<App>> {
         let mut apps = self.apps.lock().unwrap();
         let Some(app) = apps.remove(name) else { return Ok(None) };
+        {
+            let mut removed = self.removed_secrets.lock().unwrap();
+            removed.insert(name.to_owned(), app.version.callback_secret.clone());
+            let json = serde_json::to_vec_pretty(&*removed).context("failed to encode the removed apps' secrets")?;
+            write_atomic(&self.dir.join(REMOVED_SECRETS), &json)?;
+        }
         let path = self.dir.join("apps").join(format!("{name}.json"));
         std::fs::remove_file(&path).with_context(|| format!("failed to remove {path:?}"))?;
         Ok(Some(app))

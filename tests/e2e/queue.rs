@@ -415,4 +415,27 @@ fn the_tasks_a_removal_cancels_get_their_callbacks() {
         let body: Value = serde_json::from_slice(&delivery.body).unwrap();
         assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("was removed")), "{body}");
     }
+    drop(hook);
+
+    // Still undelivered when the node stops (its receiver is down): sent
+    // once it is back, signed with the removed app's secret all the same.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let config = format!("[task_queue]\ncallback_url = \"http://{addr}/hook\"\n");
+    let deployed = server.deploy_guest("late", "sleep", Some(&config));
+    let secret = deployed["callback_secret"].as_str().unwrap().to_owned();
+    let id = submit_ok(&server, "late", r#"{"ms": 60000}"#);
+    assert_eq!(server.http.delete(server.url("/v1/apps/late")).send().unwrap().status(), 200);
+    assert_eq!(task(&server, &id)["callback"], "pending");
+    let server = Server::start_in(server.terminate(), &[]);
+    let (_, hook) = receiver_at(&addr, 0);
+    wait_for("the callback", LONG, || (hook.lock().unwrap().len() == 1).then_some(()));
+    let hook = hook.lock().unwrap();
+    let headers = &hook[0].headers;
+    assert_eq!(
+        (headers["x-beamlet-task-id"].as_str(), headers["x-beamlet-status"].as_str()),
+        (id.as_str(), "CANCELLED")
+    );
+    let signature = expected_signature(&secret, &headers["x-beamlet-timestamp"], &hook[0].body);
+    assert_eq!(headers["x-beamlet-signature"], signature);
+    wait_for("the callback settled", LONG, || (task(&server, &id)["callback"] == "delivered").then_some(()));
 }

@@ -62,9 +62,6 @@ pub(crate) struct Node {
     pub limits: Limits,
     /// The other nodes sharing the queue and apps (`--redis`).
     pub cluster: Option<Cluster>,
-    /// The callback secrets of removed apps, by name: the tasks a removal
-    /// cancels still get their signed callbacks.
-    pub removed_secrets: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl Node {
@@ -86,10 +83,9 @@ impl Node {
     }
 
     /// Stops what runs of an app just removed from the registry and drops
-    /// what this node kept of it, but its callback secret.
+    /// what this node kept of it (the registry keeps its callback secret).
     pub(crate) fn drop_app(&self, app: &crate::registry::App) {
         let name = &app.version.name;
-        self.removed_secrets.lock().unwrap().insert(name.clone(), app.version.callback_secret.clone());
         self.supervisor.remove(name);
         self.logs.remove(name);
         self.metrics.remove_app(name);
@@ -99,7 +95,7 @@ impl Node {
     pub(crate) fn callback_secret(&self, app: &str) -> Option<String> {
         match self.registry.get(app) {
             Some(app) => Some(app.version.callback_secret),
-            None => self.removed_secrets.lock().unwrap().get(app).cloned(),
+            None => self.registry.removed_secret(app),
         }
     }
 }
@@ -223,7 +219,6 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
         gpu_monitor,
         limits,
         cluster,
-        removed_secrets: Default::default(),
     });
     callbacks::spawn(node.clone(), ended);
     tokio::spawn(crate::autoscaler::run(
