@@ -535,6 +535,10 @@ impl<'de> Deserialize<'de> for Size {
             }
             other => Err(not_a_size(&format!("this {}", other.type_str()))),
         };
+        let size = size.and_then(|size| match size.bytes > MAX_SIZE {
+            true => Err(format!("{} is too large: at most 1Ei", size.bytes)),
+            false => Ok(size),
+        });
         size.map_err(de::Error::custom)
     }
 }
@@ -551,9 +555,19 @@ impl<'de> Deserialize<'de> for Dur {
             }
             other => Err(not_a_duration(&format!("this {}", other.type_str()))),
         };
+        let duration = duration.and_then(|d| match d > MAX_DURATION {
+            true => Err(format!("{} is too long: at most 3650d (ten years)", format_duration(d))),
+            false => Ok(d),
+        });
         duration.map(Dur).map_err(de::Error::custom)
     }
 }
+
+/// The longest duration a config takes: a bound on typos (and on times in
+/// milliseconds the task store keeps as 64-bit signed integers).
+const MAX_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
+/// The largest size a config takes (1Ei), for the same reasons.
+const MAX_SIZE: u64 = 1 << 60;
 
 /// Binary units first so [`format_size`] prefers them.
 const SIZE_UNITS: [(&str, u64); 9] = [
@@ -821,6 +835,10 @@ callback_url = "https://example.com/beamlet/done"
             ("[task_queue]\nresult_ttl = \"0ms\"", "[task_queue] result_ttl"),
             ("[task_queue]\nmax_queued = 0", "[task_queue] max_queued"),
             ("[task_queue]\nmax_result_size = 0", "[task_queue] max_result_size"),
+            ("[task_queue]\nmax_result_size = \"9223372036854775808\"", "[task_queue] max_result_size"),
+            ("[task_queue]\nttl = \"18446744073709551615ms\"", "[task_queue] ttl"),
+            ("[task_queue]\nresult_ttl = \"3651d\"", "[task_queue] result_ttl"),
+            ("[runtime]\ntimeout = \"3000000000000h\"", "[runtime] timeout"),
             ("[autoscaler]\nkind = \"queue_depth\"\nmax_replicas = 100000", "[autoscaler] max_replicas"),
             ("[autoscaler]\nmin_replicas = 5000", "[autoscaler] min_replicas"),
             ("[task_queue]\ncallback_url = \"ftp://example.com\"", "[task_queue] callback_url"),

@@ -85,31 +85,14 @@ impl Journal {
     /// Opens (or creates) the store at `path` and returns every stored task.
     pub(crate) fn open(path: &Path) -> Result<(Self, Vec<TaskRow>)> {
         let conn = Connection::open(path).with_context(|| format!("failed to open the task store {path:?}"))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        // FULL: a commit is on disk when it returns; group commit pays for it.
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.execute_batch(SCHEMA).context("failed to create the task store schema")?;
-        let version: Option<String> =
-            conn.query_row("SELECT value FROM meta WHERE key = 'schema'", [], |row| row.get(0)).optional()?;
-        match version.as_deref() {
-            None => {
-                conn.execute("INSERT INTO meta (key, value) VALUES ('schema', ?1)", [SCHEMA_VERSION])?;
-            }
-            Some(SCHEMA_VERSION) => {}
-            // Version 1 had no record of undelivered callbacks.
-            Some("1") => {
-                let tx = conn.unchecked_transaction()?;
-                tx.execute_batch(
-                    "ALTER TABLE tasks ADD COLUMN callback_pending INTEGER NOT NULL DEFAULT 0;
-                     UPDATE meta SET value = '2' WHERE key = 'schema';",
-                )?;
-                tx.commit().with_context(|| format!("failed to upgrade the task store {path:?}"))?;
-            }
-            Some(other) => {
-                anyhow::bail!("the task store {path:?} has schema {other}, this beamlet reads {SCHEMA_VERSION}")
-            }
-        }
-        let rows = load(&conn)?;
+        let rows = prepare(&conn, path).map_err(|e| match e.downcast_ref::<rusqlite::Error>() {
+            // SQLite's own words ("file is not a database") name no file.
+            Some(_) => e.context(format!(
+                "the task store {path:?} cannot be read; if it is damaged, move it (and its -wal and -shm files) \
+                 aside: the node then starts with an empty queue"
+            )),
+            None => e,
+        })?;
         let (ops, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("task-store".into())
@@ -137,6 +120,35 @@ impl Journal {
         let _ = self.ops.send(Op::Sync(tx));
         rx
     }
+}
+
+/// Sets the store up (WAL, schema, upgrades) and reads every task in it.
+fn prepare(conn: &Connection, path: &Path) -> Result<Vec<TaskRow>> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: a commit is on disk when it returns; group commit pays for it.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.execute_batch(SCHEMA).context("failed to create the task store schema")?;
+    let version: Option<String> =
+        conn.query_row("SELECT value FROM meta WHERE key = 'schema'", [], |row| row.get(0)).optional()?;
+    match version.as_deref() {
+        None => {
+            conn.execute("INSERT INTO meta (key, value) VALUES ('schema', ?1)", [SCHEMA_VERSION])?;
+        }
+        Some(SCHEMA_VERSION) => {}
+        // Version 1 had no record of undelivered callbacks.
+        Some("1") => {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(
+                "ALTER TABLE tasks ADD COLUMN callback_pending INTEGER NOT NULL DEFAULT 0;
+                 UPDATE meta SET value = '2' WHERE key = 'schema';",
+            )?;
+            tx.commit().with_context(|| format!("failed to upgrade the task store {path:?}"))?;
+        }
+        Some(other) => {
+            anyhow::bail!("the task store {path:?} has schema {other}, this beamlet reads {SCHEMA_VERSION}")
+        }
+    }
+    load(conn)
 }
 
 fn load(conn: &Connection) -> Result<Vec<TaskRow>> {
@@ -287,13 +299,13 @@ fn commit(conn: &mut Connection, changes: &[Op]) -> Result<()> {
                         r.status,
                         r.attempts,
                         r.retries,
-                        r.timeout_ms,
-                        r.result_ttl_ms,
-                        r.max_result_size,
-                        r.created_at,
-                        r.started_at,
-                        r.ended_at,
-                        r.expires_at,
+                        int(r.timeout_ms),
+                        int(r.result_ttl_ms),
+                        int(r.max_result_size),
+                        int(r.created_at),
+                        r.started_at.map(int),
+                        r.ended_at.map(int),
+                        int(r.expires_at),
                         r.error_code,
                         r.error_message,
                         r.input.as_ref(),
@@ -309,8 +321,8 @@ fn commit(conn: &mut Connection, changes: &[Op]) -> Result<()> {
                         r.id,
                         r.status,
                         r.attempts,
-                        r.started_at,
-                        r.ended_at,
+                        r.started_at.map(int),
+                        r.ended_at.map(int),
                         r.error_code,
                         r.error_message,
                         r.output.as_deref(),
@@ -327,6 +339,13 @@ fn commit(conn: &mut Connection, changes: &[Op]) -> Result<()> {
     }
     tx.commit()?;
     Ok(())
+}
+
+/// A time or size as SQLite keeps it (a signed 64-bit integer): one too
+/// large to be meant is kept as the largest, never refused, since a change
+/// the store cannot take would fail every commit after it.
+fn int(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -366,6 +385,10 @@ mod tests {
         assert!(journal.sync().blocking_recv().is_ok());
         let (_, rows) = Journal::open(&path).unwrap();
         assert_eq!(rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["t1"]);
+
+        // Times past what SQLite's integers hold are kept as the largest, not refused.
+        journal.insert(TaskRow { id: "t3".into(), expires_at: u64::MAX, timeout_ms: u64::MAX, ..row("PENDING") });
+        assert!(journal.sync().blocking_recv().is_ok());
     }
 
     #[test]
