@@ -584,6 +584,20 @@ fn a_call_whose_replica_dies_while_its_node_stops_is_answered_at_once() {
 }
 
 #[test]
+fn a_call_still_running_when_the_shutdown_grace_runs_out_is_answered() {
+    let server = Server::start("shutdown-cut", &["--shutdown-grace", "1s"]);
+    server.deploy_guest("sleep", "sleep", Some("[runtime]\nworkers = 1\n"));
+    let client = reqwest::blocking::Client::builder().timeout(LONG).build().unwrap();
+    let url = server.url("/v1/apps/sleep/invoke");
+    let call = std::thread::spawn(move || client.post(url).body(r#"{"ms": 30000}"#).send().map(|r| r.json()));
+    server.wait_status("sleep", "the call to run", LONG, |s| s["queue"]["running"] == 1);
+    server.terminate();
+    let call: Value = call.join().unwrap().expect("an answer, not a closed connection").unwrap();
+    assert_eq!(error_code(&call), "SHUTTING_DOWN", "{call}");
+    assert!(error_message(&call).contains("grace ran out"), "{call}");
+}
+
+#[test]
 fn sigterm_with_no_request_open_still_lets_running_tasks_finish() {
     // No connection open when the signal comes: the HTTP server ends at
     // once, and the replicas must be drained all the same.

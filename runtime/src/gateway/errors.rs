@@ -243,7 +243,7 @@ impl From<QueueError> for ApiError {
             QueueError::Store | QueueError::Backend(_) | QueueError::Lost(_) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "STORE_FAILED", error.to_string()).retry_later()
             }
-            QueueError::ShuttingDown => {
+            QueueError::ShuttingDown | QueueError::CutOff => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN", error.to_string()).retry_later()
             }
         }

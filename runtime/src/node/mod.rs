@@ -284,8 +284,8 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
         result = &mut server => return result.context("the HTTP server stopped"),
     }
     drain(&node, options.shutdown_grace).await;
-    // Calls whose tasks just ended still get their answers written; calls
-    // still waiting (their tasks never started) lose their connections.
+    // Calls whose tasks just ended still get their answers written, and
+    // calls cut off by the grace theirs (503 SHUTTING_DOWN).
     if tokio::time::timeout(ANSWER_GRACE, &mut server).await.is_err() {
         tracing::warn!("requests still open after the replicas stopped; closing them");
     }
@@ -314,6 +314,7 @@ async fn drain(node: &Node, grace: Duration) {
                 "replicas still running tasks, or calls still waiting for their tasks, {grace:?} after the shutdown \
                  signal; stopping"
             );
+            node.dispatch.give_up_calls();
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

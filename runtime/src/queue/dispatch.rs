@@ -177,7 +177,8 @@ impl Dispatch {
         }
         // The sender is dropped unanswered only if the task vanished: a
         // shared store that lost its data.
-        rx.await.map_err(|_| QueueError::Lost(id))
+        // (Or the node stopped, giving up on the calls still running.)
+        rx.await.map_err(|_| if *self.closing.borrow() { QueueError::CutOff } else { QueueError::Lost(id) })
     }
 
     /// Cancels task `id` when the guard drops before [`CancelOnDrop::disarm`]:
@@ -509,6 +510,12 @@ impl Dispatch {
         for app in apps {
             self.end_calls_taken_here(app);
         }
+    }
+
+    /// The shutdown grace ran out: every call still waiting is answered
+    /// that the node stopped (their connections would close unanswered).
+    pub(crate) fn give_up_calls(&self) {
+        self.waiters.lock().unwrap().clear();
     }
 
     /// Whether a caller still waits for a call's end (once closed: a call

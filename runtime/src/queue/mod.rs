@@ -272,6 +272,9 @@ pub(crate) enum QueueError {
         "the node is shutting down and takes no more calls; call again once it is back (tasks sent to /tasks are kept)"
     )]
     ShuttingDown,
+    /// The node stopped (its shutdown grace ran out) while the call ran.
+    #[error("the node stopped before the call ended (its shutdown grace ran out); call again once it is back")]
+    CutOff,
 }
 
 /// Which queued tasks [`Queue::end_queued`] ends.
