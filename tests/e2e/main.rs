@@ -567,11 +567,7 @@ fn a_node_stopped_by_sigterm_lets_its_replicas_finish_their_tasks() {
 #[test]
 fn a_call_whose_replica_dies_while_its_node_stops_is_answered_at_once() {
     let server = Server::start("shutdown-lost", &["--shutdown-grace", "10m"]);
-    server.deploy_guest("sleep", "sleep", Some("[runtime]\nworkers = 1\n[task_queue]\nretries = 1\n"));
-    let client = reqwest::blocking::Client::builder().timeout(LONG).build().unwrap();
-    let url = server.url("/v1/apps/sleep/invoke");
-    let call = std::thread::spawn(move || client.post(url).body(r#"{"ms": 100000}"#).send().map(|r| r.json()));
-    server.wait_status("sleep", "the call to run", LONG, |s| s["queue"]["running"] == 1);
+    let call = running_call(&server, "[runtime]\nworkers = 1\n[task_queue]\nretries = 1\n");
     let replica = server.ready_pids("sleep")[0];
     server.sigterm();
     wait_for("the node to begin its shutdown", LONG, || server.log().contains("shutting down").then_some(()));
@@ -586,11 +582,7 @@ fn a_call_whose_replica_dies_while_its_node_stops_is_answered_at_once() {
 #[test]
 fn a_call_still_running_when_the_shutdown_grace_runs_out_is_answered() {
     let server = Server::start("shutdown-cut", &["--shutdown-grace", "1s"]);
-    server.deploy_guest("sleep", "sleep", Some("[runtime]\nworkers = 1\n"));
-    let client = reqwest::blocking::Client::builder().timeout(LONG).build().unwrap();
-    let url = server.url("/v1/apps/sleep/invoke");
-    let call = std::thread::spawn(move || client.post(url).body(r#"{"ms": 30000}"#).send().map(|r| r.json()));
-    server.wait_status("sleep", "the call to run", LONG, |s| s["queue"]["running"] == 1);
+    let call = running_call(&server, "[runtime]\nworkers = 1\n");
     server.terminate();
     let call: Value = call.join().unwrap().expect("an answer, not a closed connection").unwrap();
     assert_eq!(error_code(&call), "SHUTTING_DOWN", "{call}");
@@ -623,6 +615,17 @@ fn apps_survive_a_node_restart_and_replicas_die_with_their_node() {
     let (status, body) = server.invoke_json("hello", r#"{"name":"again"}"#);
     assert_eq!((status, &body["message"]), (200, &Value::from("Hello, again!")));
     assert_eq!(server.status("hello")["version"], 1);
+}
+
+/// Deploys `sleep` with `config` and returns a call of it sleeping 100 s,
+/// once it runs, answered as JSON.
+fn running_call(server: &Server, config: &str) -> std::thread::JoinHandle<reqwest::Result<reqwest::Result<Value>>> {
+    server.deploy_guest("sleep", "sleep", Some(config));
+    let client = reqwest::blocking::Client::builder().timeout(LONG).build().unwrap();
+    let url = server.url("/v1/apps/sleep/invoke");
+    let call = std::thread::spawn(move || client.post(url).body(r#"{"ms": 100000}"#).send().map(|r| r.json()));
+    server.wait_status("sleep", "the call to run", LONG, |s| s["queue"]["running"] == 1);
+    call
 }
 
 /// Deploys `sleep` with two workers and no retries, and returns the ids of
