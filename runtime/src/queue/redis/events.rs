@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::resp::{Conn, Reply};
-use super::{NODE_TTL, Reaped, RedisQueue};
+use super::{NODE_TTL, Reaped, RedisQueue, Saved};
 use crate::queue::{Dispatch, now_ms};
 
 /// Something another node (or this one) did that this node must act on.
@@ -48,6 +48,11 @@ impl Event {
 const BEAT: Duration = Duration::from_secs(1);
 /// Between attempts to reach Redis again.
 const RECONNECT: Duration = Duration::from_secs(1);
+/// Every this many beats, a node looks for tasks Redis leased to it that it
+/// never got ([`RedisQueue::release_orphans`]), and releases those seen so
+/// for longer than a call to Redis may take.
+const ORPHAN_CHECK_EVERY: u64 = 5;
+const ORPHAN_AFTER: Duration = Duration::from_secs(30);
 
 /// Told when apps may have changed: one app by name, or all (`None`).
 pub(crate) type AppsChanged = Arc<dyn Fn(Option<String>) + Send + Sync>;
@@ -117,8 +122,10 @@ fn beat(queue: &RedisQueue, dispatch: &Dispatch, apps: &AppsChanged) {
     // heartbeat has lapsed, and none is reaped until each had the time to
     // beat again.
     let mut last_failure: Option<Instant> = None;
+    let mut beats: u64 = 0;
     loop {
         std::thread::sleep(BEAT);
+        beats += 1;
         // A node that left beats no more (nor says Redis answers when it did not ask).
         if queue.has_left() {
             return;
@@ -126,6 +133,11 @@ fn beat(queue: &RedisQueue, dispatch: &Dispatch, apps: &AppsChanged) {
         let result = queue.heartbeat().and_then(|()| {
             for saved in queue.save_unsaved() {
                 dispatch.saved_late(saved);
+            }
+            if beats.is_multiple_of(ORPHAN_CHECK_EVERY) {
+                for released in queue.release_orphans(ORPHAN_AFTER)? {
+                    dispatch.saved_late(Saved::Released(released));
+                }
             }
             if last_failure.is_some_and(|at| at.elapsed() < NODE_TTL) {
                 return Ok(Reaped::default());

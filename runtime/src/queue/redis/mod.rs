@@ -43,6 +43,11 @@ pub(crate) struct RedisQueue {
     unsaved: std::sync::Mutex<Vec<Unsaved>>,
     /// A call failed since the last heartbeat that went through.
     failing: std::sync::atomic::AtomicBool,
+    /// The tasks this node leased and has not ended or released yet.
+    held: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Tasks Redis says run on this node that it does not hold, with when
+    /// each was first seen so (see [`RedisQueue::release_orphans`]).
+    orphans: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 /// A change to a task that failed to reach Redis, kept to be made again.
@@ -91,6 +96,8 @@ impl RedisQueue {
             last_failure_log: Default::default(),
             unsaved: Default::default(),
             failing: Default::default(),
+            held: Default::default(),
+            orphans: Default::default(),
         };
         queue.check_id_free()?;
         let reaped = queue.reap(&queue.node, now, true).context("failed to recover this node's tasks from Redis")?;
@@ -267,7 +274,11 @@ impl RedisQueue {
                 args.extend(detail);
                 let mut both = self.client.eval(&lua::FINISH_LEASE, &args)?.into_array().into_iter();
                 let ended = both.next().unwrap_or(Reply::Nil);
-                (ended, both.next().filter(|reply| *reply != Reply::Nil).and_then(|reply| lease(app, reply)))
+                let next = both.next().filter(|reply| *reply != Reply::Nil).and_then(|reply| lease(app, reply));
+                if let Some(next) = &next {
+                    self.held.lock().unwrap().insert(next.id.clone());
+                }
+                (ended, next)
             }
         };
         let mut parts = ended.into_array().into_iter();
@@ -359,7 +370,46 @@ impl RedisQueue {
     fn take(&self, app: &str, now: u64, ahead: bool) -> Option<Lease> {
         let now = now.to_string();
         let args = [app.as_bytes(), now.as_bytes(), self.node.as_bytes(), flag(ahead)];
-        lease(app, self.eval("lease a task", &lua::LEASE, &args)?)
+        let lease = lease(app, self.eval("lease a task", &lua::LEASE, &args)?)?;
+        self.held.lock().unwrap().insert(lease.id.clone());
+        Some(lease)
+    }
+
+    /// Releases the tasks Redis says run on this node but the node does not
+    /// hold, once seen so for `after`: leases Redis made after the node gave
+    /// up waiting for its answer (it was slow or frozen), which never reached
+    /// a replica and would otherwise stay RUNNING while the node lives. Not
+    /// while ends of runs wait to be saved (those still run here in Redis).
+    pub(crate) fn release_orphans(&self, after: Duration) -> Result<Vec<TaskRecord>, RedisError> {
+        if self.unsaved() > 0 {
+            return Ok(Vec::new());
+        }
+        let key = format!("beamlet:running:{}", self.node);
+        let running = self.client.call(&[b"SMEMBERS", key.as_bytes()])?.into_array();
+        let now = std::time::Instant::now();
+        let due: Vec<String> = {
+            let held = self.held.lock().unwrap();
+            let mut orphans = self.orphans.lock().unwrap();
+            let unheld: Vec<String> =
+                running.into_iter().filter_map(Reply::into_string).filter(|id| !held.contains(id)).collect();
+            orphans.retain(|id, _| unheld.contains(id));
+            unheld
+                .into_iter()
+                .filter(|id| now.duration_since(*orphans.entry(id.clone()).or_insert(now)) >= after)
+                .collect()
+        };
+        let mut released = Vec::new();
+        for id in due {
+            self.orphans.lock().unwrap().remove(&id);
+            if let Some(record) = record(self.client.eval(&lua::RELEASE, &[id.as_bytes(), self.node.as_bytes()])?) {
+                tracing::warn!(
+                    "task {id}: Redis leased it to this node after the node gave up waiting for the answer; it never \
+                     reached a replica and is queued again"
+                );
+                released.push(record);
+            }
+        }
+        Ok(released)
     }
 }
 
@@ -472,6 +522,7 @@ impl Queue for RedisQueue {
     }
 
     fn release(&self, id: &str) -> Option<TaskRecord> {
+        self.held.lock().unwrap().remove(id);
         match self.client.eval(&lua::RELEASE, &[id.as_bytes(), self.node.as_bytes()]) {
             Ok(reply) => record(reply),
             Err(e) => {
@@ -515,6 +566,7 @@ impl Queue for RedisQueue {
         now: u64,
         next: Option<&str>,
     ) -> (Option<Ended>, Option<Lease>) {
+        self.held.lock().unwrap().remove(id);
         match self.try_finish_and_lease(id, &finish, now, next) {
             Ok(both) => both,
             Err(e) => {
@@ -859,6 +911,25 @@ mod tests {
         assert_eq!((running.status, running.attempts), (TaskStatus::Running, 2), "a's run stands");
         assert_eq!(a.finish(&started, Finish::Complete(Bytes::from_static(b"a's")), 9).unwrap().record.attempts, 2);
         assert_eq!(a.output(&started).unwrap(), Bytes::from_static(b"a's"));
+    }
+
+    #[test]
+    fn a_lease_whose_answer_the_node_never_got_is_released() {
+        let Some(redis) = TestRedis::start() else { return };
+        let q = node(&redis, "n1");
+        let lost = q.enqueue(NewTask { max_queued: 10, ..task(0) }, 0).unwrap().id;
+        let held = q.enqueue(NewTask { max_queued: 10, ..task(0) }, 0).unwrap().id;
+        // Redis leases it, but its answer never reaches the node (the call timed out).
+        q.client.eval(&lua::LEASE, &[b"a", b"1", b"n1", b"0"]).unwrap();
+        assert_eq!(q.lease("a", 2).unwrap().id, held);
+        assert!(q.release_orphans(Duration::from_secs(60)).unwrap().is_empty(), "not before it was seen so long");
+        let released = q.release_orphans(Duration::ZERO).unwrap();
+        assert_eq!(released.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec![lost.as_str()]);
+        let record = q.get(&lost).unwrap();
+        assert_eq!((record.status, record.attempts), (TaskStatus::Pending, 0), "it never ran");
+        assert_eq!(q.get(&held).unwrap().status, TaskStatus::Running, "what the node holds stays");
+        assert!(q.release_orphans(Duration::ZERO).unwrap().is_empty());
+        assert_eq!(q.lease("a", 3).unwrap().id, lost);
     }
 
     #[test]
