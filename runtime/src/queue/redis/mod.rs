@@ -50,10 +50,13 @@ pub(crate) struct RedisQueue {
     orphans: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
-/// A change to a task that failed to reach Redis, kept to be made again.
+/// A change to a task that failed to reach Redis, kept to be made again
+/// (`Abandon`: a task whose enqueue failed, which Redis may have taken all
+/// the same).
 enum Unsaved {
     Finish { id: String, finish: Finish, at: u64 },
     Release { id: String },
+    Abandon { id: String },
 }
 
 /// What a change saved late did.
@@ -313,6 +316,20 @@ impl RedisQueue {
                     .client
                     .eval(&lua::RELEASE, &[id.as_bytes(), self.node.as_bytes()])
                     .map(|reply| record(reply).map(Saved::Released)),
+                Unsaved::Abandon { id } => self.client.eval(&lua::ABANDON, &[id.as_bytes()]).map(|status| {
+                    match status.into_string().as_deref() {
+                        None => {}
+                        Some("PENDING") => tracing::warn!(
+                            "task {id}: Redis queued it after this node had refused it (STORE_FAILED); dropped \
+                             before it ran"
+                        ),
+                        Some(status) => tracing::warn!(
+                            "task {id}: Redis queued it after this node had refused it (STORE_FAILED), and it is \
+                             {status} already"
+                        ),
+                    }
+                    None
+                }),
             };
             match result {
                 Ok(done) => saved.extend(done),
@@ -500,6 +517,9 @@ impl Queue for RedisQueue {
         }
         let added = self.client.eval(&lua::ENQUEUE, &args).map_err(|e| {
             self.log_failure("queue a task", &e);
+            // Redis may have got it and answer late: the caller is told it
+            // was refused, so it must not run.
+            self.unsaved.lock().unwrap().push(Unsaved::Abandon { id: task.id.clone() });
             QueueError::Backend(e.to_string())
         })?;
         if added.as_int() == Some(0) {
@@ -911,6 +931,27 @@ mod tests {
         assert_eq!((running.status, running.attempts), (TaskStatus::Running, 2), "a's run stands");
         assert_eq!(a.finish(&started, Finish::Complete(Bytes::from_static(b"a's")), 9).unwrap().record.attempts, 2);
         assert_eq!(a.output(&started).unwrap(), Bytes::from_static(b"a's"));
+    }
+
+    #[test]
+    fn a_task_whose_enqueue_failed_does_not_run_if_redis_took_it_after_all() {
+        let Some(mut redis) = TestRedis::start() else { return };
+        let q = node(&redis, "n1");
+        // Redis took it, but (say) answered after the node gave up: the node
+        // refused its caller and drops it once Redis answers again.
+        let id = q.enqueue(task(0), 0).unwrap().id;
+        q.unsaved.lock().unwrap().push(Unsaved::Abandon { id: id.clone() });
+        assert!(q.save_unsaved().is_empty());
+        assert!(q.get(&id).is_none());
+        assert_eq!(q.counts("a"), Counts::default());
+        assert!(q.lease("a", 1).is_none());
+        // A failed enqueue is kept to be abandoned so.
+        redis.stop();
+        assert!(q.enqueue(task(0), 2).is_err());
+        assert_eq!(q.unsaved(), 1);
+        redis.restart();
+        assert!(q.save_unsaved().is_empty());
+        assert_eq!(q.unsaved(), 0);
     }
 
     #[test]

@@ -212,6 +212,23 @@ return 1
 "#
 );
 
+// ARGV: id. A task whose enqueue its node gave up on (Redis did not
+// answer in time; its caller was refused), should Redis have taken it after
+// all: dropped unless it already ran. Its status before (nil if unknown).
+script!(
+    ABANDON,
+    r#"
+local id = ARGV[1]
+local t = redis.call('HMGET', tkey(id), 'status', 'app', 'origin')
+if t[1] == 'PENDING' then
+  redis.call('LREM', P .. 'q:' .. t[2], 1, id)
+  redis.call('ZREM', P .. 'expiry', id)
+  drop(id, t[2], t[3])
+end
+return t[1]
+"#
+);
+
 // ARGV: id, node. The record, or nil when it is not running on `node`.
 script!(
     RELEASE,
