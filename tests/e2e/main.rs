@@ -460,6 +460,27 @@ fn a_hung_replica_is_killed_and_its_task_retried() {
 }
 
 #[test]
+fn a_node_frozen_past_its_runs_timeouts_reads_their_answers_instead_of_killing_its_replica() {
+    let server = Server::start("frozen-node", &[]);
+    server.deploy_guest("sleep", "sleep", Some("[runtime]\ntimeout = \"1s\"\n[task_queue]\nretries = 1\n"));
+    let id = submit(&server, "sleep", r#"{"ms": 300}"#);
+    wait_running(&server, &id);
+    let pid = ready_pids(&server.status("sleep"))[0];
+    // The node, not its replica, stops for longer than the timeout and the
+    // hung-replica margin after it: the answer waits in the replica's socket.
+    let node = server.pid();
+    // SAFETY: sending a signal has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(node as i32, libc::SIGSTOP) }, 0);
+    std::thread::sleep(Duration::from_secs(13));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(node as i32, libc::SIGCONT) }, 0);
+    let record = server.get(&format!("/v1/tasks/{id}?wait=60s"));
+    assert_eq!((record["status"].as_str(), record["attempts"].as_u64()), (Some("COMPLETE"), Some(1)), "{record}");
+    assert_eq!(ready_pids(&server.status("sleep")), vec![pid], "the replica was not taken for hung");
+    assert!(!server.log().contains("hung"), "{}", server.log());
+}
+
+#[test]
 fn a_task_waiting_for_a_worker_to_rebuild_its_instance_spends_no_attempt_when_the_replica_dies() {
     let server = Server::start("rebuild", &[]);
     let config = "[runtime]\nworkers = 1\ntimeout = \"30s\"\n[task_queue]\nretries = 0\n";

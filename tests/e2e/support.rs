@@ -142,6 +142,11 @@ impl Server {
         Self { child, base, data_dir, http, handed_on: false }
     }
 
+    /// The node's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// What the node (and its replicas) logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(log_path(&self.data_dir)).unwrap_or_default()

@@ -23,6 +23,8 @@ use crate::node::AppLogs;
 use crate::queue::{Dispatch, ErrorCode, Finish, Lease, TaskError, TaskId, now_ms};
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// How often a replica's loop looks for hung runs and a hung exit.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A replica up this long has recovered: its next crash restarts at once.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
@@ -446,8 +448,9 @@ impl Run<'_> {
         let mut draining = false;
         let mut stop_asked = false;
         let mut seq = 0u64;
-        let mut watchdog = tokio::time::interval(Duration::from_secs(1));
+        let mut watchdog = tokio::time::interval(WATCH_EVERY);
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_watch = Instant::now();
         // While runs are in progress, a look now and then at whether every
         // worker is stuck on a long one (see `Pace::STALE`).
         let mut recheck = tokio::time::interval(Pace::STALE / 2);
@@ -520,6 +523,7 @@ impl Run<'_> {
                         self.stalled = if self.all_stuck() { self.stalled + 1 } else { 0 };
                     }
                     _ = watchdog.tick() => {
+                        self.unpause(&mut last_watch);
                         if self.exiting.is_some_and(|since| since.elapsed() > EXIT_GRACE) {
                             // Its exit hangs (in a GPU library's teardown, say): it
                             // would hold its GPU until killed.
@@ -651,6 +655,20 @@ impl Run<'_> {
             self.ahead.retain(|ahead| *ahead != seq);
         }
         self.plan.dispatch.release(&lease.id);
+    }
+
+    /// Time this loop did not run at all (the node was frozen, or starved of
+    /// CPU) is not its runs' time: a replica whose answers wait unread in
+    /// its socket is not hung. Called at each watchdog tick.
+    fn unpause(&mut self, last_watch: &mut Instant) {
+        let now = Instant::now();
+        let paused = now.saturating_duration_since(*last_watch).saturating_sub(WATCH_EVERY);
+        *last_watch = now;
+        if paused > WATCH_EVERY {
+            for started in self.started.values_mut() {
+                *started += paused;
+            }
+        }
     }
 
     /// A run unanswered [`HUNG_AFTER`] past its timeout, if any.
