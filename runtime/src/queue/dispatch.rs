@@ -527,7 +527,9 @@ impl Dispatch {
     /// Ends the app's queued calls this node took, as the node shuts down.
     /// Another node's callers are still there: their calls stay queued.
     fn end_calls_taken_here(&self, app: &str) {
-        let message = "the node is shutting down before the call could run; call again once it is back".to_owned();
+        let message = "the node is shutting down before the call could run (or run again, its replica lost); call \
+                       again once it is back"
+            .to_owned();
         let error = TaskError { code: ErrorCode::ShuttingDown, message };
         self.end_queued(app, Queued::CallsTakenHere, TaskStatus::Cancelled, error);
     }
