@@ -306,18 +306,33 @@ pub(crate) fn main() -> ExitCode {
         // SAFETY: restoring a signal's default action before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
+    let serve = matches!(cli.command, Command::Serve { .. });
     let result = match cli.command {
         Command::Replica { fd } => crate::replica::main(fd),
-        command => runtime(&command).and_then(|rt| rt.block_on(run(command))),
+        command => runtime(&command).and_then(|rt| {
+            let result = rt.block_on(run(command));
+            if serve {
+                // See below: not a drop, which waits for every blocked thread.
+                rt.shutdown_background();
+            }
+            result
+        }),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+    let ok = match result {
+        Ok(()) => true,
         Err(e) => {
             // Not `eprintln!`: it panics when stderr is a closed pipe.
             let _ = writeln!(std::io::stderr(), "error: {e:#}");
-            ExitCode::FAILURE
+            false
         }
+    };
+    if serve {
+        // A node that stopped has saved what it must. Threads still waiting
+        // on a store that does not answer (Redis frozen) would hold up the
+        // runtime's drop for their whole timeout, then trip on its teardown.
+        std::process::exit(if ok { 0 } else { 1 });
     }
+    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
 fn init_tracing(default: &str) {

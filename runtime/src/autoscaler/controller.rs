@@ -82,6 +82,10 @@ pub(crate) async fn run(
                 }
             }
             deferred.remove(&name);
+            // The node began to shut down while this looked (a shared store can be slow to answer).
+            if supervisor.is_closed() {
+                break;
+            }
             if decision.start > 0 || !decision.stop.is_empty() {
                 tracing::info!(app = %name, desired = decision.desired, "scaling: {}", decision.reason);
                 metrics.scaled(&name, decision.start, decision.stop.len() as u32);

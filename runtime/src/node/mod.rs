@@ -302,10 +302,13 @@ const ANSWER_GRACE: Duration = Duration::from_secs(1);
 /// still running when the grace runs out run again on the next start (in a
 /// cluster, at once on another node).
 async fn drain(node: &Node, grace: Duration) {
+    let deadline = tokio::time::Instant::now() + grace;
     node.supervisor.stop_all();
     let apps: Vec<String> = node.registry.list().into_iter().map(|app| app.version.name).collect();
-    node.dispatch.close(&apps);
-    let deadline = tokio::time::Instant::now() + grace;
+    // Ending the queued calls is a round trip per app to a shared store,
+    // which may not answer (Redis frozen): not past the grace.
+    let dispatch = node.dispatch.clone();
+    let _ = tokio::time::timeout_at(deadline, tokio::task::spawn_blocking(move || dispatch.close(&apps))).await;
     // Calls whose tasks run on another node of a cluster are waited for too:
     // their callers are connected here.
     while !node.supervisor.all_stopped() || node.dispatch.calls_waiting() {
@@ -327,9 +330,16 @@ async fn drain(node: &Node, grace: Duration) {
     }
     if let Some(cluster) = &node.cluster {
         save_before_leaving(node, &cluster.queue, deadline).await;
-        cluster.queue.leave();
+        // Said if Redis answers soon; otherwise the others take this node
+        // for dead once its heartbeat runs out.
+        let queue = cluster.queue.clone();
+        let leaving = tokio::task::spawn_blocking(move || queue.leave());
+        let _ = tokio::time::timeout_at(deadline.max(tokio::time::Instant::now()) + LEAVE_GRACE, leaving).await;
     }
 }
+
+/// How long a stopping node waits for Redis to take its leave.
+const LEAVE_GRACE: Duration = Duration::from_secs(1);
 
 /// Saves the ends of runs that Redis did not take while it was down (they
 /// are kept in memory until it answers), trying until `deadline`: a node
@@ -338,10 +348,14 @@ async fn drain(node: &Node, grace: Duration) {
 async fn save_before_leaving(node: &Node, queue: &Arc<RedisQueue>, deadline: tokio::time::Instant) {
     let mut said = false;
     loop {
+        let unsaved = queue.unsaved();
         let saving = queue.clone();
-        let Ok((saved, left)) = tokio::task::spawn_blocking(move || (saving.save_unsaved(), saving.unsaved())).await
-        else {
-            return;
+        let attempt = tokio::task::spawn_blocking(move || (saving.save_unsaved(), saving.unsaved()));
+        // A frozen Redis holds a call for its whole timeout: not past the grace.
+        let (saved, left) = match tokio::time::timeout_at(deadline, attempt).await {
+            Ok(Ok(both)) => both,
+            Ok(Err(_)) => return,
+            Err(_) => (Vec::new(), unsaved),
         };
         for saved in saved {
             node.dispatch.saved_late(saved);
