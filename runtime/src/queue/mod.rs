@@ -262,8 +262,12 @@ pub(crate) enum QueueError {
     AlreadyEnded { id: TaskId, status: TaskStatus },
     #[error("the task store could not save the task; see the node's log (is the data dir's disk full?)")]
     Store,
-    /// The shared task store lost the task (Redis restarted without its data).
-    #[error("the task store lost task {0:?} before it ended (was Redis restarted without its data?); call again")]
+    /// The shared task store lost the task (Redis restarted without its
+    /// data), or this node was taken for dead and its calls cancelled.
+    #[error(
+        "the task store lost task {0:?} before it ended: Redis restarted without its data, or this node did not \
+         answer Redis for a while and was taken for dead (its calls were cancelled); call again"
+    )]
     Lost(TaskId),
     /// The shared task store (Redis) failed.
     #[error("the task store (Redis) failed: {0}")]
