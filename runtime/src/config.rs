@@ -535,9 +535,8 @@ impl<'de> Deserialize<'de> for Size {
             }
             other => Err(not_a_size(&format!("this {}", other.type_str()))),
         };
-        let size = size.and_then(|size| match size.bytes > MAX_SIZE {
-            true => Err(format!("{} is too large: at most 1Ei", size.bytes)),
-            false => Ok(size),
+        let size = size.and_then(|size| {
+            if size.bytes > MAX_SIZE { Err(format!("{} is too large: at most 1Ei", size.bytes)) } else { Ok(size) }
         });
         size.map_err(de::Error::custom)
     }
@@ -555,9 +554,12 @@ impl<'de> Deserialize<'de> for Dur {
             }
             other => Err(not_a_duration(&format!("this {}", other.type_str()))),
         };
-        let duration = duration.and_then(|d| match d > MAX_DURATION {
-            true => Err(format!("{} is too long: at most 3650d (ten years)", format_duration(d))),
-            false => Ok(d),
+        let duration = duration.and_then(|d| {
+            if d > MAX_DURATION {
+                Err(format!("{} is too long: at most 3650d (ten years)", format_duration(d)))
+            } else {
+                Ok(d)
+            }
         });
         duration.map(Dur).map_err(de::Error::custom)
     }

@@ -169,12 +169,11 @@ impl Registry {
         };
         let secrets = data_dir.join(REMOVED_SECRETS);
         match std::fs::read(&secrets) {
-            Ok(json) => match serde_json::from_slice(&json) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            read => match read.map_err(anyhow::Error::from).and_then(|json| Ok(serde_json::from_slice(&json)?)) {
                 Ok(removed) => *registry.removed_secrets.lock().unwrap() = removed,
                 Err(e) => tracing::error!("failed to read {secrets:?}: {e}; callbacks of removed apps go unsent"),
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::error!("failed to read {secrets:?}: {e}; callbacks of removed apps go unsent"),
         }
         for entry in std::fs::read_dir(data_dir.join("apps"))? {
             let path = entry?.path();

@@ -153,9 +153,7 @@ impl Dispatch {
         {
             // Refused: it must not run (a run begun meanwhile stops), nor
             // come back after a restart.
-            if let Some(route) = self.routes.lock().unwrap().remove(&record.id) {
-                let _ = route.send(record.id.clone());
-            }
+            self.stop_run(&record.id);
             self.queue.abandon(&record.id);
             return Err(QueueError::Store);
         }
@@ -226,6 +224,14 @@ impl Dispatch {
         self.routes.lock().unwrap().remove(id);
         if let Some(record) = self.queue.release(id) {
             self.requeued(&record.app);
+        }
+    }
+
+    /// Tells the replica running `id` here, if one does, to stop it.
+    fn stop_run(&self, id: &str) {
+        let route = self.routes.lock().unwrap().remove(id);
+        if let Some(route) = route {
+            let _ = route.send(id.to_owned());
         }
     }
 
@@ -338,12 +344,7 @@ impl Dispatch {
             // The node acts on these (see `node::cluster`).
             Event::AppChanged(_) => {}
             Event::Ended(id) => self.answer_waiters(&id),
-            Event::Cancel(id) => {
-                let route = self.routes.lock().unwrap().remove(&id);
-                if let Some(route) = route {
-                    let _ = route.send(id);
-                }
-            }
+            Event::Cancel(id) => self.stop_run(&id),
             Event::Resync => {
                 let apps: Vec<Arc<Notify>> = self.arrivals.lock().unwrap().values().cloned().collect();
                 for arrivals in apps {

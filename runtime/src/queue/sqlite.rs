@@ -226,13 +226,16 @@ impl Unsaved {
         }
     }
 
-    fn saved(&mut self, changes: usize) {
+    /// Everything kept is on disk now.
+    fn saved(&mut self) {
         // Said once for each failure said.
         if self.failures > 0 && self.said_failing {
-            tracing::info!("the task store saved the {changes} changes that waited ({} failed tries)", self.failures);
+            let (changes, failures) = (self.ops.len(), self.failures);
+            tracing::info!("the task store saved the {changes} changes that waited ({failures} failed tries)");
             self.said_failing = false;
         }
         self.failures = 0;
+        self.ops.clear();
     }
 }
 
@@ -261,8 +264,7 @@ fn write_loop(mut conn: Connection, ops: mpsc::Receiver<Op>) {
         }
         match commit(&mut conn, &unsaved.ops) {
             Ok(()) => {
-                unsaved.saved(unsaved.ops.len());
-                unsaved.ops.clear();
+                unsaved.saved();
                 for sync in syncs {
                     let _ = sync.send(());
                 }

@@ -278,10 +278,7 @@ impl RedisQueue {
                 let mut both = self.client.eval(&lua::FINISH_LEASE, &args)?.into_array().into_iter();
                 let ended = both.next().unwrap_or(Reply::Nil);
                 let next = both.next().filter(|reply| *reply != Reply::Nil).and_then(|reply| lease(app, reply));
-                if let Some(next) = &next {
-                    self.held.lock().unwrap().insert(next.id.clone());
-                }
-                (ended, next)
+                (ended, self.hold(next))
             }
         };
         let mut parts = ended.into_array().into_iter();
@@ -387,9 +384,15 @@ impl RedisQueue {
     fn take(&self, app: &str, now: u64, ahead: bool) -> Option<Lease> {
         let now = now.to_string();
         let args = [app.as_bytes(), now.as_bytes(), self.node.as_bytes(), flag(ahead)];
-        let lease = lease(app, self.eval("lease a task", &lua::LEASE, &args)?)?;
-        self.held.lock().unwrap().insert(lease.id.clone());
-        Some(lease)
+        self.hold(lease(app, self.eval("lease a task", &lua::LEASE, &args)?))
+    }
+
+    /// Notes a lease this node got as one it holds (see `release_orphans`).
+    fn hold(&self, lease: Option<Lease>) -> Option<Lease> {
+        if let Some(lease) = &lease {
+            self.held.lock().unwrap().insert(lease.id.clone());
+        }
+        lease
     }
 
     /// Releases the tasks Redis says run on this node but the node does not
@@ -410,14 +413,17 @@ impl RedisQueue {
             let unheld: Vec<String> =
                 running.into_iter().filter_map(Reply::into_string).filter(|id| !held.contains(id)).collect();
             orphans.retain(|id, _| unheld.contains(id));
-            unheld
+            let due: Vec<String> = unheld
                 .into_iter()
                 .filter(|id| now.duration_since(*orphans.entry(id.clone()).or_insert(now)) >= after)
-                .collect()
+                .collect();
+            for id in &due {
+                orphans.remove(id);
+            }
+            due
         };
         let mut released = Vec::new();
         for id in due {
-            self.orphans.lock().unwrap().remove(&id);
             if let Some(record) = record(self.client.eval(&lua::RELEASE, &[id.as_bytes(), self.node.as_bytes()])?) {
                 tracing::warn!(
                     "task {id}: Redis leased it to this node after the node gave up waiting for the answer; it never \
