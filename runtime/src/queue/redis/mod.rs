@@ -44,7 +44,7 @@ pub(crate) struct RedisQueue {
     /// A call failed since the last heartbeat that went through.
     failing: std::sync::atomic::AtomicBool,
     /// The tasks this node leased and has not ended or released yet.
-    held: std::sync::Mutex<std::collections::HashSet<String>>,
+    held: std::sync::Mutex<std::collections::HashMap<String, Held>>,
     /// Tasks Redis says run on this node that it does not hold, with when
     /// each was first seen so (see [`RedisQueue::release_orphans`]).
     orphans: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
@@ -54,9 +54,18 @@ pub(crate) struct RedisQueue {
 /// (`Abandon`: a task whose enqueue failed, which Redis may have taken all
 /// the same).
 enum Unsaved {
-    Finish { id: String, finish: Finish, at: u64 },
+    Finish { id: String, finish: Finish, at: u64, held: Option<Held> },
     Release { id: String },
     Abandon { id: String },
+}
+
+/// A run this node holds: enough to answer its caller should Redis lose
+/// the task before the run's end is recorded.
+#[derive(Debug, Clone)]
+struct Held {
+    app: String,
+    attempt: u32,
+    leased_at: u64,
 }
 
 /// What a change saved late did.
@@ -244,8 +253,14 @@ impl RedisQueue {
 
     /// The end of a run as the finish script records it: `None` when the
     /// task is not running (ended or cancelled meanwhile).
-    fn try_finish(&self, id: &str, finish: &Finish, now: u64) -> Result<Option<Ended>, RedisError> {
-        Ok(self.try_finish_and_lease(id, finish, now, None)?.0)
+    fn try_finish(
+        &self,
+        id: &str,
+        finish: &Finish,
+        now: u64,
+        held: Option<&Held>,
+    ) -> Result<Option<Ended>, RedisError> {
+        Ok(self.try_finish_and_lease(id, finish, now, held, None)?.0)
     }
 
     /// Records how a run ended and, with `next` (the app), leases the app's
@@ -254,10 +269,12 @@ impl RedisQueue {
         &self,
         id: &str,
         finish: &'a Finish,
-        now: u64,
+        ended_at: u64,
+        held: Option<&Held>,
         next: Option<&str>,
     ) -> Result<(Option<Ended>, Option<Lease>), RedisError> {
-        let now = now.to_string();
+        let now = ended_at.to_string();
+        let task = id;
         let (id, me) = (id.as_bytes(), self.node.as_bytes());
         let error = |e: &'a TaskError| vec![e.code.as_str().as_bytes(), e.message.as_bytes()];
         let (kind, detail): (&[u8], Vec<&[u8]>) = match finish {
@@ -278,7 +295,7 @@ impl RedisQueue {
                 let mut both = self.client.eval(&lua::FINISH_LEASE, &args)?.into_array().into_iter();
                 let ended = both.next().unwrap_or(Reply::Nil);
                 let next = both.next().filter(|reply| *reply != Reply::Nil).and_then(|reply| lease(app, reply));
-                (ended, self.hold(next))
+                (ended, self.hold(next, ended_at))
             }
         };
         let mut parts = ended.into_array().into_iter();
@@ -290,9 +307,12 @@ impl RedisQueue {
             tracing::warn!(
                 "task {}: this run's end does not count: the task is {status}{now_on} since this node was \
                  taken for dead (it did not beat its heartbeat in Redis for {NODE_TTL:?})",
-                String::from_utf8_lossy(id)
+                task,
             );
             return Ok((None, lease));
+        }
+        if first.as_ref().is_some_and(|first| *first == Reply::Data(b"gone".to_vec())) {
+            return Ok((held.map(|held| gone(task, finish, ended_at, held)), lease));
         }
         let Some(record) = first.and_then(record) else { return Ok((None, lease)) };
         let output = parts.next().and_then(Reply::into_bytes).map(Bytes::from);
@@ -308,7 +328,9 @@ impl RedisQueue {
         let mut pending = pending.into_iter();
         for unsaved in pending.by_ref() {
             let result = match &unsaved {
-                Unsaved::Finish { id, finish, at } => self.try_finish(id, finish, *at).map(|e| e.map(Saved::Finished)),
+                Unsaved::Finish { id, finish, at, held } => {
+                    self.try_finish(id, finish, *at, held.as_ref()).map(|e| e.map(Saved::Finished))
+                }
                 Unsaved::Release { id } => self
                     .client
                     .eval(&lua::RELEASE, &[id.as_bytes(), self.node.as_bytes()])
@@ -382,15 +404,16 @@ impl RedisQueue {
     /// Leases the app's next task; `ahead`: for a replica whose workers are
     /// all busy (see [`Queue::lease_ahead`]).
     fn take(&self, app: &str, now: u64, ahead: bool) -> Option<Lease> {
-        let now = now.to_string();
-        let args = [app.as_bytes(), now.as_bytes(), self.node.as_bytes(), flag(ahead)];
-        self.hold(lease(app, self.eval("lease a task", &lua::LEASE, &args)?))
+        let at = now.to_string();
+        let args = [app.as_bytes(), at.as_bytes(), self.node.as_bytes(), flag(ahead)];
+        self.hold(lease(app, self.eval("lease a task", &lua::LEASE, &args)?), now)
     }
 
     /// Notes a lease this node got as one it holds (see `release_orphans`).
-    fn hold(&self, lease: Option<Lease>) -> Option<Lease> {
+    fn hold(&self, lease: Option<Lease>, now: u64) -> Option<Lease> {
         if let Some(lease) = &lease {
-            self.held.lock().unwrap().insert(lease.id.clone());
+            let held = Held { app: lease.app.clone(), attempt: lease.attempt, leased_at: now };
+            self.held.lock().unwrap().insert(lease.id.clone(), held);
         }
         lease
     }
@@ -411,7 +434,7 @@ impl RedisQueue {
             let held = self.held.lock().unwrap();
             let mut orphans = self.orphans.lock().unwrap();
             let unheld: Vec<String> =
-                running.into_iter().filter_map(Reply::into_string).filter(|id| !held.contains(id)).collect();
+                running.into_iter().filter_map(Reply::into_string).filter(|id| !held.contains_key(id)).collect();
             orphans.retain(|id, _| unheld.contains(id));
             let due: Vec<String> = unheld
                 .into_iter()
@@ -592,14 +615,14 @@ impl Queue for RedisQueue {
         now: u64,
         next: Option<&str>,
     ) -> (Option<Ended>, Option<Lease>) {
-        self.held.lock().unwrap().remove(id);
-        match self.try_finish_and_lease(id, &finish, now, next) {
+        let held = self.held.lock().unwrap().remove(id);
+        match self.try_finish_and_lease(id, &finish, now, held.as_ref(), next) {
             Ok(both) => both,
             Err(e) => {
                 // Kept, and saved once Redis answers again (see `save_unsaved`):
                 // dropping it would leave the task running forever.
                 self.log_failure("finish a task", &e);
-                self.unsaved.lock().unwrap().push(Unsaved::Finish { id: id.to_owned(), finish, at: now });
+                self.unsaved.lock().unwrap().push(Unsaved::Finish { id: id.to_owned(), finish, at: now, held });
                 (None, None)
             }
         }
@@ -726,6 +749,44 @@ fn lease(app: &str, reply: Reply) -> Option<Lease> {
     let timeout = Duration::from_millis(parts.next()?.as_int()?.max(0) as u64);
     let max_result_size = parts.next()?.as_int()?.max(0) as u64;
     Some(Lease { id, app: app.to_owned(), input, attempt, timeout, max_result_size })
+}
+
+/// The end of a run whose task Redis no longer has, as this node saw it.
+/// Either this end was sent before and Redis took it late (the node had
+/// given up waiting), which dropped the call it ended; or Redis lost the
+/// task. Either way the run ended so, and its caller is told that.
+fn gone(id: &str, finish: &Finish, ended_at: u64, held: &Held) -> Ended {
+    let (status, error, output) = match finish {
+        Finish::Complete(output) => (TaskStatus::Complete, None, Some(output.clone())),
+        Finish::Cancelled => {
+            let error = TaskError { code: ErrorCode::Cancelled, message: "the task was cancelled".into() };
+            (TaskStatus::Cancelled, Some(error), None)
+        }
+        Finish::Rejected(error) => (TaskStatus::Failed, Some(error.clone()), None),
+        // A run that could go again would have been queued again, not dropped.
+        Finish::Retryable(error) => {
+            let status = if error.code == ErrorCode::Timeout { TaskStatus::Timeout } else { TaskStatus::Failed };
+            (status, Some(error.clone()), None)
+        }
+    };
+    let created_at = uuid::Uuid::parse_str(id).ok().and_then(|id| id.get_timestamp()).map_or(held.leased_at, |at| {
+        let (secs, nanos) = at.to_unix();
+        secs * 1000 + u64::from(nanos / 1_000_000)
+    });
+    let record = TaskRecord {
+        id: id.to_owned(),
+        app: held.app.clone(),
+        status,
+        attempts: held.attempt,
+        created_at,
+        started_at: Some(held.leased_at),
+        ended_at: Some(ended_at),
+        error,
+        callback_url: None,
+        callback: None,
+        durable: false,
+    };
+    Ended { record, output }
 }
 
 #[cfg(test)]
@@ -958,6 +1019,42 @@ mod tests {
         redis.restart();
         assert!(q.save_unsaved().is_empty());
         assert_eq!(q.unsaved(), 0);
+    }
+
+    #[test]
+    fn a_call_whose_end_redis_took_late_is_answered_with_that_end() {
+        let Some(redis) = TestRedis::start() else { return };
+        let q = node(&redis, "n1");
+        let call = |q: &RedisQueue| q.enqueue(NewTask { durable: false, ..task(0) }, 0).unwrap().id;
+        // The node sent the end, gave up waiting (Redis frozen) and kept it
+        // to send again; Redis then took the first, which dropped the call.
+        let id = call(&q);
+        assert_eq!(q.lease("a", 1).unwrap().id, id);
+        let held = q.held.lock().unwrap().get(&id).cloned();
+        let output = Bytes::from_static(b"{\"y\":2}");
+        assert!(q.finish(&id, Finish::Complete(output.clone()), 3).is_some());
+        assert!(q.get(&id).is_none(), "its end dropped the call");
+        q.unsaved.lock().unwrap().push(Unsaved::Finish {
+            id: id.clone(),
+            finish: Finish::Complete(output.clone()),
+            at: 3,
+            held,
+        });
+        let saved = q.save_unsaved();
+        let [Saved::Finished(Ended { record, output: Some(answer) })] = &saved[..] else {
+            panic!("the caller is answered with the run's end, got {} saved", saved.len())
+        };
+        assert_eq!((record.id.as_str(), record.app.as_str(), record.status), (id.as_str(), "a", TaskStatus::Complete));
+        assert_eq!((record.attempts, record.started_at, record.ended_at), (1, Some(1), Some(3)));
+        assert_eq!(answer, &output);
+        assert!(q.get(&id).is_none(), "and it is not made again");
+        // A task Redis lost while it ran (restarted empty, say): its end is its caller's answer too.
+        let id = call(&q);
+        q.lease("a", 4).unwrap();
+        q.client.call(&[b"DEL", format!("beamlet:t:{id}").as_bytes()]).unwrap();
+        let error = TaskError { code: ErrorCode::Timeout, message: "ran past its 1s timeout".into() };
+        let ended = q.finish(&id, Finish::Retryable(error.clone()), 5).expect("answered");
+        assert_eq!((ended.record.status, ended.record.error), (TaskStatus::Timeout, Some(error)));
     }
 
     #[test]

@@ -133,11 +133,14 @@ end
 -- or retryable (`a`, `b` the error code and message), cancelled. {record,
 -- output}; false when the task is not running (cancelled, say); {'stale',
 -- status, node} when `me` was taken for dead meanwhile (its runs were
--- queued again, or failed: a run of a node taken for dead ends nothing).
+-- queued again, or failed: a run of a node taken for dead ends nothing);
+-- {'gone'} when there is no such task (this end, sent before, was taken
+-- late and dropped the call; or Redis lost it).
 -- A call `me` took that ended is dropped: this answer is its caller's.
 local function end_run(id, kind, now, me, a, b)
   local k = tkey(id)
   local t = redis.call('HMGET', k, 'status', 'attempts', 'retries', 'app', 'node')
+  if not t[1] then return {'gone'} end
   if t[1] ~= 'RUNNING' or t[5] ~= me then
     local reaped = t[1] == 'FAILED' and redis.call('HGET', k, 'error_code') == 'REPLICA_LOST'
     if t[1] == 'RUNNING' or t[1] == 'PENDING' or t[1] == 'RETRY' or reaped then
