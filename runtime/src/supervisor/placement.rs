@@ -57,8 +57,9 @@ pub(crate) struct Capacity {
     total: Demand,
     gpus: Gpus,
     used: Mutex<Used>,
-    /// Woken whenever a reservation is released.
-    pub(crate) freed: Notify,
+    /// Woken whenever a reservation is made or released: pending replicas
+    /// try again, and say anew what they wait for (the free share changed).
+    pub(crate) changed: Notify,
 }
 
 struct Used {
@@ -74,7 +75,7 @@ const EPSILON: f64 = 1e-9;
 impl Capacity {
     pub(crate) fn new(total: Demand, gpus: Gpus) -> Self {
         let used = Used { cpu: 0.0, memory: 0, gpus: vec![false; gpus.devices.len()] };
-        Self { total, gpus, used: Mutex::new(used), freed: Notify::new() }
+        Self { total, gpus, used: Mutex::new(used), changed: Notify::new() }
     }
 
     /// This machine: its cores and physical memory.
@@ -122,6 +123,8 @@ impl Capacity {
         };
         used.cpu += demand.cpu;
         used.memory += demand.memory;
+        drop(used);
+        self.changed.notify_waiters();
         Ok(placed)
     }
 
@@ -173,7 +176,7 @@ impl Capacity {
                 used.gpus[slot] = false;
             }
         }
-        self.freed.notify_waiters();
+        self.changed.notify_waiters();
     }
 }
 
@@ -204,6 +207,23 @@ mod tests {
         let capacity = Capacity::new(Demand { cpu: 1.0, memory: 0 }, Gpus::default());
         for _ in 0..10 {
             capacity.try_reserve(tenth, None).unwrap();
+        }
+    }
+
+    #[test]
+    fn pending_replicas_hear_of_reservations_as_of_releases() {
+        use futures_util::FutureExt as _;
+        let capacity = Capacity::new(Demand { cpu: 2.0, memory: 1 << 30 }, Gpus::default());
+        let one = Demand { cpu: 1.0, memory: 0 };
+        for change in ["a reservation", "a release"] {
+            let changed = capacity.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            match change {
+                "a reservation" => drop(capacity.try_reserve(one, None).unwrap()),
+                _ => capacity.release(one, None),
+            }
+            assert!(changed.now_or_never().is_some(), "{change} wakes the replicas that wait for room");
         }
     }
 

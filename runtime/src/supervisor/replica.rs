@@ -255,9 +255,9 @@ impl Restarts {
 /// first, else the GPU it got (if it asked for one).
 async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receiver<Asked>) -> Option<Option<GpuSpec>> {
     loop {
-        let freed = plan.capacity.freed.notified();
-        tokio::pin!(freed);
-        freed.as_mut().enable();
+        let changed = plan.capacity.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
         match plan.capacity.try_reserve(plan.demand, plan.gpu.as_ref()) {
             Ok(gpu) => {
                 let mut info = info.lock().unwrap();
@@ -282,7 +282,7 @@ async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receive
             return None;
         }
         tokio::select! {
-            _ = freed => {}
+            _ = changed => {}
             _ = stop.changed() => {}
         }
     }
