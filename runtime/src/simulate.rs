@@ -442,6 +442,10 @@ impl<'a> Sim<'a> {
             running: self.running.len() as u64,
             workers_per_replica: self.config.runtime.workers,
             avg_task_time: (recent > 0).then(|| self.recent.iter().sum::<Duration>() / recent),
+            longest_run: (self.running.iter())
+                .map(|Reverse((end, task, _))| self.now.saturating_sub(end.saturating_sub(self.trace[*task].duration)))
+                .max()
+                .unwrap_or_default(),
             replicas: self
                 .replicas
                 .iter()

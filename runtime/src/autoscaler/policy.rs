@@ -78,9 +78,12 @@ pub(crate) struct Sample {
     pub running: u64,
     /// `[runtime] workers`; 0 is read as 1.
     pub workers_per_replica: u32,
-    /// Recent average task run time, at least as long as the longest run
-    /// in progress; `None` before any task has finished.
+    /// Recent average task run time; `None` before any task has finished.
     pub avg_task_time: Option<Duration>,
+    /// How long the oldest run in progress has run: when longer than the
+    /// average, it is T instead (a burst of long tasks after tiny ones; the
+    /// average learns of them only as they end).
+    pub longest_run: Duration,
     /// Every replica the app has, in any placement.
     pub replicas: Vec<ReplicaSample>,
     /// Replicas (starting or ready) that nodes senior to this one run, in a
@@ -123,7 +126,15 @@ pub(crate) fn desired(sample: &Sample, config: &AutoscalerConfig) -> (u32, Strin
                 None => (1, format!("avg task time unknown, assumed >= desired latency {latency} -> 1 task/worker")),
                 Some(avg) => {
                     let per_worker_within = |ahead: u64| format!("{}/worker", count(ahead.saturating_add(1), "task"));
-                    let measured = format!("avg task time {avg:?}, desired latency {latency}");
+                    let measured = if sample.longest_run > avg {
+                        format!(
+                            "avg task time {avg:?} but a run in progress for {:?}, desired latency {latency}",
+                            sample.longest_run
+                        )
+                    } else {
+                        format!("avg task time {avg:?}, desired latency {latency}")
+                    };
+                    let avg = avg.max(sample.longest_run);
                     // More than N tasks waiting ahead never happens, so capping at N changes no
                     // answer; it keeps a zero or tiny average from dividing by zero or overflowing.
                     let ahead = desired_latency.as_nanos().checked_div(avg.as_nanos()).unwrap_or(u128::MAX);
@@ -232,6 +243,7 @@ mod tests {
     use super::*;
 
     const SECOND: Duration = Duration::from_secs(1);
+    const MILLISECOND: Duration = Duration::from_millis(1);
 
     fn request_latency(latency_s: u32, max_replicas: u32, min_replicas: u32) -> AutoscalerConfig {
         AutoscalerConfig {
@@ -250,7 +262,15 @@ mod tests {
     }
 
     fn load(queued: u64, running: u64, workers: u32, avg: Option<Duration>) -> Sample {
-        Sample { queued, running, workers_per_replica: workers, avg_task_time: avg, replicas: Vec::new(), elsewhere: 0 }
+        Sample {
+            queued,
+            running,
+            workers_per_replica: workers,
+            avg_task_time: avg,
+            longest_run: Duration::ZERO,
+            replicas: Vec::new(),
+            elsewhere: 0,
+        }
     }
 
     fn replica(id: &str, placement: Placement, busy: u32, idle_since: Option<Instant>) -> ReplicaSample {
@@ -292,6 +312,23 @@ mod tests {
         // Exactly L is still within L: floor(30 / 15) = 2 may wait ahead.
         assert_eq!(desired(&load(6, 0, 1, Some(15 * SECOND)), &config).0, 2);
         assert_eq!(desired(&load(7, 0, 1, Some(15 * SECOND)), &config).0, 3);
+    }
+
+    #[test]
+    fn a_run_in_progress_longer_than_the_average_counts_instead() {
+        let config = request_latency(2, 5, 0);
+        // Tiny tasks so far (10 ms), then three long ones: one has run 1.5 s.
+        let sample = Sample { longest_run: 1500 * MILLISECOND, ..load(2, 1, 1, Some(10 * MILLISECOND)) };
+        let (got, reason) = desired(&sample, &config);
+        assert_eq!(got, 2, "floor(2 s / 1.5 s) = 1 may wait ahead: {reason}");
+        assert!(reason.contains("avg task time 10ms but a run in progress for 1.5s, desired latency 2s"), "{reason}");
+        let sample = Sample { longest_run: 2500 * MILLISECOND, ..sample };
+        assert_eq!(desired(&sample, &config).0, 3);
+        // A run shorter than the average changes nothing.
+        let sample = Sample { longest_run: MILLISECOND, ..sample };
+        let (got, reason) = desired(&sample, &config);
+        assert_eq!(got, 1, "{reason}");
+        assert!(reason.contains("avg task time 10ms, desired latency 2s"), "{reason}");
     }
 
     #[test]

@@ -274,9 +274,6 @@ impl Supervisor {
             .map(ReplicaHandle::info)
             .filter(|info| info.state != ReplicaState::Stopped)
             .collect();
-        // A run in progress for longer than the recent average says tasks
-        // take at least that long now (a burst of long tasks after tiny
-        // ones; the average learns of them only as they end).
         let now = Instant::now();
         let longest_run = (infos.iter().filter_map(|info| info.oldest_run))
             .map(|started| now.saturating_duration_since(started))
@@ -286,7 +283,8 @@ impl Supervisor {
             queued: counts.queued,
             running: counts.running,
             workers_per_replica: replicas.app.config.runtime.workers,
-            avg_task_time: replicas.times.average().map(|average| average.max(longest_run)),
+            avg_task_time: replicas.times.average(),
+            longest_run,
             replicas: infos
                 .into_iter()
                 .map(|info| ReplicaSample {
