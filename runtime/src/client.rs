@@ -340,7 +340,16 @@ fn describe_app(app: &Value, now_ms: u64) -> String {
     }
     let replicas = app["replicas"].as_array().map(Vec::as_slice).unwrap_or_default();
     let others = app["replicas_on_other_nodes"].as_u64().map(|n| format!(" (+{n} on other nodes)")).unwrap_or_default();
-    let _ = writeln!(out, "replicas    {} on this node{others}", replicas.len());
+    // Counted as `beamlet apps` counts them: pending and failing ones apart.
+    let pending = replicas.iter().filter(|replica| replica["state"] == "pending").count();
+    let failing = replicas.iter().filter(|replica| replica["state"] != "pending" && replica["failing"] == true).count();
+    let apart = [(pending, "pending"), (failing, "failing")]
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!(", {n} {what}"))
+        .collect::<String>();
+    let live = replicas.len() - pending - failing;
+    let _ = writeln!(out, "replicas    {live} on this node{apart}{others}");
     // The header and each replica's row, in the same columns.
     let id_width = replicas.iter().filter_map(|replica| replica["id"].as_str()).map(str::len).fold(2, usize::max);
     let row = |out: &mut String, [id, version, state, workers, busy, done, restarts, pid, up]: [String; 9]| {
@@ -447,7 +456,7 @@ mod tests {
             lines[2].ends_with("desired 2 of at most 3; last decision: queue_depth: 7 tasks -> desired 2"),
             "{text}"
         );
-        assert_eq!(lines[3], "replicas    2 on this node (+1 on other nodes)");
+        assert_eq!(lines[3], "replicas    1 on this node, 1 failing (+1 on other nodes)");
         let ready: Vec<&str> = lines[5].split_whitespace().collect();
         assert_eq!(ready, ["mlp-v3-r0", "3", "ready", "2", "2", "40", "0", "77", "1m"]);
         assert_eq!(lines[6], "    gpu: 0: NVIDIA H100 80GB HBM3");
