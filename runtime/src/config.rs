@@ -466,8 +466,21 @@ fn decode<T: DeserializeOwned>(table: &str, map: toml::Table) -> Result<T, Confi
             (table, Some(key)) => format!("[{table}] {key}"),
             (table, None) => format!("[{table}]"),
         };
-        ConfigError::Invalid { key, message: error.message().to_owned() }
+        ConfigError::Invalid { key, message: plain_types(error.message()) }
     })
+}
+
+/// serde's messages name Rust types (`expected u32`); users wrote TOML.
+fn plain_types(message: &str) -> String {
+    const TYPES: [(&str, &str); 6] = [
+        ("expected u32", "expected a whole number from 0 to 4294967295"),
+        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected f64", "expected a number"),
+        ("expected a map", "expected a table (a [section] of keys)"),
+        ("expected a sequence", "expected a list such as [\"a\", \"b\"]"),
+        ("expected a boolean", "expected true or false"),
+    ];
+    TYPES.iter().fold(message.to_owned(), |message, (rust, toml)| message.replace(rust, toml))
 }
 
 /// The keys a derived `Deserialize` struct accepts, which it passes to `deserialize_struct`.
@@ -549,6 +562,7 @@ impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let duration = match toml::Value::deserialize(deserializer)? {
             toml::Value::String(text) => parse_duration(&text),
+            toml::Value::Integer(n) if n < 0 => Err(format!("{n} is negative; a duration is 0 or more, e.g. \"30s\"")),
             toml::Value::Integer(n) => {
                 Err(format!("{n} has no unit; write it as a string such as \"{n}s\" or \"{n}ms\""))
             }
@@ -801,6 +815,11 @@ callback_url = "https://example.com/beamlet/done"
         let message = error("[runtime]\ntimeout = 180");
         assert!(message.starts_with("[runtime] timeout: 180 has no unit"), "{message}");
         assert!(error("[runtime]\nworkers = \"four\"").starts_with("[runtime] workers: invalid type"));
+        let message = error("[autoscaler]\nkind = \"queue_depth\"\nkeep_warm = -5");
+        assert_eq!(message, "[autoscaler] keep_warm: -5 is negative; a duration is 0 or more, e.g. \"30s\"");
+        let message = error("[autoscaler]\nkind = \"queue_depth\"\nmax_replicas = -1");
+        assert!(message.ends_with("integer `-1`, expected a whole number from 0 to 4294967295"), "{message}");
+        assert!(error("autoscaler = \"queue_depth\"").ends_with("expected a table (a [section] of keys)"));
         assert!(error("runtime = 5").starts_with("runtime: invalid type"));
         assert!(
             error("[task_queue]\nttl = \"2 hours\"").starts_with("[task_queue] ttl: \"2 hours\" is not a duration")
