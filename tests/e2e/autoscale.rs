@@ -143,15 +143,30 @@ fn a_replica_that_cannot_start_leaves_its_core_to_other_apps_between_tries() {
 
 #[test]
 fn warmup_starts_a_replica_now() {
-    let server = Server::start("warmup", &[]);
-    let config = "[autoscaler]\nkind = \"queue_depth\"\nmax_replicas = 2\nmin_replicas = 0\nkeep_warm = \"60s\"\n";
+    let server = Server::start("warmup", &["--cpus", "2"]);
+    let config = "[runtime]\ncpu = 1.5\n[autoscaler]\nkind = \"queue_depth\"\nmax_replicas = 2\nmin_replicas = 0\n\
+                  keep_warm = \"60s\"\n";
     server.deploy_guest("hello", "hello", Some(config));
     assert_eq!(live_replicas(&server.status("hello")), 0);
-    let response: Value = server.http.post(server.url("/v1/apps/hello/warmup")).send().unwrap().json().unwrap();
-    assert_eq!(response["started"], true);
+    let warmup = |name: &str| -> Value {
+        server.http.post(server.url(&format!("/v1/apps/{name}/warmup"))).send().unwrap().json().unwrap()
+    };
+    let response = warmup("hello");
+    assert_eq!(response["started"], true, "{response}");
     server.wait_status("hello", "the warmed replica", LONG, |s| ready_pids(s).len() == 1);
     let metrics = server.http.get(server.url("/metrics")).send().unwrap().text().unwrap();
     assert!(metrics.contains(r#"beamlet_scale_events_total{app="hello",direction="up"} 1"#), "{metrics}");
+    // A second would only wait for cores the first holds: not started, and why.
+    let response = warmup("hello");
+    assert_eq!(response["started"], false, "{response}");
+    let reason = response["reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("no room on this node: waiting for 1.5 cores;"), "{response}");
+    assert_eq!(live_replicas(&server.status("hello")), 1, "no pending replica was left behind");
+    server.deploy_guest("tiny", "hello", Some("[runtime]\ncpu = 0.25\n"));
+    server.wait_status("tiny", "its one replica", LONG, |s| ready_pids(s).len() == 1);
+    let response = warmup("tiny");
+    assert_eq!(response["started"], false, "{response}");
+    assert_eq!(response["reason"], "the app has 1 of its at most 1 replicas (max_replicas) already", "{response}");
     let response = server.http.post(server.url("/v1/apps/nope/warmup")).send().unwrap();
     assert_eq!(response.status(), 404);
 }

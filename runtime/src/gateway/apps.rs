@@ -277,15 +277,15 @@ pub(crate) async fn logs(
 
 /// `POST /v1/apps/{name}/warmup`: starts one replica now.
 pub(crate) async fn warmup(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    match node.supervisor.warmup(&name) {
-        None => Err(ApiError::unknown_app(&name)),
-        Some(started) => {
-            if started {
-                node.metrics.scaled(&name, 1, 0);
-            }
-            Ok(Json(json!({ "name": name, "started": started, "replicas": node.supervisor.replicas(&name) })))
-        }
+    let started = node.supervisor.warmup(&name).ok_or_else(|| ApiError::unknown_app(&name))?;
+    if started.is_ok() {
+        node.metrics.scaled(&name, 1, 0);
     }
+    let mut answer = json!({ "name": name, "started": started.is_ok(), "replicas": node.supervisor.replicas(&name) });
+    if let Err(reason) = started {
+        answer["reason"] = reason.into();
+    }
+    Ok(Json(answer))
 }
 
 /// `GET /metrics`.

@@ -155,12 +155,7 @@ impl Supervisor {
             allowed_outbound_hosts: runtime.allowed_outbound_hosts.clone(),
             gpu: None,
         };
-        // Without `gpu_memory`, a worker may use the whole device.
-        let gpu = runtime.gpu.clone().map(|model| GpuDemand {
-            model,
-            quota_per_worker: runtime.gpu_memory.unwrap_or(u64::MAX),
-            memory_needed: runtime.gpu_memory_per_replica().unwrap_or(0),
-        });
+        let (demand, gpu) = demand(app);
         replica::spawn(Plan {
             exe: self.exe.clone(),
             spec,
@@ -168,7 +163,7 @@ impl Supervisor {
             logs: self.logs.clone(),
             capacity: self.capacity.clone(),
             metrics: self.metrics.clone(),
-            demand: Demand { cpu: runtime.cpu, memory: runtime.memory },
+            demand,
             gpu,
             times: times.clone(),
             bodies: self.bodies.clone(),
@@ -339,15 +334,39 @@ impl Supervisor {
 
     /// Starts one more replica now, within the app's `max_replicas`; `false`
     /// when the app already runs that many.
-    pub(crate) fn warmup(&self, name: &str) -> Option<bool> {
+    /// Starts one replica of app `name` now, or says why not (the app has
+    /// its most replicas, or the node no room for one: a replica started
+    /// then would only wait, pending, until the autoscaler drops it).
+    pub(crate) fn warmup(&self, name: &str) -> Option<Result<(), String>> {
         let mut apps = self.apps.lock().unwrap();
         let replicas = apps.get_mut(name)?;
-        let live = replicas.current.iter().filter(|h| !h.is_stopped()).count();
-        if live as u32 >= replicas.app.config.autoscaler.max_replicas() || self.is_closed() {
-            return Some(false);
+        if self.is_closed() {
+            return Some(Err("the node is shutting down".into()));
+        }
+        let live = replicas.current.iter().filter(|h| !h.is_stopped()).count() as u32;
+        let max = replicas.app.config.autoscaler.max_replicas();
+        if live >= max {
+            return Some(Err(format!("the app has {live} of its at most {max} replicas (max_replicas) already")));
+        }
+        let (demand, gpu) = demand(&replicas.app);
+        if let Err(reason) = self.capacity.fits(demand, gpu.as_ref()) {
+            return Some(Err(format!("no room on this node: {reason}")));
         }
         let handle = self.start_replica(&replicas.app, &replicas.times);
         replicas.current.push(handle);
-        Some(true)
+        Some(Ok(()))
     }
+}
+
+/// What one replica of `app` takes of the node: cores and memory, and a
+/// whole GPU when it asks for one.
+fn demand(app: &App) -> (Demand, Option<GpuDemand>) {
+    let runtime = &app.config.runtime;
+    // Without `gpu_memory`, a worker may use the whole device.
+    let gpu = runtime.gpu.clone().map(|model| GpuDemand {
+        model,
+        quota_per_worker: runtime.gpu_memory.unwrap_or(u64::MAX),
+        memory_needed: runtime.gpu_memory_per_replica().unwrap_or(0),
+    });
+    (Demand { cpu: runtime.cpu, memory: runtime.memory }, gpu)
 }

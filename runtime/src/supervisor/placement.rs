@@ -88,6 +88,34 @@ impl Capacity {
     /// fit. Returns the GPU reserved.
     pub(crate) fn try_reserve(&self, demand: Demand, gpu: Option<&GpuDemand>) -> Result<Option<GpuSpec>, String> {
         let mut used = self.used.lock().unwrap();
+        let slot = self.room(&used, demand, gpu)?;
+        let placed = gpu.zip(slot).map(|(want, slot)| {
+            used.gpus[slot] = true;
+            let device = &self.gpus.devices[slot];
+            GpuSpec {
+                backend: self.gpus.backend.unwrap_or(GpuBackendKind::Cpu),
+                index: device.index,
+                name: device.name.clone(),
+                uuid: device.uuid.clone(),
+                memory_bytes: device.memory_bytes,
+                quota_per_worker: want.quota_per_worker.min(device.memory_bytes),
+            }
+        });
+        used.cpu += demand.cpu;
+        used.memory += demand.memory;
+        drop(used);
+        self.changed.notify_waiters();
+        Ok(placed)
+    }
+
+    /// Whether `demand` fits now, without reserving it; else why not.
+    pub(crate) fn fits(&self, demand: Demand, gpu: Option<&GpuDemand>) -> Result<(), String> {
+        self.room(&self.used.lock().unwrap(), demand, gpu).map(drop)
+    }
+
+    /// Whether `demand` fits beside `used`: the free GPU it would get, if it
+    /// asks for one; else why it does not fit.
+    fn room(&self, used: &Used, demand: Demand, gpu: Option<&GpuDemand>) -> Result<Option<usize>, String> {
         let free_cpu = self.total.cpu - used.cpu;
         let free_memory = self.total.memory.saturating_sub(used.memory);
         if demand.cpu > free_cpu + EPSILON {
@@ -105,27 +133,7 @@ impl Capacity {
                 describe_size(self.total.memory)
             ));
         }
-        let placed = match gpu {
-            None => None,
-            Some(want) => {
-                let slot = self.free_gpu(&used, want)?;
-                used.gpus[slot] = true;
-                let device = &self.gpus.devices[slot];
-                Some(GpuSpec {
-                    backend: self.gpus.backend.unwrap_or(GpuBackendKind::Cpu),
-                    index: device.index,
-                    name: device.name.clone(),
-                    uuid: device.uuid.clone(),
-                    memory_bytes: device.memory_bytes,
-                    quota_per_worker: want.quota_per_worker.min(device.memory_bytes),
-                })
-            }
-        };
-        used.cpu += demand.cpu;
-        used.memory += demand.memory;
-        drop(used);
-        self.changed.notify_waiters();
-        Ok(placed)
+        gpu.map(|want| self.free_gpu(used, want)).transpose()
     }
 
     fn free_gpu(&self, used: &Used, want: &GpuDemand) -> Result<usize, String> {
