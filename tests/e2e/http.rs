@@ -40,6 +40,7 @@ fn a_wasi_http_component_gets_the_raw_request_and_answers_it() {
     // A status that is no final answer is the app's error; 204 has no body.
     let response = server.http.get(server.url("/http/web/status/101")).send().unwrap();
     assert_eq!(response.status(), 502);
+    assert!(response.headers().contains_key("x-beamlet-task-id"), "{:?}", response.headers());
     let body: Value = response.json().unwrap();
     assert!(error_message(&body).contains("status 101"), "{body}");
     let response = server.http.get(server.url("/http/web/status/204")).send().unwrap();
@@ -64,6 +65,14 @@ fn a_wasi_http_component_gets_the_raw_request_and_answers_it() {
     assert_eq!(received.lock().unwrap().len(), 1, "the request reached the allowed host");
     let text = server.http.get(server.url("/http/net/outbound?to=127.0.0.1:1")).send().unwrap().text().unwrap();
     assert!(text.contains("HttpRequestDenied"), "another port of the same host is refused: {text}");
+    // The app's retries (3 by default) re-run an idempotent request, never a POST.
+    let response = server.http.get(server.url("/http/net/trap")).send().unwrap();
+    let body: Value = response.json().unwrap();
+    assert!(error_message(&body).starts_with("after 4 attempts: "), "{body}");
+    let response = server.http.post(server.url("/http/net/trap")).body("abc").send().unwrap();
+    let body: Value = response.json().unwrap();
+    assert_eq!(error_code(&body), "GUEST_TRAP", "{body}");
+    assert!(!error_message(&body).contains("attempts"), "run once: {body}");
 
     let response = server.http.get(server.url("/http/web/trap")).send().unwrap();
     assert_eq!(response.status(), 500);

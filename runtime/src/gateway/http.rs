@@ -52,6 +52,7 @@ async fn proxy(node: &Node, name: &str, request: Request) -> Result<Response, Ap
     } else {
         (Vec::new(), Some(body))
     };
+    let idempotent = parts.method.is_idempotent();
     let request = HttpRequest {
         method: parts.method.to_string(),
         path_with_query: format!("/{rest}{query}"),
@@ -59,7 +60,12 @@ async fn proxy(node: &Node, name: &str, request: Request) -> Result<Response, Ap
         body,
         streamed: streamed.is_some(),
     };
-    let task = new_task(&app, request.encode().into(), None, false);
+    let mut task = new_task(&app, request.encode().into(), None, false);
+    // A proxy does not send a POST twice: the first run may have done what
+    // it was asked before it failed.
+    if !idempotent {
+        task.retries = 0;
+    }
     let id = task.id.clone();
     let (_open, head) = node.bodies.open(&id, streamed);
     // Until the response starts, a caller that goes away cancels the task;
@@ -72,26 +78,35 @@ async fn proxy(node: &Node, name: &str, request: Request) -> Result<Response, Ap
         biased;
         Ok(ResponseStart { status, headers, body }) = head => {
             abandoned.disarm();
-            into_response(status, headers, body)?
+            into_response(status, headers, body).unwrap_or_else(IntoResponse::into_response)
         }
         ended = &mut call => {
             abandoned.disarm();
-            let Ended { record, output } = ended?;
-            match (record.status, &record.error) {
-                (TaskStatus::Complete, _) => {
-                    let output = output.unwrap_or_default();
-                    let response = HttpResponse::decode(&output).map_err(ApiError::internal)?;
-                    let HttpResponse { status, headers, body } = response;
-                    into_response(status, headers, Body::from(body))?
-                }
-                (_, Some(error)) => ApiError::task_failed(error, record.attempts).into_response(),
-                (status, None) => {
-                    ApiError::internal(format!("task ended {} without an error", status.as_str())).into_response()
-                }
+            match ended {
+                Ok(ended) => answer(ended),
+                Err(e) => ApiError::from(e).into_response(),
             }
         }
     };
     Ok(with_task_id(response, &id))
+}
+
+/// The guest's response, or the error its task ended with.
+fn answer(Ended { record, output }: Ended) -> Response {
+    match (record.status, &record.error) {
+        (TaskStatus::Complete, _) => {
+            let output = output.unwrap_or_default();
+            match HttpResponse::decode(&output) {
+                Ok(HttpResponse { status, headers, body }) => into_response(status, headers, Body::from(body)),
+                Err(e) => Err(ApiError::internal(e)),
+            }
+            .unwrap_or_else(IntoResponse::into_response)
+        }
+        (_, Some(error)) => ApiError::task_failed(error, record.attempts).into_response(),
+        (status, None) => {
+            ApiError::internal(format!("task ended {} without an error", status.as_str())).into_response()
+        }
+    }
 }
 
 /// Request bodies up to this size travel with the request; bigger ones, and
