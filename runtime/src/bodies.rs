@@ -75,9 +75,10 @@ impl Bodies {
     }
 }
 
-/// How long a client streaming a request body to a run may send nothing
-/// (while the replica has room for more) before the body fails: a stalled
-/// upload would otherwise hold a worker until the task's timeout.
+/// How long a client may send nothing more of a request body while it is
+/// read (streamed to a run: while the replica has room for more) before the
+/// body fails: a stalled upload would otherwise hold a worker until the
+/// task's timeout, or its connection forever.
 pub(crate) const BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Sends `body` to run `seq` as [`ToReplica::Body`] frames (through `out`),

@@ -1,5 +1,6 @@
 //! Every error the API returns, mapped to its status in one place.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +14,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::bodies::BODY_IDLE;
 use crate::queue::{ErrorCode, QueueError, TaskError};
 use crate::registry::DeployError;
 
@@ -132,12 +134,15 @@ impl IntoResponse for ApiError {
 /// the rest on the connection, which hyper then closes after the answer:
 /// saying so (`connection: close`) keeps a client from sending its next
 /// request on it (a pooled client saw a broken pipe after a 404 to a POST).
+/// A body whose client sends nothing more of it for [`BODY_IDLE`] while it
+/// is read fails, so a client that stops mid-body holds no connection (nor
+/// a call waiting for its input) forever.
 pub(crate) async fn close_unread(request: Request, next: Next) -> Response {
     if http_body::Body::is_end_stream(request.body()) {
         return next.run(request).await;
     }
     let ended = Arc::new(AtomicBool::new(false));
-    let request = request.map(|inner| Body::new(Tracked { inner, ended: ended.clone() }));
+    let request = request.map(|inner| Body::new(Tracked::new(inner, ended.clone(), BODY_IDLE)));
     let mut response = next.run(request).await;
     let status = response.status();
     if (status.is_client_error() || status.is_server_error()) && !ended.load(Ordering::Relaxed) {
@@ -146,10 +151,22 @@ pub(crate) async fn close_unread(request: Request, next: Next) -> Response {
     response
 }
 
-/// A request body that notes when it has been read to its end.
+/// A request body that notes when it has been read to its end, and fails
+/// once its reader has waited [`BODY_IDLE`] for the client's next bytes.
 struct Tracked {
     inner: Body,
     ended: Arc<AtomicBool>,
+    /// How long a read may wait; armed when a read found nothing to take.
+    idle_after: std::time::Duration,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    waiting: bool,
+}
+
+impl Tracked {
+    fn new(inner: Body, ended: Arc<AtomicBool>, idle_after: std::time::Duration) -> Self {
+        let idle = Box::pin(tokio::time::sleep(idle_after));
+        Self { inner, ended, idle_after, idle, waiting: false }
+    }
 }
 
 impl http_body::Body for Tracked {
@@ -164,7 +181,22 @@ impl http_body::Body for Tracked {
         if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
             self.ended.store(true, Ordering::Relaxed);
         }
-        polled
+        if polled.is_ready() {
+            self.waiting = false;
+            return polled;
+        }
+        if !self.waiting {
+            self.waiting = true;
+            let deadline = tokio::time::Instant::now() + self.idle_after;
+            self.idle.as_mut().reset(deadline);
+        }
+        match self.idle.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                let idle = crate::config::format_duration(self.idle_after);
+                Poll::Ready(Some(Err(axum::Error::new(format!("the client sent nothing more of it for {idle}")))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -274,5 +306,38 @@ impl From<&TaskError> for ApiError {
             ErrorCode::ShuttingDown | ErrorCode::NoCapacity => answer.retry_later(),
             _ => answer,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures_util::StreamExt as _;
+    use http_body_util::BodyExt as _;
+
+    use super::*;
+
+    fn tracked(parts: Vec<(u64, &'static [u8])>, then_stall: bool) -> Tracked {
+        let sent = futures_util::stream::iter(parts).then(|(wait_ms, part)| async move {
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+            Ok::<_, std::io::Error>(bytes::Bytes::from_static(part))
+        });
+        let body = if then_stall {
+            Body::from_stream(sent.chain(futures_util::stream::pending()))
+        } else {
+            Body::from_stream(sent)
+        };
+        Tracked::new(body, Arc::default(), Duration::from_secs(1))
+    }
+
+    #[tokio::test]
+    async fn a_body_whose_client_stops_sending_fails_and_a_slow_steady_one_does_not() {
+        let error = tracked(vec![(0, b"abc")], true).collect().await.err().expect("the stalled body fails");
+        assert_eq!(error.to_string(), "the client sent nothing more of it for 1s");
+        // Each part within the idle time, all of them well past it.
+        let parts = vec![(250, &b"a"[..]), (250, b"b"), (250, b"c"), (250, b"d"), (250, b"e")];
+        let body = tracked(parts, false).collect().await.expect("a steady body is read whole");
+        assert_eq!(body.to_bytes().as_ref(), b"abcde");
     }
 }
