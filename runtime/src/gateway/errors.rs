@@ -333,7 +333,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_whose_client_stops_sending_fails_and_a_slow_steady_one_does_not() {
-        let error = tracked(vec![(0, b"abc")], true).collect().await.err().expect("the stalled body fails");
+        let error = tracked(vec![(0, b"abc")], true).collect().await.expect_err("the stalled body fails");
         assert_eq!(error.to_string(), "the client sent nothing more of it for 1s");
         // Each part within the idle time, all of them well past it.
         let parts = vec![(250, &b"a"[..]), (250, b"b"), (250, b"c"), (250, b"d"), (250, b"e")];
