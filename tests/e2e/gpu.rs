@@ -82,6 +82,13 @@ fn a_guest_gets_the_gpu_through_checked_handles_and_a_quota() {
     let body: Value = response.json().unwrap();
     assert_eq!(error_code(&body), "BAD_CONFIG", "{body}");
     assert!(error_message(&body).contains("matches none of this node's GPUs (cpu-backend-0)"), "{body}");
+    // And a GPU asked for by a component that never calls it.
+    let response =
+        server.deploy("idle-gpu", &std::fs::read(wasm("hello")).unwrap(), Some("[runtime]\ngpu = \"any\"\n"));
+    let body: Value = response.json().unwrap();
+    let warning = body["warnings"][0].as_str().unwrap_or_default();
+    assert!(warning.contains("never calls it") && warning.contains("remove gpu"), "{body}");
+    assert_eq!(server.http.delete(server.url("/v1/apps/idle-gpu")).send().unwrap().status(), 200);
 
     // One GPU, one replica: a second GPU app waits for it, then runs.
     let config = "[runtime]\ngpu = \"any\"\ngpu_memory = \"64Mi\"\n";

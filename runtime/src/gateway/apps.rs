@@ -146,6 +146,14 @@ pub(crate) async fn deploy(
                 .into(),
         );
     }
+    if !uses_gpu && app.config.runtime.gpu.is_some() {
+        warnings.push(
+            "the config asks for a GPU but the component never calls it (it does not import \
+             beamlet:function/gpu): each replica holds a whole GPU it cannot use; remove gpu (and gpu_memory) \
+             from [runtime]"
+                .into(),
+        );
+    }
     let body = json!({
         "name": version.name,
         "version": version.version,
