@@ -31,6 +31,11 @@ fn a_wasi_http_component_gets_the_raw_request_and_answers_it() {
     let big: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
     let response = server.http.post(server.url("/http/web/echo")).body(big.clone()).send().unwrap();
     assert_eq!(response.bytes().unwrap().as_ref(), big.as_slice(), "a large body goes in and comes back intact");
+    // A guest that answers without reading the body: the rest is left
+    // unread, so the connection cannot carry another request, and says so.
+    let response = server.http.post(server.url("/http/web/hello")).body(vec![b'G'; 70_000]).send().unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers().get("connection").map(|v| v.as_bytes()), Some(&b"close"[..]));
     let response = server.http.get(server.url("/http/web/big?bytes=5000000")).send().unwrap();
     assert_eq!(response.bytes().unwrap().len(), 5_000_000);
 

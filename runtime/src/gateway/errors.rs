@@ -130,10 +130,12 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// An error answered before the request's body was read to its end leaves
+/// An answer that starts before the request's body was read to its end
+/// (an error, or a guest that answered without reading it all) may leave
 /// the rest on the connection, which hyper then closes after the answer:
 /// saying so (`connection: close`) keeps a client from sending its next
-/// request on it (a pooled client saw a broken pipe after a 404 to a POST).
+/// request on it (a pooled client saw a broken pipe after a 404 to a POST,
+/// and after a 200 from a guest that ignored a 70 KB body).
 /// A body whose client sends nothing more of it for [`BODY_IDLE`] while it
 /// is read fails, so a client that stops mid-body holds no connection (nor
 /// a call waiting for its input) forever.
@@ -144,8 +146,7 @@ pub(crate) async fn close_unread(request: Request, next: Next) -> Response {
     let ended = Arc::new(AtomicBool::new(false));
     let request = request.map(|inner| Body::new(Tracked::new(inner, ended.clone(), BODY_IDLE)));
     let mut response = next.run(request).await;
-    let status = response.status();
-    if (status.is_client_error() || status.is_server_error()) && !ended.load(Ordering::Relaxed) {
+    if !ended.load(Ordering::Relaxed) {
         response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
     }
     response
