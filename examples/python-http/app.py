@@ -56,4 +56,4 @@ class IncomingHandler(exports.IncomingHandler):
         elif path == "/echo":
             respond(response_out, 200, read_body(request))
         else:
-            respond(response_out, 404, b"not found\n")
+            respond(response_out, 404, b"not found: this app serves /hello and /echo\n")
