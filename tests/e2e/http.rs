@@ -135,6 +135,8 @@ fn request_and_response_bodies_stream_both_ways() {
     let response = server.http.get(server.url("/http/pipe/partial")).send().unwrap();
     assert_eq!(response.status(), 200);
     assert!(response.bytes().is_err(), "the broken body is reported as broken");
+    let logs = server.http.get(server.url("/v1/apps/pipe/logs")).send().unwrap().text().unwrap();
+    assert!(logs.contains("response cut short: guest trapped"), "the app's logs say why: {logs}");
     assert_eq!(server.http.get(server.url("/http/pipe/hello")).send().unwrap().text().unwrap(), "Hello, world!\n");
 
     // An upload that stalls cannot hold a worker past the task's timeout: the

@@ -778,7 +778,7 @@ impl Run<'_> {
             }),
             Outcome::Cancelled => Finish::Cancelled,
         };
-        let finish = self.end_streams(done.seq, finish);
+        let finish = self.end_streams(done.seq, &lease.id, finish);
         let dispatch = &self.plan.dispatch;
         // For a worker free now (not one building a new instance first).
         let free = !draining && self.exiting.is_none() && !self.all_busy();
@@ -826,7 +826,7 @@ impl Run<'_> {
 
     /// Ends the streams of run `seq`. A run whose bodies moved cannot be
     /// replayed, so its failure is final, and its client's body ends with it.
-    fn end_streams(&mut self, seq: u64, finish: Finish) -> Finish {
+    fn end_streams(&mut self, seq: u64, id: &str, finish: Finish) -> Finish {
         let Some(streams) = self.streams.remove(&seq) else { return finish };
         let (finish, error) = match finish {
             Finish::Retryable(error) | Finish::Rejected(error) => {
@@ -837,6 +837,13 @@ impl Run<'_> {
             complete => (complete, None),
         };
         if let (Some(response), Some(message)) = (streams.response, error) {
+            // The client sees only a connection cut short: say why here
+            // (unless it went away itself: that cancelled the run).
+            if !matches!(finish, Finish::Cancelled) {
+                let (app, replica) = (&self.plan.spec.app, &self.plan.spec.replica);
+                tracing::warn!(%app, %replica, "task {id}: its response was cut short after its head was sent: {message}");
+                self.plan.logs.push(app, format!("[replica {replica}] task {id}: response cut short: {message}"));
+            }
             let _ = response.send(Err(message));
         }
         finish
@@ -859,7 +866,8 @@ impl Run<'_> {
         }
         for (seq, lease) in std::mem::take(&mut self.inflight) {
             let message = format!("replica {} was lost while running the task: {reason}", self.plan.spec.replica);
-            let finish = self.end_streams(seq, Finish::Retryable(TaskError { code: ErrorCode::ReplicaLost, message }));
+            let lost = Finish::Retryable(TaskError { code: ErrorCode::ReplicaLost, message });
+            let finish = self.end_streams(seq, &lease.id, lost);
             self.plan.dispatch.finish(&lease.id, finish);
         }
         self.set_busy();
