@@ -104,8 +104,13 @@ fn decode<I: DeserializeOwned>(input: &[u8]) -> Result<I, Error> {
             Error::bad_input("the input is empty; this handler needs a JSON input (e.g. --data '{...}')")
         });
     }
-    serde_json::from_slice(input)
-        .map_err(|err| Error::bad_input(format!("input is not valid JSON for this handler: {err}")))
+    serde_json::from_slice(input).map_err(|err| match err.classify() {
+        // Well-formed JSON of another shape: a missing field, a wrong type.
+        serde_json::error::Category::Data => {
+            Error::bad_input(format!("the input does not match what this handler takes: {err}"))
+        }
+        _ => Error::bad_input(format!("input is not valid JSON for this handler: {err}")),
+    })
 }
 
 #[cfg(test)]
@@ -154,10 +159,13 @@ mod tests {
     #[test]
     fn undecodable_input_is_bad_input_and_skips_the_handler() {
         let never = |_: &Context, _: In| -> Result<Out, Error> { panic!("handler must not run") };
-        for input in [&b"not json"[..], br#"{"nom": "Ada"}"#] {
+        for (input, said) in [
+            (&b"not json"[..], "input is not valid JSON for this handler: "),
+            (br#"{"nom": "Ada"}"#, "the input does not match what this handler takes: missing field `name`"),
+        ] {
             let err = call(never, &ctx(), input).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::BadInput);
-            assert!(err.message().starts_with("input is not valid JSON for this handler: "), "{err}");
+            assert!(err.message().starts_with(said), "{err}");
         }
         let err = call(never, &ctx(), b"").unwrap_err();
         assert_eq!(err.kind(), ErrorKind::BadInput);
