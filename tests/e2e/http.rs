@@ -139,6 +139,19 @@ fn request_and_response_bodies_stream_both_ways() {
     assert!(logs.contains("response cut short: guest trapped"), "the app's logs say why: {logs}");
     assert_eq!(server.http.get(server.url("/http/pipe/hello")).send().unwrap().text().unwrap(), "Hello, world!\n");
 
+    // A malformed body fails the guest's read with the reason, not as a
+    // connection that ended.
+    let mut socket = connect(&server);
+    socket
+        .write_all(
+            b"POST /http/pipe/echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nZZ\r\nhello\r\n0\r\n\r\n",
+        )
+        .unwrap();
+    let mut seen = Vec::new();
+    socket.read_to_end(&mut seen).unwrap();
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("HTTP/1.1 500") && text.contains("request body failed"), "{text}");
+
     // An upload that stalls cannot hold a worker past the task's timeout: the
     // guest's read fails at the deadline, the client's response breaks off,
     // and the worker serves the next request.

@@ -144,7 +144,9 @@ impl Body for RequestBody {
             }
             Poll::Ready(Some(Err(message))) => {
                 tracing::debug!(seq = this.seq, "request body broke off: {message}");
-                Poll::Ready(Some(Err(wasmtime_wasi_http::Error::ConnectionTerminated)))
+                // The guest's read error says why (the client stalled, sent
+                // a malformed body, or went away), not just that it ended.
+                Poll::Ready(Some(Err(wasmtime_wasi_http::Error::InternalError(Some(message)))))
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => match this
