@@ -1,15 +1,19 @@
 //! The node's HTTP/1 server: the API's router on hyper connections, with a
 //! limit on how long a client may take to send a request's head (a client
-//! that trickles it in would otherwise hold its connection forever), and a
-//! graceful stop: no new connections, and open ones close once their
-//! request in progress is answered.
+//! that trickles it in would otherwise hold its connection forever) and to
+//! take the next bytes of its response, and a graceful stop: no new
+//! connections, and open ones close once their request in progress is
+//! answered.
 
 use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -17,6 +21,9 @@ use tokio::task::JoinSet;
 /// How long a client may take to send a request line and headers; also
 /// how long an idle keep-alive connection stays open.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may leave the response unread (its connection's
+/// buffers full) before the connection is closed.
+const WRITE_IDLE: Duration = Duration::from_secs(60);
 
 /// Serves `router` on `listener` until `stop` turns true, then until every
 /// open connection has answered its request in progress.
@@ -49,7 +56,7 @@ pub(crate) async fn serve(listener: TcpListener, router: axum::Router, stop: wat
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
+                .serve_connection(TokioIo::new(WriteDeadline::new(stream, WRITE_IDLE)), service);
             tokio::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => return,
@@ -60,4 +67,107 @@ pub(crate) async fn serve(listener: TcpListener, router: axum::Router, stop: wat
     }
     drop(listener);
     while connections.join_next().await.is_some() {}
+}
+
+/// A connection whose writes fail once one has waited `idle` for the client
+/// to make room: a client that stops reading its response would otherwise
+/// hold the connection, and what is buffered for it, forever.
+struct WriteDeadline<S> {
+    inner: S,
+    idle: Duration,
+    /// Armed when a write found no room.
+    timer: Pin<Box<tokio::time::Sleep>>,
+    waiting: bool,
+}
+
+impl<S> WriteDeadline<S> {
+    fn new(inner: S, idle: Duration) -> Self {
+        Self { inner, idle, timer: Box::pin(tokio::time::sleep(idle)), waiting: false }
+    }
+
+    /// Passes on `polled`, or the timeout once a write has waited `idle`.
+    fn watch<T>(&mut self, polled: Poll<std::io::Result<T>>, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.waiting = false;
+            return polled;
+        }
+        if !self.waiting {
+            self.waiting = true;
+            let deadline = tokio::time::Instant::now() + self.idle;
+            self.timer.as_mut().reset(deadline);
+        }
+        match self.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                let idle = crate::config::format_duration(self.idle);
+                let message = format!("the client read nothing more of its response for {idle}");
+                Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, message)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteDeadline<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(polled, cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(polled, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(polled, cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_fails_the_write_and_one_that_reads_does_not() {
+        let (near, mut far) = tokio::io::duplex(1024);
+        let mut conn = WriteDeadline::new(near, Duration::from_secs(1));
+        // Read slowly but steadily, well past the idle time in all.
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut buf = [0u8; 1024];
+            while got < 8 * 1024 {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                got += far.read(&mut buf).await.unwrap();
+            }
+            far
+        });
+        conn.write_all(&[7u8; 8 * 1024]).await.expect("a reading client is written to");
+        let far = reader.await.unwrap();
+        // Now it reads no more: the write waits out the idle time and fails.
+        let error = conn.write_all(&[7u8; 4 * 1024]).await.expect_err("a client that reads nothing fails the write");
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(error.to_string(), "the client read nothing more of its response for 1s");
+        drop(far);
+    }
 }
