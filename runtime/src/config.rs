@@ -473,8 +473,8 @@ fn decode<T: DeserializeOwned>(table: &str, map: toml::Table) -> Result<T, Confi
 /// serde's messages name Rust types (`expected u32`); users wrote TOML.
 fn plain_types(message: &str) -> String {
     const TYPES: [(&str, &str); 6] = [
-        ("expected u32", "expected a whole number from 0 to 4294967295"),
-        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected u32", "expected a whole number"),
+        ("expected u64", "expected a whole number"),
         ("expected f64", "expected a number"),
         ("expected a map", "expected a table (a [section] of keys)"),
         ("expected a sequence", "expected a list such as [\"a\", \"b\"]"),
@@ -818,7 +818,7 @@ callback_url = "https://example.com/beamlet/done"
         let message = error("[autoscaler]\nkind = \"queue_depth\"\nkeep_warm = -5");
         assert_eq!(message, "[autoscaler] keep_warm: -5 is negative; a duration is 0 or more, e.g. \"30s\"");
         let message = error("[autoscaler]\nkind = \"queue_depth\"\nmax_replicas = -1");
-        assert!(message.ends_with("integer `-1`, expected a whole number from 0 to 4294967295"), "{message}");
+        assert!(message.ends_with("invalid value: integer `-1`, expected a whole number"), "{message}");
         assert!(error("autoscaler = \"queue_depth\"").ends_with("expected a table (a [section] of keys)"));
         assert!(error("runtime = 5").starts_with("runtime: invalid type"));
         assert!(
