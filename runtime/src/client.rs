@@ -157,7 +157,14 @@ impl Client {
                     print_output(&response.bytes().await?);
                     return Ok(());
                 }
-                bail!("task {id} ended {status}: {}", record["error"]["message"].as_str().unwrap_or("no details"));
+                let error = &record["error"];
+                let message = error["message"].as_str().unwrap_or("no details");
+                let runs = match record["attempts"].as_u64() {
+                    Some(n) if n > 1 => format!(", after {n} attempts"),
+                    _ => String::new(),
+                };
+                let code = error["code"].as_str().map(|code| format!(" ({code}{runs})")).unwrap_or_default();
+                bail!("task {id} ended {status}: {message}{code}");
             }
             if left.is_zero() {
                 bail!(

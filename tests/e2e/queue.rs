@@ -70,6 +70,12 @@ fn retries_carry_the_attempt_number_and_results_have_a_size_limit() {
     let listed = String::from_utf8_lossy(&out.stdout);
     let line = listed.lines().find(|line| line.starts_with(id.as_str())).unwrap_or_default().to_owned();
     assert!(line.contains("FAILED") && line.ends_with("GUEST_TRAP"), "the CLI lists it: {listed}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_beamlet"))
+        .args(["task", "wait", &id, "--server", &server.base])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("ended FAILED: ") && said.contains("(GUEST_TRAP"), "{said}");
 
     let (status, body) = server.invoke_json("trap", r#"{"mode":"big","bytes":4096}"#);
     assert_eq!((status, error_code(&body)), (500, "RESULT_TOO_LARGE"), "{body}");
