@@ -87,9 +87,12 @@ fn a_replica_that_does_not_fit_is_pending_until_capacity_frees() {
     let (status, body) = (response.status().as_u16(), response.json::<Value>().unwrap());
     assert_eq!((status, error_code(&body)), (400, "BAD_CONFIG"), "more cores than the node has: {body}");
     assert!(error_message(&body).contains("more than the 1 core this node has"), "{body}");
-    server.deploy_guest("hello", "hello", Some("[runtime]\ncpu = 1\n"));
+    let deployed = server.deploy_guest("hello", "hello", Some("[runtime]\ncpu = 1\n"));
+    assert_eq!(deployed["warnings"].as_array().map(Vec::len), Some(0), "it fits: {deployed}");
     server.wait_status("hello", "hello's replica", LONG, |s| ready_pids(s).len() == 1);
-    server.deploy_guest("sleep", "sleep", Some("[runtime]\ncpu = 1\n"));
+    let deployed = server.deploy_guest("sleep", "sleep", Some("[runtime]\ncpu = 1\n"));
+    let warning = deployed["warnings"][0].as_str().unwrap_or_default();
+    assert!(warning.starts_with("no replica of it fits on this node now (waiting for 1 core;"), "{deployed}");
     let status = server.wait_status("sleep", "a pending replica", LONG, |s| s["replicas"][0]["state"] == "pending");
     let reason = status["replicas"][0]["pending_reason"].as_str().unwrap_or_default().to_owned();
     assert!(reason.contains("waiting for 1 core;"), "status says why: {status}");

@@ -80,8 +80,10 @@ pub(crate) async fn deploy(
         let Some(cluster) = &node.cluster else {
             let fits = |config: &AppConfig| registry::fits_node(config, node.capacity, &node.gpus);
             let deployed = node.registry.deploy(&name, &component, &config, fits, unfinished, Follows::ThisNode)?;
+            // A new app's first replica, before it takes its room.
+            let no_room = deployed.previous.is_none().then(|| node.supervisor.room_for(&deployed.app).err()).flatten();
             node.run_app(&deployed.app);
-            return Ok(deployed);
+            return Ok((deployed, no_room));
         };
         let superseded = {
             // The new version is the cluster's before any sync runs.
@@ -109,7 +111,7 @@ pub(crate) async fn deploy(
                 Published::Current => {
                     // Before a sync can take on a later version.
                     node.run_app(&deployed.app);
-                    return Ok(deployed);
+                    return Ok((deployed, None));
                 }
                 Published::Superseded(now) => (deployed.app.version.version, now),
             }
@@ -121,7 +123,7 @@ pub(crate) async fn deploy(
     })
     .await
     .map_err(ApiError::internal)??;
-    let Deployed { app, uses_gpu, previous } = deployed;
+    let (Deployed { app, uses_gpu, previous }, no_room) = deployed;
     // A redeploy without a config is easy to do by mistake.
     let default_config = crate::config::parse("").ok();
     let configured_before = previous
@@ -145,6 +147,12 @@ pub(crate) async fn deploy(
              calls will fail; add gpu = \"any\" (or a model name) under [runtime]"
                 .into(),
         );
+    }
+    if let Some(reason) = no_room {
+        warnings.push(format!(
+            "no replica of it fits on this node now ({reason}): calls are refused with 503 NO_CAPACITY and \
+             tasks wait until other apps free room"
+        ));
     }
     if !uses_gpu && app.config.runtime.gpu.is_some() {
         warnings.push(

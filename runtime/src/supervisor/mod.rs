@@ -334,6 +334,12 @@ impl Supervisor {
 
     /// Starts one more replica now, within the app's `max_replicas`; `false`
     /// when the app already runs that many.
+    /// Whether one replica of `app` fits on the node now; else why not.
+    pub(crate) fn room_for(&self, app: &App) -> Result<(), String> {
+        let (demand, gpu) = demand(app);
+        self.capacity.fits(demand, gpu.as_ref())
+    }
+
     /// Starts one replica of app `name` now, or says why not (the app has
     /// its most replicas, or the node no room for one: a replica started
     /// then would only wait, pending, until the autoscaler drops it).
@@ -348,8 +354,7 @@ impl Supervisor {
         if live >= max {
             return Some(Err(format!("the app has {live} of its at most {max} replicas (max_replicas) already")));
         }
-        let (demand, gpu) = demand(&replicas.app);
-        if let Err(reason) = self.capacity.fits(demand, gpu.as_ref()) {
+        if let Err(reason) = self.room_for(&replicas.app) {
             return Some(Err(format!("no room on this node: {reason}")));
         }
         let handle = self.start_replica(&replicas.app, &replicas.times);
