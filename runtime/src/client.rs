@@ -144,10 +144,20 @@ impl Client {
     pub(crate) async fn task_wait(&self, id: &str, timeout: &str) -> Result<()> {
         let timeout = crate::config::parse_duration(timeout).map_err(|e| anyhow!("--timeout: {e}"))?;
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut answered = false;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let wait = left.min(Duration::from_secs(30)).as_secs().max(1);
-            let record = self.get_json(self.task_url(id, &format!("?wait={wait}s"))?).await?;
+            let record = match self.get_json(self.task_url(id, &format!("?wait={wait}s"))?).await {
+                Ok(record) => record,
+                // The node went away while we waited (stopped, restarting).
+                Err(e) if answered => bail!(
+                    "lost the node while waiting for task {id}: {e:#}\n(a node that stops keeps its tasks: run \
+                     `beamlet task wait {id}` again once it is back)"
+                ),
+                Err(e) => return Err(e),
+            };
+            answered = true;
             let status = record["status"].as_str().unwrap_or_default().to_owned();
             let terminal = matches!(status.as_str(), "COMPLETE" | "FAILED" | "TIMEOUT" | "CANCELLED" | "EXPIRED");
             if terminal {
