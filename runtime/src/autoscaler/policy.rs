@@ -134,10 +134,10 @@ pub(crate) fn desired(sample: &Sample, config: &AutoscalerConfig) -> (u32, Strin
                     } else {
                         format!("avg task time {avg:?}, desired latency {latency}")
                     };
-                    let avg = avg.max(sample.longest_run);
+                    let task_time = avg.max(sample.longest_run);
                     // More than N tasks waiting ahead never happens, so capping at N changes no
                     // answer; it keeps a zero or tiny average from dividing by zero or overflowing.
-                    let ahead = desired_latency.as_nanos().checked_div(avg.as_nanos()).unwrap_or(u128::MAX);
+                    let ahead = desired_latency.as_nanos().checked_div(task_time.as_nanos()).unwrap_or(u128::MAX);
                     match u64::try_from(ahead) {
                         Ok(ahead) if ahead <= n => (ahead + 1, format!("{measured} -> {}", per_worker_within(ahead))),
                         _ => (
