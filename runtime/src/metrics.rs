@@ -63,6 +63,7 @@ pub(crate) struct Metrics {
     device_memory: Family<Device, Gauge>,
     device_memory_used: Family<Device, Gauge>,
     device_utilization: Family<Device, Gauge>,
+    waiting: Gauge,
 }
 
 /// One app's live numbers, read at scrape time.
@@ -111,6 +112,7 @@ impl Metrics {
             device_memory: Family::default(),
             device_memory_used: Family::default(),
             device_utilization: Family::default(),
+            waiting: Gauge::default(),
         };
         registry.register("queue_depth", "Tasks queued (pending or awaiting a retry)", metrics.queued.clone());
         registry.register("running_tasks", "Tasks running on a worker", metrics.running.clone());
@@ -140,6 +142,11 @@ impl Metrics {
             "gpu_utilization_percent",
             "Percent of NVML's last sample period a kernel ran on this GPU (CUDA only)",
             metrics.device_utilization.clone(),
+        );
+        registry.register(
+            "waiting_callers",
+            "Requests open on the node waiting for a task to end: calls and long-polls",
+            metrics.waiting.clone(),
         );
         *metrics.registry.lock().unwrap() = registry;
         metrics
@@ -174,8 +181,9 @@ impl Metrics {
 
     /// The text exposition, with gauges set from `apps` (name, numbers) and
     /// the node's GPUs.
-    pub(crate) fn render(&self, apps: &[(String, AppGauges)], devices: &[DeviceGauges]) -> String {
+    pub(crate) fn render(&self, apps: &[(String, AppGauges)], devices: &[DeviceGauges], waiting: u64) -> String {
         let registry = self.registry.lock().unwrap();
+        self.waiting.set(waiting as i64);
         for family in [&self.queued, &self.running, &self.workers, &self.gpus, &self.gpu_memory] {
             family.clear();
         }
@@ -238,9 +246,10 @@ mod tests {
         let sampled =
             beamlet_gpu::discover::GpuUsage { utilization_percent: Some(87), memory_used_bytes: Some(1 << 30) };
         let devices = [device(0, true, sampled), device(1, false, Default::default())];
-        let text = metrics.render(&[("hello".into(), gauges)], &devices);
+        let text = metrics.render(&[("hello".into(), gauges)], &devices, 3);
         for expected in [
             r#"beamlet_queue_depth{app="hello"} 4"#,
+            "beamlet_waiting_callers 3",
             r#"beamlet_running_tasks{app="hello"} 1"#,
             r#"beamlet_replicas{app="hello",state="ready"} 2"#,
             r#"beamlet_task_duration_seconds_count{app="hello"} 1"#,
@@ -257,7 +266,7 @@ mod tests {
         }
         assert!(!text.contains(r#"beamlet_gpu_utilization_percent{gpu="1""#), "not sampled, not shown:\n{text}");
         assert!(!text.contains(r#"app="gone""#), "a removed app's counters are dropped:\n{text}");
-        let text = metrics.render(&[], &[]);
+        let text = metrics.render(&[], &[], 0);
         assert!(!text.contains(r#"beamlet_queue_depth{app="hello"}"#), "removed apps drop out of the gauges");
     }
 }

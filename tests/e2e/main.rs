@@ -568,6 +568,12 @@ fn a_node_stopped_by_sigterm_lets_its_replicas_finish_their_tasks() {
     let call_url = server.url("/v1/apps/sleep/invoke");
     let call = std::thread::spawn(move || client().post(call_url).body(r#"{"ms": 1}"#).send().map(|r| r.json()));
     server.wait_status("sleep", "the call to queue", LONG, |s| s["queue"]["queued"] == 2);
+    // Both requests read by the node (a request still unread when it stops
+    // would only see its connection closed).
+    wait_for("the call and the poll to wait", LONG, || {
+        let metrics = server.http.get(server.url("/metrics")).send().ok()?.text().ok()?;
+        metrics.contains("beamlet_waiting_callers 2").then_some(())
+    });
     let data_dir = server.terminate();
 
     // Both answered before the node exited: the call refused, the poll as it stood.

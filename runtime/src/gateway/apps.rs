@@ -347,6 +347,6 @@ pub(crate) async fn metrics(State(node): State<Arc<Node>>) -> impl axum::respons
             memory_bytes: gpu.memory_bytes,
         })
         .collect();
-    let text = node.metrics.render(&apps, &devices);
+    let text = node.metrics.render(&apps, &devices, node.dispatch.waiting() as u64);
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
 }

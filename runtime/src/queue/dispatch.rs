@@ -336,6 +336,12 @@ impl Dispatch {
         }
     }
 
+    /// Requests open here that wait for a task to end (calls, long-polls).
+    pub(crate) fn waiting(&self) -> usize {
+        let waiters = self.waiters.lock().unwrap();
+        waiters.values().flatten().filter(|waiter| !waiter.is_closed()).count()
+    }
+
     /// Acts on what happened on another node (or on this one, seen through
     /// the shared queue's channel).
     pub(crate) fn on_event(&self, event: Event) {
