@@ -86,8 +86,9 @@ fn a_guest_gets_the_gpu_through_checked_handles_and_a_quota() {
     let response =
         server.deploy("idle-gpu", &std::fs::read(wasm("hello")).unwrap(), Some("[runtime]\ngpu = \"any\"\n"));
     let body: Value = response.json().unwrap();
-    let warning = body["warnings"][0].as_str().unwrap_or_default();
-    assert!(warning.contains("never calls it") && warning.contains("remove gpu"), "{body}");
+    let warnings: Vec<&str> = body["warnings"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    assert!(warnings.iter().any(|w| w.contains("never calls it") && w.contains("remove gpu")), "{body}");
+    assert!(warnings.iter().any(|w| w.contains("waiting for a free GPU")), "the only GPU is held: {body}");
     assert_eq!(server.http.delete(server.url("/v1/apps/idle-gpu")).send().unwrap().status(), 200);
 
     // One GPU, one replica: a second GPU app waits for it, then runs.
