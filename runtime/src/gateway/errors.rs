@@ -1,6 +1,5 @@
 //! Every error the API returns, mapped to its status in one place.
 
-use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +13,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use super::IdleTimer;
 use crate::bodies::BODY_IDLE;
 use crate::queue::{ErrorCode, QueueError, TaskError};
 use crate::registry::DeployError;
@@ -157,16 +157,12 @@ pub(crate) async fn close_unread(request: Request, next: Next) -> Response {
 struct Tracked {
     inner: Body,
     ended: Arc<AtomicBool>,
-    /// How long a read may wait; armed when a read found nothing to take.
-    idle_after: std::time::Duration,
-    idle: Pin<Box<tokio::time::Sleep>>,
-    waiting: bool,
+    idle: IdleTimer,
 }
 
 impl Tracked {
     fn new(inner: Body, ended: Arc<AtomicBool>, idle_after: std::time::Duration) -> Self {
-        let idle = Box::pin(tokio::time::sleep(idle_after));
-        Self { inner, ended, idle_after, idle, waiting: false }
+        Self { inner, ended, idle: IdleTimer::new(idle_after) }
     }
 }
 
@@ -182,22 +178,11 @@ impl http_body::Body for Tracked {
         if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
             self.ended.store(true, Ordering::Relaxed);
         }
-        if polled.is_ready() {
-            self.waiting = false;
+        if !self.idle.ran_out(polled.is_ready(), cx) {
             return polled;
         }
-        if !self.waiting {
-            self.waiting = true;
-            let deadline = tokio::time::Instant::now() + self.idle_after;
-            self.idle.as_mut().reset(deadline);
-        }
-        match self.idle.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                let idle = crate::config::format_duration(self.idle_after);
-                Poll::Ready(Some(Err(axum::Error::new(format!("the client sent nothing more of it for {idle}")))))
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        let idle = crate::config::format_duration(self.idle.after());
+        Poll::Ready(Some(Err(axum::Error::new(format!("the client sent nothing more of it for {idle}")))))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -68,3 +68,38 @@ pub(crate) async fn read_body(body: Body, limit: usize, what: Payload) -> Result
         Err(e) => Err(ApiError::bad_request(format!("failed to read the request body: {e}"))),
     }
 }
+
+/// A limit on how long a client may keep a poll waiting (for its next
+/// bytes, or for room for ours): it starts when a poll finds nothing and
+/// starts over whenever one finds something.
+pub(crate) struct IdleTimer {
+    after: std::time::Duration,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    waiting: bool,
+}
+
+impl IdleTimer {
+    pub(crate) fn new(after: std::time::Duration) -> Self {
+        Self { after, timer: Box::pin(tokio::time::sleep(after)), waiting: false }
+    }
+
+    pub(crate) fn after(&self) -> std::time::Duration {
+        self.after
+    }
+
+    /// Notes how a poll went (`ready`: it found something); for one that
+    /// did not, whether the client has kept it waiting `after` (else the
+    /// timer wakes `cx` when it will have).
+    pub(crate) fn ran_out(&mut self, ready: bool, cx: &mut std::task::Context<'_>) -> bool {
+        if ready {
+            self.waiting = false;
+            return false;
+        }
+        if !self.waiting {
+            self.waiting = true;
+            let deadline = tokio::time::Instant::now() + self.after;
+            self.timer.as_mut().reset(deadline);
+        }
+        std::future::Future::poll(self.timer.as_mut(), cx).is_ready()
+    }
+}

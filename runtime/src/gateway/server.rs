@@ -18,6 +18,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::IdleTimer;
+
 /// How long a client may take to send a request line and headers; also
 /// how long an idle keep-alive connection stays open.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -74,36 +76,22 @@ pub(crate) async fn serve(listener: TcpListener, router: axum::Router, stop: wat
 /// hold the connection, and what is buffered for it, forever.
 struct WriteDeadline<S> {
     inner: S,
-    idle: Duration,
-    /// Armed when a write found no room.
-    timer: Pin<Box<tokio::time::Sleep>>,
-    waiting: bool,
+    idle: IdleTimer,
 }
 
 impl<S> WriteDeadline<S> {
     fn new(inner: S, idle: Duration) -> Self {
-        Self { inner, idle, timer: Box::pin(tokio::time::sleep(idle)), waiting: false }
+        Self { inner, idle: IdleTimer::new(idle) }
     }
 
     /// Passes on `polled`, or the timeout once a write has waited `idle`.
     fn watch<T>(&mut self, polled: Poll<std::io::Result<T>>, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
-        if polled.is_ready() {
-            self.waiting = false;
+        if !self.idle.ran_out(polled.is_ready(), cx) {
             return polled;
         }
-        if !self.waiting {
-            self.waiting = true;
-            let deadline = tokio::time::Instant::now() + self.idle;
-            self.timer.as_mut().reset(deadline);
-        }
-        match self.timer.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                let idle = crate::config::format_duration(self.idle);
-                let message = format!("the client read nothing more of its response for {idle}");
-                Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, message)))
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        let idle = crate::config::format_duration(self.idle.after());
+        let message = format!("the client read nothing more of its response for {idle}");
+        Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, message)))
     }
 }
 
