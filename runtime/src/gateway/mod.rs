@@ -74,13 +74,14 @@ pub(crate) async fn read_body(body: Body, limit: usize, what: Payload) -> Result
 /// starts over whenever one finds something.
 pub(crate) struct IdleTimer {
     after: std::time::Duration,
-    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// Made when first needed: most bodies are read without a wait.
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     waiting: bool,
 }
 
 impl IdleTimer {
     pub(crate) fn new(after: std::time::Duration) -> Self {
-        Self { after, timer: Box::pin(tokio::time::sleep(after)), waiting: false }
+        Self { after, timer: None, waiting: false }
     }
 
     pub(crate) fn after(&self) -> std::time::Duration {
@@ -98,8 +99,12 @@ impl IdleTimer {
         if !self.waiting {
             self.waiting = true;
             let deadline = tokio::time::Instant::now() + self.after;
-            self.timer.as_mut().reset(deadline);
+            match &mut self.timer {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
         }
-        std::future::Future::poll(self.timer.as_mut(), cx).is_ready()
+        let timer = self.timer.as_mut().expect("armed when the wait began");
+        std::future::Future::poll(timer.as_mut(), cx).is_ready()
     }
 }
