@@ -331,10 +331,7 @@ impl RedisQueue {
                 Unsaved::Finish { id, finish, at, held } => {
                     self.try_finish(id, finish, *at, held.as_ref()).map(|e| e.map(Saved::Finished))
                 }
-                Unsaved::Release { id } => self
-                    .client
-                    .eval(&lua::RELEASE, &[id.as_bytes(), self.node.as_bytes()])
-                    .map(|reply| record(reply).map(Saved::Released)),
+                Unsaved::Release { id } => self.try_release(id).map(|released| released.map(Saved::Released)),
                 Unsaved::Abandon { id } => self.client.eval(&lua::ABANDON, &[id.as_bytes()]).map(|status| {
                     match status.into_string().as_deref() {
                         None => {}
@@ -409,6 +406,12 @@ impl RedisQueue {
         self.hold(lease(app, self.eval("lease a task", &lua::LEASE, &args)?), now)
     }
 
+    /// Puts task `id`, leased to this node, back in its queue with no
+    /// attempt spent: its record then, or `None` when it does not run here.
+    fn try_release(&self, id: &str) -> Result<Option<TaskRecord>, RedisError> {
+        Ok(record(self.client.eval(&lua::RELEASE, &[id.as_bytes(), self.node.as_bytes()])?))
+    }
+
     /// Notes a lease this node got as one it holds (see `release_orphans`).
     fn hold(&self, lease: Option<Lease>, now: u64) -> Option<Lease> {
         if let Some(lease) = &lease {
@@ -447,7 +450,7 @@ impl RedisQueue {
         };
         let mut released = Vec::new();
         for id in due {
-            if let Some(record) = record(self.client.eval(&lua::RELEASE, &[id.as_bytes(), self.node.as_bytes()])?) {
+            if let Some(record) = self.try_release(&id)? {
                 tracing::warn!(
                     "task {id}: Redis leased it to this node after the node gave up waiting for the answer; it never \
                      reached a replica and is queued again"
@@ -572,8 +575,8 @@ impl Queue for RedisQueue {
 
     fn release(&self, id: &str) -> Option<TaskRecord> {
         self.held.lock().unwrap().remove(id);
-        match self.client.eval(&lua::RELEASE, &[id.as_bytes(), self.node.as_bytes()]) {
-            Ok(reply) => record(reply),
+        match self.try_release(id) {
+            Ok(released) => released,
             Err(e) => {
                 self.log_failure("release a task", &e);
                 self.unsaved.lock().unwrap().push(Unsaved::Release { id: id.to_owned() });
