@@ -332,8 +332,6 @@ impl Supervisor {
         self.apps.lock().unwrap().get(name)?.times.average()
     }
 
-    /// Starts one more replica now, within the app's `max_replicas`; `false`
-    /// when the app already runs that many.
     /// Whether one replica of `app` fits on the node now; else why not.
     pub(crate) fn room_for(&self, app: &App) -> Result<(), String> {
         let (demand, gpu) = demand(app);
