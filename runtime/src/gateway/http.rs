@@ -78,7 +78,7 @@ async fn proxy(node: &Node, name: &str, request: Request) -> Result<Response, Ap
         biased;
         Ok(ResponseStart { status, headers, body }) = head => {
             abandoned.disarm();
-            into_response(status, headers, body).unwrap_or_else(IntoResponse::into_response)
+            guest_response(status, headers, body)
         }
         ended = &mut call => {
             abandoned.disarm();
@@ -97,10 +97,9 @@ fn answer(Ended { record, output }: Ended) -> Response {
         (TaskStatus::Complete, _) => {
             let output = output.unwrap_or_default();
             match HttpResponse::decode(&output) {
-                Ok(HttpResponse { status, headers, body }) => into_response(status, headers, Body::from(body)),
-                Err(e) => Err(ApiError::internal(e)),
+                Ok(HttpResponse { status, headers, body }) => guest_response(status, headers, Body::from(body)),
+                Err(e) => ApiError::internal(e).into_response(),
             }
-            .unwrap_or_else(IntoResponse::into_response)
         }
         (_, Some(error)) => ApiError::task_failed(error, record.attempts).into_response(),
         (status, None) => {
@@ -113,15 +112,13 @@ fn answer(Ended { record, output }: Ended) -> Response {
 /// those of unknown size, stream to the guest as it reads them.
 const INLINE_BODY: usize = 64 * 1024;
 
-fn into_response(status: u16, headers: Vec<(String, Vec<u8>)>, body: Body) -> Result<Response, ApiError> {
+/// The guest's response as the client gets it, or 502 when it is none.
+fn guest_response(status: u16, headers: Vec<(String, Vec<u8>)>, body: Body) -> Response {
     // 1xx are interim answers, not a response; a proxy cannot pass them on.
-    let status = StatusCode::from_u16(status).ok().filter(|_| (200..=599).contains(&status)).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "GUEST_ERROR",
-            format!("the app answered with status {status}; a response's status must be 200-599"),
-        )
-    })?;
+    let Some(status) = StatusCode::from_u16(status).ok().filter(|_| (200..=599).contains(&status)) else {
+        let message = format!("the app answered with status {status}; a response's status must be 200-599");
+        return ApiError::new(StatusCode::BAD_GATEWAY, "GUEST_ERROR", message).into_response();
+    };
     // These carry no body, so no length of one either.
     let bodiless = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     let mut out = Response::new(if bodiless { Body::empty() } else { body });
@@ -133,7 +130,7 @@ fn into_response(status: u16, headers: Vec<(String, Vec<u8>)>, body: Body) -> Re
         }
         out.headers_mut().append(name, value);
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]
