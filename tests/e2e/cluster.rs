@@ -256,3 +256,30 @@ fn a_stopping_node_answers_its_callers_whose_tasks_run_on_another_node() {
         assert_eq!(status, 200, "the caller got its answer: {body}");
     });
 }
+
+#[test]
+fn a_call_waiting_when_the_last_node_that_can_run_its_app_dies_is_refused() {
+    let Some(redis) = Redis::start() else { return };
+    // Only the big node has the cores the app asks for.
+    let big = Server::start("cluster-last-big", &["--redis", &redis.url, "--cpus", "4"]);
+    let small = Server::start("cluster-last-small", &["--redis", &redis.url, "--cpus", "1"]);
+    deploy_to_both(&small, &big, "sleep", Some("[runtime]\ncpu = 2\ntimeout = \"300s\"\n"));
+    wait_for("the app's replica on the big node", Duration::from_secs(60), || {
+        (!big.ready_pids("sleep").is_empty()).then_some(())
+    });
+    std::thread::scope(|scope| {
+        let call = scope.spawn(|| small.invoke_json("sleep", r#"{"ms":100000}"#));
+        wait_for("the call to run", Duration::from_secs(60), || {
+            (big.status("sleep")["queue"]["running"] == 1).then_some(())
+        });
+        let dir = big.kill();
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_file(dir.with_extension("log"));
+        // Answered once the node is seen dead, not when the task's ttl runs out.
+        let (status, body) = call.join().unwrap();
+        assert_eq!((status, error_code(&body)), (503, "NO_CAPACITY"), "{body}");
+        assert!(error_message(&body).contains("no live node of the cluster can run it"), "{body}");
+    });
+    let id = submit(&small, "sleep", r#"{"ms":1}"#);
+    assert_eq!(small.get(&format!("/v1/tasks/{id}"))["status"], "PENDING", "tasks wait for a node that can run them");
+}

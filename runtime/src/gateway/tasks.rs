@@ -41,19 +41,10 @@ pub(super) fn app_of_world(node: &Node, name: &str, world: World) -> Result<App,
 /// autoscaler's loop once the replica it started turns out pending.)
 pub(super) fn refuse_without_capacity(node: &Node, name: &str) -> Result<(), ApiError> {
     // In a cluster, an app that fits no node alive (a GPU app while every
-    // GPU node is down) would wait until its ttl. (Just deployed, the other
-    // nodes may still be taking it on.)
-    let settled = node
-        .registry
-        .get(name)
-        .is_some_and(|app| crate::queue::now_ms().saturating_sub(app.version.deployed_at) > SETTLE_MS);
-    if let Some(cluster) = &node.cluster
-        && settled
-        && !node.supervisor.runs(name)
-        && !cluster.others_run(name)
-    {
-        let reason = "no live node of the cluster can run it (none has the cores, memory or GPU it asks for)";
-        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "NO_CAPACITY", no_capacity(name, reason)));
+    // GPU node is down) would wait until its ttl.
+    if crate::node::cluster::runs_nowhere(node, name) {
+        let reason = no_capacity(name, crate::node::cluster::RUNS_NOWHERE);
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "NO_CAPACITY", reason));
     }
     match node.supervisor.no_capacity(name) {
         // In a cluster another node's replicas may run it.
@@ -64,9 +55,6 @@ pub(super) fn refuse_without_capacity(node: &Node, name: &str) -> Result<(), Api
         None => Ok(()),
     }
 }
-
-/// How long after a deploy every node of a cluster has surely taken it on.
-const SETTLE_MS: u64 = 10_000;
 
 /// The message of a call refused for want of capacity.
 pub(crate) fn no_capacity(name: &str, reason: &str) -> String {

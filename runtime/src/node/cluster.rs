@@ -276,6 +276,42 @@ pub(super) fn sync(node: &Node, only: Option<&str>) {
     }
 }
 
+/// Why a call to an app [`runs_nowhere`] is refused.
+pub(crate) const RUNS_NOWHERE: &str =
+    "no live node of the cluster can run it (none has the cores, memory or GPU it asks for)";
+
+/// Whether no live node of the cluster can run app `name` now: this node
+/// does not, and no other node that runs it is alive (a GPU app while every
+/// GPU node is down). Not for an app just deployed: the other nodes may
+/// still be taking it on.
+pub(crate) fn runs_nowhere(node: &Node, name: &str) -> bool {
+    let Some(cluster) = &node.cluster else { return false };
+    let settled = node
+        .registry
+        .get(name)
+        .is_some_and(|app| crate::queue::now_ms().saturating_sub(app.version.deployed_at) > SETTLE_MS);
+    settled && !node.supervisor.runs(name) && !cluster.others_run(name)
+}
+
+/// How long after a deploy every node of a cluster has surely taken it on.
+const SETTLE_MS: u64 = 10_000;
+
+/// Every second: ends the waiting calls to the apps no live node can run
+/// (the last node that could died while they waited), as calls made then
+/// are refused. Queued tasks wait for such a node.
+pub(crate) async fn refuse_calls_run_nowhere(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        for app in node.registry.list() {
+            let name = &app.version.name;
+            if runs_nowhere(&node, name) && node.dispatch.counts(name).queued > 0 {
+                node.dispatch.refuse_calls(name, crate::gateway::no_capacity(name, RUNS_NOWHERE));
+            }
+        }
+    }
+}
+
 /// Runs the app's replicas here if they fit this node; otherwise the other
 /// nodes run its tasks.
 pub(crate) fn run_here(node: &Node, app: &App) {

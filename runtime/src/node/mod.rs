@@ -2,7 +2,7 @@
 //! wired together by `beamlet serve`.
 
 mod callbacks;
-mod cluster;
+pub(crate) mod cluster;
 mod gpus;
 mod logs;
 
@@ -237,6 +237,7 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
             .context("failed to start the Redis listener")?;
         let joining = node.clone();
         tokio::task::spawn_blocking(move || cluster::join(&joining)).await?.context("failed to join the cluster")?;
+        tokio::spawn(cluster::refuse_calls_run_nowhere(node.clone()));
     }
     let sweeper = node.dispatch.clone();
     tokio::spawn(async move {
