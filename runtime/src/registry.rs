@@ -324,6 +324,11 @@ impl Registry {
         Ok(())
     }
 
+    /// The apps ever removed here (their names), whether deployed again since or not.
+    pub(crate) fn removed_names(&self) -> Vec<String> {
+        self.removed_secrets.lock().unwrap().keys().cloned().collect()
+    }
+
     /// The callback secret of a removed app.
     pub(crate) fn removed_secret(&self, name: &str) -> Option<String> {
         self.removed_secrets.lock().unwrap().get(name).cloned()

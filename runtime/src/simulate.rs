@@ -454,6 +454,7 @@ impl<'a> Sim<'a> {
                     placement: if r.ready { Placement::Ready } else { Placement::Starting },
                     busy: r.busy,
                     idle_since: r.idle_since.map(|since| self.origin + since),
+                    wanted_by: None,
                 })
                 .collect(),
             elsewhere: 0,

@@ -145,6 +145,23 @@ fn a_scale_to_zero_app_that_cannot_start_gives_its_gpu_back() {
 }
 
 #[test]
+fn an_idle_replica_kept_warm_gives_its_gpu_to_another_apps_call() {
+    let server = Server::start("gpu-yield", &["--gpu-backend", "cpu", "--gpus", "1"]);
+    let config = "[runtime]\ngpu = \"any\"\ngpu_memory = \"64Mi\"\n[autoscaler]\nkind = \"queue_depth\"\n\
+                  max_tasks_per_replica = 1\nmax_replicas = 1\nkeep_warm = \"1h\"\n";
+    server.deploy_guest("first", "guest-gpu", Some(config));
+    server.deploy_guest("second", "guest-gpu", Some(config));
+    // Each call finds the only GPU held by the other app's idle replica,
+    // kept warm for an hour: it stops for the call instead.
+    for app in ["first", "second", "first"] {
+        assert_eq!(call(&server, app, r#"{"mode":"info"}"#)["backend"], "cpu", "{app}");
+    }
+    assert!(server.log().contains("its room wanted by app first"), "{}", server.log());
+    // A busy replica keeps its GPU: the other app's call waits or is refused, never runs beside it.
+    assert!(server.status("second")["replicas"].as_array().is_some_and(Vec::is_empty));
+}
+
+#[test]
 fn a_cancelled_task_stops_waiting_on_the_gpu_and_its_queued_work_is_dropped() {
     let server = Server::start("gpu-cancel", &["--gpu-backend", "cpu", "--gpus", "1"]);
     let config = "[runtime]\nworkers = 1\ngpu = \"any\"\ntimeout = \"300s\"\n";

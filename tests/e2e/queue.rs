@@ -257,6 +257,28 @@ fn queued_and_running_tasks_survive_kill_9_of_serve() {
 }
 
 #[test]
+fn tasks_of_an_app_whose_removal_a_crash_cut_short_are_cancelled_on_restart() {
+    let server = Server::start("removed-crash", &[]);
+    server.deploy_guest("sleep", "sleep", Some("[runtime]\nworkers = 1\n"));
+    let running = submit_ok(&server, "sleep", r#"{"ms": 60000}"#);
+    wait_status(&server, &running, "RUNNING");
+    let queued = submit_ok(&server, "sleep", r#"{"ms": 1}"#);
+    let data_dir = server.kill();
+    // What a node killed as it removed the app leaves: the app gone from
+    // the data dir, its tasks not yet cancelled in the task store.
+    std::fs::remove_file(data_dir.join("apps").join("sleep.json")).unwrap();
+    std::fs::write(data_dir.join("removed-secrets.json"), r#"{"sleep": "secret"}"#).unwrap();
+
+    let server = Server::start_in(data_dir, &[]);
+    for id in [&running, &queued] {
+        let record = task(&server, id);
+        assert_eq!(record["status"], "CANCELLED", "{record}");
+        assert_eq!(record["error"]["message"], r#"app "sleep" was removed"#, "{record}");
+    }
+    assert!(server.log().contains("cancelled the tasks left of an app removed"), "{}", server.log());
+}
+
+#[test]
 fn a_callback_not_delivered_when_the_node_dies_is_delivered_after_its_restart() {
     let server = Server::start("callback-restart", &[]);
     server.deploy_guest("hello", "hello", None);

@@ -33,6 +33,9 @@ pub(crate) async fn run(
     // This node's serving replicas of each app, as last told to the cluster.
     let mut published: HashMap<String, u64> = HashMap::new();
     loop {
+        // Replicas started this round that find no room are pending by the
+        // next: another app's idle replica may give them its room then.
+        let mut started = false;
         let demand = dispatch.demand();
         tokio::pin!(demand);
         demand.as_mut().enable();
@@ -90,6 +93,7 @@ pub(crate) async fn run(
                 tracing::info!(app = %name, desired = decision.desired, "scaling: {}", decision.reason);
                 metrics.scaled(&name, decision.start, decision.stop.len() as u32);
             }
+            started |= decision.start > 0;
             supervisor.apply(&name, decision);
             // Said when it changes, and once a tick (Redis may have lost it):
             // evaluations on enqueue come every few milliseconds under load.
@@ -106,6 +110,10 @@ pub(crate) async fn run(
             }
         }
         let evaluated = tokio::time::Instant::now();
+        if started {
+            tokio::time::sleep_until(evaluated + DEMAND_INTERVAL).await;
+            continue;
+        }
         tokio::select! {
             _ = tick.tick() => {}
             _ = demand => tokio::time::sleep_until(evaluated + DEMAND_INTERVAL).await,

@@ -36,9 +36,11 @@
 //! pool of [`AutoscalerConfig::baseline_replicas`] whatever the load.
 //!
 //! [`decide`] scales up at once and down slowly: a surplus replica stops only when
-//! it runs no task and has been idle for `keep_warm`. Pending replicas (never
-//! placed) go first, then the longest-idle ready ones; a starting or busy replica
-//! is never stopped.
+//! it runs no task and has been idle for `keep_warm`, or at once when another
+//! app's replica waits for the room it holds (a GPU it would sit on idle).
+//! Pending replicas (never placed) go first, then the idle ready ones wanted
+//! elsewhere, then the longest-idle; a starting or busy replica is never
+//! stopped.
 
 use std::time::{Duration, Instant};
 
@@ -67,6 +69,10 @@ pub(crate) struct ReplicaSample {
     pub busy: u32,
     /// When it last became idle; `None` while it runs a task (or has no idle time to report).
     pub idle_since: Option<Instant>,
+    /// Another app whose pending replica would fit on the node if this one
+    /// gave its room back: idle and surplus, it stops then without waiting
+    /// out `keep_warm`.
+    pub wanted_by: Option<String>,
 }
 
 /// An app's load and replicas at one moment.
@@ -101,6 +107,8 @@ pub(crate) struct Decision {
     pub start: u32,
     /// Ids of replicas to stop now, in the order chosen.
     pub stop: Vec<String>,
+    /// The apps whose pending replicas those stopped give their room to.
+    pub making_room_for: Vec<String>,
     /// One log line: the numbers that went in and what came out.
     pub reason: String,
 }
@@ -190,12 +198,12 @@ pub(crate) fn decide(sample: &Sample, config: &AutoscalerConfig, now: Instant) -
     let start = target.saturating_sub(have);
     if start > 0 {
         reason += &format!(" -> start {start}");
-        return Decision { desired, start, stop: Vec::new(), reason };
+        return Decision { desired, start, stop: Vec::new(), making_room_for: Vec::new(), reason };
     }
     let surplus = (have - target) as usize;
     if surplus == 0 {
         reason += " -> no change";
-        return Decision { desired, start, stop: Vec::new(), reason };
+        return Decision { desired, start, stop: Vec::new(), making_room_for: Vec::new(), reason };
     }
 
     // keep_warm only applies under a policy; a fixed pool has no load to wait for.
@@ -208,18 +216,24 @@ pub(crate) fn decide(sample: &Sample, config: &AutoscalerConfig, now: Instant) -
         .replicas
         .iter()
         .filter(|r| r.placement == Placement::Ready && r.busy == 0)
-        .filter_map(|r| idle_for(r).filter(|idle| *idle >= keep_warm).map(|idle| (idle, r)))
+        .filter_map(|r| idle_for(r).filter(|idle| *idle >= keep_warm || r.wanted_by.is_some()).map(|idle| (idle, r)))
         .collect();
-    // Longest idle first; the id breaks ties so the choice is stable.
-    idle.sort_by(|(a, ra), (b, rb)| b.cmp(a).then_with(|| ra.id.cmp(&rb.id)));
-    let chosen: Vec<(String, String)> = failing
+    // Wanted elsewhere first, then longest idle; the id breaks ties so the choice is stable.
+    idle.sort_by(|(a, ra), (b, rb)| {
+        (rb.wanted_by.is_some(), b).cmp(&(ra.wanted_by.is_some(), a)).then_with(|| ra.id.cmp(&rb.id))
+    });
+    let chosen: Vec<(String, String, Option<String>)> = failing
         .chain(pending)
-        .chain(idle.into_iter().map(|(idle, r)| (r.id.clone(), format!("idle {idle:?}"))))
+        .map(|(id, why)| (id, why, None))
+        .chain(idle.into_iter().map(|(idle, r)| match &r.wanted_by {
+            Some(app) => (r.id.clone(), format!("idle {idle:?}, its room wanted by app {app}"), Some(app.clone())),
+            None => (r.id.clone(), format!("idle {idle:?}"), None),
+        }))
         .take(surplus)
         .collect();
 
     if !chosen.is_empty() {
-        let list: Vec<String> = chosen.iter().map(|(id, why)| format!("{id} ({why})")).collect();
+        let list: Vec<String> = chosen.iter().map(|(id, why, _)| format!("{id} ({why})")).collect();
         reason += &format!(" -> stop {}", list.join(", "));
     }
     let kept = surplus - chosen.len();
@@ -230,7 +244,8 @@ pub(crate) fn decide(sample: &Sample, config: &AutoscalerConfig, now: Instant) -
             format_duration(keep_warm)
         );
     }
-    Decision { desired, start, stop: chosen.into_iter().map(|(id, _)| id).collect(), reason }
+    let making_room_for = chosen.iter().filter_map(|(_, _, app)| app.clone()).collect();
+    Decision { desired, start, stop: chosen.into_iter().map(|(id, ..)| id).collect(), making_room_for, reason }
 }
 
 /// `"1 task"`, `"3 tasks"`.
@@ -274,7 +289,7 @@ mod tests {
     }
 
     fn replica(id: &str, placement: Placement, busy: u32, idle_since: Option<Instant>) -> ReplicaSample {
-        ReplicaSample { id: id.to_owned(), placement, busy, idle_since }
+        ReplicaSample { id: id.to_owned(), placement, busy, idle_since, wanted_by: None }
     }
 
     /// A ready replica idle since `since`.
@@ -456,6 +471,24 @@ mod tests {
         let full = decide(&sample, &config, now);
         assert_eq!((full.start, full.stop.len()), (0, 0));
         assert!(full.reason.ends_with("-> no change"), "{}", full.reason);
+    }
+
+    #[test]
+    fn an_idle_replica_whose_room_another_app_wants_stops_before_keep_warm() {
+        let now = Instant::now();
+        let mut wanted = idle("r0", now);
+        wanted.wanted_by = Some("other".into());
+        let mut sample = load(0, 0, 1, None);
+        sample.replicas = vec![idle("r1", now), wanted];
+        let decision = decide(&sample, &queue_depth(1, 4, 0), now);
+        assert_eq!((decision.stop, decision.making_room_for), (vec!["r0".to_owned()], vec!["other".to_owned()]));
+        assert!(decision.reason.contains("r0 (idle 0ns, its room wanted by app other)"), "{}", decision.reason);
+        assert!(decision.reason.ends_with("keep 1 surplus: busy, starting, or idle under keep_warm 10s"));
+        // Not surplus (min_replicas), it stays whoever wants its room.
+        sample.replicas.truncate(1);
+        sample.replicas[0].wanted_by = Some("other".into());
+        let kept = decide(&sample, &queue_depth(1, 4, 1), now);
+        assert!(kept.stop.is_empty(), "{}", kept.reason);
     }
 
     #[test]

@@ -271,6 +271,11 @@ pub(crate) async fn remove(State(node): State<Arc<Node>>, Path(name): Path<Strin
     let Some(app) = removed else { return Err(ApiError::unknown_app(&name)) };
     node.drop_app(&app);
     node.dispatch.remove_app(&name);
+    // Answered once the cancellations are saved: a crash right after the
+    // answer must not bring the app's tasks back.
+    if node.dispatch.sync().await.is_err() {
+        tracing::error!(app = %name, "the task store could not save the cancellation of the removed app's tasks yet");
+    }
     tracing::info!(app = %name, "removed");
     Ok(Json(json!({ "name": name, "removed": true })))
 }

@@ -158,6 +158,21 @@ fn node_id(data_dir: &std::path::Path) -> Result<String> {
 
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
+/// Cancels the tasks of apps removed here that the task store still holds:
+/// a node that died as a removal's cancellations were being saved finds
+/// them queued, for an app that will never run them.
+fn cancel_tasks_of_removed_apps(node: &Node) {
+    for name in node.registry.removed_names() {
+        if node.registry.get(&name).is_some() {
+            continue;
+        }
+        let cancelled = node.dispatch.remove_app(&name);
+        if cancelled > 0 {
+            tracing::warn!(app = %name, cancelled, "cancelled the tasks left of an app removed before the last stop");
+        }
+    }
+}
+
 pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     let data_dir = options.data_dir.clone();
     if data_dir.exists() && !data_dir.is_dir() {
@@ -230,6 +245,9 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     for app in node.registry.list() {
         tracing::info!(app = %app.version.name, version = app.version.version, "restoring app");
         node.run_app(&app);
+    }
+    if node.cluster.is_none() {
+        cancel_tasks_of_removed_apps(&node);
     }
     if let Some(cluster) = &node.cluster {
         let apps = cluster::app_sync(Arc::downgrade(&node), tokio::runtime::Handle::current())?;

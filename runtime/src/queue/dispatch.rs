@@ -485,13 +485,15 @@ impl Dispatch {
 
     /// Cancels the queued and running tasks of a removed app: none of them
     /// may linger, to be retried or run by a later app of the same name.
-    pub(crate) fn remove_app(&self, app: &str) {
+    /// Returns how many it cancelled.
+    pub(crate) fn remove_app(&self, app: &str) -> usize {
         let why = format!("app {app:?} was removed");
         let error = TaskError { code: ErrorCode::Cancelled, message: why.clone() };
-        self.end_queued(app, Queued::All, TaskStatus::Cancelled, error);
+        let mut cancelled = self.end_queued(app, Queued::All, TaskStatus::Cancelled, error);
         for record in self.queue.list(app, Some(TaskStatus::Running), None, usize::MAX) {
-            let _ = self.cancel_because(&record.id, &why);
+            cancelled += usize::from(self.cancel_because(&record.id, &why).is_ok());
         }
+        cancelled
     }
 
     /// Fails the queued calls of an app that cannot start, saying why: their
@@ -541,10 +543,12 @@ impl Dispatch {
         self.end_queued(app, Queued::CallsTakenHere, TaskStatus::Cancelled, error);
     }
 
-    fn end_queued(&self, app: &str, which: Queued, status: TaskStatus, error: TaskError) {
-        for record in self.queue.end_queued(app, which, status, error, now_ms()) {
-            self.resolve(&record);
+    fn end_queued(&self, app: &str, which: Queued, status: TaskStatus, error: TaskError) -> usize {
+        let ended = self.queue.end_queued(app, which, status, error, now_ms());
+        for record in &ended {
+            self.resolve(record);
         }
+        ended.len()
     }
 }
 

@@ -59,7 +59,15 @@ pub(crate) struct Supervisor {
     apps: Mutex<HashMap<String, AppReplicas>>,
     /// The node is shutting down: no replica starts.
     closed: AtomicBool,
+    /// Apps whose pending replica another app's idle replica was stopped
+    /// for, since when: their calls wait for that room ([`ROOM_FREES_IN`]).
+    making_room_for: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long a call may wait for the room an idle replica stopped to give its
+/// app (the replica drains and exits, then the pending one starts): not
+/// refused meanwhile for want of capacity.
+const ROOM_FREES_IN: Duration = Duration::from_secs(10);
 
 struct AppReplicas {
     app: App,
@@ -91,6 +99,7 @@ impl Supervisor {
             next_replica: AtomicU64::new(0),
             apps: Mutex::default(),
             closed: AtomicBool::new(false),
+            making_room_for: Mutex::default(),
         }
     }
 
@@ -223,6 +232,9 @@ impl Supervisor {
     /// one waits for capacity (a GPU, cores, memory). `None` when one runs,
     /// starts or drains, or when it has none yet (the autoscaler starts one).
     pub(crate) fn no_capacity(&self, name: &str) -> Option<String> {
+        if self.making_room_for(name) {
+            return None;
+        }
         let replicas = self.replicas(name);
         let first = replicas.first()?;
         if replicas.iter().any(|replica| replica.state != ReplicaState::Pending) {
@@ -261,9 +273,48 @@ impl Supervisor {
         held.join(", ")
     }
 
+    /// Whether an idle replica of another app was stopped lately to give
+    /// its room to a pending replica of `name`.
+    fn making_room_for(&self, name: &str) -> bool {
+        let mut making = self.making_room_for.lock().unwrap();
+        making.retain(|_, since| since.elapsed() < ROOM_FREES_IN);
+        making.contains_key(name)
+    }
+
+    /// For each idle ready replica of `name`, another app whose pending
+    /// replica would fit if that replica gave its room back (each pending
+    /// replica counted for one, and none whose room is already freeing).
+    fn room_wanted(&self, apps: &HashMap<String, AppReplicas>, name: &str) -> HashMap<String, String> {
+        let mut pending: Vec<(&String, Demand, Option<GpuDemand>)> = apps
+            .iter()
+            .filter(|(other, _)| *other != name && !self.making_room_for(other))
+            .flat_map(|(other, replicas)| {
+                let waiting = replicas.current.iter().filter(|h| h.info().state == ReplicaState::Pending).count();
+                let (demand, gpu) = demand(&replicas.app);
+                std::iter::repeat_n((other, demand, gpu), waiting)
+            })
+            .collect();
+        let mut wanted = HashMap::new();
+        let Some(replicas) = apps.get(name) else { return wanted };
+        let (held, _) = demand(&replicas.app);
+        for info in replicas.current.iter().map(ReplicaHandle::info) {
+            if info.state != ReplicaState::Ready || info.busy > 0 || info.idle_since.is_none() {
+                continue;
+            }
+            let fits = |(_, demand, gpu): &(&String, Demand, Option<GpuDemand>)| {
+                self.capacity.fits_without(*demand, gpu.as_ref(), held, info.gpu_index)
+            };
+            if let Some(at) = pending.iter().position(fits) {
+                wanted.insert(info.id, pending.swap_remove(at).0.clone());
+            }
+        }
+        wanted
+    }
+
     /// What the autoscaler needs to decide for `name`.
     pub(crate) fn sample(&self, name: &str, counts: Counts) -> Option<(Sample, AutoscalerConfig)> {
         let apps = self.apps.lock().unwrap();
+        let mut wanted = self.room_wanted(&apps, name);
         let replicas = apps.get(name)?;
         let infos: Vec<_> = (replicas.current.iter())
             .map(ReplicaHandle::info)
@@ -289,9 +340,10 @@ impl Supervisor {
                         ReplicaState::Backoff => Placement::Failing,
                         _ => Placement::Starting,
                     },
-                    id: info.id,
                     busy: info.busy,
                     idle_since: info.idle_since,
+                    wanted_by: wanted.remove(&info.id),
+                    id: info.id,
                 })
                 .collect(),
             elsewhere: 0,
@@ -318,6 +370,8 @@ impl Supervisor {
             replicas.draining.retain(|handle| !handle.is_stopped());
             replicas.draining.extend(stopping);
         }
+        let now = Instant::now();
+        self.making_room_for.lock().unwrap().extend(decision.making_room_for.iter().map(|app| (app.clone(), now)));
         // Stopped replicas (crashed for good, or drained) leave the pool.
         replicas.current.retain(|handle| !handle.is_stopped());
         replicas.last = Some(decision);

@@ -113,6 +113,27 @@ impl Capacity {
         self.room(&self.used.lock().unwrap(), demand, gpu).map(drop)
     }
 
+    /// Whether `demand`, which does not fit now, would fit once a replica
+    /// holding `held` (and the GPU `held_gpu`) gave its room back.
+    pub(crate) fn fits_without(
+        &self,
+        demand: Demand,
+        gpu: Option<&GpuDemand>,
+        held: Demand,
+        held_gpu: Option<u32>,
+    ) -> bool {
+        let used = self.used.lock().unwrap();
+        if self.room(&used, demand, gpu).is_ok() {
+            return false;
+        }
+        let mut gpus = used.gpus.clone();
+        if let Some(slot) = held_gpu.and_then(|index| self.gpus.devices.iter().position(|d| d.index == index)) {
+            gpus[slot] = false;
+        }
+        let after = Used { cpu: (used.cpu - held.cpu).max(0.0), memory: used.memory.saturating_sub(held.memory), gpus };
+        self.room(&after, demand, gpu).is_ok()
+    }
+
     /// Whether `demand` fits beside `used`: the free GPU it would get, if it
     /// asks for one; else why it does not fit.
     fn room(&self, used: &Used, demand: Demand, gpu: Option<&GpuDemand>) -> Result<Option<usize>, String> {
@@ -251,6 +272,8 @@ mod tests {
         assert!(why.contains("free H100"), "exclusive: {why}");
         assert_eq!(capacity.try_reserve(demand, Some(&want("any"))).unwrap().unwrap().index, 1);
         assert!(capacity.try_reserve(demand, Some(&want("any"))).is_err(), "both GPUs are held");
+        assert!(capacity.fits_without(demand, Some(&want("any")), demand, Some(1)), "once the L4's replica goes");
+        assert!(!capacity.fits_without(demand, Some(&want("H100")), demand, Some(1)), "the L4 is no H100");
         assert!(capacity.try_reserve(demand, Some(&want("A100"))).unwrap_err().contains("NVIDIA H100, NVIDIA L4"));
         assert!(capacity.try_reserve(demand, None).unwrap().is_none(), "a CPU app still fits");
         capacity.release(demand, Some(&h100));
