@@ -228,11 +228,20 @@ impl Unsaved {
 
     /// Everything kept is on disk now.
     fn saved(&mut self) {
-        // Said once for each failure said.
-        if self.failures > 0 && self.said_failing {
-            let (changes, failures) = (self.ops.len(), self.failures);
-            tracing::info!("the task store saved the {changes} changes that waited ({failures} failed tries)");
+        // Said once for each failure said, when what waited was more than
+        // the removal of refused submits (whose inserts never went in): the
+        // disk that refused them may still refuse the next change. Once
+        // said, the next failure is said at once.
+        let changes = self.ops.iter().filter(|op| !matches!(op, Op::Delete(_))).count();
+        if self.said_failing && changes > 0 {
+            match self.failures {
+                0 => tracing::info!("the task store saves its changes again"),
+                failures => {
+                    tracing::info!("the task store saved the {changes} changes that waited ({failures} failed tries)")
+                }
+            }
             self.said_failing = false;
+            self.logged = None;
         }
         self.failures = 0;
         self.ops.clear();
