@@ -180,9 +180,9 @@ pub(crate) struct TaskDone {
     pub run_us: u64,
     /// GPU memory the worker holds after the run, in bytes.
     pub gpu_bytes: u64,
-    /// The replica exits after this report (its GPU failed or is stuck): no
-    /// worker takes another run.
-    pub exits: bool,
+    /// The replica exits after this report, and why (its GPU failed or is
+    /// stuck): no worker takes another run.
+    pub exits: Option<String>,
     /// The worker builds a new instance (after a trap or a timeout, or for
     /// each task) before it takes another run, and says so with
     /// [`FromReplica::WorkerStarted`]; the replica exits if that fails.
@@ -200,7 +200,7 @@ impl TaskDone {
             stderr: Vec::new(),
             run_us: 0,
             gpu_bytes: 0,
-            exits: false,
+            exits: None,
             restarts: false,
         }
     }

@@ -162,6 +162,23 @@ fn an_idle_replica_kept_warm_gives_its_gpu_to_another_apps_call() {
 }
 
 #[test]
+fn a_replica_whose_gpu_work_outlives_its_task_exits_and_says_why() {
+    let server = Server::start("gpu-stuck", &["--gpu-backend", "cpu", "--gpus", "1"]);
+    let config = "[runtime]\nworkers = 1\ngpu = \"any\"\ntimeout = \"1s\"\n[task_queue]\nretries = 0\n";
+    server.deploy_guest("stuck", "guest-gpu", Some(config));
+    // One GEMM that takes the CPU backend many seconds: it outlives the task's timeout.
+    let (status, body) = server.invoke_json("stuck", r#"{"mode":"busy","n":8192,"iters":1}"#);
+    assert_eq!((status, error_code(&body)), (504, "TIMEOUT"), "{body}");
+    let status = server.wait_status("stuck", "the replica to be replaced", LONG, |s| {
+        s["replicas"][0]["last_error"].as_str().is_some_and(|e| e.contains("GPU work of a stopped task"))
+    });
+    let error = status["replicas"][0]["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("it exited as it said it would"), "{error}");
+    let logs = server.get("/v1/apps/stuck/logs");
+    assert!(logs.to_string().contains("GPU work of a stopped task"), "{logs}");
+}
+
+#[test]
 fn a_cancelled_task_stops_waiting_on_the_gpu_and_its_queued_work_is_dropped() {
     let server = Server::start("gpu-cancel", &["--gpu-backend", "cpu", "--gpus", "1"]);
     let config = "[runtime]\nworkers = 1\ngpu = \"any\"\ntimeout = \"300s\"\n";

@@ -209,14 +209,15 @@ impl Worker {
                 Some("GPU device lost".to_owned())
             } else if self.gpu_stuck {
                 Some(format!(
-                    "GPU work of a stopped task was still running {GPU_SETTLE:?} after it ended (a kernel that \
-                     does not finish?); destroying the context frees the GPU"
+                    "GPU work of a stopped task (its timeout, a cancel, or its caller gone) was still running \
+                     {GPU_SETTLE:?} after it ended (a kernel or a large op that does not finish soon?); the \
+                     replica exits to free the GPU"
                 ))
             } else {
                 None
             };
-            done.exits = exit.is_some();
-            done.restarts = !done.exits && self.live.is_none();
+            done.exits = exit.clone();
+            done.restarts = exit.is_none() && self.live.is_none();
             self.replies.send(&FromReplica::Done(done));
             if let Some(reason) = exit {
                 tracing::error!(app = %self.spec.app, replica = %self.spec.replica, "{reason}; exiting");

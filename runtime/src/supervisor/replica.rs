@@ -384,7 +384,7 @@ struct Run<'a> {
     streams: HashMap<u64, Streams>,
     /// When a worker said the process exits (its GPU failed or is stuck): it
     /// is sent no more runs, so a task it gave back is retried elsewhere.
-    exiting: Option<Instant>,
+    exiting: Option<(Instant, String)>,
 }
 
 /// Where one run's streamed bodies go.
@@ -513,7 +513,13 @@ impl Run<'_> {
                             let _ = child.wait().await;
                             return Ok(());
                         }
-                        None => return Err(exit_context(anyhow!("replica connection closed"), &mut child).await),
+                        None => {
+                            let closed = match &self.exiting {
+                                Some((_, reason)) => anyhow!("it exited as it said it would: {reason}"),
+                                None => anyhow!("replica connection closed"),
+                            };
+                            return Err(exit_context(closed, &mut child).await);
+                        }
                     },
                     Some(frame) = outgoing.recv() => with_exit(send(&mut write, &frame).await, &mut child).await?,
                     Some(seq) = abandoned.recv() => self.client_gone(seq),
@@ -530,7 +536,7 @@ impl Run<'_> {
                     }
                     _ = watchdog.tick() => {
                         self.unpause(&mut last_watch);
-                        if self.exiting.is_some_and(|since| since.elapsed() > EXIT_GRACE) {
+                        if self.exiting.as_ref().is_some_and(|(since, _)| since.elapsed() > EXIT_GRACE) {
                             // Its exit hangs (in a GPU library's teardown, say): it
                             // would hold its GPU until killed.
                             let _ = child.kill().await;
@@ -742,12 +748,12 @@ impl Run<'_> {
         self.ahead.retain(|seq| *seq != done.seq);
         self.recalling.remove(&done.seq);
         self.started.remove(&done.seq);
-        if done.exits {
-            self.exiting.get_or_insert_with(Instant::now);
+        if let Some(reason) = &done.exits {
+            self.exiting.get_or_insert_with(|| (Instant::now(), reason.clone()));
         }
         if done.restarts {
             self.restarting += 1;
-        } else if !done.exits {
+        } else if done.exits.is_none() {
             self.start_next();
         }
         let Some(lease) = self.inflight.remove(&done.seq) else {
