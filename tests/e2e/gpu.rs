@@ -179,6 +179,21 @@ fn a_replica_whose_gpu_work_outlives_its_task_exits_and_says_why() {
 }
 
 #[test]
+fn warmup_of_an_app_whose_replica_waits_for_the_gpu_says_so() {
+    let server = Server::start("gpu-warmup", &["--gpu-backend", "cpu", "--gpus", "1"]);
+    let config = "[runtime]\ngpu = \"any\"\ngpu_memory = \"64Mi\"\n";
+    server.deploy_guest("holder", "guest-gpu", Some(config));
+    server.wait_status("holder", "its replica to hold the GPU", LONG, |s| s["replicas"][0]["state"] == "ready");
+    server.deploy_guest("waiter", "guest-gpu", Some(config));
+    server.wait_status("waiter", "its replica to wait", LONG, |s| s["replicas"][0]["state"] == "pending");
+    let warmup: Value = server.http.post(server.url("/v1/apps/waiter/warmup")).send().unwrap().json().unwrap();
+    assert_eq!(warmup["started"], false, "{warmup}");
+    let reason = warmup["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("one is pending: waiting for a free GPU"), "{reason}");
+    assert!(reason.contains("held now by holder (1 replica)"), "{reason}");
+}
+
+#[test]
 fn a_cancelled_task_stops_waiting_on_the_gpu_and_its_queued_work_is_dropped() {
     let server = Server::start("gpu-cancel", &["--gpu-backend", "cpu", "--gpus", "1"]);
     let config = "[runtime]\nworkers = 1\ngpu = \"any\"\ntimeout = \"300s\"\n";

@@ -253,24 +253,7 @@ impl Supervisor {
     /// The apps whose replicas hold the node's capacity, with how many each:
     /// `hello (1 replica), sleep (2 replicas)`.
     fn holders(&self) -> String {
-        let apps = self.apps.lock().unwrap();
-        let mut held: Vec<String> = apps
-            .iter()
-            .filter_map(|(name, replicas)| {
-                let holding = replicas.current.iter().chain(&replicas.draining).map(ReplicaHandle::info);
-                // One pending, stopped, or waiting to retry a failed start holds nothing.
-                let n = holding
-                    .filter(|info| match info.state {
-                        ReplicaState::Pending | ReplicaState::Stopped => false,
-                        ReplicaState::Backoff => !info.failing,
-                        ReplicaState::Starting | ReplicaState::Ready | ReplicaState::Draining => true,
-                    })
-                    .count();
-                (n > 0).then(|| format!("{name} ({n} replica{})", if n == 1 { "" } else { "s" }))
-            })
-            .collect();
-        held.sort();
-        held.join(", ")
+        holders(&self.apps.lock().unwrap())
     }
 
     /// Whether an idle replica of another app was stopped lately to give
@@ -404,7 +387,13 @@ impl Supervisor {
         let live = replicas.current.iter().filter(|h| !h.is_stopped()).count() as u32;
         let max = replicas.app.config.autoscaler.max_replicas();
         if live >= max {
-            return Some(Err(format!("the app has {live} of its at most {max} replicas (max_replicas) already")));
+            let has = format!("the app has {live} of its at most {max} replicas (max_replicas) already");
+            // One of them may be the replica the caller hoped to start, pending.
+            let pending = replicas.current.iter().map(ReplicaHandle::info).find_map(|info| info.pending_reason);
+            return Some(Err(match pending {
+                Some(reason) => format!("{has}, and one is pending: {reason} (held now by {})", holders(&apps)),
+                None => has,
+            }));
         }
         if let Err(reason) = self.room_for(&replicas.app) {
             return Some(Err(format!("no room on this node: {reason}")));
@@ -413,6 +402,27 @@ impl Supervisor {
         replicas.current.push(handle);
         Some(Ok(()))
     }
+}
+
+/// [`Supervisor::holders`] of `apps`, already locked.
+fn holders(apps: &HashMap<String, AppReplicas>) -> String {
+    let mut held: Vec<String> = apps
+        .iter()
+        .filter_map(|(name, replicas)| {
+            let holding = replicas.current.iter().chain(&replicas.draining).map(ReplicaHandle::info);
+            // One pending, stopped, or waiting to retry a failed start holds nothing.
+            let n = holding
+                .filter(|info| match info.state {
+                    ReplicaState::Pending | ReplicaState::Stopped => false,
+                    ReplicaState::Backoff => !info.failing,
+                    ReplicaState::Starting | ReplicaState::Ready | ReplicaState::Draining => true,
+                })
+                .count();
+            (n > 0).then(|| format!("{name} ({n} replica{})", if n == 1 { "" } else { "s" }))
+        })
+        .collect();
+    held.sort();
+    held.join(", ")
 }
 
 /// What one replica of `app` takes of the node: cores and memory, and a
