@@ -347,13 +347,16 @@ fn describe_app(app: &Value, now_ms: u64) -> String {
         writeln!(out, "queue       {} queued, {} running{average}", app["queue"]["queued"], app["queue"]["running"]);
     let autoscaler = &app["autoscaler"];
     if !autoscaler.is_null() {
-        let _ = writeln!(
-            out,
-            "autoscaler  desired {} of at most {}; last decision: {}",
-            autoscaler["desired"],
-            autoscaler["max"],
-            text(&autoscaler["reason"])
-        );
+        // Before its first decision on this node (just deployed, or run elsewhere) it has none to show.
+        let decided = match autoscaler["desired"].as_u64() {
+            Some(desired) => format!(
+                "desired {desired} of at most {}; last decision: {}",
+                autoscaler["max"],
+                text(&autoscaler["reason"])
+            ),
+            None => format!("at most {} replicas; no decision on this node yet", autoscaler["max"]),
+        };
+        let _ = writeln!(out, "autoscaler  {decided}");
     }
     let replicas = app["replicas"].as_array().map(Vec::as_slice).unwrap_or_default();
     let others = app["replicas_on_other_nodes"].as_u64().map(|n| format!(" (+{n} on other nodes)")).unwrap_or_default();
@@ -492,5 +495,10 @@ mod tests {
         assert_eq!(lines[11], "config      [runtime] gpu = any, workers = 2");
         assert_eq!(lines[12], "secret      s3cret (signs callbacks)");
         assert_eq!(lines.len(), 13, "{text}");
+
+        let mut undecided = app.clone();
+        undecided["autoscaler"] = json!({"desired": null, "max": 1, "reason": null});
+        let text = describe_app(&undecided, 1_120_000);
+        assert_eq!(text.lines().nth(2), Some("autoscaler  at most 1 replicas; no decision on this node yet"), "{text}");
     }
 }
