@@ -93,10 +93,10 @@ impl Cluster {
         let why = not_here.to_string();
         Err(match not_here {
             DeployError::NoFittingGpu(_) => {
-                DeployError::NoFittingGpu(format!("{why} (nor on any other node of the cluster)"))
+                DeployError::NoFittingGpu(format!("{why}; nor can any other node of the cluster run it"))
             }
             DeployError::TooBigForNode(_) => {
-                DeployError::TooBigForNode(format!("{why} (nor on any other node of the cluster)"))
+                DeployError::TooBigForNode(format!("{why}; nor can any other node of the cluster run it"))
             }
             other => other,
         })

@@ -102,7 +102,11 @@ pub(crate) fn discover(choice: GpuBackendChoice, count: Option<u32>, cpu_memory:
         },
     };
     for gpu in &gpus.devices {
-        tracing::info!(index = gpu.index, name = %gpu.name, uuid = gpu.uuid.as_deref().unwrap_or("-"), memory = %crate::config::describe_size(gpu.memory_bytes), backend = ?gpus.backend, "GPU");
+        tracing::info!(index = gpu.index, name = %gpu.name, uuid = gpu.uuid.as_deref().unwrap_or("-"), memory = %crate::config::describe_size(gpu.memory_bytes), backend = match gpus.backend {
+            Some(GpuBackendKind::Cuda) => "cuda",
+            Some(GpuBackendKind::Cpu) => "cpu",
+            None => "none",
+        }, "GPU");
     }
     Ok(gpus)
 }
