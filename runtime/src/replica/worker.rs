@@ -148,8 +148,6 @@ impl Worker {
         let instantiate_us = micros(started.elapsed());
         let init_started = Instant::now();
         let deadline = init_started + Duration::from_millis(self.spec.init_timeout_ms);
-        // A cancel of the task that ended the last instance is not for `init`.
-        self.cancel.reset();
         store.data_mut().deadline = Some(deadline);
         // `wasi:http/proxy` has no init export.
         let init = match &guest {
@@ -226,6 +224,10 @@ impl Worker {
                 // SAFETY: ends the process at once; nothing after it runs.
                 unsafe { libc::_exit(3) };
             }
+            // The cancel that stopped the last run is not for the next
+            // instance: left set, the epoch callback would stop its start
+            // (`wasm trap: interrupt`) whenever a tick came during it.
+            self.cancel.reset();
             if self.live.is_none()
                 && let Err(e) = self.instantiate()
             {
