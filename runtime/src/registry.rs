@@ -193,8 +193,16 @@ impl Registry {
         let version: AppVersion = serde_json::from_slice(&std::fs::read(path)?)?;
         let config = config::parse(&version.config_toml)?;
         let compiled = self.compiled_path(&version.digest);
-        if !compiled.exists() {
-            let wasm = std::fs::read(self.component_path(&version.digest))?;
+        // The compiled file is a cache: one that is missing or cannot be
+        // loaded (damaged on disk) is built again from the component.
+        // SAFETY: written by `write_compiled` from this engine (its key is in the name).
+        let cached = compiled.exists().then(|| unsafe { Component::deserialize_file(&self.engine, &compiled) });
+        if let Some(Err(e)) = &cached {
+            tracing::warn!("the compiled component {compiled:?} cannot be loaded ({e}); compiling it again");
+        }
+        if !cached.is_some_and(|loaded| loaded.is_ok()) {
+            let source = self.component_path(&version.digest);
+            let wasm = std::fs::read(&source).with_context(|| format!("failed to read its component {source:?}"))?;
             let component = self.compile(&wasm).map_err(|e| anyhow::anyhow!("{e}"))?;
             self.write_compiled(&component, &compiled)?;
         }

@@ -642,6 +642,18 @@ fn apps_survive_a_node_restart_and_replicas_die_with_their_node() {
     let (status, body) = server.invoke_json("hello", r#"{"name":"again"}"#);
     assert_eq!((status, &body["message"]), (200, &Value::from("Hello, again!")));
     assert_eq!(server.status("hello")["version"], 1);
+
+    // The compiled cache damaged on disk is built again from the component.
+    let data_dir = server.terminate();
+    for entry in std::fs::read_dir(data_dir.join("compiled")).unwrap() {
+        let path = entry.unwrap().path();
+        let len = std::fs::metadata(&path).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len / 2).unwrap();
+    }
+    let server = Server::start_in(data_dir, &[]);
+    let (status, body) = server.invoke_json("hello", r#"{"name":"cache"}"#);
+    assert_eq!((status, &body["message"]), (200, &Value::from("Hello, cache!")), "{body}");
+    assert!(server.log().contains("cannot be loaded"), "{}", server.log());
 }
 
 /// Deploys `sleep` with `config` and returns a call of it sleeping 100 s,
