@@ -30,18 +30,20 @@ impl Client {
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<Response> {
-        let response = request.send().await.map_err(|e| {
-            anyhow!(
-                "could not reach beamlet at {}: {e}. Is `beamlet serve` running there? Start it, or point --server (or BEAMLET_SERVER) at it",
-                self.base
-            )
-        })?;
+        let response = request.send().await.map_err(|e| self.unreachable(&e))?;
         if response.status().is_success() {
             return Ok(response);
         }
         let status = response.status();
         let body = response.text().await.unwrap_or_default();
         Err(api_error(status, &body))
+    }
+
+    fn unreachable(&self, e: &reqwest::Error) -> anyhow::Error {
+        anyhow!(
+            "could not reach beamlet at {}: {e}. Is `beamlet serve` running there? Start it, or point --server (or BEAMLET_SERVER) at it",
+            self.base
+        )
     }
 
     async fn get_json(&self, url: String) -> Result<Value> {
@@ -144,20 +146,40 @@ impl Client {
     pub(crate) async fn task_wait(&self, id: &str, timeout: &str) -> Result<()> {
         let timeout = crate::config::parse_duration(timeout).map_err(|e| anyhow!("--timeout: {e}"))?;
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut answered = false;
+        // The node and the task are there: a wrong --server or id fails at once.
+        self.get_json(self.task_url(id, "")?).await?;
+        let mut said_away = false;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let wait = left.min(Duration::from_secs(30)).as_secs().max(1);
-            let record = match self.get_json(self.task_url(id, &format!("?wait={wait}s"))?).await {
+            let url = self.task_url(id, &format!("?wait={wait}s"))?;
+            // The node may go away while we wait (stopping, restarting: it
+            // keeps its tasks): then wait for it to come back, up to the timeout.
+            let reply = match self.http.get(url).send().await {
+                Ok(response) if response.status().is_success() => Ok(self.json(response).await?),
+                Ok(response) if response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE => {
+                    Err(api_error(response.status(), &response.text().await.unwrap_or_default()))
+                }
+                Ok(response) => return Err(api_error(response.status(), &response.text().await.unwrap_or_default())),
+                Err(e) => Err(anyhow!("{e}")),
+            };
+            let record = match reply {
                 Ok(record) => record,
-                // The node went away while we waited (stopped, restarting).
-                Err(e) if answered => bail!(
+                Err(e) if left.is_zero() => bail!(
                     "lost the node while waiting for task {id}: {e:#}\n(a node that stops keeps its tasks: run \
                      `beamlet task wait {id}` again once it is back)"
                 ),
-                Err(e) => return Err(e),
+                Err(e) => {
+                    if !std::mem::replace(&mut said_away, true) {
+                        eprintln!(
+                            "the node went away while waiting for task {id} ({e:#}); waiting for it to come back"
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_secs(1).min(left)).await;
+                    continue;
+                }
             };
-            answered = true;
+            said_away = false;
             let status = record["status"].as_str().unwrap_or_default().to_owned();
             let terminal = matches!(status.as_str(), "COMPLETE" | "FAILED" | "TIMEOUT" | "CANCELLED" | "EXPIRED");
             if terminal {

@@ -279,6 +279,31 @@ fn tasks_of_an_app_whose_removal_a_crash_cut_short_are_cancelled_on_restart() {
 }
 
 #[test]
+fn task_wait_waits_on_through_a_restart_of_the_node() {
+    let server = Server::start("wait-restart", &[]);
+    server.deploy_guest("sleep", "sleep", None);
+    let id = submit_ok(&server, "sleep", r#"{"ms": 2000}"#);
+    wait_status(&server, &id, "RUNNING");
+    let wait = std::process::Command::new(env!("CARGO_BIN_EXE_beamlet"))
+        .args(["task", "wait", &id, "--timeout", "120s", "--server", &server.base])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // Back on the same address: the wait carries on and gets the result.
+    let listen = server.base.trim_start_matches("http://").to_owned();
+    let data_dir = server.kill();
+    let server = Server::start_in(data_dir, &["--listen", &listen]);
+    let out = wait.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("waiting for it to come back"), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("slept_ms"), "{stderr}");
+    assert_eq!(task(&server, &id)["attempts"], 2);
+}
+
+#[test]
 fn a_callback_not_delivered_when_the_node_dies_is_delivered_after_its_restart() {
     let server = Server::start("callback-restart", &[]);
     server.deploy_guest("hello", "hello", None);

@@ -118,10 +118,12 @@ impl Server {
     /// [`Server::start_in`] with the `beamlet` binary at `exe`.
     pub fn start_from(exe: &Path, data_dir: PathBuf, extra: &[&str]) -> Self {
         let cpus: &[&str] = if extra.contains(&"--cpus") { &[] } else { &["--cpus", "64"] };
+        let listen: &[&str] = if extra.contains(&"--listen") { &[] } else { &["--listen", "127.0.0.1:0"] };
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path(&data_dir)).unwrap();
         let mut child = Command::new(exe)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--data-dir"])
             .arg(&data_dir)
+            .args(listen)
             .args(cpus)
             .args(extra)
             .stdout(Stdio::piped())
