@@ -200,7 +200,7 @@ impl Registry {
         if let Some(Err(e)) = &cached {
             tracing::warn!("the compiled component {compiled:?} cannot be loaded ({e}); compiling it again");
         }
-        if !cached.is_some_and(|loaded| loaded.is_ok()) {
+        if cached.is_none_or(|loaded| loaded.is_err()) {
             let source = self.component_path(&version.digest);
             let wasm = std::fs::read(&source).with_context(|| format!("failed to read its component {source:?}"))?;
             let component = self.compile(&wasm).map_err(|e| anyhow::anyhow!("{e}"))?;
