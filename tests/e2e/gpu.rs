@@ -126,6 +126,11 @@ fn the_gpu_mlp_example_matches_its_cpu_reference() {
     }
     let (status, body) = server.invoke_json("mlp", r#"{"input": [1, 2, 3]}"#);
     assert_eq!((status, error_code(&body)), (400, "BAD_INPUT"), "{body}");
+    // Refused for its size before a sample is made (a million would take 256 MB).
+    let many = format!(r#"{{"seeds": [0{}]}}"#, ",0".repeat(999_999));
+    let (status, body) = server.invoke_json("mlp", &many);
+    assert_eq!((status, error_code(&body)), (400, "BAD_INPUT"), "{body}");
+    assert!(error_message(&body).contains("a batch holds 1 to 1024 samples, not 1000000"), "{body}");
 }
 
 #[test]

@@ -67,6 +67,16 @@ impl Input {
                  or `inputs` (a list of lists of {INPUTS} numbers)"
             )));
         }
+        // Checked before any sample is made: a million seeds would make
+        // 256 MB of samples only to be refused.
+        let batch = match self {
+            Input { seeds: Some(seeds), .. } => seeds.len(),
+            Input { inputs: Some(inputs), .. } => inputs.len(),
+            _ => 1,
+        };
+        if batch == 0 || batch > MAX_BATCH {
+            return Err(Error::bad_input(format!("a batch holds 1 to {MAX_BATCH} samples, not {batch}")));
+        }
         let (columns, single): (Vec<Vec<f32>>, bool) = match self {
             Input { seed: Some(seed), .. } => (vec![input_from_seed(*seed)], true),
             Input { input: Some(input), .. } => (vec![input.clone()], true),
@@ -74,9 +84,6 @@ impl Input {
             Input { inputs: Some(inputs), .. } => (inputs.clone(), false),
             _ => unreachable!("exactly one field is set"),
         };
-        if columns.is_empty() || columns.len() > MAX_BATCH {
-            return Err(Error::bad_input(format!("a batch holds 1 to {MAX_BATCH} samples, not {}", columns.len())));
-        }
         if let Some((i, column)) = columns.iter().enumerate().find(|(_, c)| c.len() != INPUTS) {
             let which = if single { "`input`".to_string() } else { format!("`inputs[{i}]`") };
             return Err(Error::bad_input(format!("{which} must hold {INPUTS} numbers, not {}", column.len())));
