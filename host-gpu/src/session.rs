@@ -16,6 +16,10 @@ use crate::{
 /// The wait a read or write allows for earlier work unless told otherwise.
 const DEFAULT_WAIT_LIMIT: Duration = Duration::from_secs(60);
 
+/// Buffers one worker may hold at once, whatever their size (empty ones
+/// cost host memory too); past it `alloc` answers `invalid-argument`.
+pub const MAX_BUFFERS: usize = 16_384;
+
 pub struct Session {
     backend: Arc<dyn Backend>,
     worker: usize,
@@ -113,6 +117,11 @@ impl Session {
 
     pub fn alloc(&mut self, dtype: DType, len: u64) -> Result<BufferId> {
         let bytes = checks::bytes(dtype, len)?;
+        if self.buffers.len() >= MAX_BUFFERS {
+            return Err(GpuError::InvalidArgument(format!(
+                "a worker holds at most {MAX_BUFFERS} buffers at once; drop some before making more"
+            )));
+        }
         if self.used.checked_add(bytes).is_none_or(|total| total > self.quota) {
             // A quota of the whole device is no quota: the device is what ran out.
             if self.quota >= self.backend.info().memory_bytes {
@@ -276,6 +285,16 @@ mod tests {
         assert_eq!(backend.memory_used(), 64);
         assert!(session.free(a).is_err(), "a freed buffer is gone");
         session.free(b).unwrap();
+    }
+
+    #[test]
+    fn a_worker_holds_a_bounded_number_of_buffers_however_small() {
+        let mut session = Session::new(backend(), 0, 1 << 20).unwrap();
+        let held: Vec<_> = (0..MAX_BUFFERS).map(|_| session.alloc(DType::F32, 0).unwrap()).collect();
+        let err = session.alloc(DType::F32, 0).unwrap_err();
+        assert!(matches!(&err, GpuError::InvalidArgument(m) if m.contains("at most 16384 buffers")), "{err}");
+        session.free(held[0]).unwrap();
+        session.alloc(DType::F32, 1).unwrap();
     }
 
     #[test]
