@@ -343,7 +343,7 @@ async fn drain(node: &Node, grace: Duration) {
     }
     if node.dispatch.sync().await.is_err() {
         tracing::error!(
-            "the task store could not save its last changes (see the errors above; is the data dir's disk full?): \
+            "the task store could not save its last changes (see the errors above; is the data dir's disk full, or the store not writable?): \
              tasks that ended since its last save run again on the next start"
         );
     }

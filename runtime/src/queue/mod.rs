@@ -260,7 +260,9 @@ pub(crate) enum QueueError {
     UnknownTask(TaskId),
     #[error("task {id:?} already ended as {}", status.as_str())]
     AlreadyEnded { id: TaskId, status: TaskStatus },
-    #[error("the task store could not save the task; see the node's log (is the data dir's disk full?)")]
+    #[error(
+        "the task store could not save the task; see the node's log (is the data dir's disk full, or the store not writable?)"
+    )]
     Store,
     /// The shared task store lost the task (Redis restarted without its
     /// data), or this node was taken for dead and its calls cancelled.
