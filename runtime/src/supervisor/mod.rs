@@ -267,20 +267,30 @@ impl Supervisor {
     /// For each idle ready replica of `name`, another app whose pending
     /// replica would fit if that replica gave its room back (each pending
     /// replica counted for one, and none whose room is already freeing).
-    fn room_wanted(&self, apps: &HashMap<String, AppReplicas>, name: &str) -> HashMap<String, String> {
+    fn room_wanted(
+        &self,
+        apps: &HashMap<String, AppReplicas>,
+        name: &str,
+        infos: &[ReplicaInfo],
+    ) -> HashMap<String, String> {
+        let mut wanted = HashMap::new();
+        let pending_in =
+            |replicas: &AppReplicas| replicas.current.iter().filter(|h| h.state() == ReplicaState::Pending).count();
+        // Most of the time no replica waits: nothing more to look at.
+        if !self.capacity.has_waiting() {
+            return wanted;
+        }
         let mut pending: Vec<(&String, Demand, Option<GpuDemand>)> = apps
             .iter()
             .filter(|(other, _)| *other != name && !self.making_room_for(other))
             .flat_map(|(other, replicas)| {
-                let waiting = replicas.current.iter().filter(|h| h.info().state == ReplicaState::Pending).count();
                 let (demand, gpu) = demand(&replicas.app);
-                std::iter::repeat_n((other, demand, gpu), waiting)
+                std::iter::repeat_n((other, demand, gpu), pending_in(replicas))
             })
             .collect();
-        let mut wanted = HashMap::new();
         let Some(replicas) = apps.get(name) else { return wanted };
         let (held, _) = demand(&replicas.app);
-        for info in replicas.current.iter().map(ReplicaHandle::info) {
+        for info in infos {
             if info.state != ReplicaState::Ready || info.busy > 0 || info.idle_since.is_none() {
                 continue;
             }
@@ -288,7 +298,7 @@ impl Supervisor {
                 self.capacity.fits_without(*demand, gpu.as_ref(), held, info.gpu_index)
             };
             if let Some(at) = pending.iter().position(fits) {
-                wanted.insert(info.id, pending.swap_remove(at).0.clone());
+                wanted.insert(info.id.clone(), pending.swap_remove(at).0.clone());
             }
         }
         wanted
@@ -297,12 +307,12 @@ impl Supervisor {
     /// What the autoscaler needs to decide for `name`.
     pub(crate) fn sample(&self, name: &str, counts: Counts) -> Option<(Sample, AutoscalerConfig)> {
         let apps = self.apps.lock().unwrap();
-        let mut wanted = self.room_wanted(&apps, name);
         let replicas = apps.get(name)?;
         let infos: Vec<_> = (replicas.current.iter())
             .map(ReplicaHandle::info)
             .filter(|info| info.state != ReplicaState::Stopped)
             .collect();
+        let mut wanted = self.room_wanted(&apps, name, &infos);
         let now = Instant::now();
         let longest_run = (infos.iter().filter_map(|info| info.oldest_run))
             .map(|started| now.saturating_duration_since(started))

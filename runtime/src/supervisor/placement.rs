@@ -5,6 +5,7 @@
 //! capacity frees.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -60,6 +61,17 @@ pub(crate) struct Capacity {
     /// Woken whenever a reservation is made or released: pending replicas
     /// try again, and say anew what they wait for (the free share changed).
     pub(crate) changed: Notify,
+    /// Replicas waiting for room now ([`Capacity::waiting`]).
+    waiting: AtomicUsize,
+}
+
+/// Counts a replica as waiting for room while it lives.
+pub(crate) struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 struct Used {
@@ -75,7 +87,18 @@ const EPSILON: f64 = 1e-9;
 impl Capacity {
     pub(crate) fn new(total: Demand, gpus: Gpus) -> Self {
         let used = Used { cpu: 0.0, memory: 0, gpus: vec![false; gpus.devices.len()] };
-        Self { total, gpus, used: Mutex::new(used), changed: Notify::new() }
+        Self { total, gpus, used: Mutex::new(used), changed: Notify::new(), waiting: AtomicUsize::new(0) }
+    }
+
+    /// Counts a replica as waiting for room until the guard drops.
+    pub(crate) fn wait(&self) -> Waiting<'_> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(&self.waiting)
+    }
+
+    /// Whether any replica waits for room now.
+    pub(crate) fn has_waiting(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > 0
     }
 
     /// This machine: its cores and physical memory.

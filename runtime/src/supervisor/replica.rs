@@ -142,6 +142,10 @@ impl ReplicaHandle {
         self.info.lock().unwrap().clone()
     }
 
+    pub(crate) fn state(&self) -> ReplicaState {
+        self.info.lock().unwrap().state
+    }
+
     /// Whether it has exited for good.
     pub(crate) fn is_stopped(&self) -> bool {
         self.info.lock().unwrap().state == ReplicaState::Stopped
@@ -259,6 +263,7 @@ impl Restarts {
 /// Waits until the node has room for the replica; `None` if it was stopped
 /// first, else the GPU it got (if it asked for one).
 async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receiver<Asked>) -> Option<Option<GpuSpec>> {
+    let mut waiting = None;
     loop {
         let changed = plan.capacity.changed.notified();
         tokio::pin!(changed);
@@ -276,6 +281,7 @@ async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receive
                 return Some(gpu);
             }
             Err(reason) => {
+                waiting.get_or_insert_with(|| plan.capacity.wait());
                 let mut info = info.lock().unwrap();
                 info.state = ReplicaState::Pending;
                 if info.pending_reason.as_ref() != Some(&reason) {
