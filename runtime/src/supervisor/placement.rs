@@ -77,8 +77,8 @@ impl Drop for Waiting<'_> {
 struct Used {
     cpu: f64,
     memory: u64,
-    /// Per GPU of [`Gpus::devices`]: whether a replica holds it.
-    gpus: Vec<bool>,
+    /// Per GPU of [`Gpus::devices`]: the replica that holds it.
+    gpus: Vec<Option<String>>,
 }
 
 /// Floating-point slack so that e.g. ten 0.1-core replicas fit one core.
@@ -86,7 +86,7 @@ const EPSILON: f64 = 1e-9;
 
 impl Capacity {
     pub(crate) fn new(total: Demand, gpus: Gpus) -> Self {
-        let used = Used { cpu: 0.0, memory: 0, gpus: vec![false; gpus.devices.len()] };
+        let used = Used { cpu: 0.0, memory: 0, gpus: vec![None; gpus.devices.len()] };
         Self { total, gpus, used: Mutex::new(used), changed: Notify::new(), waiting: AtomicUsize::new(0) }
     }
 
@@ -107,13 +107,18 @@ impl Capacity {
         Demand { cpu, memory: physical_memory().unwrap_or(4 << 30) }
     }
 
-    /// Reserves `demand` (and a whole GPU for `gpu`), or says why it does not
-    /// fit. Returns the GPU reserved.
-    pub(crate) fn try_reserve(&self, demand: Demand, gpu: Option<&GpuDemand>) -> Result<Option<GpuSpec>, String> {
+    /// Reserves `demand` (and a whole GPU for `gpu`) for replica `holder`, or
+    /// says why it does not fit. Returns the GPU reserved.
+    pub(crate) fn try_reserve(
+        &self,
+        holder: &str,
+        demand: Demand,
+        gpu: Option<&GpuDemand>,
+    ) -> Result<Option<GpuSpec>, String> {
         let mut used = self.used.lock().unwrap();
         let slot = self.room(&used, demand, gpu)?;
         let placed = gpu.zip(slot).map(|(want, slot)| {
-            used.gpus[slot] = true;
+            used.gpus[slot] = Some(holder.to_owned());
             let device = &self.gpus.devices[slot];
             GpuSpec {
                 backend: self.gpus.backend.unwrap_or(GpuBackendKind::Cpu),
@@ -151,7 +156,7 @@ impl Capacity {
         }
         let mut gpus = used.gpus.clone();
         if let Some(slot) = held_gpu.and_then(|index| self.gpus.devices.iter().position(|d| d.index == index)) {
-            gpus[slot] = false;
+            gpus[slot] = None;
         }
         let after = Used { cpu: (used.cpu - held.cpu).max(0.0), memory: used.memory.saturating_sub(held.memory), gpus };
         self.room(&after, demand, gpu).is_ok()
@@ -205,16 +210,22 @@ impl Capacity {
         }
         let fitting: Vec<usize> =
             fitting.into_iter().filter(|i| self.gpus.devices[*i].memory_bytes >= want.memory_needed).collect();
-        fitting.iter().copied().find(|i| !used.gpus[*i]).ok_or_else(|| match fitting.len() {
-            1 => format!("waiting for a free {model}GPU; this node's only one is held by another replica"),
-            n => format!("waiting for a free {model}GPU; all {n} of this node's are held by other replicas"),
+        fitting.iter().copied().find(|i| used.gpus[*i].is_none()).ok_or_else(|| {
+            let holders: Vec<&str> = fitting.iter().filter_map(|i| used.gpus[*i].as_deref()).collect();
+            match fitting.len() {
+                1 => format!("waiting for a free {model}GPU; this node's only one is held by replica {}", holders[0]),
+                n => format!(
+                    "waiting for a free {model}GPU; all {n} of this node's are held, by replicas {}",
+                    holders.join(", ")
+                ),
+            }
         })
     }
 
     /// Each of the node's GPUs, and whether a replica holds it.
     pub(crate) fn gpus_held(&self) -> Vec<(NodeGpu, bool)> {
         let used = self.used.lock().unwrap();
-        self.gpus.devices.iter().cloned().zip(used.gpus.iter().copied()).collect()
+        self.gpus.devices.iter().cloned().zip(used.gpus.iter().map(Option::is_some)).collect()
     }
 
     pub(crate) fn release(&self, demand: Demand, gpu: Option<&GpuSpec>) {
@@ -225,7 +236,7 @@ impl Capacity {
             if let Some(gpu) = gpu
                 && let Some(slot) = self.gpus.devices.iter().position(|device| device.index == gpu.index)
             {
-                used.gpus[slot] = false;
+                used.gpus[slot] = None;
             }
         }
         self.changed.notify_waiters();
@@ -247,18 +258,18 @@ mod tests {
     fn reservations_fit_until_full_and_free_on_release() {
         let capacity = Capacity::new(Demand { cpu: 2.0, memory: 1 << 30 }, Gpus::default());
         let half = Demand { cpu: 1.0, memory: 256 << 20 };
-        capacity.try_reserve(half, None).unwrap();
-        capacity.try_reserve(half, None).unwrap();
-        let why = capacity.try_reserve(half, None).unwrap_err();
+        capacity.try_reserve("r", half, None).unwrap();
+        capacity.try_reserve("r", half, None).unwrap();
+        let why = capacity.try_reserve("r", half, None).unwrap_err();
         assert!(why.contains("waiting for 1 core;"), "{why}");
         capacity.release(half, None);
-        capacity.try_reserve(half, None).unwrap();
+        capacity.try_reserve("r", half, None).unwrap();
         let big = Demand { cpu: 0.0, memory: 2 << 30 };
-        assert!(capacity.try_reserve(big, None).unwrap_err().contains("memory"));
+        assert!(capacity.try_reserve("r", big, None).unwrap_err().contains("memory"));
         let tenth = Demand { cpu: 0.1, memory: 0 };
         let capacity = Capacity::new(Demand { cpu: 1.0, memory: 0 }, Gpus::default());
         for _ in 0..10 {
-            capacity.try_reserve(tenth, None).unwrap();
+            capacity.try_reserve("r", tenth, None).unwrap();
         }
     }
 
@@ -272,7 +283,7 @@ mod tests {
             let mut changed = std::pin::pin!(changed);
             changed.as_mut().enable();
             match change {
-                "a reservation" => drop(capacity.try_reserve(one, None).unwrap()),
+                "a reservation" => drop(capacity.try_reserve("r", one, None).unwrap()),
                 _ => capacity.release(one, None),
             }
             assert!(changed.now_or_never().is_some(), "{change} wakes the replicas that wait for room");
@@ -289,22 +300,22 @@ mod tests {
         let capacity = Capacity::new(Demand { cpu: 8.0, memory: 8 << 30 }, gpus);
         let demand = Demand { cpu: 1.0, memory: 0 };
         let want = |model: &str| GpuDemand { model: model.into(), quota_per_worker: 1 << 30, memory_needed: 1 << 30 };
-        let h100 = capacity.try_reserve(demand, Some(&want("h100"))).unwrap().unwrap();
+        let h100 = capacity.try_reserve("r", demand, Some(&want("h100"))).unwrap().unwrap();
         assert_eq!((h100.index, h100.backend, h100.quota_per_worker), (0, GpuBackendKind::Cuda, 1 << 30));
-        let why = capacity.try_reserve(demand, Some(&want("H100"))).unwrap_err();
-        assert!(why.contains("free H100"), "exclusive: {why}");
-        assert_eq!(capacity.try_reserve(demand, Some(&want("any"))).unwrap().unwrap().index, 1);
-        assert!(capacity.try_reserve(demand, Some(&want("any"))).is_err(), "both GPUs are held");
+        let why = capacity.try_reserve("r", demand, Some(&want("H100"))).unwrap_err();
+        assert!(why.contains("free H100 GPU; this node's only one is held by replica r"), "exclusive: {why}");
+        assert_eq!(capacity.try_reserve("r", demand, Some(&want("any"))).unwrap().unwrap().index, 1);
+        assert!(capacity.try_reserve("r", demand, Some(&want("any"))).is_err(), "both GPUs are held");
         assert!(capacity.fits_without(demand, Some(&want("any")), demand, Some(1)), "once the L4's replica goes");
         assert!(!capacity.fits_without(demand, Some(&want("H100")), demand, Some(1)), "the L4 is no H100");
-        assert!(capacity.try_reserve(demand, Some(&want("A100"))).unwrap_err().contains("NVIDIA H100, NVIDIA L4"));
-        assert!(capacity.try_reserve(demand, None).unwrap().is_none(), "a CPU app still fits");
+        assert!(capacity.try_reserve("r", demand, Some(&want("A100"))).unwrap_err().contains("NVIDIA H100, NVIDIA L4"));
+        assert!(capacity.try_reserve("r", demand, None).unwrap().is_none(), "a CPU app still fits");
         capacity.release(demand, Some(&h100));
-        assert_eq!(capacity.try_reserve(demand, Some(&want("H100"))).unwrap().unwrap().index, 0);
+        assert_eq!(capacity.try_reserve("r", demand, Some(&want("H100"))).unwrap().unwrap().index, 0);
         let huge = GpuDemand { memory_needed: 1 << 40, ..want("any") };
-        let why = capacity.try_reserve(demand, Some(&huge)).unwrap_err();
+        let why = capacity.try_reserve("r", demand, Some(&huge)).unwrap_err();
         assert!(why.contains("with 1Ti of memory") && why.contains("at most 80Gi"), "{why}");
         let none = Capacity::new(Demand { cpu: 8.0, memory: 8 << 30 }, Gpus::default());
-        assert!(none.try_reserve(demand, Some(&want("any"))).unwrap_err().contains("--gpu-backend cpu"));
+        assert!(none.try_reserve("r", demand, Some(&want("any"))).unwrap_err().contains("--gpu-backend cpu"));
     }
 }

@@ -268,7 +268,7 @@ async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receive
         let changed = plan.capacity.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        match plan.capacity.try_reserve(plan.demand, plan.gpu.as_ref()) {
+        match plan.capacity.try_reserve(&plan.spec.replica, plan.demand, plan.gpu.as_ref()) {
             Ok(gpu) => {
                 let mut info = info.lock().unwrap();
                 info.pending_reason = None;
