@@ -137,6 +137,34 @@ pub(crate) enum DeployError {
 /// Where the callback secrets of removed apps are kept, in the data dir.
 const REMOVED_SECRETS: &str = "removed-secrets.json";
 
+/// The callback secrets of the apps once called `name`, each with when it
+/// was removed: a name deployed again after a removal has a new secret, and
+/// a task's callback is signed with the one of the app it was submitted to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+enum RemovedSecrets {
+    /// As written before removals were timed: the last removed app's secret.
+    Last(String),
+    Each(Vec<RemovedSecret>),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RemovedSecret {
+    secret: String,
+    /// When the app was removed (ms since the epoch).
+    removed_at: u64,
+}
+
+impl RemovedSecrets {
+    fn into_each(self) -> Vec<RemovedSecret> {
+        match self {
+            // Removed before any task that could still want it was made, as far as we know.
+            Self::Last(secret) => vec![RemovedSecret { secret, removed_at: 0 }],
+            Self::Each(each) => each,
+        }
+    }
+}
+
 pub(crate) struct Registry {
     dir: PathBuf,
     engine: Engine,
@@ -146,7 +174,7 @@ pub(crate) struct Registry {
     /// The callback secrets of removed apps, by name (kept in
     /// `removed-secrets.json`): the tasks a removal cancels still get their
     /// signed callbacks, after a restart too.
-    removed_secrets: Mutex<BTreeMap<String, String>>,
+    removed_secrets: Mutex<BTreeMap<String, RemovedSecrets>>,
 }
 
 impl Registry {
@@ -337,9 +365,16 @@ impl Registry {
         self.removed_secrets.lock().unwrap().keys().cloned().collect()
     }
 
-    /// The callback secret of a removed app.
-    pub(crate) fn removed_secret(&self, name: &str) -> Option<String> {
-        self.removed_secrets.lock().unwrap().get(name).cloned()
+    /// The callback secret of the removed app called `name` that a task
+    /// made at `created_at` belonged to: the first removed after it; else
+    /// (`None` for a task of the current app) the last removed one, with
+    /// `or_last`.
+    pub(crate) fn removed_secret(&self, name: &str, created_at: u64, or_last: bool) -> Option<String> {
+        let removed = self.removed_secrets.lock().unwrap();
+        let each = removed.get(name)?.clone().into_each();
+        let owner = each.iter().filter(|r| r.removed_at >= created_at).min_by_key(|r| r.removed_at);
+        let last = || each.iter().max_by_key(|r| r.removed_at).filter(|_| or_last);
+        owner.or_else(last).map(|r| r.secret.clone())
     }
 
     pub(crate) fn remove(&self, name: &str) -> Result<Option<App>> {
@@ -347,7 +382,10 @@ impl Registry {
         let Some(app) = apps.remove(name) else { return Ok(None) };
         {
             let mut removed = self.removed_secrets.lock().unwrap();
-            removed.insert(name.to_owned(), app.version.callback_secret.clone());
+            let removed_at = crate::queue::now_ms();
+            let mut each = removed.remove(name).map(RemovedSecrets::into_each).unwrap_or_default();
+            each.push(RemovedSecret { secret: app.version.callback_secret.clone(), removed_at });
+            removed.insert(name.to_owned(), RemovedSecrets::Each(each));
             let json = serde_json::to_vec_pretty(&*removed).context("failed to encode the removed apps' secrets")?;
             write_atomic(&self.dir.join(REMOVED_SECRETS), &json)?;
         }

@@ -479,6 +479,10 @@ fn the_tasks_a_removal_cancels_get_their_callbacks() {
     let id = submit_ok(&server, "late", r#"{"ms": 60000}"#);
     assert_eq!(server.http.delete(server.url("/v1/apps/late")).send().unwrap().status(), 200);
     assert_eq!(task(&server, &id)["callback"], "pending");
+    // The name deployed and removed again meanwhile: another app, another secret.
+    let again = server.deploy_guest("late", "sleep", Some(&config));
+    assert_ne!(again["callback_secret"].as_str(), Some(secret.as_str()));
+    assert_eq!(server.http.delete(server.url("/v1/apps/late")).send().unwrap().status(), 200);
     let server = Server::start_in(server.terminate(), &[]);
     let (_, hook) = receiver_at(&addr, 0);
     wait_for("the callback", LONG, || (hook.lock().unwrap().len() == 1).then_some(()));

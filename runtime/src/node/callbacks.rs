@@ -48,7 +48,7 @@ pub(crate) fn spawn(node: Arc<Node>, mut ended: mpsc::UnboundedReceiver<(TaskRec
     tokio::spawn(async move {
         while let Some((record, output)) = ended.recv().await {
             let Some(url) = record.callback_url.clone() else { continue };
-            let Some(secret) = node.callback_secret(&record.app) else {
+            let Some(secret) = node.callback_secret(&record.app, record.created_at) else {
                 // The app was removed before this node started: nothing to sign with.
                 tracing::warn!(task = %record.id, app = %record.app, "callback not sent: the app was removed");
                 node.dispatch.callback_settled(&record.id, false);

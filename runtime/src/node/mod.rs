@@ -91,12 +91,13 @@ impl Node {
         self.metrics.remove_app(name);
     }
 
-    /// The secret to sign an app's callbacks with, removed or not.
-    pub(crate) fn callback_secret(&self, app: &str) -> Option<String> {
-        match self.registry.get(app) {
-            Some(app) => Some(app.version.callback_secret),
-            None => self.registry.removed_secret(app),
-        }
+    /// The secret to sign the callback of a task of `app` made at
+    /// `created_at`: that of the app it was submitted to, though that app
+    /// was removed and another of its name deployed since.
+    pub(crate) fn callback_secret(&self, app: &str, created_at: u64) -> Option<String> {
+        let current = self.registry.get(app);
+        let removed = self.registry.removed_secret(app, created_at, current.is_none());
+        removed.or_else(|| current.map(|app| app.version.callback_secret))
     }
 }
 
