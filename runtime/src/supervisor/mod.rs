@@ -312,6 +312,10 @@ impl Supervisor {
             .map(ReplicaHandle::info)
             .filter(|info| info.state != ReplicaState::Stopped)
             .collect();
+        if infos.iter().all(|info| info.state != ReplicaState::Pending) {
+            // Placed: room freed for it is no longer on its way.
+            self.making_room_for.lock().unwrap().remove(name);
+        }
         let mut wanted = self.room_wanted(&apps, name, &infos);
         let now = Instant::now();
         let longest_run = (infos.iter().filter_map(|info| info.oldest_run))
