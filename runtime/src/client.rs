@@ -376,7 +376,10 @@ fn describe_app(app: &Value, now_ms: u64) -> String {
                 autoscaler["max"],
                 text(&autoscaler["reason"])
             ),
-            None => format!("at most {} replicas; no decision on this node yet", autoscaler["max"]),
+            None => match autoscaler["max"].as_u64() {
+                Some(1) => "at most 1 replica; no decision on this node yet".to_owned(),
+                max => format!("at most {} replicas; no decision on this node yet", max.unwrap_or_default()),
+            },
         };
         let _ = writeln!(out, "autoscaler  {decided}");
     }
@@ -521,6 +524,6 @@ mod tests {
         let mut undecided = app.clone();
         undecided["autoscaler"] = json!({"desired": null, "max": 1, "reason": null});
         let text = describe_app(&undecided, 1_120_000);
-        assert_eq!(text.lines().nth(2), Some("autoscaler  at most 1 replicas; no decision on this node yet"), "{text}");
+        assert_eq!(text.lines().nth(2), Some("autoscaler  at most 1 replica; no decision on this node yet"), "{text}");
     }
 }

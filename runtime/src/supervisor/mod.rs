@@ -410,7 +410,7 @@ impl Supervisor {
             }));
         }
         if let Err(reason) = self.room_for(&replicas.app) {
-            return Some(Err(format!("no room on this node: {reason}")));
+            return Some(Err(format!("no room on this node: {reason} (held now by {})", holders(&apps))));
         }
         let handle = self.start_replica(&replicas.app, &replicas.times);
         replicas.current.push(handle);
