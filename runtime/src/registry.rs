@@ -221,12 +221,26 @@ impl Registry {
         let version: AppVersion = serde_json::from_slice(&std::fs::read(path)?)?;
         let config = config::parse(&version.config_toml)?;
         let compiled = self.compiled_path(&version.digest);
-        // The compiled file is a cache: one that is missing or cannot be
-        // loaded (damaged on disk) is built again from the component.
-        // SAFETY: written by `write_compiled` from this engine (its key is in the name).
-        let cached = compiled.exists().then(|| unsafe { Component::deserialize_file(&self.engine, &compiled) });
+        // The compiled file is a cache: one that is missing, no longer
+        // matches its digest, or cannot be loaded (damaged on disk) is built
+        // again from the component.
+        let cached = compiled.exists().then(|| {
+            let bytes = std::fs::read(&compiled)?;
+            match std::fs::read_to_string(digest_path(&compiled)) {
+                Ok(digest) if digest.trim() != hex(&Sha256::digest(&bytes)) => {
+                    anyhow::bail!("its contents no longer match the digest written with it")
+                }
+                // Written before digests were: taken as it is.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    write_atomic(&digest_path(&compiled), hex(&Sha256::digest(&bytes)).as_bytes())?;
+                }
+                _ => {}
+            }
+            // SAFETY: written by `write_compiled` from this engine (its key is in the name).
+            unsafe { Component::deserialize(&self.engine, &bytes) }.map(drop).map_err(anyhow::Error::from)
+        });
         if let Some(Err(e)) = &cached {
-            tracing::warn!("the compiled component {compiled:?} cannot be loaded ({e}); compiling it again");
+            tracing::warn!("the compiled component {compiled:?} cannot be used ({e:#}); compiling it again");
         }
         if cached.is_none_or(|loaded| loaded.is_err()) {
             let source = self.component_path(&version.digest);
@@ -405,9 +419,12 @@ impl Registry {
         Ok(inspected)
     }
 
+    /// Writes the compiled component, and beside it (`.sha256`) its digest,
+    /// by which a copy damaged on disk is told at the next start.
     fn write_compiled(&self, component: &Component, path: &Path) -> Result<()> {
         let bytes = component.serialize().map_err(anyhow::Error::from).context("failed to serialize component")?;
-        write_atomic(path, &bytes)
+        write_atomic(path, &bytes)?;
+        write_atomic(&digest_path(path), hex(&Sha256::digest(&bytes)).as_bytes())
     }
 
     /// Checks the component against the worlds this node serves, and
@@ -547,6 +564,11 @@ fn check_header(wasm: &[u8]) -> Result<(), DeployError> {
 /// 244 random bits, hex.
 fn new_secret() -> String {
     format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
+}
+
+/// Where the digest of a compiled component is kept.
+fn digest_path(compiled: &Path) -> PathBuf {
+    compiled.with_extension("cwasm.sha256")
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -638,22 +638,35 @@ fn apps_survive_a_node_restart_and_replicas_die_with_their_node() {
     let data_dir = server.kill();
     wait_for("the orphaned replica to exit", LONG, || (!alive(replica)).then_some(()));
 
-    let server = Server::start_in(data_dir, &[]);
+    let mut server = Server::start_in(data_dir, &[]);
     let (status, body) = server.invoke_json("hello", r#"{"name":"again"}"#);
     assert_eq!((status, &body["message"]), (200, &Value::from("Hello, again!")));
     assert_eq!(server.status("hello")["version"], 1);
 
-    // The compiled cache damaged on disk is built again from the component.
-    let data_dir = server.terminate();
-    for entry in std::fs::read_dir(data_dir.join("compiled")).unwrap() {
-        let path = entry.unwrap().path();
-        let len = std::fs::metadata(&path).unwrap().len();
-        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len / 2).unwrap();
+    // The compiled cache damaged on disk (cut short, or bytes changed
+    // within it) is built again from the component.
+    for damage in ["cut", "changed"] {
+        let data_dir = server.terminate();
+        for entry in std::fs::read_dir(data_dir.join("compiled")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|ext| ext != "cwasm") {
+                continue;
+            }
+            let mut bytes = std::fs::read(&path).unwrap();
+            match damage {
+                "cut" => bytes.truncate(bytes.len() / 2),
+                _ => {
+                    let quarter = bytes.len() / 4;
+                    bytes[quarter..quarter + 4096].fill(0xcc);
+                }
+            }
+            std::fs::write(&path, bytes).unwrap();
+        }
+        server = Server::start_in(data_dir, &[]);
+        let (status, body) = server.invoke_json("hello", r#"{"name":"cache"}"#);
+        assert_eq!((status, &body["message"]), (200, &Value::from("Hello, cache!")), "{damage}: {body}");
+        assert!(server.log().contains("cannot be used"), "{damage}: {}", server.log());
     }
-    let server = Server::start_in(data_dir, &[]);
-    let (status, body) = server.invoke_json("hello", r#"{"name":"cache"}"#);
-    assert_eq!((status, &body["message"]), (200, &Value::from("Hello, cache!")), "{body}");
-    assert!(server.log().contains("cannot be loaded"), "{}", server.log());
 }
 
 /// Deploys `sleep` with `config` and returns a call of it sleeping 100 s,
