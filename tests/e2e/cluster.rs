@@ -114,6 +114,9 @@ fn a_gpu_app_called_on_a_node_without_a_gpu_runs_on_the_node_with_one() {
     let (status, body) = plain.invoke_json("mlp", r#"{"seed": 1}"#);
     assert_eq!((status, body["backend"].as_str()), (200, Some("cpu")), "{body}");
     assert!(plain.status("mlp")["replicas"].as_array().is_some_and(Vec::is_empty), "no replica where no GPU is");
+    let warmup: Value = plain.http.post(plain.url("/v1/apps/mlp/warmup")).send().unwrap().json().unwrap();
+    assert_eq!(warmup["started"], false, "{warmup}");
+    assert!(warmup["reason"].as_str().is_some_and(|r| r.contains("this node cannot run its replicas")), "{warmup}");
     // A replica's id says which node runs it.
     let node_id = std::fs::read_to_string(gpu.data_dir.join("node-id")).unwrap();
     let replica = gpu.status("mlp")["replicas"][0]["id"].as_str().unwrap_or_default().to_owned();

@@ -298,7 +298,15 @@ pub(crate) async fn logs(
 
 /// `POST /v1/apps/{name}/warmup`: starts one replica now.
 pub(crate) async fn warmup(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    let started = node.supervisor.warmup(&name).ok_or_else(|| ApiError::unknown_app(&name))?;
+    let started = match (node.supervisor.warmup(&name), node.registry.get(&name)) {
+        (Some(started), _) => started,
+        // In a cluster: an app whose replicas do not fit this node.
+        (None, Some(app)) => Err(match crate::registry::fits_node(&app.config, node.capacity, &node.gpus) {
+            Err(why) => format!("this node cannot run its replicas ({why}); warm it up through a node that can"),
+            Ok(()) => "this node does not run its replicas yet; try again in a moment".to_owned(),
+        }),
+        (None, None) => return Err(ApiError::unknown_app(&name)),
+    };
     if started.is_ok() {
         node.metrics.scaled(&name, 1, 0);
     }
