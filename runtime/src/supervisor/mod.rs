@@ -295,7 +295,7 @@ impl Supervisor {
                 continue;
             }
             let fits = |(_, demand, gpu): &(&String, Demand, Option<GpuDemand>)| {
-                self.capacity.fits_without(*demand, gpu.as_ref(), held, info.gpu_index)
+                self.capacity.fits_without(*demand, gpu.as_ref(), &info.id, held)
             };
             if let Some(at) = pending.iter().position(fits) {
                 wanted.insert(info.id.clone(), pending.swap_remove(at).0.clone());

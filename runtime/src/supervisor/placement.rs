@@ -141,23 +141,14 @@ impl Capacity {
         self.room(&self.used.lock().unwrap(), demand, gpu).map(drop)
     }
 
-    /// Whether `demand`, which does not fit now, would fit once a replica
-    /// holding `held` (and the GPU `held_gpu`) gave its room back.
-    pub(crate) fn fits_without(
-        &self,
-        demand: Demand,
-        gpu: Option<&GpuDemand>,
-        held: Demand,
-        held_gpu: Option<u32>,
-    ) -> bool {
+    /// Whether `demand`, which does not fit now, would fit once replica
+    /// `holder`, holding `held` (and any GPU reserved for it), gave its room back.
+    pub(crate) fn fits_without(&self, demand: Demand, gpu: Option<&GpuDemand>, holder: &str, held: Demand) -> bool {
         let used = self.used.lock().unwrap();
         if self.room(&used, demand, gpu).is_ok() {
             return false;
         }
-        let mut gpus = used.gpus.clone();
-        if let Some(slot) = held_gpu.and_then(|index| self.gpus.devices.iter().position(|d| d.index == index)) {
-            gpus[slot] = None;
-        }
+        let gpus = used.gpus.iter().map(|by| by.clone().filter(|by| by != holder)).collect();
         let after = Used { cpu: (used.cpu - held.cpu).max(0.0), memory: used.memory.saturating_sub(held.memory), gpus };
         self.room(&after, demand, gpu).is_ok()
     }
@@ -304,10 +295,10 @@ mod tests {
         assert_eq!((h100.index, h100.backend, h100.quota_per_worker), (0, GpuBackendKind::Cuda, 1 << 30));
         let why = capacity.try_reserve("r", demand, Some(&want("H100"))).unwrap_err();
         assert!(why.contains("free H100 GPU; this node's only one is held by replica r"), "exclusive: {why}");
-        assert_eq!(capacity.try_reserve("r", demand, Some(&want("any"))).unwrap().unwrap().index, 1);
+        assert_eq!(capacity.try_reserve("l4", demand, Some(&want("any"))).unwrap().unwrap().index, 1);
         assert!(capacity.try_reserve("r", demand, Some(&want("any"))).is_err(), "both GPUs are held");
-        assert!(capacity.fits_without(demand, Some(&want("any")), demand, Some(1)), "once the L4's replica goes");
-        assert!(!capacity.fits_without(demand, Some(&want("H100")), demand, Some(1)), "the L4 is no H100");
+        assert!(capacity.fits_without(demand, Some(&want("any")), "l4", demand), "once the L4's replica goes");
+        assert!(!capacity.fits_without(demand, Some(&want("H100")), "l4", demand), "the L4 is no H100");
         assert!(capacity.try_reserve("r", demand, Some(&want("A100"))).unwrap_err().contains("NVIDIA H100, NVIDIA L4"));
         assert!(capacity.try_reserve("r", demand, None).unwrap().is_none(), "a CPU app still fits");
         capacity.release(demand, Some(&h100));

@@ -97,9 +97,6 @@ pub(crate) struct ReplicaInfo {
     pub pending_reason: Option<String>,
     /// The GPU it holds: `"0: NVIDIA H100 80GB HBM3 (GPU-8d6f...)"`.
     pub gpu: Option<String>,
-    /// The index of that GPU.
-    #[serde(skip)]
-    pub gpu_index: Option<u32>,
     /// GPU memory its workers hold, as of their last runs.
     pub gpu_memory_used: u64,
     #[serde(skip)]
@@ -207,7 +204,6 @@ pub(crate) fn spawn(plan: Plan) -> ReplicaHandle {
         failed_starts: 0,
         pending_reason: None,
         gpu: None,
-        gpu_index: None,
         gpu_memory_used: 0,
         gpu_by_worker: HashMap::new(),
     }));
@@ -236,7 +232,6 @@ async fn supervise(plan: Plan, info: Arc<Mutex<ReplicaInfo>>, mut stop: watch::R
     info.state = ReplicaState::Stopped;
     info.pid = None;
     info.gpu = None;
-    info.gpu_index = None;
     info.idle_since = None;
 }
 
@@ -277,7 +272,6 @@ async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receive
                     Some(uuid) => format!("{}: {} ({uuid})", gpu.index, gpu.name),
                     None => format!("{}: {}", gpu.index, gpu.name),
                 });
-                info.gpu_index = gpu.as_ref().map(|gpu| gpu.index);
                 return Some(gpu);
             }
             Err(reason) => {
