@@ -221,28 +221,13 @@ impl Registry {
         let version: AppVersion = serde_json::from_slice(&std::fs::read(path)?)?;
         let config = config::parse(&version.config_toml)?;
         let compiled = self.compiled_path(&version.digest);
-        // The compiled file is a cache: one that is missing, no longer
-        // matches its digest, or cannot be loaded (damaged on disk) is built
-        // again from the component.
-        let cached = compiled.exists().then(|| {
-            let bytes = std::fs::read(&compiled)?;
-            match std::fs::read_to_string(digest_path(&compiled)) {
-                Ok(digest) if digest.trim() != hex(&Sha256::digest(&bytes)) => {
-                    anyhow::bail!("its contents no longer match the digest written with it")
-                }
-                // Written before digests were: taken as it is.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    write_atomic(&digest_path(&compiled), hex(&Sha256::digest(&bytes)).as_bytes())?;
-                }
-                _ => {}
-            }
-            // SAFETY: written by `write_compiled` from this engine (its key is in the name).
-            unsafe { Component::deserialize(&self.engine, &bytes) }.map(drop).map_err(anyhow::Error::from)
-        });
+        // The compiled file is a cache: one that is missing or damaged on
+        // disk is built again from the component.
+        let cached = compiled.exists().then(|| self.check_cached(&compiled));
         if let Some(Err(e)) = &cached {
             tracing::warn!("the compiled component {compiled:?} cannot be used ({e:#}); compiling it again");
         }
-        if cached.is_none_or(|loaded| loaded.is_err()) {
+        if cached.is_none_or(|checked| checked.is_err()) {
             let source = self.component_path(&version.digest);
             let wasm = std::fs::read(&source).with_context(|| format!("failed to read its component {source:?}"))?;
             let component = self.compile(&wasm).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -290,7 +275,7 @@ impl Registry {
         check_header(wasm)?;
         let digest = hex(&Sha256::digest(wasm));
         let compiled = self.compiled_path(&digest);
-        let Inspected { world, uses_gpu } = if compiled.exists() {
+        let Inspected { world, uses_gpu } = if compiled.exists() && self.check_cached(&compiled).is_ok() {
             // SAFETY: written by `write_compiled` from this engine (its key is in the name).
             let component = unsafe { Component::deserialize_file(&self.engine, &compiled) };
             match component {
@@ -417,6 +402,24 @@ impl Registry {
         let inspected = self.inspect(&component)?;
         self.write_compiled(&component, compiled)?;
         Ok(inspected)
+    }
+
+    /// Whether the compiled component cached at `compiled` is whole: its
+    /// bytes match the digest written with them. One written before digests
+    /// were is checked by loading it, and its digest written then.
+    fn check_cached(&self, compiled: &Path) -> Result<()> {
+        let bytes = std::fs::read(compiled)?;
+        let digest = hex(&Sha256::digest(&bytes));
+        match std::fs::read_to_string(digest_path(compiled)) {
+            Ok(written) if written.trim() == digest => Ok(()),
+            Ok(_) => anyhow::bail!("its contents no longer match the digest written with it"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // SAFETY: written by `write_compiled` from this engine (its key is in the name).
+                unsafe { Component::deserialize(&self.engine, &bytes) }.map_err(anyhow::Error::from)?;
+                write_atomic(&digest_path(compiled), digest.as_bytes())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Writes the compiled component, and beside it (`.sha256`) its digest,
