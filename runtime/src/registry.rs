@@ -137,10 +137,11 @@ pub(crate) enum DeployError {
 /// Where the callback secrets of removed apps are kept, in the data dir.
 const REMOVED_SECRETS: &str = "removed-secrets.json";
 
-/// The callback secrets of the apps once called `name`, each with when it
-/// was removed: a name deployed again after a removal has a new secret, and
-/// a task's callback is signed with the one of the app it was submitted to.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The callback secrets of the apps once called `name`, as
+/// `removed-secrets.json` holds them: a name deployed again after a removal
+/// has a new secret, and a task's callback is signed with the one of the app
+/// it was submitted to.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 enum RemovedSecrets {
     /// As written before removals were timed: the last removed app's secret.
@@ -148,6 +149,7 @@ enum RemovedSecrets {
     Each(Vec<RemovedSecret>),
 }
 
+/// One removed app's callback secret, with when it was removed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RemovedSecret {
     secret: String,
@@ -174,7 +176,7 @@ pub(crate) struct Registry {
     /// The callback secrets of removed apps, by name (kept in
     /// `removed-secrets.json`): the tasks a removal cancels still get their
     /// signed callbacks, after a restart too.
-    removed_secrets: Mutex<BTreeMap<String, RemovedSecrets>>,
+    removed_secrets: Mutex<BTreeMap<String, Vec<RemovedSecret>>>,
 }
 
 impl Registry {
@@ -199,7 +201,11 @@ impl Registry {
         match std::fs::read(&secrets) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             read => match read.map_err(anyhow::Error::from).and_then(|json| Ok(serde_json::from_slice(&json)?)) {
-                Ok(removed) => *registry.removed_secrets.lock().unwrap() = removed,
+                Ok(removed) => {
+                    let removed: BTreeMap<String, RemovedSecrets> = removed;
+                    *registry.removed_secrets.lock().unwrap() =
+                        removed.into_iter().map(|(name, secrets)| (name, secrets.into_each())).collect();
+                }
                 Err(e) => tracing::error!("failed to read {secrets:?}: {e}; callbacks of removed apps go unsent"),
             },
         }
@@ -370,7 +376,7 @@ impl Registry {
     /// `or_last`.
     pub(crate) fn removed_secret(&self, name: &str, created_at: u64, or_last: bool) -> Option<String> {
         let removed = self.removed_secrets.lock().unwrap();
-        let each = removed.get(name)?.clone().into_each();
+        let each = removed.get(name)?;
         let owner = each.iter().filter(|r| r.removed_at >= created_at).min_by_key(|r| r.removed_at);
         let last = || each.iter().max_by_key(|r| r.removed_at).filter(|_| or_last);
         owner.or_else(last).map(|r| r.secret.clone())
@@ -382,9 +388,8 @@ impl Registry {
         {
             let mut removed = self.removed_secrets.lock().unwrap();
             let removed_at = crate::queue::now_ms();
-            let mut each = removed.remove(name).map(RemovedSecrets::into_each).unwrap_or_default();
-            each.push(RemovedSecret { secret: app.version.callback_secret.clone(), removed_at });
-            removed.insert(name.to_owned(), RemovedSecrets::Each(each));
+            let secret = app.version.callback_secret.clone();
+            removed.entry(name.to_owned()).or_default().push(RemovedSecret { secret, removed_at });
             let json = serde_json::to_vec_pretty(&*removed).context("failed to encode the removed apps' secrets")?;
             write_atomic(&self.dir.join(REMOVED_SECRETS), &json)?;
         }
