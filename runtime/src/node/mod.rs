@@ -344,8 +344,9 @@ async fn drain(node: &Node, grace: Duration) {
     }
     if node.dispatch.sync().await.is_err() {
         tracing::error!(
-            "the task store could not save its last changes (see the errors above; is the data dir's disk full, or the store not writable?): \
-             tasks that ended since its last save run again on the next start"
+            "the task store could not save its last changes (see the errors above; {}): \
+             tasks that ended since its last save run again on the next start",
+            crate::queue::STORE_HINT
         );
     }
     if let Some(cluster) = &node.cluster {

@@ -249,6 +249,9 @@ pub(crate) struct Counts {
     pub running: u64,
 }
 
+/// What to look at when the embedded task store cannot write.
+pub(crate) const STORE_HINT: &str = "is the data dir's disk full, or the store not writable?";
+
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum QueueError {
     #[error(
@@ -260,9 +263,7 @@ pub(crate) enum QueueError {
     UnknownTask(TaskId),
     #[error("task {id:?} already ended as {}", status.as_str())]
     AlreadyEnded { id: TaskId, status: TaskStatus },
-    #[error(
-        "the task store could not save the task; see the node's log (is the data dir's disk full, or the store not writable?)"
-    )]
+    #[error("the task store could not save the task; see the node's log ({hint})", hint = STORE_HINT)]
     Store,
     /// The shared task store lost the task (Redis restarted without its
     /// data), or this node was taken for dead and its calls cancelled.

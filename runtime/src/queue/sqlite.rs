@@ -218,8 +218,9 @@ impl Unsaved {
         if self.logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(30)) {
             tracing::error!(
                 "failed to write to the task store: {error:#} ({} changes wait to be saved, tried again every \
-                 {RETRY_EVERY:?}; is the data dir's disk full, or the store not writable?)",
-                self.ops.len()
+                 {RETRY_EVERY:?}; {})",
+                self.ops.len(),
+                super::STORE_HINT
             );
             self.logged = Some(Instant::now());
             self.said_failing = true;
