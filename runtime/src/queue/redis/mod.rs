@@ -1095,6 +1095,37 @@ mod tests {
     }
 
     #[test]
+    fn the_sweep_cancels_tasks_left_queued_for_a_deleted_app() {
+        let Some(redis) = TestRedis::start() else { return };
+        let (a, b) = (node(&redis, "a"), node(&redis, "b"));
+        let record = br#"{"name":"a","version":1,"digest":"d1"}"#;
+        a.publish_app("a", record, None, "d1", b"w1").unwrap();
+        let running = b.enqueue(NewTask { max_queued: 10, ..task(1) }, 0).unwrap().id;
+        let queued = b.enqueue(NewTask { max_queued: 10, ..task(0) }, 0).unwrap().id;
+        assert_eq!(b.lease("a", 1).unwrap().id, running);
+        assert!(a.sweep(2).is_empty(), "the app is deployed: its tasks wait");
+        // b deletes the app and dies before it cancels the app's tasks; its
+        // run goes back to the queue when a takes over.
+        b.unpublish_app("a", record).unwrap();
+        a.client.call(&[b"DEL", b"beamlet:node:b"]).unwrap();
+        assert!(a.reap_dead(3).unwrap().ended.is_empty());
+        assert_eq!(a.get(&running).unwrap().status, TaskStatus::Retry);
+        let mut ended = a.sweep(4);
+        ended.sort_by(|x, y| x.id.cmp(&y.id));
+        assert_eq!(ended.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), [running.as_str(), queued.as_str()]);
+        for record in &ended {
+            assert_eq!(record.status, TaskStatus::Cancelled);
+            assert_eq!(record.error.as_ref().unwrap().message, r#"app "a" was removed"#);
+        }
+        assert_eq!(a.counts("a"), Counts::default());
+        // Deployed again: its new tasks are left to run.
+        a.publish_app("a", record, None, "d1", b"w1").unwrap();
+        let new = a.enqueue(task(0), 5).unwrap().id;
+        assert!(a.sweep(6).is_empty());
+        assert_eq!(a.get(&new).unwrap().status, TaskStatus::Pending);
+    }
+
+    #[test]
     fn an_app_is_published_only_over_the_record_its_deploy_read() {
         let Some(redis) = TestRedis::start() else { return };
         let (a, b) = (node(&redis, "a"), node(&redis, "b"));

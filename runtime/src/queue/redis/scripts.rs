@@ -308,7 +308,8 @@ return 1
 
 // ARGV: now, me. Forgets results past their result ttl (a result whose
 // callback is still pending is looked at again in a minute), expires queued
-// never-run tasks past their ttl; returns the records it expired.
+// never-run tasks past their ttl, cancels tasks queued for deleted apps;
+// returns the records it ended.
 script!(
     SWEEP,
     r#"
@@ -328,6 +329,19 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'expiry', '-inf', now, 'LIM
     table.insert(expired, record(id))
   else
     redis.call('ZREM', P .. 'expiry', id)
+  end
+end
+-- Tasks queued for an app deleted from the cluster: its delete was cut
+-- short (the node died), a node that had not heard of it took them, or a
+-- dead node's runs were queued again for it.
+for _, app in ipairs(redis.call('HKEYS', P .. 'deleted')) do
+  local q = P .. 'q:' .. app
+  if redis.call('HEXISTS', P .. 'apps', app) == 0 and redis.call('LLEN', q) > 0 then
+    for _, id in ipairs(redis.call('LRANGE', q, 0, 999)) do
+      finish(id, 'CANCELLED', 'CANCELLED', 'app "' .. app .. '" was removed', now, me, true)
+      table.insert(expired, record(id))
+    end
+    redis.call('LTRIM', q, 1000, -1)
   end
 end
 return expired
