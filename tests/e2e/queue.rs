@@ -496,3 +496,26 @@ fn the_tasks_a_removal_cancels_get_their_callbacks() {
     assert_eq!(headers["x-beamlet-signature"], signature);
     wait_for("the callback settled", LONG, || (task(&server, &id)["callback"] == "delivered").then_some(()));
 }
+
+#[test]
+fn a_node_whose_task_store_saves_nothing_is_not_ready_until_it_saves_again() {
+    let server = Server::start("store-blocked", &[]);
+    server.deploy_guest("hello", "hello", None);
+    let ready = || server.http.get(server.url("/readyz")).send().unwrap();
+    assert_eq!(ready().status(), 200);
+    // Another writer holds the store: the node's commits fail, as on a full disk.
+    let blocker = rusqlite::Connection::open(server.data_dir.join("tasks.db")).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (status, body) = submit(&server, "hello", r#"{"name": "Di"}"#);
+    assert_eq!((status, error_code(&body)), (503, "STORE_FAILED"), "{body}");
+    let refused = ready();
+    assert_eq!(refused.status(), 503);
+    let body: Value = refused.json().unwrap();
+    assert_eq!(error_code(&body), "STORE_FAILED");
+    assert!(error_message(&body).contains("saves nothing now"), "{body}");
+
+    blocker.execute_batch("COMMIT").unwrap();
+    wait_for("the node to be ready again", Duration::from_secs(60), || (ready().status() == 200).then_some(()));
+    let id = submit_ok(&server, "hello", r#"{"name": "Di"}"#);
+    assert_eq!(wait_task(&server, &id)["status"], "COMPLETE");
+}

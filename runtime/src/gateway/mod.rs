@@ -51,11 +51,15 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
 }
 
 /// `GET /readyz`: whether this node can take work now, that is whether its
-/// task store answers (`/healthz` says only that the process lives). A
-/// stopping node takes no new connections at all.
+/// task store answers and saves (`/healthz` says only that the process
+/// lives). A stopping node takes no new connections at all.
 async fn ready(axum::extract::State(node): axum::extract::State<Arc<Node>>) -> Result<&'static str, ApiError> {
     if !node.dispatch.store_available() {
         return Err(QueueError::Backend("it does not answer now; see the node's log".into()).into());
+    }
+    if !node.dispatch.store_saves() {
+        let message = format!("the task store saves nothing now ({}); see the node's log", crate::queue::STORE_HINT);
+        return Err(ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "STORE_FAILED", message).retry_later());
     }
     Ok("ready\n")
 }

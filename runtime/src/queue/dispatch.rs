@@ -455,6 +455,11 @@ impl Dispatch {
         self.queue.is_available()
     }
 
+    /// Whether the task store saves changes now (see [`Queue::saves`]).
+    pub(crate) fn store_saves(&self) -> bool {
+        self.queue.saves()
+    }
+
     pub(crate) fn get(&self, id: &str) -> Option<TaskRecord> {
         self.queue.get(id)
     }

@@ -469,6 +469,10 @@ impl Queue for EmbeddedQueue {
             .collect()
     }
 
+    fn saves(&self) -> bool {
+        self.journal.as_ref().is_none_or(|journal| !journal.is_failing())
+    }
+
     fn sync(&self) -> oneshot::Receiver<()> {
         match &self.journal {
             Some(journal) => journal.sync(),

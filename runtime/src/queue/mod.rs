@@ -364,6 +364,11 @@ pub(crate) trait Queue: Send + Sync + 'static {
     fn is_available(&self) -> bool {
         true
     }
+    /// Whether the store saves changes now, so the node can take new work
+    /// (a store on a full disk answers reads from memory but saves nothing).
+    fn saves(&self) -> bool {
+        self.is_available()
+    }
     /// Whether a lease that finds nothing costs next to nothing (in
     /// memory), so a replica may look for more runs to send in one write.
     fn leases_are_cheap(&self) -> bool {

@@ -4,7 +4,8 @@
 //! not per task.
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
@@ -54,6 +55,8 @@ const MAX_BATCH: usize = 8192;
 
 pub(crate) struct Journal {
     ops: mpsc::Sender<Op>,
+    /// The last commit failed (and none went through since).
+    failing: Arc<AtomicBool>,
 }
 
 const SCHEMA: &str = "
@@ -94,11 +97,19 @@ impl Journal {
             None => e,
         })?;
         let (ops, rx) = mpsc::channel();
+        let failing = Arc::new(AtomicBool::new(false));
+        let writer_failing = failing.clone();
         std::thread::Builder::new()
             .name("task-store".into())
-            .spawn(move || write_loop(conn, rx))
+            .spawn(move || write_loop(conn, rx, &writer_failing))
             .context("failed to start the task store writer")?;
-        Ok((Self { ops }, rows))
+        Ok((Self { ops, failing }, rows))
+    }
+
+    /// Whether the store's last commit failed (a full disk): it saves no
+    /// change now, so the node takes no new work.
+    pub(crate) fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
     }
 
     pub(crate) fn insert(&self, row: TaskRow) {
@@ -249,7 +260,7 @@ impl Unsaved {
     }
 }
 
-fn write_loop(mut conn: Connection, ops: mpsc::Receiver<Op>) {
+fn write_loop(mut conn: Connection, ops: mpsc::Receiver<Op>, failing: &AtomicBool) {
     let mut unsaved = Unsaved::default();
     loop {
         let first = if unsaved.ops.is_empty() {
@@ -272,7 +283,9 @@ fn write_loop(mut conn: Connection, ops: mpsc::Receiver<Op>) {
                 change => unsaved.push(change),
             }
         }
-        match commit(&mut conn, &unsaved.ops) {
+        let committed = commit(&mut conn, &unsaved.ops);
+        failing.store(committed.is_err(), Ordering::Relaxed);
+        match committed {
             Ok(()) => {
                 unsaved.saved();
                 for sync in syncs {
@@ -377,10 +390,12 @@ mod tests {
         blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
         journal.insert(row("PENDING"));
         assert!(journal.sync().blocking_recv().is_err(), "not saved: the submit is refused");
+        assert!(journal.is_failing());
         journal.update(row("COMPLETE"));
         blocker.execute_batch("COMMIT").unwrap();
         // The insert that failed is saved with the next commit, before its sync answers.
         assert!(journal.sync().blocking_recv().is_ok());
+        assert!(!journal.is_failing());
         let (_, rows) = Journal::open(&path).unwrap();
         assert_eq!(
             rows.iter().map(|r| (r.id.as_str(), r.status.as_str())).collect::<Vec<_>>(),
