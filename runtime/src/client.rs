@@ -151,8 +151,9 @@ impl Client {
         let mut said_away = false;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let wait = left.min(Duration::from_secs(30)).as_secs().max(1);
-            let url = self.task_url(id, &format!("?wait={wait}s"))?;
+            // To the millisecond: `--timeout 3s` gives up after 3 s, not 4.
+            let wait = left.min(Duration::from_secs(30)).as_millis();
+            let url = self.task_url(id, &format!("?wait={wait}ms"))?;
             // The node may go away while we wait (stopping, restarting: it
             // keeps its tasks): then wait for it to come back, up to the timeout.
             let reply = match self.http.get(url).send().await {
@@ -340,7 +341,18 @@ fn api_error(status: StatusCode, body: &str) -> anyhow::Error {
             error["code"].as_str().unwrap_or("?"),
             status.as_u16()
         ),
-        None => anyhow!("the server answered HTTP {status}: {body}"),
+        None => {
+            // A page from something else (a proxy, another server): its gist.
+            let text = body.split_whitespace().collect::<Vec<_>>().join(" ");
+            let gist = match text.char_indices().nth(200) {
+                Some((cut, _)) => format!("{}...", &text[..cut]),
+                None => text,
+            };
+            anyhow!(
+                "the server answered HTTP {status}, not as a beamlet node does (is --server, or BEAMLET_SERVER, \
+                 right?): {gist}"
+            )
+        }
     }
 }
 
@@ -471,7 +483,19 @@ fn print_json(value: &Value) {
 mod tests {
     use serde_json::json;
 
-    use super::describe_app;
+    use super::{api_error, describe_app};
+
+    #[test]
+    fn an_error_page_from_something_other_than_a_node_is_shown_in_brief() {
+        let beamlet = r#"{"error": {"code": "UNKNOWN_TASK", "message": "no task \"x\""}}"#;
+        let shown = api_error(reqwest::StatusCode::NOT_FOUND, beamlet).to_string();
+        assert_eq!(shown, r#"no task "x" (UNKNOWN_TASK, HTTP 404)"#);
+        let page =
+            format!("<html>\n<head><title>404 Not Found</title></head>\n<body>{}</body></html>", "x".repeat(500));
+        let shown = api_error(reqwest::StatusCode::NOT_FOUND, &page).to_string();
+        assert!(shown.contains("not as a beamlet node does") && shown.contains("<head><title>404"), "{shown}");
+        assert!(!shown.contains('\n') && shown.ends_with("...") && shown.len() < 400, "{shown}");
+    }
 
     #[test]
     fn status_shows_each_replica_with_its_troubles_and_the_config_that_is_set() {
