@@ -286,3 +286,23 @@ fn a_call_waiting_when_the_last_node_that_can_run_its_app_dies_is_refused() {
     let id = submit(&small, "sleep", r#"{"ms":1}"#);
     assert_eq!(small.get(&format!("/v1/tasks/{id}"))["status"], "PENDING", "tasks wait for a node that can run them");
 }
+
+#[test]
+fn a_call_refused_for_want_of_a_gpu_says_which_node_lacks_it() {
+    let Some(redis) = Redis::start() else { return };
+    let server = Server::start("cluster-gpu-held", &["--redis", &redis.url, "--gpu-backend", "cpu", "--gpus", "1"]);
+    let config = "[runtime]\ngpu = \"any\"\ngpu_memory = \"64Mi\"\n";
+    let limit = Duration::from_secs(60);
+    server.deploy_guest("holder", "guest-gpu", Some(config));
+    server.wait_status("holder", "its replica to hold the GPU", limit, |s| s["replicas"][0]["state"] == "ready");
+    server.deploy_guest("waiter", "guest-gpu", Some(config));
+    server.wait_status("waiter", "its replica to wait", limit, |s| s["replicas"][0]["state"] == "pending");
+    let (status, body) = server.invoke_json("waiter", r#"{"mode":"info"}"#);
+    assert_eq!((status, error_code(&body)), (503, "NO_CAPACITY"), "{body}");
+    // Its caller may be on another node: the message names this one, and
+    // the GPU's holder rather than every app's replicas.
+    let node_id = std::fs::read_to_string(server.data_dir.join("node-id")).unwrap();
+    let message = error_message(&body);
+    assert!(message.contains(&format!("node {}'s only one is held by replica", &node_id.trim()[..8])), "{body}");
+    assert!(!message.contains("this node") && !message.contains("held now by"), "{body}");
+}

@@ -240,20 +240,27 @@ impl Supervisor {
         if replicas.iter().any(|replica| replica.state != ReplicaState::Pending) {
             return None;
         }
-        let reason = first.pending_reason.clone().unwrap_or_else(|| "its replicas are pending".to_owned());
-        let holders = self.holders();
-        let mut reason = if holders.is_empty() { reason } else { format!("{reason} (held now by {holders})") };
+        let mut reason = first.pending_reason.clone().unwrap_or_else(|| "its replicas are pending".to_owned());
+        // What holds the cores and memory, unless they are not what it lacks
+        // (a GPU's reason names the replica holding it).
+        let apps = self.apps.lock().unwrap();
+        let cores_fit =
+            apps.get(name).is_some_and(|replicas| self.capacity.fits(demand(&replicas.app).0, None).is_ok());
+        let holders = holders(&apps);
+        drop(apps);
+        if !cores_fit && !holders.is_empty() {
+            reason = format!("{reason} (held now by {holders})");
+        }
+        // In a cluster the caller may be on another node: say which this is.
+        if let Some(tag) = self.node_tag.strip_prefix('@') {
+            reason =
+                reason.replace("this node", &format!("node {tag}")).replace("the node's", &format!("node {tag}'s"));
+        }
         // Capacity is not its only trouble: it would not start when it had some.
         if let Some(error) = replicas.iter().filter(|replica| replica.failing).find_map(|r| r.last_error.as_ref()) {
             reason = format!("{reason}; its last start failed: {error}");
         }
         Some(reason)
-    }
-
-    /// The apps whose replicas hold the node's capacity, with how many each:
-    /// `hello (1 replica), sleep (2 replicas)`.
-    fn holders(&self) -> String {
-        holders(&self.apps.lock().unwrap())
     }
 
     /// Whether an idle replica of another app was stopped lately to give
@@ -418,7 +425,8 @@ impl Supervisor {
     }
 }
 
-/// [`Supervisor::holders`] of `apps`, already locked.
+/// The apps whose replicas hold the node's capacity, with how many each:
+/// `hello (1 replica), sleep (2 replicas)`.
 fn holders(apps: &HashMap<String, AppReplicas>) -> String {
     let mut held: Vec<String> = apps
         .iter()
