@@ -155,10 +155,13 @@ fn an_idle_replica_kept_warm_gives_its_gpu_to_another_apps_call() {
     let config = "[runtime]\ngpu = \"any\"\ngpu_memory = \"64Mi\"\n[autoscaler]\nkind = \"queue_depth\"\n\
                   max_tasks_per_replica = 1\nmax_replicas = 1\nkeep_warm = \"1h\"\n";
     server.deploy_guest("first", "guest-gpu", Some(config));
-    server.deploy_guest("second", "guest-gpu", Some(config));
+    assert_eq!(call(&server, "first", r#"{"mode":"info"}"#)["backend"], "cpu");
+    // Its replica, idle, holds the GPU but would give it: no "no room" warning.
+    let deployed = server.deploy_guest("second", "guest-gpu", Some(config));
+    assert_eq!(deployed["warnings"], serde_json::json!([]), "{deployed}");
     // Each call finds the only GPU held by the other app's idle replica,
     // kept warm for an hour: it stops for the call instead.
-    for app in ["first", "second", "first", "second"] {
+    for app in ["second", "first", "second"] {
         assert_eq!(call(&server, app, r#"{"mode":"info"}"#)["backend"], "cpu", "{app}");
     }
     assert!(server.log().contains("its room wanted by app first"), "{}", server.log());

@@ -81,7 +81,8 @@ pub(crate) async fn deploy(
             let fits = |config: &AppConfig| registry::fits_node(config, node.capacity, &node.gpus);
             let deployed = node.registry.deploy(&name, &component, &config, fits, unfinished, Follows::ThisNode)?;
             // A new app's first replica, before it takes its room.
-            let no_room = deployed.previous.is_none().then(|| node.supervisor.room_for(&deployed.app).err()).flatten();
+            let no_room =
+                deployed.previous.is_none().then(|| node.supervisor.room_for_new(&deployed.app).err()).flatten();
             node.run_app(&deployed.app);
             return Ok((deployed, no_room));
         };

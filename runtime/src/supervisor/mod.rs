@@ -396,6 +396,29 @@ impl Supervisor {
         self.capacity.fits(demand, gpu.as_ref())
     }
 
+    /// [`Supervisor::room_for`] a new app, counting the room an idle surplus
+    /// replica of another app would give it (the autoscaler stops one for a
+    /// pending replica whose room it holds; not one of a fixed pool, nor one
+    /// `min_replicas` keeps).
+    pub(crate) fn room_for_new(&self, app: &App) -> Result<(), String> {
+        let Err(reason) = self.room_for(app) else { return Ok(()) };
+        let (demand, gpu) = demand(app);
+        let apps = self.apps.lock().unwrap();
+        let yields = apps.values().filter(|other| other.app.config.autoscaler.policy.is_some()).any(|other| {
+            let infos: Vec<ReplicaInfo> = other.current.iter().map(ReplicaHandle::info).collect();
+            let live = infos.iter().filter(|info| info.state == ReplicaState::Ready).count();
+            let held = self::demand(&other.app).0;
+            live > other.app.config.autoscaler.min_replicas as usize
+                && infos.iter().any(|info| {
+                    info.state == ReplicaState::Ready
+                        && info.busy == 0
+                        && info.idle_since.is_some()
+                        && self.capacity.fits_without(demand, gpu.as_ref(), &info.id, held)
+                })
+        });
+        if yields { Ok(()) } else { Err(reason) }
+    }
+
     /// Starts one replica of app `name` now, or says why not (the app has
     /// its most replicas, or the node no room for one: a replica started
     /// then would only wait, pending, until the autoscaler drops it).
