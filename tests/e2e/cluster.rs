@@ -197,6 +197,35 @@ fn a_node_stopped_while_redis_is_down_saves_its_runs_ends_once_redis_answers() {
 }
 
 #[test]
+fn while_redis_is_down_no_node_starts_replicas_that_other_nodes_run() {
+    let Some(mut redis) = Redis::start() else { return };
+    let (a, b) = (node("cluster-outage-a", &redis), node("cluster-outage-b", &redis));
+    deploy_to_both(&a, &b, "hello", None);
+    // The fixed pool of one settles on one node.
+    let on_a = wait_for("the pool to settle on one node", Duration::from_secs(60), || {
+        match (a.ready_pids("hello").len(), b.ready_pids("hello").len()) {
+            (1, 0) => Some(true),
+            (0, 1) => Some(false),
+            _ => None,
+        }
+    });
+    let other = if on_a { &b } else { &a };
+    redis.stop();
+    wait_for("the other node to miss Redis", Duration::from_secs(30), || {
+        other.log().contains("failed to read other nodes' replicas").then_some(())
+    });
+    // Two more ticks of its autoscaler: it starts no replica of its own.
+    std::thread::sleep(Duration::from_secs(2));
+    let metrics = other.http.get(other.url("/metrics")).send().unwrap().text().unwrap();
+    assert!(metrics.contains(r#"beamlet_replicas{app="hello",state="ready"} 0"#), "{metrics}");
+    assert!(!metrics.contains(r#"beamlet_replicas{app="hello",state="starting"} 1"#), "{metrics}");
+    redis.restart();
+    wait_for("calls again", Duration::from_secs(60), || {
+        (other.invoke_json("hello", r#"{"name":"Ada"}"#).0 == 200).then_some(())
+    });
+}
+
+#[test]
 fn a_node_whose_redis_stops_answering_still_answers_its_health_checks() {
     let Some(redis) = Redis::start() else { return };
     let server = Server::start("cluster-frozen", &["--redis", &redis.url, "--shutdown-grace", "2s"]);

@@ -32,6 +32,8 @@ pub(crate) async fn run(
     let mut starved: HashMap<String, Instant> = HashMap::new();
     // This node's serving replicas of each app, as last told to the cluster.
     let mut published: HashMap<String, u64> = HashMap::new();
+    // Redis did not answer, and that was logged.
+    let mut unread_said = false;
     loop {
         // Replicas started this round that find no room are pending by the
         // next: another app's idle replica may give them its room then.
@@ -47,11 +49,23 @@ pub(crate) async fn run(
         }
         for name in apps {
             let counts = dispatch.counts(&name);
-            let elsewhere = match &cluster {
-                Some(cluster) => cluster
-                    .elsewhere(&name)
-                    .inspect_err(|e| tracing::warn!(app = %name, "failed to read other nodes' replicas: {e}"))
-                    .unwrap_or_default(),
+            let elsewhere = match cluster.as_ref().map(|cluster| cluster.elsewhere(&name)) {
+                Some(Ok(elsewhere)) => {
+                    unread_said = false;
+                    elsewhere
+                }
+                // Not knowing what the other nodes run, a node would start
+                // the whole cluster's replicas itself: this node's stay as
+                // they are until Redis answers (no call runs meanwhile).
+                Some(Err(e)) => {
+                    if !std::mem::replace(&mut unread_said, true) {
+                        tracing::warn!(
+                            "failed to read other nodes' replicas: {e}; this node's replicas stay as they are until \
+                             Redis answers"
+                        );
+                    }
+                    continue;
+                }
                 None => Elsewhere::default(),
             };
             // A call queued while its app had no replica, whose new replica
