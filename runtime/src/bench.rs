@@ -203,7 +203,7 @@ pub(crate) async fn queue(
     let mut line = String::new();
     tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line).await?;
     let base = line.trim().strip_prefix("listening on ").context("serve did not print its address")?.to_owned();
-    let http = reqwest::Client::new();
+    let http = crate::client::http_client().build()?;
     let config = format!("[runtime]\nworkers = {workers}\n[task_queue]\nmax_queued = {}\n", tasks + 1);
     let form = reqwest::multipart::Form::new()
         .part("component", reqwest::multipart::Part::bytes(std::fs::read(wasm)?).file_name("app.wasm"))
@@ -275,7 +275,7 @@ pub(crate) async fn queue(
 /// `beamlet bench load`: `connections` clients POST `data` to `url` back to
 /// back for `duration`; every answer must be a success.
 pub(crate) async fn load(url: &str, data: &str, connections: usize, duration: Duration) -> Result<()> {
-    let http = reqwest::Client::new();
+    let http = crate::client::http_client().build()?;
     let started = Instant::now();
     let mut clients = tokio::task::JoinSet::new();
     for _ in 0..connections.max(1) {

@@ -31,7 +31,7 @@ enum Command {
     /// Run a node: the HTTP API, the task queue and the replicas.
     Serve {
         /// Address to listen on; port 0 picks a free one.
-        #[arg(long, env = "BEAMLET_LISTEN", default_value = "127.0.0.1:8080")]
+        #[arg(long, env = "BEAMLET_LISTEN", default_value = "127.0.0.1:8080", value_parser = parse_listen)]
         listen: SocketAddr,
         /// Where apps, compiled components and queues are kept.
         #[arg(long, default_value = ".beamlet")]
@@ -291,6 +291,13 @@ impl Input {
     }
 }
 
+/// `--listen`: an IP address and a port (a host name is not looked up).
+fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| {
+        format!("{text:?} is not an IP address and port; write e.g. 127.0.0.1:8080 (0.0.0.0:8080 for every interface)")
+    })
+}
+
 fn parse_size(text: &str) -> Result<u64, String> {
     crate::config::parse_size(text)
 }
@@ -379,10 +386,13 @@ async fn run(command: Command) -> Result<()> {
             max_input_size,
             cpus,
             memory,
-            threads: _,
+            threads,
             shutdown_grace,
             redis,
         } => {
+            if threads == Some(0) {
+                bail!("--threads must be more than 0: the node's HTTP and queue work runs on them");
+            }
             if cpus.is_some_and(|cpus| cpus.is_nan() || cpus <= 0.0) {
                 bail!("--cpus must be more than 0: replicas reserve cores from it");
             }

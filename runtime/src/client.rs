@@ -26,7 +26,7 @@ impl Client {
         if let Err(e) = reqwest::Url::parse(&base) {
             bail!("--server {server:?} is not a valid URL: {e}");
         }
-        Ok(Self { base, http: reqwest::Client::builder().build()? })
+        Ok(Self { base, http: http_client().build()? })
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<Response> {
@@ -40,9 +40,16 @@ impl Client {
     }
 
     fn unreachable(&self, e: &reqwest::Error) -> anyhow::Error {
+        let tls = if self.base.starts_with("https://") {
+            " A node serves plain HTTP: use http:// unless a TLS proxy stands in front of it."
+        } else {
+            ""
+        };
         anyhow!(
-            "could not reach beamlet at {}: {e}. Is `beamlet serve` running there? Start it, or point --server (or BEAMLET_SERVER) at it",
-            self.base
+            "could not reach beamlet at {}: {}. Is `beamlet serve` running there? Start it, or point --server (or \
+             BEAMLET_SERVER) at it.{tls}",
+            self.base,
+            describe_http_error(e)
         )
     }
 
@@ -330,6 +337,26 @@ fn progress_bar(total: u64) -> ProgressBar {
     bar.set_message("uploading");
     bar.enable_steady_tick(Duration::from_millis(100));
     bar
+}
+
+/// A builder of HTTP clients, with the TLS provider they use installed
+/// (rustls with ring, for https callbacks and `--server https://`).
+pub(crate) fn http_client() -> reqwest::ClientBuilder {
+    static PROVIDER: std::sync::Once = std::sync::Once::new();
+    PROVIDER.call_once(|| {
+        // Fails only when a provider is installed already: that one serves.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+    reqwest::Client::builder()
+}
+
+/// A request that failed, with its root cause: reqwest's own words stop at
+/// "error sending request".
+pub(crate) fn describe_http_error(e: &reqwest::Error) -> String {
+    match std::iter::successors(std::error::Error::source(e), |cause| cause.source()).last() {
+        Some(root) => format!("{e} ({root})"),
+        None => e.to_string(),
+    }
 }
 
 fn api_error(status: StatusCode, body: &str) -> anyhow::Error {

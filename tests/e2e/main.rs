@@ -562,7 +562,7 @@ fn a_node_stopped_by_sigterm_lets_its_replicas_finish_their_tasks() {
     wait_running(&server, &id);
     // Behind it: a queued task, long-polled, and a call whose caller waits.
     let queued = submit(&server, "sleep", r#"{"ms": 1}"#);
-    let client = || reqwest::blocking::Client::builder().timeout(LONG).build().unwrap();
+    let client = || http_client().timeout(LONG).build().unwrap();
     let poll_url = server.url(&format!("/v1/tasks/{queued}?wait=60s"));
     let poll = std::thread::spawn(move || client().get(poll_url).send().map(|r| (r.status().as_u16(), r.text())));
     let call_url = server.url("/v1/apps/sleep/invoke");
@@ -673,7 +673,7 @@ fn apps_survive_a_node_restart_and_replicas_die_with_their_node() {
 /// once it runs, answered as JSON.
 fn running_call(server: &Server, config: &str) -> std::thread::JoinHandle<reqwest::Result<reqwest::Result<Value>>> {
     server.deploy_guest("sleep", "sleep", Some(config));
-    let client = reqwest::blocking::Client::builder().timeout(LONG).build().unwrap();
+    let client = http_client().timeout(LONG).build().unwrap();
     let url = server.url("/v1/apps/sleep/invoke");
     let call = std::thread::spawn(move || client.post(url).body(r#"{"ms": 100000}"#).send().map(|r| r.json()));
     server.wait_status("sleep", "the call to run", LONG, |s| s["queue"]["running"] == 1);

@@ -220,7 +220,7 @@ fn a_call_whose_caller_goes_away_is_cancelled() {
     let server = Server::start("abandoned", &[]);
     server.deploy_guest("spin", "guest-spin", Some("[runtime]\nworkers = 1\ntimeout = \"600s\"\n"));
     server.wait_status("spin", "a ready replica", LONG, |s| ready_pids(s).len() == 1);
-    let impatient = reqwest::blocking::Client::builder().timeout(Duration::from_secs(1)).build().unwrap();
+    let impatient = http_client().timeout(Duration::from_secs(1)).build().unwrap();
     assert!(impatient.post(server.url("/v1/apps/spin/invoke")).body("{}").send().is_err(), "it never answers");
     server.wait_status("spin", "the abandoned call's task to stop", LONG, |status| {
         status["queue"]["running"] == 0 && status["replicas"][0]["busy"] == 0
@@ -518,4 +518,26 @@ fn a_node_whose_task_store_saves_nothing_is_not_ready_until_it_saves_again() {
     wait_for("the node to be ready again", Duration::from_secs(60), || (ready().status() == 200).then_some(()));
     let id = submit_ok(&server, "hello", r#"{"name": "Di"}"#);
     assert_eq!(wait_task(&server, &id)["status"], "COMPLETE");
+}
+
+#[test]
+fn a_callback_to_an_https_url_is_delivered_over_tls() {
+    let (url, hook, ca) = tls_receiver();
+    // The node trusts the receiver's CA as a system's roots would be.
+    let ca_file = temp_dir("callback-tls-ca").join("ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+    let server = Server::start_with_env("callback-tls", &[], &[("SSL_CERT_FILE", ca_file.as_os_str())]);
+    server.deploy_guest("hello", "hello", None);
+    let response = server
+        .http
+        .post(server.url(&format!("/v1/apps/hello/tasks?callback_url={url}")))
+        .body(r#"{"name": "Tls"}"#)
+        .send()
+        .unwrap();
+    let id = response.json::<Value>().unwrap()["task_id"].as_str().unwrap().to_owned();
+    let delivered = || (task(&server, &id)["callback"] == "delivered").then_some(());
+    wait_for("the callback to be delivered", LONG, delivered);
+    let received = hook.lock().unwrap();
+    assert_eq!(received[0].body, br#"{"message":"Hello, Tls!"}"#);
+    assert_eq!(received[0].headers["x-beamlet-task-id"], id);
 }

@@ -97,6 +97,16 @@ fn log_path(data_dir: &Path) -> PathBuf {
     data_dir.with_extension("log")
 }
 
+/// A builder of HTTP clients, with the TLS provider installed that reqwest
+/// is built to use (rustls with ring).
+pub fn http_client() -> reqwest::blocking::ClientBuilder {
+    static PROVIDER: std::sync::Once = std::sync::Once::new();
+    PROVIDER.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+    Client::builder()
+}
+
 pub fn temp_dir(name: &str) -> PathBuf {
     let dir = workspace_root().join("target").join("e2e-data").join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -117,6 +127,15 @@ impl Server {
 
     /// [`Server::start_in`] with the `beamlet` binary at `exe`.
     pub fn start_from(exe: &Path, data_dir: PathBuf, extra: &[&str]) -> Self {
+        Self::spawn(exe, data_dir, extra, &[])
+    }
+
+    /// [`Server::start`] with `env` set for the node.
+    pub fn start_with_env(name: &str, extra: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Self {
+        Self::spawn(Path::new(env!("CARGO_BIN_EXE_beamlet")), temp_dir(name), extra, env)
+    }
+
+    fn spawn(exe: &Path, data_dir: PathBuf, extra: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Self {
         let cpus: &[&str] = if extra.contains(&"--cpus") { &[] } else { &["--cpus", "64"] };
         let listen: &[&str] = if extra.contains(&"--listen") { &[] } else { &["--listen", "127.0.0.1:0"] };
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path(&data_dir)).unwrap();
@@ -126,6 +145,7 @@ impl Server {
             .args(listen)
             .args(cpus)
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -140,7 +160,7 @@ impl Server {
             .to_owned();
         // No pooled connections: a server may close one after refusing an
         // oversized body, and a test must not trip over that reuse.
-        let http = Client::builder().timeout(Duration::from_secs(120)).pool_max_idle_per_host(0).build().unwrap();
+        let http = http_client().timeout(Duration::from_secs(120)).pool_max_idle_per_host(0).build().unwrap();
         Self { child, base, data_dir, http, handed_on: false }
     }
 
@@ -312,34 +332,81 @@ pub fn receiver(failures: usize) -> (String, std::sync::Arc<std::sync::Mutex<Vec
 
 /// [`receiver`] on a given address.
 pub fn receiver_at(addr: &str, failures: usize) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Received>>>) {
-    use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind(addr).unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let log = received.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut headers = std::collections::HashMap::new();
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            loop {
-                line.clear();
-                reader.read_line(&mut line).unwrap();
-                let Some((name, value)) = line.trim_end().split_once(':') else { break };
-                headers.insert(name.to_ascii_lowercase(), value.trim().to_owned());
-            }
-            let length: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
-            let mut body = vec![0; length];
-            reader.read_exact(&mut body).unwrap();
-            let mut log = log.lock().unwrap();
-            let status = if log.len() < failures { "500 Internal Server Error" } else { "200 OK" };
-            log.push(Received { headers, body });
-            let _ = write!(stream, "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            let Ok(stream) = stream else { return };
+            answer_hook(stream, &log, failures);
         }
     });
     (url, received)
+}
+
+/// A [`receiver`] over TLS, its certificate issued for `localhost` by a CA
+/// of its own; returns its URL, what it got, and the CA's certificate (PEM)
+/// for the client to trust.
+pub fn tls_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Received>>>, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let ca = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().signed_by(&key, &ca).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+        .unwrap();
+    let config = std::sync::Arc::new(config);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://localhost:{}/hook", listener.local_addr().unwrap().port());
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = received.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let tls = rustls::ServerConnection::new(config.clone()).unwrap();
+            answer_hook(rustls::StreamOwned::new(tls, stream), &log, 0);
+        }
+    });
+    (url, received, ca_cert.pem())
+}
+
+/// Reads one request from `stream` into `log` and answers it: 500 while
+/// `log` holds fewer than `failures` requests, 200 after.
+fn answer_hook(
+    mut stream: impl std::io::Read + std::io::Write,
+    log: &std::sync::Mutex<Vec<Received>>,
+    failures: usize,
+) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut reader = BufReader::new(&mut stream);
+    let mut headers = std::collections::HashMap::new();
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        let Some((name, value)) = line.trim_end().split_once(':') else { break };
+        headers.insert(name.to_ascii_lowercase(), value.trim().to_owned());
+    }
+    let length: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    drop(reader);
+    let mut log = log.lock().unwrap();
+    let status = if log.len() < failures { "500 Internal Server Error" } else { "200 OK" };
+    log.push(Received { headers, body });
+    let _ = write!(stream, "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    let _ = stream.flush();
 }
 
 /// Queues a task; returns its id.

@@ -43,7 +43,7 @@ impl Receivers {
 }
 
 pub(crate) fn spawn(node: Arc<Node>, mut ended: mpsc::UnboundedReceiver<(TaskRecord, Option<Bytes>)>) {
-    let http = reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build().expect("a default HTTP client builds");
+    let http = crate::client::http_client().timeout(REQUEST_TIMEOUT).build().expect("a default HTTP client builds");
     let receivers = Arc::new(Receivers::default());
     tokio::spawn(async move {
         while let Some((record, output)) = ended.recv().await {
@@ -112,8 +112,8 @@ async fn deliver(
             }
             Ok(response) => format!("HTTP {}", response.status()),
             Err(e) if e.is_timeout() => format!("no answer within {REQUEST_TIMEOUT:?}"),
-            Err(e) if e.is_connect() => format!("could not connect: {e}"),
-            Err(e) => e.to_string(),
+            Err(e) if e.is_connect() => format!("could not connect: {}", crate::client::describe_http_error(&e)),
+            Err(e) => crate::client::describe_http_error(&e),
         };
         tracing::warn!(task = %record.id, %url, attempt, "callback failed: {failure}");
         if attempt < ATTEMPTS {
