@@ -385,7 +385,7 @@ fn answer_hook(
     log: &std::sync::Mutex<Vec<Received>>,
     failures: usize,
 ) {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{BufRead, BufReader, Read};
     let mut reader = BufReader::new(&mut stream);
     let mut headers = std::collections::HashMap::new();
     let mut line = String::new();
