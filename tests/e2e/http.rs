@@ -341,3 +341,23 @@ fn concurrent_load_gets_every_answer_right() {
     let status = server.status("web");
     assert_eq!(status["replicas"][0]["restarts"], 0, "no replica died under load");
 }
+
+#[test]
+fn a_request_head_over_128_kib_is_refused_with_431() {
+    let server = Server::start("http-head-limit", &[]);
+    let status_of = |header_bytes: usize| {
+        use std::io::{Read, Write};
+        let mut socket = connect(&server);
+        let request = format!(
+            "GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: {}\r\nconnection: close\r\n\r\n",
+            "a".repeat(header_bytes)
+        );
+        // The node may answer and close before it has read it all.
+        let _ = socket.write_all(request.as_bytes());
+        let mut answer = Vec::new();
+        let _ = socket.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).lines().next().unwrap_or_default().to_owned()
+    };
+    assert_eq!(status_of(120 * 1024), "HTTP/1.1 200 OK");
+    assert_eq!(status_of(130 * 1024), "HTTP/1.1 431 Request Header Fields Too Large");
+}

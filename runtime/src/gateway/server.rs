@@ -23,6 +23,9 @@ use super::IdleTimer;
 /// How long a client may take to send a request line and headers; also
 /// how long an idle keep-alive connection stays open.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most bytes of a request's line and headers (431 past it; hyper's own
+/// limit, without this, is its whole read buffer, ~400 KiB).
+const MAX_HEAD: usize = 128 * 1024;
 /// How long a client may leave the response unread (its connection's
 /// buffers full) before the connection is closed.
 const WRITE_IDLE: Duration = Duration::from_secs(60);
@@ -58,6 +61,7 @@ pub(crate) async fn serve(listener: TcpListener, router: axum::Router, stop: wat
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_header_size(MAX_HEAD)
                 .serve_connection(TokioIo::new(WriteDeadline::new(stream, WRITE_IDLE)), service);
             tokio::pin!(connection);
             tokio::select! {
