@@ -429,7 +429,7 @@ impl RawTaskQueue {
         let max_result_size = self.max_result_size.map_or(d.max_result_size, |s| s.bytes);
         ensure(max_result_size > 0, "max_result_size", "must be more than 0, e.g. \"16Mi\"")?;
         if let Some(url) = &self.callback_url {
-            ensure(check_callback_url(url).is_ok(), "callback_url", "must be an http:// or https:// URL")?;
+            ensure(check_callback_url(url).is_ok(), "callback_url", "must be an http:// or https:// URL with a host")?;
         }
         let retries = self.retries.unwrap_or(d.retries);
         Ok(TaskQueueConfig { retries, ttl, callback_url: self.callback_url, result_ttl, max_queued, max_result_size })
@@ -438,7 +438,7 @@ impl RawTaskQueue {
 
 /// Checks a callback URL (from the config or a task submission).
 pub fn check_callback_url(url: &str) -> Result<(), String> {
-    let must = || format!("{url:?} must be an http:// or https:// URL");
+    let must = || format!("{url:?} must be an http:// or https:// URL with a host");
     let parsed = reqwest::Url::parse(url).map_err(|e| format!("{} ({e})", must()))?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none_or(str::is_empty) {
         return Err(must());
@@ -602,7 +602,9 @@ const SIZE_UNITS: [(&str, u64); 9] = [
 const DURATION_UNITS: [(&str, u64); 5] = [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)];
 
 fn not_a_size(text: &str) -> String {
-    format!("{text} is not a size; use e.g. \"512Mi\", \"4Gi\" (binary Ki Mi Gi Ti, or decimal k M G T; no B)")
+    format!(
+        "{text} is not a size; use e.g. \"512Mi\", \"4Gi\" (a whole number; binary Ki Mi Gi Ti, or decimal k M G T; no B)"
+    )
 }
 
 fn not_a_duration(text: &str) -> String {
@@ -810,7 +812,7 @@ callback_url = "https://example.com/beamlet/done"
     fn bad_values_name_the_key() {
         assert_eq!(
             error("[runtime]\nmemory = \"4GB\""),
-            r#"[runtime] memory: "4GB" is not a size; use e.g. "512Mi", "4Gi" (binary Ki Mi Gi Ti, or decimal k M G T; no B)"#
+            r#"[runtime] memory: "4GB" is not a size; use e.g. "512Mi", "4Gi" (a whole number; binary Ki Mi Gi Ti, or decimal k M G T; no B)"#
         );
         let message = error("[runtime]\ntimeout = 180");
         assert!(message.starts_with("[runtime] timeout: 180 has no unit"), "{message}");

@@ -299,9 +299,10 @@ impl Registry {
         };
         if let Some(previous) = previous.filter(|previous| previous.world != world && unfinished > 0) {
             return Err(DeployError::WorldChange(format!(
-                "app {name:?} is a {} app with {unfinished} queued or running tasks, which a {} component cannot \
+                "app {name:?} is a {} app with {unfinished} queued or running task{}, which a {} component cannot \
                  run; wait for them or cancel them, or delete the app first",
                 previous.world.wit_name(),
+                if unfinished == 1 { "" } else { "s" },
                 world.wit_name()
             )));
         }

@@ -189,6 +189,22 @@ fn bad_uploads_and_requests_get_clear_errors() {
     assert_eq!(response.status(), 400);
     let body: Value = response.json().unwrap();
     assert!(error_message(&body).contains("two `component` parts"), "{body}");
+    let swapped = reqwest::blocking::multipart::Form::new()
+        .part("component", reqwest::blocking::multipart::Part::bytes(hello.clone()).file_name("a.wasm"))
+        .part("config", reqwest::blocking::multipart::Part::bytes(hello.clone()).file_name("a.wasm"));
+    let response = server.http.put(server.url("/v1/apps/swapped")).multipart(swapped).send().unwrap();
+    let body: Value = response.json().unwrap();
+    assert_eq!(error_code(&body), "BAD_CONFIG", "{body}");
+    assert!(error_message(&body).contains("the config part is a WebAssembly file"), "{body}");
+    let response = server
+        .http
+        .put(server.url("/v1/apps/unbounded"))
+        .header("content-type", "multipart/form-data")
+        .body("abc")
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(error_message(&response.json().unwrap()).contains("has no boundary="));
 
     let (status, body) = server.invoke_json("nope", "{}");
     assert_eq!((status, error_code(&body)), (404, "UNKNOWN_APP"), "{body}");

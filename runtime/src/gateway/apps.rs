@@ -27,12 +27,18 @@ pub(crate) async fn deploy(
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("multipart/form-data") && value.contains("boundary="));
-    if !multipart {
+        .map(|value| (value.starts_with("multipart/form-data"), value.contains("boundary=")));
+    if multipart != Some((true, true)) {
         // Read the body first: a client still sending it would otherwise see
         // a broken pipe instead of the reason.
         read_body(request.into_body(), limit, Payload::Component).await?;
-        return Err(not_multipart("the request is not multipart/form-data"));
+        return Err(not_multipart(match multipart {
+            Some((true, false)) => {
+                "its Content-Type, multipart/form-data, has no boundary= (a client that builds the \
+                                    form, as curl -F does, sets it)"
+            }
+            _ => "the request is not multipart/form-data",
+        }));
     }
     let mut multipart = Multipart::from_request(request, &()).await.map_err(|e| not_multipart(&e.body_text()))?;
     let upload_error = move |e: MultipartError| {
@@ -53,7 +59,15 @@ pub(crate) async fn deploy(
         }
         match name.as_str() {
             "component" => component = Some(field.bytes().await.map_err(upload_error)?),
-            "config" => config = Some(field.text().await.map_err(upload_error)?),
+            "config" => {
+                let bytes = field.bytes().await.map_err(upload_error)?;
+                let text = String::from_utf8(bytes.to_vec()).map_err(|_| {
+                    let what = if bytes.starts_with(b"\0asm") { "a WebAssembly file" } else { "not UTF-8 text" };
+                    let message = format!("the config part is {what}; send the app's TOML config there");
+                    ApiError::new(StatusCode::BAD_REQUEST, "BAD_CONFIG", message)
+                })?;
+                config = Some(text);
+            }
             other => {
                 return Err(ApiError::bad_request(format!(
                     "unknown multipart part {other:?}; send `component` (the .wasm) and optionally `config` (TOML)"

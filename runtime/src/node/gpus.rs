@@ -1,6 +1,6 @@
 //! The GPUs a node offers GPU apps (`serve --gpu-backend`, `--gpus`).
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 use crate::config::{MIN_GPU_MEMORY, format_size};
 use crate::ipc::GpuBackendKind;
@@ -81,9 +81,10 @@ pub(crate) fn discover(choice: GpuBackendChoice, count: Option<u32>, cpu_memory:
                     "--gpus 0 with --gpu-backend cuda offers no GPU; give --gpus 1 or more, or leave out --gpus for all"
                 );
             }
-            let gpus = cuda()?;
+            let cpu_hint = "on a machine without one, --gpu-backend cpu --gpus 1 serves GPU apps on the CPU";
+            let gpus = cuda().with_context(|| format!("--gpu-backend cuda ({cpu_hint})"))?;
             if gpus.devices.is_empty() {
-                bail!("--gpu-backend cuda: NVML found no NVIDIA GPU on this machine");
+                bail!("--gpu-backend cuda: NVML found no NVIDIA GPU on this machine ({cpu_hint})");
             }
             gpus
         }
