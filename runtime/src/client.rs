@@ -309,7 +309,12 @@ impl Client {
 
     pub(crate) async fn logs(&self, name: &str, lines: usize) -> Result<()> {
         let body = self.get_json(self.app_url(name, &format!("/logs?lines={lines}"))?).await?;
-        for line in body["lines"].as_array().into_iter().flatten() {
+        let lines = body["lines"].as_array().map(Vec::as_slice).unwrap_or_default();
+        if lines.is_empty() {
+            // On stderr: a script reading the lines still gets none.
+            eprintln!("no log lines of app {name} yet (its guests' stdout and stderr, and its replicas' troubles)");
+        }
+        for line in lines {
             println!("{}", line.as_str().unwrap_or_default());
         }
         Ok(())
