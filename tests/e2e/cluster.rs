@@ -335,3 +335,36 @@ fn a_call_refused_for_want_of_a_gpu_says_which_node_lacks_it() {
     assert!(message.contains(&format!("node {}'s only one is held by replica", &node_id.trim()[..8])), "{body}");
     assert!(!message.contains("this node") && !message.contains("held now by"), "{body}");
 }
+
+#[test]
+fn redeploys_under_a_stream_of_short_tasks_lose_none_of_them() {
+    let Some(redis) = Redis::start() else { return };
+    let server = node("cluster-redeploy-stream", &redis);
+    let config = "[runtime]\nworkers = 4\n[task_queue]\nretries = 0\n";
+    server.deploy_guest("sleep", "sleep", Some(config));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let ids = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let id = submit(&server, "sleep", r#"{"ms":2}"#);
+                    ids.lock().unwrap().push(id);
+                }
+            });
+        }
+        // Each new version replaces the replica while runs end back to back
+        // on it, the next leased with the end of the last.
+        for _ in 0..8 {
+            std::thread::sleep(Duration::from_millis(400));
+            server.deploy_guest("sleep", "sleep", Some(config));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let ids = ids.into_inner().unwrap();
+    for id in &ids {
+        let record: Value = server.get(&format!("/v1/tasks/{id}?wait=60s"));
+        assert_eq!((record["status"].as_str(), record["attempts"].as_u64()), (Some("COMPLETE"), Some(1)), "{record}");
+    }
+    assert!(!server.log().contains("replica connection closed"), "{}", server.log());
+}

@@ -481,6 +481,9 @@ impl Run<'_> {
             }
             // A run leased with the end of the last (see `Run::done`) goes out now.
             let mut leased = self.prefetched.take();
+            if draining && let Some(lease) = leased.take() {
+                plan.dispatch.release(&lease.id);
+            }
             if leased.is_none() {
                 tokio::select! {
                     lease = plan.dispatch.next(&spec.app, self.all_busy()),
@@ -554,6 +557,12 @@ impl Run<'_> {
             }
             let asked = *stop.borrow_and_update();
             let stopping = !draining && (stop_asked || asked.stops());
+            // A run leased with the end of one that ended as the stop came
+            // (Redis) goes now or not at all: after the drain the replica
+            // takes no run.
+            if stopping && leased.is_none() {
+                leased = self.prefetched.take();
+            }
             // For a new version, a run leased at the same moment goes back
             // for its replicas: a call made once a deploy has answered runs
             // on the new version. (At a scale-down or a shutdown it runs
