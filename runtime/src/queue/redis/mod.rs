@@ -332,20 +332,27 @@ impl RedisQueue {
                     self.try_finish(id, finish, *at, held.as_ref()).map(|e| e.map(Saved::Finished))
                 }
                 Unsaved::Release { id } => self.try_release(id).map(|released| released.map(Saved::Released)),
-                Unsaved::Abandon { id } => self.client.eval(&lua::ABANDON, &[id.as_bytes()]).map(|status| {
-                    match status.into_string().as_deref() {
-                        None => {}
-                        Some("PENDING") => tracing::warn!(
-                            "task {id}: Redis queued it after this node had refused it (STORE_FAILED); dropped \
-                             before it ran"
-                        ),
-                        Some(status) => tracing::warn!(
-                            "task {id}: Redis queued it after this node had refused it (STORE_FAILED), and it is \
-                             {status} already"
-                        ),
-                    }
-                    None
-                }),
+                Unsaved::Abandon { id } => {
+                    let held = flag(self.held.lock().unwrap().contains_key(id));
+                    self.client.eval(&lua::ABANDON, &[id.as_bytes(), self.node.as_bytes(), held]).map(|status| {
+                        match status.into_string().as_deref() {
+                            None => {}
+                            Some("PENDING" | "RETRY") => tracing::warn!(
+                                "task {id}: Redis queued it after this node had refused it (STORE_FAILED); dropped \
+                                 before it ran"
+                            ),
+                            Some("RUNNING") => tracing::warn!(
+                                "task {id}: Redis queued it after this node had refused it (STORE_FAILED), and it \
+                                 was leased since; dropped, and stopped where it runs"
+                            ),
+                            Some(status) => tracing::warn!(
+                                "task {id}: Redis queued it after this node had refused it (STORE_FAILED), and it \
+                                 ended {status} already"
+                            ),
+                        }
+                        None
+                    })
+                }
             };
             match result {
                 Ok(done) => saved.extend(done),
@@ -1015,6 +1022,19 @@ mod tests {
         assert!(q.get(&id).is_none());
         assert_eq!(q.counts("a"), Counts::default());
         assert!(q.lease("a", 1).is_none());
+        // Leased meanwhile, here (a lease whose answer this node also gave
+        // up on) or by another node: dropped all the same, its end not taken.
+        let other = node(&redis, "n2");
+        for leaser in [&q, &other] {
+            let id = q.enqueue(task(0), 1).unwrap().id;
+            assert_eq!(leaser.lease("a", 1).unwrap().id, id);
+            q.unsaved.lock().unwrap().push(Unsaved::Abandon { id: id.clone() });
+            assert!(q.save_unsaved().is_empty());
+            assert!(q.get(&id).is_none());
+            assert_eq!(q.counts("a"), Counts::default());
+            leaser.finish(&id, Finish::Complete(Bytes::from_static(b"late")), 2);
+            assert!(q.get(&id).is_none(), "its end brings nothing back");
+        }
         // A failed enqueue is kept to be abandoned so.
         redis.stop();
         assert!(q.enqueue(task(0), 2).is_err());

@@ -215,19 +215,28 @@ return 1
 "#
 );
 
-// ARGV: id. A task whose enqueue its node gave up on (Redis did not
-// answer in time; its caller was refused), should Redis have taken it after
-// all: dropped unless it already ran. Its status before (nil if unknown).
+// ARGV: id, me, held ('1': `me` holds a lease of it). A task whose enqueue
+// its node gave up on (Redis did not answer in time; its caller was
+// refused), should Redis have taken it after all: dropped unless it ended
+// already, and stopped where it runs (a lease made meanwhile, by a node
+// that also gave up waiting or one that did not). Its status before (nil if
+// unknown).
 script!(
     ABANDON,
     r#"
-local id = ARGV[1]
-local t = redis.call('HMGET', tkey(id), 'status', 'app', 'origin')
-if t[1] == 'PENDING' then
+local id, me, held = ARGV[1], ARGV[2], ARGV[3]
+local t = redis.call('HMGET', tkey(id), 'status', 'app', 'origin', 'node')
+if not t[1] or terminal(t[1]) then return t[1] end
+if t[1] == 'RUNNING' then
+  unrun(t[2], t[4], id)
+  -- On a replica (not a lease whose answer this node lost): stop it there;
+  -- its end then finds no task.
+  if t[4] ~= me or held == '1' then redis.call('PUBLISH', P .. 'events', 'c ' .. id) end
+else
   redis.call('LREM', P .. 'q:' .. t[2], 1, id)
-  redis.call('ZREM', P .. 'expiry', id)
-  drop(id, t[2], t[3])
 end
+redis.call('ZREM', P .. 'expiry', id)
+drop(id, t[2], t[3])
 return t[1]
 "#
 );
