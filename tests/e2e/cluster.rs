@@ -368,3 +368,23 @@ fn redeploys_under_a_stream_of_short_tasks_lose_none_of_them() {
     }
     assert!(!server.log().contains("replica connection closed"), "{}", server.log());
 }
+
+#[test]
+fn a_node_still_taking_on_an_app_deployed_elsewhere_says_so_rather_than_unknown() {
+    let Some(redis) = Redis::start() else { return };
+    let (a, b) = (node("cluster-syncing-a", &redis), node("cluster-syncing-b", &redis));
+    // A large component: the other node takes a while to compile it.
+    let response = a.deploy("py", &std::fs::read(python_http()).unwrap(), None);
+    assert_eq!(response.status(), 201, "{}", response.text().unwrap());
+    let first = b.http.get(b.url("/http/py/hello")).send().unwrap();
+    let status = first.status().as_u16();
+    let body = first.text().unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("APP_SYNCING") && body.contains("still taking it on"), "{body}");
+    wait_for("node b to serve the app", Duration::from_secs(120), || {
+        let response = b.http.get(b.url("/http/py/hello")).send().unwrap();
+        let status = response.status().as_u16();
+        assert!(status == 200 || status == 503, "{status}: {}", response.text().unwrap());
+        (status == 200).then_some(())
+    });
+}

@@ -232,7 +232,7 @@ pub(crate) async fn list(State(node): State<Arc<Node>>) -> Json<Value> {
 }
 
 pub(crate) async fn status(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    let app = node.registry.get(&name).ok_or_else(|| ApiError::unknown_app(&name))?;
+    let app = node.registry.get(&name).ok_or_else(|| super::missing_app(&node, &name))?;
     Ok(Json(describe(&node, &app)))
 }
 
@@ -283,7 +283,7 @@ pub(crate) async fn remove(State(node): State<Arc<Node>>, Path(name): Path<Strin
     })
     .await
     .map_err(ApiError::internal)??;
-    let Some(app) = removed else { return Err(ApiError::unknown_app(&name)) };
+    let Some(app) = removed else { return Err(super::missing_app(&node, &name)) };
     node.drop_app(&app);
     node.dispatch.remove_app(&name);
     // Answered once the cancellations are saved: a crash right after the
@@ -306,7 +306,7 @@ pub(crate) async fn logs(
     Path(name): Path<String>,
     Query(query): Query<LogsQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    node.registry.get(&name).ok_or_else(|| ApiError::unknown_app(&name))?;
+    node.registry.get(&name).ok_or_else(|| super::missing_app(&node, &name))?;
     let lines = node.logs.tail(&name, query.lines.unwrap_or(200));
     Ok(Json(json!({ "name": name, "lines": lines })))
 }
@@ -320,7 +320,7 @@ pub(crate) async fn warmup(State(node): State<Arc<Node>>, Path(name): Path<Strin
             Err(why) => format!("this node cannot run its replicas ({why}); warm it up through a node that can"),
             Ok(()) => "this node does not run its replicas yet; try again in a moment".to_owned(),
         }),
-        (None, None) => return Err(ApiError::unknown_app(&name)),
+        (None, None) => return Err(super::missing_app(&node, &name)),
     };
     if started.is_ok() {
         node.metrics.scaled(&name, 1, 0);

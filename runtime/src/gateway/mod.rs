@@ -64,6 +64,21 @@ async fn ready(axum::extract::State(node): axum::extract::State<Arc<Node>>) -> R
     Ok("ready\n")
 }
 
+/// The answer for app `name`, which this node does not have: in a cluster,
+/// one deployed through another node may still be being taken on here (its
+/// component compiled), which is not "deploy it first".
+pub(crate) fn missing_app(node: &Node, name: &str) -> ApiError {
+    let shared = node.cluster.as_ref().is_some_and(|cluster| matches!(cluster.queue.app(name), Ok(Some(_))));
+    if !shared {
+        return ApiError::unknown_app(name);
+    }
+    let message = format!(
+        "app {name:?} was deployed through another node, and this node is still taking it on (compiling its \
+         component); call again in a few seconds"
+    );
+    ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "APP_SYNCING", message).retry_later()
+}
+
 /// Reads a request body of at most `limit` bytes.
 pub(crate) async fn read_body(body: Body, limit: usize, what: Payload) -> Result<Bytes, ApiError> {
     match Limited::new(body, limit).collect().await {

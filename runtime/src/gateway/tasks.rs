@@ -22,7 +22,7 @@ const MAX_WAIT: Duration = Duration::from_secs(300);
 
 /// The app `name`, if it serves `world`.
 pub(super) fn app_of_world(node: &Node, name: &str, world: World) -> Result<App, ApiError> {
-    let app = node.registry.get(name).ok_or_else(|| ApiError::unknown_app(name))?;
+    let app = node.registry.get(name).ok_or_else(|| super::missing_app(node, name))?;
     match (app.version.world, world) {
         (actual, wanted) if actual == wanted => Ok(app),
         (World::HttpProxy, _) => Err(ApiError::bad_request(format!(
@@ -302,7 +302,7 @@ pub(crate) async fn list(
             )));
         }
     };
-    node.registry.get(&name).ok_or_else(|| ApiError::unknown_app(&name))?;
+    node.registry.get(&name).ok_or_else(|| super::missing_app(&node, &name))?;
     // One more than asked for tells whether there is a page after this one.
     let mut tasks = node.dispatch.list(&name, status, before.as_deref(), limit + 1);
     if tasks.is_empty() && !node.dispatch.store_available() {
