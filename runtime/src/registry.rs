@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
@@ -177,6 +177,9 @@ pub(crate) struct Registry {
     /// `removed-secrets.json`): the tasks a removal cancels still get their
     /// signed callbacks, after a restart too.
     removed_secrets: Mutex<BTreeMap<String, Vec<RemovedSecret>>>,
+    /// Held (shared) while apps change (see [`Registry::changing`]), and
+    /// exclusively while unused files are collected.
+    changes: RwLock<()>,
 }
 
 impl Registry {
@@ -196,6 +199,7 @@ impl Registry {
             linker,
             apps: Mutex::default(),
             removed_secrets: Mutex::default(),
+            changes: RwLock::default(),
         };
         let secrets = data_dir.join(REMOVED_SECRETS);
         match std::fs::read(&secrets) {
@@ -220,7 +224,50 @@ impl Registry {
                 }
             }
         }
+        registry.collect_unused();
         Ok(registry)
+    }
+
+    /// Held by a change of apps from its start to its end (a deploy, from
+    /// its compile until the cluster took the new version or the old one
+    /// is back): the files it writes, and those of the version it may put
+    /// back, are not collected meanwhile.
+    pub(crate) fn changing(&self) -> RwLockReadGuard<'_, ()> {
+        self.changes.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Deletes the uploaded and compiled components no app uses any more
+    /// (versions replaced, apps removed, builds of another engine): a
+    /// deploy per commit would otherwise fill the disk. Skipped while apps
+    /// change; the change collects once it ends.
+    pub(crate) fn collect_unused(&self) {
+        let Ok(_exclusive) = self.changes.try_write() else { return };
+        let used: Vec<PathBuf> = {
+            let apps = self.apps.lock().unwrap();
+            apps.values()
+                .flat_map(|app| {
+                    let digest = &app.version.digest;
+                    [self.component_path(digest), self.compiled_path(digest), digest_path(&self.compiled_path(digest))]
+                })
+                .collect()
+        };
+        let (mut files, mut bytes) = (0, 0);
+        for sub in ["components", "compiled"] {
+            let Ok(entries) = std::fs::read_dir(self.dir.join(sub)) else { continue };
+            for path in entries.flatten().map(|entry| entry.path()) {
+                if used.contains(&path) || !path.is_file() {
+                    continue;
+                }
+                let size = path.metadata().map_or(0, |meta| meta.len());
+                match std::fs::remove_file(&path) {
+                    Ok(()) => (files, bytes) = (files + 1, bytes + size),
+                    Err(e) => tracing::warn!("failed to delete the unused {path:?}: {e}"),
+                }
+            }
+        }
+        if files > 0 {
+            tracing::info!(files, "deleted the components no app uses any more ({})", config::describe_size(bytes));
+        }
     }
 
     fn load(&self, path: &Path) -> Result<App> {

@@ -713,3 +713,33 @@ fn wait_running(server: &Server, id: &str) {
         (server.get(&format!("/v1/tasks/{id}"))["status"] == "RUNNING").then_some(())
     });
 }
+
+#[test]
+fn components_no_app_uses_are_deleted_from_the_data_dir() {
+    let server = Server::start("collect", &[]);
+    let files = |sub: &str| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(server.data_dir.join(sub))
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    server.deploy_guest("a", "hello", None);
+    server.deploy_guest("b", "hello", None);
+    let one = (files("components"), files("compiled"));
+    assert_eq!((one.0.len(), one.1.len()), (1, 2), "one component, compiled (and its digest), for both apps: {one:?}");
+    // A new version of one app: the old component is still the other's.
+    server.deploy_guest("a", "sleep", None);
+    assert_eq!((files("components").len(), files("compiled").len()), (2, 4));
+    assert_eq!(server.http.delete(server.url("/v1/apps/b")).send().unwrap().status(), 200);
+    wait_for("hello's files to go", LONG, || (files("components").len() == 1).then_some(()));
+    assert_eq!(files("compiled").len(), 2);
+    assert_eq!(server.http.delete(server.url("/v1/apps/a")).send().unwrap().status(), 200);
+    wait_for("every file to go", LONG, || {
+        (files("components").is_empty() && files("compiled").is_empty()).then_some(())
+    });
+    // What is left works: deploy and call again.
+    server.deploy_guest("a", "hello", None);
+    assert_eq!(server.invoke_json("a", r#"{"name":"Ada"}"#).0, 200);
+}

@@ -91,6 +91,7 @@ pub(crate) async fn deploy(
     let unfinished = counts.queued + counts.running;
     let deployed = tokio::task::spawn_blocking(move || {
         let node = &registry_node;
+        let _changing = node.registry.changing();
         let Some(cluster) = &node.cluster else {
             let fits = |config: &AppConfig| registry::fits_node(config, node.capacity, &node.gpus);
             let deployed = node.registry.deploy(&name, &component, &config, fits, unfinished, Follows::ThisNode)?;
@@ -137,8 +138,10 @@ pub(crate) async fn deploy(
         Err(ApiError::deploy_conflict(&name, version, now))
     })
     .await
-    .map_err(ApiError::internal)??;
-    let (Deployed { app, uses_gpu, previous }, no_room) = deployed;
+    .map_err(ApiError::internal)?;
+    // What the version replaced (or a refused deploy) left unused.
+    collect_unused(&node);
+    let (Deployed { app, uses_gpu, previous }, no_room) = deployed?;
     // A redeploy without a config is easy to do by mistake.
     let default_config = crate::config::parse("").ok();
     let configured_before = previous
@@ -292,7 +295,14 @@ pub(crate) async fn remove(State(node): State<Arc<Node>>, Path(name): Path<Strin
         tracing::error!(app = %name, "the task store could not save the cancellation of the removed app's tasks yet");
     }
     tracing::info!(app = %name, "removed");
+    collect_unused(&node);
     Ok(Json(json!({ "name": name, "removed": true })))
+}
+
+/// Deletes, off the request, the components no app uses any more.
+fn collect_unused(node: &Arc<Node>) {
+    let node = node.clone();
+    tokio::task::spawn_blocking(move || node.registry.collect_unused());
 }
 
 #[derive(Deserialize)]

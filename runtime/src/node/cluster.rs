@@ -165,6 +165,7 @@ pub(crate) fn join(node: &Node) -> Result<()> {
 /// Publishes the apps this node has that the cluster lacks.
 fn share_own_apps(node: &Node, cluster: &Cluster) -> Result<()> {
     let _held = cluster.hold();
+    let _changing = node.registry.changing();
     let shared: Vec<String> = cluster.queue.apps()?.into_iter().map(|(name, _)| name).collect();
     for app in node.registry.list() {
         let name = &app.version.name;
@@ -214,7 +215,17 @@ pub(super) fn sync(node: &Node, only: Option<&str>) {
         }
         Err(e) => return tracing::warn!("failed to read the cluster's apps: {e}"),
     }
-    let _held = cluster.hold();
+    {
+        let _held = cluster.hold();
+        let _changing = node.registry.changing();
+        take_on(node, cluster, only);
+    }
+    // What versions replaced or apps removed on other nodes left unused.
+    node.registry.collect_unused();
+}
+
+/// [`sync`] once Redis is known to hold the cluster's data.
+fn take_on(node: &Node, cluster: &Cluster, only: Option<&str>) {
     let shared = match cluster.queue.apps() {
         Ok(apps) => apps,
         Err(e) => return tracing::warn!("failed to read the cluster's apps: {e}"),
