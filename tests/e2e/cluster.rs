@@ -388,3 +388,25 @@ fn a_node_still_taking_on_an_app_deployed_elsewhere_says_so_rather_than_unknown(
         (status == 200).then_some(())
     });
 }
+
+#[test]
+fn metrics_and_app_listings_answer_from_what_redis_last_said_while_it_is_frozen() {
+    let Some(redis) = Redis::start() else { return };
+    let server = node("cluster-frozen-metrics", &redis);
+    let apps = ["m1", "m2", "m3", "m4", "m5"];
+    for app in apps {
+        server.deploy_guest(app, "hello", None);
+    }
+    let ready = || server.http.get(server.url("/readyz")).send().unwrap().status();
+    redis.freeze();
+    wait_for("the node to notice", Duration::from_secs(60), || (ready() == 503).then_some(()));
+    // Each app's counts from Redis would take its 10 s timeout: 50 s in all.
+    let impatient = http_client().timeout(Duration::from_secs(25)).build().unwrap();
+    let metrics = impatient.get(server.url("/metrics")).send().and_then(|r| r.text());
+    let listed = impatient.get(server.url("/v1/apps")).send().and_then(|r| r.text());
+    redis.thaw();
+    let metrics = metrics.expect("/metrics answers while Redis is frozen");
+    assert!(metrics.contains(r#"beamlet_queue_depth{app="m5"} 0"#), "{metrics}");
+    let listed = listed.expect("the app listing answers while Redis is frozen");
+    assert!(apps.iter().all(|app| listed.contains(app)), "{listed}");
+}

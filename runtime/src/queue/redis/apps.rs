@@ -121,6 +121,11 @@ impl RedisQueue {
 
     /// What the other live nodes run of `app`.
     pub(crate) fn elsewhere(&self, app: &str) -> Result<Elsewhere, RedisError> {
+        // Not asked again until it answers the heartbeat (within a second).
+        if !crate::queue::Queue::is_available(self) {
+            let error = std::io::Error::other("it did not answer the last call");
+            return Err(RedisError::Io { addr: self.url().addr.clone(), error });
+        }
         let key = format!("beamlet:replicas:{app}");
         let mut elsewhere = Elsewhere::default();
         for (node, count) in self.hash(key.as_bytes())? {

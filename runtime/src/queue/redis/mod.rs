@@ -43,6 +43,10 @@ pub(crate) struct RedisQueue {
     unsaved: std::sync::Mutex<Vec<Unsaved>>,
     /// A call failed since the last heartbeat that went through.
     failing: std::sync::atomic::AtomicBool,
+    /// Each app's counts as Redis last gave them: what `/metrics` and the
+    /// app listings show while it does not answer, rather than wait 10 s
+    /// per app for it.
+    last_counts: std::sync::Mutex<std::collections::HashMap<String, Counts>>,
     /// The tasks this node leased and has not ended or released yet.
     held: std::sync::Mutex<std::collections::HashMap<String, Held>>,
     /// Tasks Redis says run on this node that it does not hold, with when
@@ -108,6 +112,7 @@ impl RedisQueue {
             last_failure_log: Default::default(),
             unsaved: Default::default(),
             failing: Default::default(),
+            last_counts: Default::default(),
             held: Default::default(),
             orphans: Default::default(),
         };
@@ -677,10 +682,17 @@ impl Queue for RedisQueue {
     }
 
     fn counts(&self, app: &str) -> Counts {
-        let Some(reply) = self.eval("count tasks", &lua::COUNTS, &[app.as_bytes()]) else { return Counts::default() };
+        let last = || self.last_counts.lock().unwrap().get(app).copied().unwrap_or_default();
+        // Not asked again until it answers the heartbeat (within a second).
+        if !self.is_available() {
+            return last();
+        }
+        let Some(reply) = self.eval("count tasks", &lua::COUNTS, &[app.as_bytes()]) else { return last() };
         let counts = reply.into_array();
         let count = |i: usize| counts.get(i).and_then(Reply::as_int).and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
-        Counts { queued: count(0), running: count(1) }
+        let counts = Counts { queued: count(0), running: count(1) };
+        self.last_counts.lock().unwrap().insert(app.to_owned(), counts);
+        counts
     }
 
     fn list(&self, app: &str, status: Option<TaskStatus>, before: Option<&str>, limit: usize) -> Vec<TaskRecord> {
