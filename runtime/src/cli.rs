@@ -350,10 +350,46 @@ fn init_tracing(default: &str) {
     // `eprintln!` would panic when stderr is a closed pipe (`serve 2>&1 | head`).
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| EventWriter(Vec::new()))
         .with_ansi(ansi)
         .log_internal_errors(false)
         .init();
+}
+
+/// One log event, written to stderr as one line: line breaks in it (a
+/// guest's stderr quoted in a message) go on indented, so nothing a guest
+/// prints passes for a line of the node's own.
+struct EventWriter(Vec<u8>);
+
+impl std::io::Write for EventWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for EventWriter {
+    fn drop(&mut self) {
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), &one_line(&self.0));
+    }
+}
+
+/// `event` as one log line: its inner line breaks indent what follows them.
+fn one_line(event: &[u8]) -> Vec<u8> {
+    let event = event.strip_suffix(b"\n").unwrap_or(event);
+    let mut line = Vec::with_capacity(event.len() + 16);
+    for (i, part) in event.split(|b| *b == b'\n').enumerate() {
+        if i > 0 {
+            line.extend_from_slice(b"\n    ");
+        }
+        line.extend_from_slice(part);
+    }
+    line.push(b'\n');
+    line
 }
 
 fn runtime(command: &Command) -> Result<tokio::runtime::Runtime> {
@@ -509,4 +545,20 @@ fn simulate(
     }
     print!("{}", sim::table(&rows));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn a_log_event_with_line_breaks_stays_one_line_with_indented_continuations() {
+        assert_eq!(one_line(b"plain\n"), b"plain\n");
+        let forged = b"WARN task cut short: guest stderr: oops\n2026-11-29T10:00:00Z ERROR beamlet::node: forged\n";
+        let line = String::from_utf8(one_line(forged)).unwrap();
+        assert_eq!(
+            line,
+            "WARN task cut short: guest stderr: oops\n    2026-11-29T10:00:00Z ERROR beamlet::node: forged\n"
+        );
+    }
 }
