@@ -733,8 +733,9 @@ fn components_no_app_uses_are_deleted_from_the_data_dir() {
     server.deploy_guest("a", "sleep", None);
     assert_eq!((files("components").len(), files("compiled").len()), (2, 4));
     assert_eq!(server.http.delete(server.url("/v1/apps/b")).send().unwrap().status(), 200);
-    wait_for("hello's files to go", LONG, || (files("components").len() == 1).then_some(()));
-    assert_eq!(files("compiled").len(), 2);
+    wait_for("hello's files to go", LONG, || {
+        (files("components").len() == 1 && files("compiled").len() == 2).then_some(())
+    });
     assert_eq!(server.http.delete(server.url("/v1/apps/a")).send().unwrap().status(), 200);
     wait_for("every file to go", LONG, || {
         (files("components").is_empty() && files("compiled").is_empty()).then_some(())
