@@ -977,8 +977,8 @@ async fn send_bytes(write: &mut OwnedWriteHalf, frames: &[u8]) -> Result<()> {
     }
 }
 
-/// Starts `beamlet replica` with its end of a fresh socket pair as fd 3. A
-/// replica on a CUDA GPU sees that device only.
+/// Starts `beamlet replica` with its end of a fresh socket pair (its number
+/// given with `--fd`). A replica on a CUDA GPU sees that device only.
 pub(crate) fn start_process(
     exe: &PathBuf,
     gpu: Option<&GpuSpec>,
@@ -986,7 +986,7 @@ pub(crate) fn start_process(
     let (node_end, child_end) = std::os::unix::net::UnixStream::pair().context("failed to create a socket pair")?;
     let child_fd = child_end.as_raw_fd();
     let mut command = tokio::process::Command::new(exe);
-    command.arg("replica").arg("--fd").arg(CHILD_FD.to_string()).stdin(Stdio::null()).kill_on_drop(true);
+    command.arg("replica").arg("--fd").arg(child_fd.to_string()).stdin(Stdio::null()).kill_on_drop(true);
     // `ps` shows the binary's name, not the path it is started from.
     command.arg0(std::env::current_exe().unwrap_or_else(|_| "beamlet".into()));
     if let Some(gpu) = gpu.filter(|gpu| gpu.backend == GpuBackendKind::Cuda) {
@@ -995,25 +995,25 @@ pub(crate) fn start_process(
         let visible = gpu.uuid.clone().filter(|uuid| uuid.starts_with("GPU-")).unwrap_or_else(|| gpu.index.to_string());
         command.env("CUDA_VISIBLE_DEVICES", visible).env("CUDA_DEVICE_ORDER", "PCI_BUS_ID");
     }
-    // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            let ok = if child_fd == CHILD_FD {
-                libc::fcntl(CHILD_FD, libc::F_SETFD, 0) >= 0
-            } else {
-                libc::dup2(child_fd, CHILD_FD) >= 0
-            };
-            if ok { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-        });
-    }
-    let child = command.spawn().with_context(|| format!("failed to start replica process {exe:?}"))?;
-    drop(child_end);
+    // The child's end is inherited by this child only: it is inheritable
+    // just while the node starts no other. Without a `pre_exec` hook the
+    // process starts by posix_spawn (vfork), whose cost does not grow with
+    // the node's memory as fork's does (a node that compiled a large
+    // component started replicas 2-3x slower).
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let child = {
+        let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // SAFETY: `child_fd` is open (owned by `child_end`, alive here).
+        if unsafe { libc::fcntl(child_fd, libc::F_SETFD, 0) } < 0 {
+            return Err(std::io::Error::last_os_error()).context("failed to pass the socket to the replica");
+        }
+        let spawned = command.spawn();
+        drop(child_end);
+        spawned.with_context(|| format!("failed to start replica process {exe:?}"))?
+    };
     node_end.set_nonblocking(true)?;
     Ok((child, tokio::net::UnixStream::from_std(node_end)?))
 }
-
-/// The descriptor number the replica finds its socket at.
-const CHILD_FD: i32 = 3;
 
 fn read_frames(read: tokio::net::unix::OwnedReadHalf) -> mpsc::UnboundedReceiver<FromReplica> {
     let (tx, rx) = mpsc::unbounded_channel();
