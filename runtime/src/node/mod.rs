@@ -389,8 +389,9 @@ async fn save_before_leaving(node: &Node, queue: &Arc<RedisQueue>, deadline: tok
         }
         if tokio::time::Instant::now() >= deadline {
             tracing::error!(
-                "Redis did not answer before the shutdown grace ran out: the ends of {left} runs are lost, and their \
-                 tasks run again (or fail, out of retries) once another node takes over this node's work"
+                "Redis did not answer before the shutdown grace ran out: the ends of {left} runs may be lost. A frozen \
+                 Redis that got them still records them when it answers; else their tasks run again (or fail, out of \
+                 retries) once another node takes over this node's work"
             );
             return;
         }
