@@ -333,7 +333,13 @@ async fn serve_http(
 ) -> Result<Outcome, wasmtime::Error> {
     let request = match HttpRequest::decode(input) {
         Ok(request) => request,
-        Err(e) => return Ok(Outcome::BadInput(format!("{e:#}"))),
+        // Only the node makes these: a task submitted to the app's
+        // `function` version just before a deploy made it a wasi:http app.
+        Err(e) => {
+            return Ok(Outcome::BadInput(format!(
+                "{e:#}: the task was not an HTTP request (submitted before a deploy made the app a wasi:http app?)"
+            )));
+        }
     };
     let Stream { seq, deadline, flows, replies } = stream;
     let mut flow = flows.open(seq, request.streamed);
