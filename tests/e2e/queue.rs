@@ -15,6 +15,13 @@ fn submit(server: &Server, app: &str, input: &str) -> (u16, Value) {
     (response.status().as_u16(), response.json().unwrap())
 }
 
+/// Queues a task whose end is POSTed to `callback_url`; returns its id.
+fn submit_with_callback(server: &Server, app: &str, input: &str, callback_url: &str) -> String {
+    let url = server.url(&format!("/v1/apps/{app}/tasks?callback_url={callback_url}"));
+    let response = server.http.post(url).body(input.to_owned()).send().unwrap();
+    response.json::<Value>().unwrap()["task_id"].as_str().unwrap().to_owned()
+}
+
 fn submit_ok(server: &Server, app: &str, input: &str) -> String {
     let (status, body) = submit(server, app, input);
     assert_eq!(status, 202, "{body}");
@@ -309,13 +316,7 @@ fn a_callback_not_delivered_when_the_node_dies_is_delivered_after_its_restart() 
     server.deploy_guest("hello", "hello", None);
     // Nothing listens there yet: every delivery fails.
     let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-    let response = server
-        .http
-        .post(server.url(&format!("/v1/apps/hello/tasks?callback_url=http://{addr}/hook")))
-        .body(r#"{"name": "Cy"}"#)
-        .send()
-        .unwrap();
-    let id = response.json::<Value>().unwrap()["task_id"].as_str().unwrap().to_owned();
+    let id = submit_with_callback(&server, "hello", r#"{"name": "Cy"}"#, &format!("http://{addr}/hook"));
     assert_eq!(wait_task(&server, &id)["status"], "COMPLETE");
     let data_dir = server.kill();
 
@@ -419,13 +420,7 @@ fn callbacks_are_signed_retried_and_overridable_per_task() {
     assert_eq!(body["message"], "Hello, Bo!");
 
     let (task_url, task_hook) = receiver(0);
-    let response = server
-        .http
-        .post(server.url(&format!("/v1/apps/hello/tasks?callback_url={task_url}")))
-        .body(r#"{"name": ""}"#)
-        .send()
-        .unwrap();
-    let id = response.json::<Value>().unwrap()["task_id"].as_str().unwrap().to_owned();
+    let id = submit_with_callback(&server, "hello", r#"{"name": ""}"#, &task_url);
     assert_eq!(wait_task(&server, &id)["status"], "FAILED");
     wait_for("the per-task callback", LONG, || (task_hook.lock().unwrap().len() == 1).then_some(()));
     let delivery = &task_hook.lock().unwrap()[0];
@@ -528,13 +523,7 @@ fn a_callback_to_an_https_url_is_delivered_over_tls() {
     std::fs::write(&ca_file, ca).unwrap();
     let server = Server::start_with_env("callback-tls", &[], &[("SSL_CERT_FILE", ca_file.as_os_str())]);
     server.deploy_guest("hello", "hello", None);
-    let response = server
-        .http
-        .post(server.url(&format!("/v1/apps/hello/tasks?callback_url={url}")))
-        .body(r#"{"name": "Tls"}"#)
-        .send()
-        .unwrap();
-    let id = response.json::<Value>().unwrap()["task_id"].as_str().unwrap().to_owned();
+    let id = submit_with_callback(&server, "hello", r#"{"name": "Tls"}"#, &url);
     let delivered = || (task(&server, &id)["callback"] == "delivered").then_some(());
     wait_for("the callback to be delivered", LONG, delivered);
     let received = hook.lock().unwrap();
