@@ -478,6 +478,14 @@ fn describe_app(app: &Value, now_ms: u64) -> String {
     // The config as deployed, one line per section; unset keys left out.
     let mut label = "config";
     for (section, keys) in app["config"].as_object().into_iter().flatten() {
+        // Without a kind there is no autoscaler: its other keys' defaults
+        // mean nothing, only the pool's size does.
+        if section == "autoscaler" && keys["kind"].is_null() {
+            let pool = keys["min_replicas"].as_u64().unwrap_or(0).max(1);
+            let _ = writeln!(out, "{label:<11} [{section}] none: a fixed pool of {pool}");
+            label = "";
+            continue;
+        }
         let keys = keys.as_object().into_iter().flatten();
         let set: Vec<String> = keys
             .filter(|(_, value)| !value.is_null() && value.as_array().is_none_or(|list| !list.is_empty()))
@@ -581,5 +589,12 @@ mod tests {
         undecided["autoscaler"] = json!({"desired": null, "max": 1, "reason": null});
         let text = describe_app(&undecided, 1_120_000);
         assert_eq!(text.lines().nth(2), Some("autoscaler  at most 1 replica; no decision on this node yet"), "{text}");
+
+        // A fixed pool: the autoscaler's defaults are not shown as settings.
+        let mut pool = app.clone();
+        pool["config"]["autoscaler"] = json!({"min_replicas": 2, "keep_warm": "10s"});
+        let text = describe_app(&pool, 1_120_000);
+        assert!(text.contains("[autoscaler] none: a fixed pool of 2\n"), "{text}");
+        assert!(!text.contains("keep_warm"), "{text}");
     }
 }

@@ -111,6 +111,8 @@ fn a_gpu_app_called_on_a_node_without_a_gpu_runs_on_the_node_with_one() {
     let refused = plain.deploy("mlp2", &std::fs::read(wasm("gpu-mlp")).unwrap(), Some(&h100));
     let body: Value = refused.json().unwrap();
     assert!(error_message(&body).contains("; nor can any other node of the cluster run it"), "{body}");
+    // The GPU node's own reason, which says what to change.
+    assert!(error_message(&body).contains(r#"gpu = "H100" matches none of this node's GPUs"#), "{body}");
     let (status, body) = plain.invoke_json("mlp", r#"{"seed": 1}"#);
     assert_eq!((status, body["backend"].as_str()), (200, Some("cpu")), "{body}");
     assert!(plain.status("mlp")["replicas"].as_array().is_some_and(Vec::is_empty), "no replica where no GPU is");

@@ -82,22 +82,23 @@ impl Cluster {
     pub(crate) fn fits_some_node(&self, config: &AppConfig, here: Demand, gpus: &Gpus) -> Result<(), DeployError> {
         let Err(not_here) = registry::fits_node(config, here, gpus) else { return Ok(()) };
         let others = self.queue.node_infos().map_err(|e| DeployError::Internal(e.into()))?;
-        let fits_elsewhere = others
-            .iter()
-            .filter(|(node, _)| node != self.queue.node())
-            .filter_map(|(_, info)| serde_json::from_slice::<NodeInfo>(info).ok())
-            .any(|info| registry::fits_node(config, info.capacity, &info.gpus).is_ok());
-        if fits_elsewhere {
-            return Ok(());
+        let mut elsewhere = Vec::new();
+        for (node, info) in others.iter().filter(|(node, _)| node != self.queue.node()) {
+            let Ok(info) = serde_json::from_slice::<NodeInfo>(info) else { continue };
+            match registry::fits_node(config, info.capacity, &info.gpus) {
+                Ok(()) => return Ok(()),
+                // Each node's own reason: the one with a GPU says what to change.
+                Err(e) => elsewhere.push(format!("node {}: {e}", node.chars().take(8).collect::<String>())),
+            }
         }
-        let why = not_here.to_string();
+        let nor = match elsewhere.as_slice() {
+            [] => "; nor can any other node of the cluster run it (none is live now)".to_owned(),
+            reasons => format!("; nor can any other node of the cluster run it ({})", reasons.join("; ")),
+        };
+        let why = format!("this node: {not_here}{nor}");
         Err(match not_here {
-            DeployError::NoFittingGpu(_) => {
-                DeployError::NoFittingGpu(format!("{why}; nor can any other node of the cluster run it"))
-            }
-            DeployError::TooBigForNode(_) => {
-                DeployError::TooBigForNode(format!("{why}; nor can any other node of the cluster run it"))
-            }
+            DeployError::NoFittingGpu(_) => DeployError::NoFittingGpu(why),
+            DeployError::TooBigForNode(_) => DeployError::TooBigForNode(why),
             other => other,
         })
     }
