@@ -88,7 +88,7 @@ impl Cluster {
             match registry::fits_node(config, info.capacity, &info.gpus) {
                 Ok(()) => return Ok(()),
                 // Each node's own reason: the one with a GPU says what to change.
-                Err(e) => elsewhere.push(format!("node {}: {e}", node.chars().take(8).collect::<String>())),
+                Err(e) => elsewhere.push(format!("node {}: {e}", RedisQueue::node_tag(node))),
             }
         }
         let nor = match elsewhere.as_slice() {

@@ -203,7 +203,7 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     let capacity = Arc::new(Capacity::new(options.capacity, options.gpus.clone()));
     let metrics = Arc::new(Metrics::new());
     let bodies = Arc::new(Bodies::default());
-    let node_tag = shared.as_ref().map(|queue| queue.node().chars().take(8).collect());
+    let node_tag = shared.as_ref().map(|queue| RedisQueue::node_tag(queue.node()));
     let supervisor = Arc::new(Supervisor::new(
         exe,
         dispatch.clone(),

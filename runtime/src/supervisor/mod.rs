@@ -298,7 +298,7 @@ impl Supervisor {
         let Some(replicas) = apps.get(name) else { return wanted };
         let (held, _) = demand(&replicas.app);
         for info in infos {
-            if info.state != ReplicaState::Ready || info.busy > 0 || info.idle_since.is_none() {
+            if !info.is_idle() {
                 continue;
             }
             let fits = |(_, demand, gpu): &(&String, Demand, Option<GpuDemand>)| {
@@ -409,12 +409,9 @@ impl Supervisor {
             let live = infos.iter().filter(|info| info.state == ReplicaState::Ready).count();
             let held = self::demand(&other.app).0;
             live > other.app.config.autoscaler.min_replicas as usize
-                && infos.iter().any(|info| {
-                    info.state == ReplicaState::Ready
-                        && info.busy == 0
-                        && info.idle_since.is_some()
-                        && self.capacity.fits_without(demand, gpu.as_ref(), &info.id, held)
-                })
+                && infos
+                    .iter()
+                    .any(|info| info.is_idle() && self.capacity.fits_without(demand, gpu.as_ref(), &info.id, held))
         });
         if yields { Ok(()) } else { Err(reason) }
     }

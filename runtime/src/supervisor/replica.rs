@@ -104,6 +104,11 @@ pub(crate) struct ReplicaInfo {
 }
 
 impl ReplicaInfo {
+    /// Ready and running nothing: its room could go to another app.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.state == ReplicaState::Ready && self.busy == 0 && self.idle_since.is_some()
+    }
+
     fn set_gpu_bytes(&mut self, worker: u32, bytes: u64) {
         self.gpu_by_worker.insert(worker, bytes);
         self.gpu_memory_used = self.gpu_by_worker.values().sum();

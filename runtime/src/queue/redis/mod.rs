@@ -167,6 +167,11 @@ impl RedisQueue {
         &self.node
     }
 
+    /// The start of node id `node`, as replica ids and messages name nodes.
+    pub(crate) fn node_tag(node: &str) -> String {
+        node.chars().take(8).collect()
+    }
+
     pub(crate) fn url(&self) -> &RedisUrl {
         self.client.url()
     }
