@@ -508,16 +508,40 @@ impl Registry {
 /// Whether replicas of an app with `config` can run on a node with `node`
 /// cores and memory and `gpus`, and if not, why.
 pub(crate) fn fits_node(config: &config::AppConfig, node: Demand, gpus: &Gpus) -> Result<(), DeployError> {
-    check_fits_node(config, node)?;
-    check_gpu(config, gpus)
+    let baseline = config.autoscaler.baseline_replicas();
+    check_fits_node(config, node, baseline)?;
+    check_gpu(config, gpus, baseline)
+}
+
+/// Whether one replica of an app with `config` can run on the node: in a
+/// cluster, the baseline (`min_replicas`, the fixed pool) is the nodes'
+/// together (see [`replicas_fitting`]).
+pub(crate) fn fits_one(config: &config::AppConfig, node: Demand, gpus: &Gpus) -> Result<(), DeployError> {
+    check_fits_node(config, node, 1)?;
+    check_gpu(config, gpus, 1)
+}
+
+/// How many replicas of an app with `config` the node could run at once.
+pub(crate) fn replicas_fitting(config: &config::AppConfig, node: Demand, gpus: &Gpus) -> u32 {
+    if fits_one(config, node, gpus).is_err() {
+        return 0;
+    }
+    let runtime = &config.runtime;
+    let by_cpu = if runtime.cpu > 0.0 { ((node.cpu + 1e-9) / runtime.cpu).floor() } else { f64::from(u32::MAX) };
+    let by_memory = node.memory.checked_div(runtime.memory).unwrap_or(u64::MAX);
+    let by_gpu = match &runtime.gpu {
+        Some(model) => gpus.devices.iter().filter(|gpu| gpu.is_model(model)).count(),
+        None => usize::MAX,
+    };
+    let fitting = (by_cpu.min(f64::from(u32::MAX)) as u64).min(by_memory).min(by_gpu as u64);
+    u32::try_from(fitting).unwrap_or(u32::MAX)
 }
 
 /// A replica reserves its app's `cpu` and `memory`: more than the node has
 /// in all could never start, nor could more replicas than fit be kept
-/// running with no load (`min_replicas`, or the fixed pool).
-fn check_fits_node(config: &config::AppConfig, node: Demand) -> Result<(), DeployError> {
+/// running with no load (`baseline`: `min_replicas`, or the fixed pool).
+fn check_fits_node(config: &config::AppConfig, node: Demand, baseline: u32) -> Result<(), DeployError> {
     let runtime = &config.runtime;
-    let baseline = config.autoscaler.baseline_replicas();
     let too_many = f64::from(baseline) * runtime.cpu > node.cpu + 1e-9
         || runtime.memory.saturating_mul(u64::from(baseline)) > node.memory;
     if baseline > 1 && too_many {
@@ -550,7 +574,7 @@ fn check_fits_node(config: &config::AppConfig, node: Demand) -> Result<(), Deplo
 /// A GPU app needs a GPU of its model on this node, and its workers share
 /// it: `workers * gpu_memory` must fit that GPU's memory. (Refused at deploy,
 /// like cores the node does not have: its replicas would wait forever.)
-fn check_gpu(config: &config::AppConfig, gpus: &Gpus) -> Result<(), DeployError> {
+fn check_gpu(config: &config::AppConfig, gpus: &Gpus, baseline: u32) -> Result<(), DeployError> {
     let runtime = &config.runtime;
     let Some(model) = &runtime.gpu else { return Ok(()) };
     let fitting: Vec<_> = gpus.devices.iter().filter(|gpu| gpu.is_model(model)).collect();
@@ -568,7 +592,6 @@ fn check_gpu(config: &config::AppConfig, gpus: &Gpus) -> Result<(), DeployError>
             )
         }));
     };
-    let baseline = config.autoscaler.baseline_replicas();
     if baseline as usize > fitting.len() {
         return Err(DeployError::NoFittingGpu(format!(
             "[autoscaler] min_replicas = {baseline}: each replica holds a whole GPU and {} of this node's fit; lower \
@@ -673,26 +696,33 @@ mod tests {
         }
     }
 
+    /// The node checks with the app's own baseline, as a single node makes them.
+    fn fits_cores(config: &config::AppConfig, node: Demand) -> Result<(), DeployError> {
+        check_fits_node(config, node, config.autoscaler.baseline_replicas())
+    }
+
+    fn fits_gpu(config: &config::AppConfig, gpus: &Gpus) -> Result<(), DeployError> {
+        check_gpu(config, gpus, config.autoscaler.baseline_replicas())
+    }
+
     #[test]
     fn replicas_must_fit_the_node() {
         let runtime = |toml: &str| config::parse(toml).unwrap();
         let node = Demand { cpu: 2.0, memory: 8 << 30 };
-        assert!(check_fits_node(&runtime("[runtime]\ncpu = 2\nmemory = \"8Gi\"\n"), node).is_ok());
-        let DeployError::TooBigForNode(why) = check_fits_node(&runtime("[runtime]\ncpu = 1000\n"), node).unwrap_err()
-        else {
+        assert!(fits_cores(&runtime("[runtime]\ncpu = 2\nmemory = \"8Gi\"\n"), node).is_ok());
+        let DeployError::TooBigForNode(why) = fits_cores(&runtime("[runtime]\ncpu = 1000\n"), node).unwrap_err() else {
             panic!()
         };
         assert!(why.contains("cpu = 1000") && why.contains("2 cores"), "{why}");
-        let DeployError::TooBigForNode(why) =
-            check_fits_node(&runtime("[runtime]\nmemory = \"1Ti\"\n"), node).unwrap_err()
+        let DeployError::TooBigForNode(why) = fits_cores(&runtime("[runtime]\nmemory = \"1Ti\"\n"), node).unwrap_err()
         else {
             panic!()
         };
         assert!(why.contains("memory = 1Ti") && why.contains("8Gi"), "{why}");
         // The replicas kept with no load must fit too.
-        assert!(check_fits_node(&runtime("[autoscaler]\nmin_replicas = 2\n"), node).is_ok());
+        assert!(fits_cores(&runtime("[autoscaler]\nmin_replicas = 2\n"), node).is_ok());
         let many = runtime("[runtime]\ncpu = 0.25\n[autoscaler]\nmin_replicas = 9\n");
-        let DeployError::TooBigForNode(why) = check_fits_node(&many, node).unwrap_err() else { panic!() };
+        let DeployError::TooBigForNode(why) = fits_cores(&many, node).unwrap_err() else { panic!() };
         assert!(why.contains("min_replicas = 9"), "{why}");
     }
 
@@ -709,19 +739,19 @@ mod tests {
         };
         let runtime = |toml: &str| config::parse(toml).unwrap();
         let app = runtime("[runtime]\nworkers = 4\ngpu = \"any\"\ngpu_memory = \"1Gi\"\n");
-        assert!(check_gpu(&app, &gpus(4 << 30)).is_ok(), "4 x 1Gi fits 4Gi");
+        assert!(fits_gpu(&app, &gpus(4 << 30)).is_ok(), "4 x 1Gi fits 4Gi");
         let why = |result: Result<(), DeployError>| match result {
             Err(DeployError::NoFittingGpu(why)) => why,
             other => panic!("{other:?}"),
         };
-        let too_small = why(check_gpu(&app, &gpus(3 << 30)));
+        let too_small = why(fits_gpu(&app, &gpus(3 << 30)));
         assert!(too_small.contains("4 * 1Gi = 4Gi") && too_small.contains("3Gi"), "{too_small}");
-        assert!(why(check_gpu(&app, &Gpus::default())).contains("--gpu-backend cpu"), "no GPU here");
+        assert!(why(fits_gpu(&app, &Gpus::default())).contains("--gpu-backend cpu"), "no GPU here");
         let other_model = runtime("[runtime]\ngpu = \"H100\"\n");
-        assert!(why(check_gpu(&other_model, &gpus(1 << 30))).contains("(cpu-backend-0)"), "no H100 here");
-        assert!(check_gpu(&runtime("[runtime]\ngpu = \"CPU-backend\"\n"), &gpus(1 << 30)).is_ok());
+        assert!(why(fits_gpu(&other_model, &gpus(1 << 30))).contains("(cpu-backend-0)"), "no H100 here");
+        assert!(fits_gpu(&runtime("[runtime]\ngpu = \"CPU-backend\"\n"), &gpus(1 << 30)).is_ok());
         let two = runtime("[runtime]\ngpu = \"any\"\n[autoscaler]\nmin_replicas = 2\n");
-        assert!(why(check_gpu(&two, &gpus(1 << 30))).contains("each replica holds a whole GPU"));
+        assert!(why(fits_gpu(&two, &gpus(1 << 30))).contains("each replica holds a whole GPU"));
     }
 
     #[test]

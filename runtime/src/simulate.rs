@@ -458,6 +458,7 @@ impl<'a> Sim<'a> {
                 })
                 .collect(),
             elsewhere: 0,
+            others: 0,
         }
     }
 

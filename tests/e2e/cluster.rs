@@ -412,3 +412,49 @@ fn metrics_and_app_listings_answer_from_what_redis_last_said_while_it_is_frozen(
     let listed = listed.expect("the app listing answers while Redis is frozen");
     assert!(apps.iter().all(|app| listed.contains(app)), "{listed}");
 }
+
+#[test]
+fn replicas_pending_on_several_nodes_start_no_more_than_the_cluster_wants() {
+    let Some(redis) = Redis::start() else { return };
+    let start = |name| Server::start(name, &["--redis", &redis.url, "--cpus", "1"]);
+    let (a, b) = (start("cluster-room-a"), start("cluster-room-b"));
+    // A fixed pool of two one-core replicas fills both nodes.
+    a.deploy_guest("filler", "hello", Some("[runtime]\ncpu = 1\n[autoscaler]\nmin_replicas = 2\n"));
+    wait_for("a filler on each node", Duration::from_secs(60), || {
+        (a.ready_pids("filler").len() == 1 && b.ready_pids("filler").len() == 1).then_some(())
+    });
+    let config = "[runtime]\ncpu = 0.5\n[autoscaler]\nkind = \"queue_depth\"\nmax_tasks_per_replica = 1\n\
+                  max_replicas = 2\nmin_replicas = 0\n";
+    a.deploy_guest("sleep", "sleep", Some(config));
+    wait_for("node b to learn of sleep", Duration::from_secs(60), || knows(&b, "sleep").then_some(()));
+    let ids: Vec<String> = (0..4).map(|_| submit(&a, "sleep", r#"{"ms":6000}"#)).collect();
+    let states = |node: &Server| -> Vec<String> {
+        let status = node.status("sleep");
+        let replicas = status["replicas"].as_array().cloned().unwrap_or_default();
+        replicas.iter().filter_map(|r| r["state"].as_str().map(str::to_owned)).collect()
+    };
+    // Neither node has room: both hold pending replicas for the two wanted.
+    wait_for("pending replicas on both nodes", Duration::from_secs(60), || {
+        [&a, &b].iter().all(|node| states(node).iter().any(|s| s == "pending")).then_some(())
+    });
+    let removed = b.http.delete(b.url("/v1/apps/filler")).send().unwrap();
+    assert_eq!(removed.status(), 200);
+    // Room frees on both at once; the cluster runs two, not each node its own.
+    let live = |node: &Server| states(node).iter().filter(|s| *s == "starting" || *s == "ready").count();
+    let mut most = 0;
+    let mut seen = Vec::new();
+    wait_for("the tasks to end", Duration::from_secs(90), || {
+        let (on_a, on_b) = (live(&a), live(&b));
+        most = most.max(on_a + on_b);
+        seen.push((on_a, on_b));
+        std::thread::sleep(Duration::from_millis(50));
+        ids.iter().all(|id| a.get(&format!("/v1/tasks/{id}"))["status"] == "COMPLETE").then_some(())
+    });
+    seen.dedup();
+    assert!(most <= 2, "at most max_replicas = 2 in the cluster, saw {most}: {seen:?}");
+    // No replica stays pending where the cluster needs none.
+    assert!(seen.iter().any(|(on_a, on_b)| on_a + on_b == 2), "{seen:?}");
+    wait_for("no pending replica left", Duration::from_secs(30), || {
+        [&a, &b].iter().all(|node| !states(node).iter().any(|s| s == "pending")).then_some(())
+    });
+}

@@ -87,6 +87,7 @@ pub(crate) async fn run(
             }
             let Some((mut sample, config)) = supervisor.sample(&name, counts) else { continue };
             sample.elsewhere = elsewhere.senior;
+            sample.others = elsewhere.all;
             let decision = policy::decide(&sample, &config, Instant::now());
             // Nodes senior to this one start what they lack at once, and say
             // so within a tick: a scale-up here waits a tick per senior node

@@ -96,6 +96,11 @@ pub(crate) struct Sample {
     /// cluster: this node adds only what they lack, and its surplus over
     /// them goes, so the cluster settles at `desired` in all.
     pub elsewhere: u32,
+    /// Replicas (starting or ready) that every other node runs: this node's
+    /// pending replicas beyond what the cluster still lacks go (a full
+    /// senior node's, once junior nodes with room run them), and none is
+    /// added for what others already run.
+    pub others: u32,
 }
 
 /// What the controller should do now.
@@ -195,13 +200,23 @@ pub(crate) fn decide(sample: &Sample, config: &AutoscalerConfig, now: Instant) -
             failing => format!(", {failing} failing"),
         }
     );
-    let start = target.saturating_sub(have);
+    let pending = u32::try_from(by(Placement::Pending)).unwrap_or(u32::MAX);
+    let serving = u32::try_from(by(Placement::Starting) + by(Placement::Ready)).unwrap_or(u32::MAX);
+    // What the whole cluster still lacks (on one node: desired - serving).
+    let lacking = desired.saturating_sub(sample.others.saturating_add(serving));
+    if sample.others > sample.elsewhere {
+        reason += &format!("; {} on all other nodes, the cluster lacks {lacking}", sample.others);
+    }
+    let start = target.saturating_sub(have).min(lacking.saturating_sub(pending));
     if start > 0 {
         reason += &format!(" -> start {start}");
         return Decision { desired, start, stop: Vec::new(), making_room_for: Vec::new(), reason };
     }
-    let surplus = (have - target) as usize;
-    if surplus == 0 {
+    let surplus = have.saturating_sub(target) as usize;
+    // Pending here while other nodes run what they wait for: on one node
+    // never more than the surplus.
+    let pending_surplus = pending.saturating_sub(lacking) as usize;
+    if surplus == 0 && pending_surplus == 0 {
         reason += " -> no change";
         return Decision { desired, start, stop: Vec::new(), making_room_for: Vec::new(), reason };
     }
@@ -222,7 +237,7 @@ pub(crate) fn decide(sample: &Sample, config: &AutoscalerConfig, now: Instant) -
     idle.sort_by(|(a, ra), (b, rb)| {
         (rb.wanted_by.is_some(), b).cmp(&(ra.wanted_by.is_some(), a)).then_with(|| ra.id.cmp(&rb.id))
     });
-    let chosen: Vec<(String, String, Option<String>)> = failing
+    let mut chosen: Vec<(String, String, Option<String>)> = failing
         .chain(pending)
         .map(|(id, why)| (id, why, None))
         .chain(idle.into_iter().map(|(idle, r)| match &r.wanted_by {
@@ -231,6 +246,14 @@ pub(crate) fn decide(sample: &Sample, config: &AutoscalerConfig, now: Instant) -
         }))
         .take(surplus)
         .collect();
+    let pending_chosen = chosen.iter().filter(|(_, why, _)| why == "pending").count();
+    let more_pending: Vec<_> = not_running(Placement::Pending)
+        .filter(|r| !chosen.iter().any(|(id, ..)| *id == r.id))
+        .take(pending_surplus.saturating_sub(pending_chosen))
+        .map(|r| (r.id.clone(), "pending; other nodes run it".to_owned(), None))
+        .collect();
+    chosen.extend(more_pending);
+    let surplus = surplus.max(chosen.len());
 
     if !chosen.is_empty() {
         let list: Vec<String> = chosen.iter().map(|(id, why, _)| format!("{id} ({why})")).collect();
@@ -285,6 +308,7 @@ mod tests {
             longest_run: Duration::ZERO,
             replicas: Vec::new(),
             elsewhere: 0,
+            others: 0,
         }
     }
 
@@ -361,6 +385,34 @@ mod tests {
         sample.replicas = vec![replica("busy", Placement::Ready, 1, None), idle("idle", t0)];
         let decision = decide(&sample, &config, t0 + 11 * SECOND);
         assert_eq!((decision.start, decision.stop.as_slice()), (0, &["idle".to_owned()][..]), "{}", decision.reason);
+    }
+
+    #[test]
+    fn a_full_node_drops_pending_replicas_that_other_nodes_run_and_adds_none() {
+        let config = queue_depth(8, 6, 1);
+        let t0 = Instant::now();
+        // The senior node (none before it) is full: one ready, five pending.
+        let mut sample = load(40, 8, 4, None);
+        sample.replicas = vec![replica("ready", Placement::Ready, 4, None)];
+        sample.replicas.extend((0..5).map(|i| replica(&format!("p{i}"), Placement::Pending, 0, None)));
+        let decision = decide(&sample, &config, t0);
+        assert_eq!((decision.desired, decision.start, decision.stop.len()), (6, 0, 0), "{}", decision.reason);
+        // Junior nodes with room run four: four of its pending replicas go, one stays for what is lacking.
+        sample.others = 4;
+        let decision = decide(&sample, &config, t0);
+        assert_eq!((decision.start, decision.stop.len()), (0, 4), "{}", decision.reason);
+        assert!(decision.reason.contains("4 on all other nodes, the cluster lacks 1"), "{}", decision.reason);
+        assert!(decision.reason.contains("p0 (pending; other nodes run it)"), "{}", decision.reason);
+        // With only its ready one left, it starts none while the others run the rest.
+        sample.replicas.truncate(1);
+        sample.others = 5;
+        let decision = decide(&sample, &config, t0);
+        assert_eq!((decision.start, decision.stop.len()), (0, 0), "{}", decision.reason);
+        // A junior node adds only what the whole cluster lacks, not all that its seniors lack.
+        let mut junior = load(40, 8, 4, None);
+        (junior.elsewhere, junior.others) = (1, 5);
+        let decision = decide(&junior, &config, t0);
+        assert_eq!(decision.start, 1, "{}", decision.reason);
     }
 
     #[test]

@@ -326,7 +326,7 @@ pub(crate) async fn warmup(State(node): State<Arc<Node>>, Path(name): Path<Strin
     let started = match (node.supervisor.warmup(&name), node.registry.get(&name)) {
         (Some(started), _) => started,
         // In a cluster: an app whose replicas do not fit this node.
-        (None, Some(app)) => Err(match crate::registry::fits_node(&app.config, node.capacity, &node.gpus) {
+        (None, Some(app)) => Err(match crate::registry::fits_one(&app.config, node.capacity, &node.gpus) {
             Err(why) => format!("this node cannot run its replicas ({why}); warm it up through a node that can"),
             Ok(()) => "this node does not run its replicas yet; try again in a moment".to_owned(),
         }),

@@ -14,7 +14,7 @@ use super::Node;
 use crate::config::AppConfig;
 use crate::queue::{AppsChanged, Published, RedisQueue};
 use crate::registry::{self, App, AppVersion, DeployError};
-use crate::supervisor::{Demand, Gpus};
+use crate::supervisor::{ClusterSlots, Demand, Gpus};
 
 pub(crate) struct Cluster {
     pub queue: Arc<RedisQueue>,
@@ -79,10 +79,12 @@ impl Cluster {
 
     /// Whether this node or another of the cluster can run replicas of an
     /// app with `config`; the error says why not, for this node and the rest.
+    /// The baseline (`min_replicas`, the fixed pool) is the nodes' together.
     pub(crate) fn fits_some_node(&self, config: &AppConfig, here: Demand, gpus: &Gpus) -> Result<(), DeployError> {
         let Err(not_here) = registry::fits_node(config, here, gpus) else { return Ok(()) };
         let others = self.queue.node_infos().map_err(|e| DeployError::Internal(e.into()))?;
         let mut elsewhere = Vec::new();
+        let mut fitting = registry::replicas_fitting(config, here, gpus);
         for (node, info) in others.iter().filter(|(node, _)| node != self.queue.node()) {
             let Ok(info) = serde_json::from_slice::<NodeInfo>(info) else { continue };
             match registry::fits_node(config, info.capacity, &info.gpus) {
@@ -90,12 +92,21 @@ impl Cluster {
                 // Each node's own reason: the one with a GPU says what to change.
                 Err(e) => elsewhere.push(format!("node {}: {e}", RedisQueue::node_tag(node))),
             }
+            fitting = fitting.saturating_add(registry::replicas_fitting(config, info.capacity, &info.gpus));
+        }
+        let baseline = config.autoscaler.baseline_replicas();
+        if fitting >= baseline.max(1) {
+            return Ok(());
         }
         let nor = match elsewhere.as_slice() {
             [] => "; nor can any other node of the cluster run it (none is live now)".to_owned(),
             reasons => format!("; nor can any other node of the cluster run it ({})", reasons.join("; ")),
         };
-        let why = format!("this node: {not_here}{nor}");
+        let together = match fitting {
+            0 => String::new(),
+            n => format!("; the cluster's nodes together fit {n} of the {baseline} replicas kept with no load"),
+        };
+        let why = format!("this node: {not_here}{nor}{together}");
         Err(match not_here {
             DeployError::NoFittingGpu(_) => DeployError::NoFittingGpu(why),
             DeployError::TooBigForNode(_) => DeployError::TooBigForNode(why),
@@ -109,6 +120,21 @@ impl Cluster {
         self.queue
             .unpublish_app(name, &record)
             .with_context(|| format!("failed to remove app {name:?} for the other nodes"))
+    }
+}
+
+impl ClusterSlots for RedisQueue {
+    fn claim(&self, app: &str, replica: &str, desired: u32) -> Result<(), String> {
+        if !crate::queue::Queue::is_available(self) {
+            return Err("Redis does not answer: it starts once Redis says the cluster still lacks it".to_owned());
+        }
+        match self.claim_replica(app, replica, desired) {
+            Ok(None) => Ok(()),
+            Ok(Some(running)) => Err(format!(
+                "the cluster's nodes run {running} replicas of it, the {desired} wanted now: it starts if they lack one"
+            )),
+            Err(e) => Err(format!("failed to count the cluster's replicas in Redis: {e}")),
+        }
     }
 }
 
@@ -327,7 +353,7 @@ pub(crate) async fn refuse_calls_run_nowhere(node: Arc<Node>) {
 /// Runs the app's replicas here if they fit this node; otherwise the other
 /// nodes run its tasks.
 pub(crate) fn run_here(node: &Node, app: &App) {
-    match registry::fits_node(&app.config, node.capacity, &node.gpus) {
+    match registry::fits_one(&app.config, node.capacity, &node.gpus) {
         // Its autoscaler starts the baseline, counting other nodes' replicas;
         // saying at once that this node runs the app makes junior nodes
         // wait for it.

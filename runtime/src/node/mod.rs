@@ -22,7 +22,7 @@ use crate::ipc::GpuBackendKind;
 use crate::metrics::Metrics;
 use crate::queue::{Dispatch, EmbeddedQueue, Queue, RedisQueue, now_ms, spawn_cluster};
 use crate::registry::Registry;
-use crate::supervisor::{Capacity, Demand, Gpus, Supervisor};
+use crate::supervisor::{Capacity, ClusterSlots, Demand, Gpus, Supervisor};
 
 /// Request size limits, in bytes.
 pub(crate) struct Limits {
@@ -212,6 +212,7 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
         metrics.clone(),
         bodies.clone(),
         node_tag,
+        shared.clone().map(|queue| queue as Arc<dyn ClusterSlots>),
     ));
     let gpus = options.gpus;
     let gpu_monitor = (gpus.backend == Some(GpuBackendKind::Cuda))

@@ -7,12 +7,12 @@ mod replica;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub(crate) use self::placement::{Capacity, Demand, GpuDemand, Gpus, NodeGpu};
-use self::replica::{Plan, ReplicaHandle};
+use self::replica::{Admit, Plan, ReplicaHandle};
 pub(crate) use self::replica::{ReplicaInfo, ReplicaState, start_process};
 use crate::autoscaler::{Decision, Placement, ReplicaSample, Sample};
 use crate::config::AutoscalerConfig;
@@ -45,6 +45,14 @@ impl TaskTimes {
     }
 }
 
+/// The other nodes of a cluster, as replicas that waited for room see them.
+pub(crate) trait ClusterSlots: Send + Sync {
+    /// Counts one more replica of `app` (`replica`, on this node), unless
+    /// the cluster's nodes run `desired` already (or cannot be asked): then
+    /// why it waits.
+    fn claim(&self, app: &str, replica: &str, desired: u32) -> Result<(), String>;
+}
+
 pub(crate) struct Supervisor {
     exe: PathBuf,
     dispatch: Arc<Dispatch>,
@@ -62,6 +70,8 @@ pub(crate) struct Supervisor {
     /// Apps whose pending replica another app's idle replica was stopped
     /// for, since when: their calls wait for that room ([`ROOM_FREES_IN`]).
     making_room_for: Mutex<HashMap<String, Instant>>,
+    /// In a cluster: asked before a replica that waited for room starts.
+    slots: Option<Arc<dyn ClusterSlots>>,
 }
 
 /// How long a call may wait for the room an idle replica stopped to give its
@@ -76,6 +86,9 @@ struct AppReplicas {
     draining: Vec<ReplicaHandle>,
     times: Arc<TaskTimes>,
     last: Option<Decision>,
+    /// Replicas the cluster wants, as last decided (what a replica that
+    /// waited for room asks [`ClusterSlots::claim`] about).
+    desired: Arc<AtomicU32>,
 }
 
 impl Supervisor {
@@ -87,6 +100,7 @@ impl Supervisor {
         metrics: Arc<Metrics>,
         bodies: Arc<crate::bodies::Bodies>,
         node_tag: Option<String>,
+        slots: Option<Arc<dyn ClusterSlots>>,
     ) -> Self {
         Self {
             node_tag: node_tag.map(|tag| format!("@{tag}")).unwrap_or_default(),
@@ -100,6 +114,7 @@ impl Supervisor {
             apps: Mutex::default(),
             closed: AtomicBool::new(false),
             making_room_for: Mutex::default(),
+            slots,
         }
     }
 
@@ -111,10 +126,11 @@ impl Supervisor {
         let mut apps = self.apps.lock().unwrap();
         let name = app.version.name.clone();
         let times = apps.get(&name).map(|a| a.times.clone()).unwrap_or_default();
+        let desired = Arc::new(AtomicU32::new(app.config.autoscaler.max_replicas()));
         let baseline = if self.is_closed() || !baseline { 0 } else { app.config.autoscaler.baseline_replicas() };
-        let current = (0..baseline).map(|_| self.start_replica(app, &times)).collect();
-        let previous =
-            apps.insert(name, AppReplicas { app: app.clone(), current, draining: Vec::new(), times, last: None });
+        let current = (0..baseline).map(|_| self.start_replica(app, &times, &desired)).collect();
+        let replicas = AppReplicas { app: app.clone(), current, draining: Vec::new(), times, last: None, desired };
+        let previous = apps.insert(name, replicas);
         if let Some(previous) = previous {
             let replicas = apps.get_mut(&app.version.name).expect("just inserted");
             for handle in previous.current.iter() {
@@ -148,7 +164,7 @@ impl Supervisor {
         apps.values().flat_map(|replicas| replicas.current.iter().chain(&replicas.draining)).all(|h| h.is_stopped())
     }
 
-    fn start_replica(&self, app: &App, times: &Arc<TaskTimes>) -> ReplicaHandle {
+    fn start_replica(&self, app: &App, times: &Arc<TaskTimes>, desired: &Arc<AtomicU32>) -> ReplicaHandle {
         let n = self.next_replica.fetch_add(1, Ordering::Relaxed);
         let runtime = &app.config.runtime;
         let spec = ReplicaSpec {
@@ -176,6 +192,7 @@ impl Supervisor {
             gpu,
             times: times.clone(),
             bodies: self.bodies.clone(),
+            admit: self.slots.clone().map(|slots| Admit { slots, desired: desired.clone() }),
         })
     }
 
@@ -351,6 +368,7 @@ impl Supervisor {
                 })
                 .collect(),
             elsewhere: 0,
+            others: 0,
         };
         Some((sample, replicas.app.config.autoscaler.clone()))
     }
@@ -359,9 +377,10 @@ impl Supervisor {
     pub(crate) fn apply(&self, name: &str, decision: Decision) {
         let mut apps = self.apps.lock().unwrap();
         let Some(replicas) = apps.get_mut(name) else { return };
+        replicas.desired.store(decision.desired, Ordering::Relaxed);
         let starts = if self.is_closed() { 0 } else { decision.start };
         for _ in 0..starts {
-            let handle = self.start_replica(&replicas.app, &replicas.times);
+            let handle = self.start_replica(&replicas.app, &replicas.times, &replicas.desired);
             replicas.current.push(handle);
         }
         if !decision.stop.is_empty() {
@@ -439,7 +458,7 @@ impl Supervisor {
         if let Err(reason) = self.room_for(&replicas.app) {
             return Some(Err(format!("no room on this node: {reason} (held now by {})", holders(&apps))));
         }
-        let handle = self.start_replica(&replicas.app, &replicas.times);
+        let handle = self.start_replica(&replicas.app, &replicas.times, &replicas.desired);
         replicas.current.push(handle);
         Some(Ok(()))
     }

@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,8 +16,8 @@ use tokio::io::{AsyncWriteExt as _, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{mpsc, watch};
 
-use super::TaskTimes;
 use super::placement::{Capacity, Demand, GpuDemand};
+use super::{ClusterSlots, TaskTimes};
 use crate::bodies::{self, Bodies, ResponseStart};
 use crate::ipc::{self, FromReplica, GpuBackendKind, GpuSpec, Outcome, ReplicaSpec, RunTask, TaskDone, ToReplica};
 use crate::node::AppLogs;
@@ -188,7 +189,31 @@ pub(crate) struct Plan {
     pub gpu: Option<GpuDemand>,
     pub times: Arc<TaskTimes>,
     pub bodies: Arc<Bodies>,
+    /// In a cluster: whether it may start once it has waited for room.
+    pub admit: Option<Admit>,
 }
+
+/// A cluster's say in starting a replica that waited for room: nodes that
+/// all held pending replicas of an app would otherwise start them all when
+/// room frees, past what the cluster wants (and `max_replicas`).
+pub(crate) struct Admit {
+    pub slots: Arc<dyn ClusterSlots>,
+    /// The replicas the cluster wants of the app, as this node last decided.
+    pub desired: Arc<AtomicU32>,
+}
+
+impl Admit {
+    async fn claim(&self, spec: &ReplicaSpec) -> Result<(), String> {
+        let (slots, desired) = (self.slots.clone(), self.desired.load(Ordering::Relaxed));
+        let (app, replica) = (spec.app.clone(), spec.replica.clone());
+        (tokio::task::spawn_blocking(move || slots.claim(&app, &replica, desired)).await)
+            .unwrap_or_else(|e| Err(format!("failed to count the cluster's replicas: {e}")))
+    }
+}
+
+/// How long a replica the cluster did not need waits before it asks again
+/// (the autoscaler drops it meanwhile when the cluster runs enough).
+const ADMIT_AGAIN: Duration = Duration::from_secs(1);
 
 pub(crate) fn spawn(plan: Plan) -> ReplicaHandle {
     let info = Arc::new(Mutex::new(ReplicaInfo {
@@ -268,6 +293,22 @@ async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receive
         let changed = plan.capacity.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
+        // Other nodes may have started what it waited to run meanwhile.
+        if waiting.is_some()
+            && plan.capacity.fits(plan.demand, plan.gpu.as_ref()).is_ok()
+            && let Some(admit) = &plan.admit
+            && let Err(reason) = admit.claim(&plan.spec).await
+        {
+            say_pending(plan, info, reason);
+            tokio::select! {
+                _ = tokio::time::sleep(ADMIT_AGAIN) => {}
+                _ = stop.changed() => {}
+            }
+            if stop.borrow().stops() {
+                return None;
+            }
+            continue;
+        }
         match plan.capacity.try_reserve(&plan.spec.replica, plan.demand, plan.gpu.as_ref()) {
             Ok(gpu) => {
                 let mut info = info.lock().unwrap();
@@ -281,12 +322,7 @@ async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receive
             }
             Err(reason) => {
                 waiting.get_or_insert_with(|| plan.capacity.wait());
-                let mut info = info.lock().unwrap();
-                info.state = ReplicaState::Pending;
-                if info.pending_reason.as_ref() != Some(&reason) {
-                    tracing::info!(app = %plan.spec.app, replica = %plan.spec.replica, "replica pending: {reason}");
-                }
-                info.pending_reason = Some(reason);
+                say_pending(plan, info, reason);
             }
         }
         if stop.borrow().stops() {
@@ -297,6 +333,15 @@ async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receive
             _ = stop.changed() => {}
         }
     }
+}
+
+fn say_pending(plan: &Plan, info: &Mutex<ReplicaInfo>, reason: String) {
+    let mut info = info.lock().unwrap();
+    info.state = ReplicaState::Pending;
+    if info.pending_reason.as_ref() != Some(&reason) {
+        tracing::info!(app = %plan.spec.app, replica = %plan.spec.replica, "replica pending: {reason}");
+    }
+    info.pending_reason = Some(reason);
 }
 
 /// Runs the replica on its place, restarting it when it dies, until it is

@@ -36,6 +36,25 @@ return 0
 "#,
 );
 
+// ARGV: app, replica, desired, now (ms). Counts one more replica of the
+// app, unless the cluster's nodes run `desired` or more already (as each
+// last said, and those counted in the last two seconds, which a node may not
+// have said yet): -1 when counted, else how many they run.
+static CLAIM_REPLICA: Script = Script::new(
+    r#"
+local claims = 'beamlet:claims:' .. ARGV[1]
+local now = tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', claims, '-inf', now - 2000)
+local total = redis.call('ZCARD', claims)
+local counts = redis.call('HGETALL', 'beamlet:replicas:' .. ARGV[1])
+for i = 2, #counts, 2 do total = total + (tonumber(counts[i]) or 0) end
+if total >= tonumber(ARGV[3]) then return total end
+redis.call('ZADD', claims, now, ARGV[2])
+redis.call('PEXPIRE', claims, 10000)
+return -1
+"#,
+);
+
 impl RedisQueue {
     /// Records a new version of an app (its record as JSON) and its
     /// component, unless the app's record is no longer `read` (`None`: no
@@ -154,6 +173,21 @@ impl RedisQueue {
         let key = format!("beamlet:replicas:{app}");
         self.client.call(&[b"HSET", key.as_bytes(), self.node().as_bytes(), count.to_string().as_bytes()])?;
         Ok(())
+    }
+
+    /// Counts one more replica of `app` (`replica` on this node), unless the
+    /// cluster runs `desired` already: then `Ok(Some(n))`, the number it runs. A
+    /// replica that waited for room asks before it starts: nodes that all
+    /// held pending replicas would otherwise start them all once room frees.
+    pub(crate) fn claim_replica(&self, app: &str, replica: &str, desired: u32) -> Result<Option<u64>, RedisError> {
+        let (desired, now) = (desired.to_string(), crate::queue::now_ms().to_string());
+        let args = [app.as_bytes(), replica.as_bytes(), desired.as_bytes(), now.as_bytes()];
+        let reply = self.client.eval(&CLAIM_REPLICA, &args)?;
+        match reply.as_int() {
+            Some(-1) => Ok(None),
+            Some(running) => Ok(Some(u64::try_from(running).unwrap_or_default())),
+            None => Err(RedisError::Protocol(format!("counting a replica gave {reply:?}"))),
+        }
     }
 
     /// This node no longer runs `app`.
