@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
@@ -155,13 +156,31 @@ struct RemovedSecret {
     secret: String,
     /// When the app was removed (ms since the epoch).
     removed_at: u64,
+    /// When no task of it is left to call back, and the secret goes (ms
+    /// since the epoch): its tasks' results are forgotten by then, and a
+    /// task left queued by a crash has expired. Kept for good when absent
+    /// (written before this was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    keep_until: Option<u64>,
+}
+
+/// After the last of a removed app's tasks is forgotten, the time its
+/// callback may still take (retries, a node restarted late).
+const SECRET_KEPT_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// Drops the secrets no task can want any more, and the names left with none.
+fn forget_removed_secrets(removed: &mut BTreeMap<String, Vec<RemovedSecret>>, now: u64) {
+    for secrets in removed.values_mut() {
+        secrets.retain(|secret| secret.keep_until.is_none_or(|until| until > now));
+    }
+    removed.retain(|_, secrets| !secrets.is_empty());
 }
 
 impl RemovedSecrets {
     fn into_each(self) -> Vec<RemovedSecret> {
         match self {
             // Removed before any task that could still want it was made, as far as we know.
-            Self::Last(secret) => vec![RemovedSecret { secret, removed_at: 0 }],
+            Self::Last(secret) => vec![RemovedSecret { secret, removed_at: 0, keep_until: None }],
             Self::Each(each) => each,
         }
     }
@@ -207,8 +226,9 @@ impl Registry {
             read => match read.map_err(anyhow::Error::from).and_then(|json| Ok(serde_json::from_slice(&json)?)) {
                 Ok(removed) => {
                     let removed: BTreeMap<String, RemovedSecrets> = removed;
-                    *registry.removed_secrets.lock().unwrap() =
-                        removed.into_iter().map(|(name, secrets)| (name, secrets.into_each())).collect();
+                    let mut removed = removed.into_iter().map(|(name, secrets)| (name, secrets.into_each())).collect();
+                    forget_removed_secrets(&mut removed, crate::queue::now_ms());
+                    *registry.removed_secrets.lock().unwrap() = removed;
                 }
                 Err(e) => tracing::error!("failed to read {secrets:?}: {e}; callbacks of removed apps go unsent"),
             },
@@ -437,7 +457,11 @@ impl Registry {
             let mut removed = self.removed_secrets.lock().unwrap();
             let removed_at = crate::queue::now_ms();
             let secret = app.version.callback_secret.clone();
-            removed.entry(name.to_owned()).or_default().push(RemovedSecret { secret, removed_at });
+            let queue = &app.config.task_queue;
+            let kept = queue.ttl.max(queue.result_ttl).saturating_add(SECRET_KEPT_AFTER);
+            let keep_until = Some(removed_at.saturating_add(u64::try_from(kept.as_millis()).unwrap_or(u64::MAX)));
+            forget_removed_secrets(&mut removed, removed_at);
+            removed.entry(name.to_owned()).or_default().push(RemovedSecret { secret, removed_at, keep_until });
             let json = serde_json::to_vec_pretty(&*removed).context("failed to encode the removed apps' secrets")?;
             write_atomic(&self.dir.join(REMOVED_SECRETS), &json)?;
         }
@@ -684,6 +708,20 @@ mod tests {
         }
         let bytes = std::fs::read(&path).unwrap();
         assert!(bytes.len() == 1 << 20 && bytes.iter().all(|b| *b == bytes[0]), "one writer's whole file");
+    }
+
+    #[test]
+    fn removed_apps_secrets_go_once_no_task_can_want_them() {
+        let secret = |name: &str, keep_until| RemovedSecret { secret: name.to_owned(), removed_at: 1, keep_until };
+        let mut removed = BTreeMap::from([
+            ("old".to_owned(), vec![secret("old", Some(100))]),
+            ("mixed".to_owned(), vec![secret("gone", Some(100)), secret("kept", Some(101))]),
+            ("unknown".to_owned(), vec![secret("unknown", None)]),
+        ]);
+        forget_removed_secrets(&mut removed, 100);
+        let left: Vec<_> = removed.values().flatten().map(|s| s.secret.as_str()).collect();
+        assert_eq!(left, ["kept", "unknown"]);
+        assert!(!removed.contains_key("old"), "a name left with no secret goes");
     }
 
     #[test]
