@@ -68,6 +68,8 @@ fn a_wasi_http_component_gets_the_raw_request_and_answers_it() {
     let text = server.http.get(server.url(&outbound.replace("/web/", "/net/"))).send().unwrap().text().unwrap();
     assert_eq!(text, "allowed: 200");
     assert_eq!(received.lock().unwrap().len(), 1, "the request reached the allowed host");
+    // Marked as a guest's: a node it reaches refuses to let it manage apps.
+    assert_eq!(received.lock().unwrap()[0].headers.get("x-beamlet-guest").map(String::as_str), Some("1"));
     let text = server.http.get(server.url("/http/net/outbound?to=127.0.0.1:1")).send().unwrap().text().unwrap();
     assert!(text.contains("HttpRequestDenied"), "another port of the same host is refused: {text}");
     // The app's retries (3 by default) re-run an idempotent request, never a POST.

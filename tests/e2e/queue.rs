@@ -530,3 +530,33 @@ fn a_callback_to_an_https_url_is_delivered_over_tls() {
     assert_eq!(received[0].body, br#"{"message":"Hello, Tls!"}"#);
     assert_eq!(received[0].headers["x-beamlet-task-id"], id);
 }
+
+#[test]
+fn a_callback_pointed_at_a_node_queues_nothing_and_guests_may_call_apps_but_not_manage_them() {
+    let server = Server::start("callback-loop", &[]);
+    // Each task's result would be submitted as a new task, without end.
+    let config = format!("[task_queue]\ncallback_url = \"{}\"\n", server.url("/v1/apps/loop/tasks"));
+    server.deploy_guest("loop", "hello", Some(&config));
+    let id = submit_ok(&server, "loop", r#"{"name":"x"}"#);
+    wait_for("the task to end", Duration::from_secs(30), || (task(&server, &id)["status"] == "COMPLETE").then_some(()));
+    // Its callback is tried at once, and again within a second: none queues a task.
+    std::thread::sleep(Duration::from_secs(2));
+    let listed = server.get("/v1/apps/loop/tasks");
+    assert_eq!(listed["tasks"].as_array().map(Vec::len), Some(1), "one task, not one per callback");
+    let refused =
+        server.http.post(server.url("/v1/apps/loop/tasks")).header("x-beamlet-signature", "sha256=0").body("{}");
+    let body: Value = refused.send().unwrap().json().unwrap();
+    assert!(error_message(&body).contains("a callback_url must point at your own receiver"), "{body}");
+
+    // A guest's request (marked by the host) may call an app, not manage it.
+    let guest = |request: reqwest::blocking::RequestBuilder| request.header("x-beamlet-guest", "1").send().unwrap();
+    let called = guest(server.http.post(server.url("/v1/apps/loop/invoke")).body(r#"{"name":"g"}"#));
+    assert_eq!(called.status(), 200);
+    for request in [server.http.delete(server.url("/v1/apps/loop")), server.http.get(server.url("/v1/apps/loop"))] {
+        let response = guest(request);
+        assert_eq!(response.status(), 403);
+        let body: Value = response.json().unwrap();
+        assert_eq!(error_code(&body), "FORBIDDEN", "{body}");
+    }
+    assert_eq!(server.status("loop")["name"], "loop", "still deployed");
+}

@@ -8,13 +8,14 @@ use std::task::{Context, Poll};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::IdleTimer;
 use crate::bodies::BODY_IDLE;
+use crate::host::http::GUEST_HEADER;
 use crate::queue::{ErrorCode, QueueError, TaskError};
 use crate::registry::DeployError;
 
@@ -198,6 +199,44 @@ impl http_body::Body for Tracked {
 /// not take, a query or path that does not parse, a body of the wrong type)
 /// the API's JSON shape. A guest's own responses (they name their task) and
 /// JSON bodies pass untouched.
+/// Carried by every callback (see `node::callbacks`).
+const CALLBACK_HEADER: &str = "x-beamlet-signature";
+
+/// Refuses, on the API (`/v1/...`), a callback (a `callback_url` pointing
+/// at a node would submit tasks from task results, perhaps forever), and a
+/// guest's request that would manage apps rather than call them: a guest
+/// allowed to reach a node may invoke, submit and read tasks, but not
+/// deploy, delete, or read an app's status (its callback secret) or logs.
+pub(crate) async fn refuse_loops(request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    if headers.contains_key(CALLBACK_HEADER) {
+        let message = "this request is a beamlet callback (it carries x-beamlet-signature): a callback_url must \
+                       point at your own receiver, not at a beamlet node's API, which would queue tasks from \
+                       task results, perhaps without end";
+        return ApiError::new(StatusCode::BAD_REQUEST, "BAD_INPUT", message).into_response();
+    }
+    if headers.contains_key(GUEST_HEADER) && !guests_may(request.method(), request.uri().path()) {
+        let message = format!(
+            "{} {} is refused to a guest's request (it carries {GUEST_HEADER}): guests may call apps (/http/..., \
+             invoke, tasks) but not manage them",
+            request.method(),
+            request.uri().path()
+        );
+        return ApiError::new(StatusCode::FORBIDDEN, "FORBIDDEN", message).into_response();
+    }
+    next.run(request).await
+}
+
+/// What a guest's request may do on the API: call apps and follow their tasks.
+fn guests_may(method: &Method, path: &str) -> bool {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (method.as_str(), parts.as_slice()) {
+        ("POST", ["v1", "apps", _, "invoke" | "tasks"]) => true,
+        ("GET", ["v1", "tasks", _] | ["v1", "tasks", _, "result"]) => true,
+        _ => false,
+    }
+}
+
 pub(crate) async fn as_json(request: Request, next: Next) -> Response {
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
     let response = next.run(request).await;

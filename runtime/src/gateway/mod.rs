@@ -25,9 +25,6 @@ use crate::queue::QueueError;
 pub(crate) fn router(node: Arc<Node>) -> Router {
     let upload_limit = node.limits.max_component + 1024 * 1024;
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
-        .route("/metrics", get(apps::metrics))
         .route("/v1/apps", get(apps::list))
         .route(
             "/v1/apps/{name}",
@@ -39,6 +36,10 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         .route("/v1/apps/{name}/tasks", post(tasks::submit).get(tasks::list))
         .route("/v1/tasks/{id}", get(tasks::status).delete(tasks::cancel))
         .route("/v1/tasks/{id}/result", get(tasks::result))
+        .route_layer(axum::middleware::from_fn(errors::refuse_loops))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(apps::metrics))
         .route("/http/{name}", any(http::root))
         .route("/http/{name}/", any(http::root))
         .route("/http/{name}/{*path}", any(http::path))

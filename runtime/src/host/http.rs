@@ -8,6 +8,11 @@ use std::sync::Arc;
 use http_body_util::BodyExt as _;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
+/// Set on every request a guest sends: a node refuses such requests that
+/// would manage apps (see `gateway::errors::refuse_loops`), whatever hosts
+/// the app may reach.
+pub(crate) const GUEST_HEADER: &str = "x-beamlet-guest";
+
 /// The app's outbound allow-list: `host` (any port) or `host:port` entries.
 pub(crate) struct Outbound {
     allowed: Arc<[String]>,
@@ -42,7 +47,7 @@ impl WasiHttpHooks for Outbound {
 
     fn send_request(
         &mut self,
-        request: http::Request<WasiBody>,
+        mut request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
         _fut: Sent,
     ) -> Box<dyn Future<Output = wasmtime_wasi_http::Result<(http::Response<WasiBody>, Sent)>> + Send> {
@@ -50,6 +55,7 @@ impl WasiHttpHooks for Outbound {
             tracing::debug!(uri = %request.uri(), "outbound HTTP denied: host not in allowed_outbound_hosts");
             return Box::new(async { Err(Error::HttpRequestDenied) });
         }
+        request.headers_mut().insert(GUEST_HEADER, http::HeaderValue::from_static("1"));
         Box::new(async move {
             let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
             Ok((response.map(|body| body.boxed_unsync()), Box::new(io) as Sent))
