@@ -196,6 +196,14 @@ fn bad_uploads_and_requests_get_clear_errors() {
     let body: Value = response.json().unwrap();
     assert_eq!(error_code(&body), "BAD_CONFIG", "{body}");
     assert!(error_message(&body).contains("the config part is a WebAssembly file"), "{body}");
+    let comments = format!("[runtime]\n{}\n", "#".repeat(100_000));
+    let huge = reqwest::blocking::multipart::Form::new()
+        .part("component", reqwest::blocking::multipart::Part::bytes(hello.clone()).file_name("a.wasm"))
+        .text("config", comments);
+    let response = server.http.put(server.url("/v1/apps/huge-config")).multipart(huge).send().unwrap();
+    let body: Value = response.json().unwrap();
+    assert_eq!(error_code(&body), "PAYLOAD_TOO_LARGE", "{body}");
+    assert!(error_message(&body).contains("more than the 64Ki an app's config may be"), "{body}");
     let response = server
         .http
         .put(server.url("/v1/apps/unbounded"))

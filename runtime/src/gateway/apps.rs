@@ -17,6 +17,10 @@ use crate::queue::{Published, QueueError};
 use crate::registry::{self, App, Deployed, Follows};
 use crate::supervisor::ReplicaState;
 
+/// Most bytes an app's config may have: a real one has a few hundred, and
+/// the node keeps each app's in memory.
+const MAX_CONFIG: usize = 64 * 1024;
+
 pub(crate) async fn deploy(
     State(node): State<Arc<Node>>,
     Path(name): Path<String>,
@@ -48,7 +52,7 @@ pub(crate) async fn deploy(
             ApiError::bad_request(format!("failed to read the upload: {}", e.body_text()))
         }
     };
-    let (mut component, mut config, mut twice) = (None, None, None);
+    let (mut component, mut config, mut twice, mut oversized) = (None, None, None, None);
     while let Some(field) = multipart.next_field().await.map_err(upload_error)? {
         let name = field.name().unwrap_or_default().to_owned();
         if (name == "component" && component.is_some()) || (name == "config" && config.is_some()) {
@@ -61,6 +65,10 @@ pub(crate) async fn deploy(
             "component" => component = Some(field.bytes().await.map_err(upload_error)?),
             "config" => {
                 let bytes = field.bytes().await.map_err(upload_error)?;
+                if bytes.len() > MAX_CONFIG && !bytes.starts_with(b"\0asm") {
+                    oversized = Some(bytes.len());
+                    continue;
+                }
                 let text = String::from_utf8(bytes.to_vec()).map_err(|_| {
                     let what = if bytes.starts_with(b"\0asm") { "a WebAssembly file" } else { "not UTF-8 text" };
                     let message = format!("the config part is {what}; send the app's TOML config there");
@@ -77,6 +85,15 @@ pub(crate) async fn deploy(
     }
     if let Some(name) = twice {
         return Err(ApiError::bad_request(format!("the upload has two `{name}` parts; send one")));
+    }
+    if let Some(size) = oversized {
+        let message = format!(
+            "the config part is {}, more than the {} an app's config may be; send the app's TOML config there \
+             (a few hundred bytes)",
+            crate::config::describe_size(size as u64),
+            crate::config::describe_size(MAX_CONFIG as u64)
+        );
+        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", message));
     }
     let sent_config = config.is_some();
     let config = config.unwrap_or_default();
