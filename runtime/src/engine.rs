@@ -2,6 +2,8 @@
 //! for each replica (which runs): both must agree on every setting that shapes
 //! compiled code, or a replica could not load what the node precompiled.
 
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
@@ -68,15 +70,47 @@ pub(crate) fn compatibility_key(engine: &Engine) -> String {
     format!("{:016x}", hasher.finish())
 }
 
-/// Drives epoch interruption for a replica: one thread for the process.
+/// Guest calls in progress in this process (see [`guest_running`]).
+static GUESTS_RUNNING: AtomicUsize = AtomicUsize::new(0);
+/// The thread [`start_epoch_ticker`] started, to wake when a guest runs.
+static TICKER: OnceLock<std::thread::Thread> = OnceLock::new();
+
+/// Drives epoch interruption for a replica: one thread for the process,
+/// ticking only while guest code runs (an idle replica costs no wake-ups).
 pub(crate) fn start_epoch_ticker(engine: Engine) {
-    std::thread::Builder::new()
+    let ticker = std::thread::Builder::new()
         .name("epoch".into())
         .spawn(move || {
             loop {
+                // Parked until a guest call begins (a wake before the park is kept).
+                if GUESTS_RUNNING.load(Ordering::Acquire) == 0 {
+                    std::thread::park();
+                    continue;
+                }
                 std::thread::sleep(EPOCH_TICK);
                 engine.increment_epoch();
             }
         })
         .expect("failed to spawn the epoch thread");
+    let _ = TICKER.set(ticker.thread().clone());
+}
+
+/// Says that guest code runs (an instantiation, `init`, a task) while the
+/// guard lives: the epoch ticks, so its deadline and cancellation are seen.
+pub(crate) fn guest_running() -> GuestRunning {
+    if GUESTS_RUNNING.fetch_add(1, Ordering::AcqRel) == 0
+        && let Some(ticker) = TICKER.get()
+    {
+        ticker.unpark();
+    }
+    GuestRunning(())
+}
+
+/// See [`guest_running`].
+pub(crate) struct GuestRunning(());
+
+impl Drop for GuestRunning {
+    fn drop(&mut self) {
+        GUESTS_RUNNING.fetch_sub(1, Ordering::AcqRel);
+    }
 }

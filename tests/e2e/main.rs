@@ -290,6 +290,24 @@ fn traps_timeouts_and_memory_exhaustion_fail_only_their_task() {
     assert_eq!((task["status"].as_str(), task["attempts"].as_u64()), (Some("TIMEOUT"), Some(1)), "{task}");
 
     assert_eq!(server.invoke_json("hello", r#"{"name":"Ada"}"#).0, 200, "other apps keep serving");
+
+    // Between tasks the replica's epoch thread sleeps (it ticked every 5 ms
+    // before, ~200 wake-ups a second per idle replica).
+    let pid = server.ready_pids("spin")[0];
+    let epoch_wakes = || -> u64 {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+        let epoch = tasks
+            .flatten()
+            .map(|task| task.path())
+            .find(|task| std::fs::read_to_string(task.join("comm")).is_ok_and(|comm| comm.trim() == "epoch"));
+        let status = std::fs::read_to_string(epoch.expect("an epoch thread").join("status")).unwrap();
+        let line = status.lines().find(|line| line.starts_with("voluntary_ctxt_switches:")).unwrap();
+        line.split_whitespace().last().unwrap().parse().unwrap()
+    };
+    let before = epoch_wakes();
+    std::thread::sleep(Duration::from_secs(1));
+    let woke = epoch_wakes() - before;
+    assert!(woke < 20, "an idle replica's epoch thread woke {woke} times in a second");
 }
 
 #[test]

@@ -111,6 +111,7 @@ impl Worker {
     }
 
     fn instantiate(&mut self) -> Result<()> {
+        let _running = crate::engine::guest_running();
         self.live = None;
         let started = Instant::now();
         let engine = match &self.pre {
@@ -240,6 +241,7 @@ impl Worker {
     }
 
     fn run_one(&mut self, task: RunTask) -> TaskDone {
+        let _running = crate::engine::guest_running();
         let started = Instant::now();
         let mut done = TaskDone::empty(task.seq, self.index, Outcome::Cancelled);
         if self.live.is_none()
