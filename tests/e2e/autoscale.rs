@@ -236,3 +236,29 @@ fn request_latency_scales_for_long_tasks_after_tiny_ones_before_they_end() {
         ids.iter().map(|id| result(&server, id)["replica"].as_str().unwrap().to_owned()).collect();
     assert!(replicas.len() >= 2, "the long tasks ran on more than one replica: {replicas:?}");
 }
+
+#[test]
+fn freed_room_goes_first_to_a_pending_replica_whose_app_has_tasks_waiting() {
+    let server = Server::start("placement-order", &["--cpus", "1"]);
+    let one_core = Some("[runtime]\ncpu = 1\n");
+    server.deploy_guest("holder", "hello", one_core);
+    server.wait_status("holder", "holder's replica", LONG, |s| ready_pids(s).len() == 1);
+    // Three fixed pools wait for the core, deployed one after the other.
+    for app in ["older", "busy", "newer"] {
+        server.deploy_guest(app, "sleep", one_core);
+        server.wait_status(app, "a pending replica", LONG, |s| s["replicas"][0]["state"] == "pending");
+    }
+    let id = submit(&server, "busy", r#"{"ms": 1}"#);
+    let status = server.status("older");
+    let reason = status["replicas"][0]["pending_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("waiting for 1 core;"), "{status}");
+    assert_eq!(server.http.delete(server.url("/v1/apps/holder")).send().unwrap().status(), 200);
+    let task = server.get(&format!("/v1/tasks/{id}?wait=60s"));
+    assert_eq!(task["status"], "COMPLETE", "{task}");
+    for app in ["older", "newer"] {
+        let status = server.status(app);
+        assert_eq!(status["replicas"][0]["state"], "pending", "the core went to busy's replica: {status}");
+        let reason = status["replicas"][0]["pending_reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("waiting for 1 core;"), "{status}");
+    }
+}

@@ -67,17 +67,9 @@ pub(crate) struct Supervisor {
     apps: Mutex<HashMap<String, AppReplicas>>,
     /// The node is shutting down: no replica starts.
     closed: AtomicBool,
-    /// Apps whose pending replica another app's idle replica was stopped
-    /// for, since when: their calls wait for that room ([`ROOM_FREES_IN`]).
-    making_room_for: Mutex<HashMap<String, Instant>>,
     /// In a cluster: asked before a replica that waited for room starts.
     slots: Option<Arc<dyn ClusterSlots>>,
 }
-
-/// How long a call may wait for the room an idle replica stopped to give its
-/// app (the replica drains and exits, then the pending one starts): not
-/// refused meanwhile for want of capacity.
-const ROOM_FREES_IN: Duration = Duration::from_secs(10);
 
 struct AppReplicas {
     app: App,
@@ -113,7 +105,6 @@ impl Supervisor {
             next_replica: AtomicU64::new(0),
             apps: Mutex::default(),
             closed: AtomicBool::new(false),
-            making_room_for: Mutex::default(),
             slots,
         }
     }
@@ -283,9 +274,7 @@ impl Supervisor {
     /// Whether an idle replica of another app was stopped lately to give
     /// its room to a pending replica of `name`.
     fn making_room_for(&self, name: &str) -> bool {
-        let mut making = self.making_room_for.lock().unwrap();
-        making.retain(|_, since| since.elapsed() < ROOM_FREES_IN);
-        making.contains_key(name)
+        self.capacity.making_room_for(name)
     }
 
     /// For each idle ready replica of `name`, another app whose pending
@@ -338,7 +327,7 @@ impl Supervisor {
             .collect();
         if infos.iter().all(|info| info.state != ReplicaState::Pending) {
             // Placed: room freed for it is no longer on its way.
-            self.making_room_for.lock().unwrap().remove(name);
+            self.capacity.room_taken(name);
         }
         let mut wanted = self.room_wanted(&apps, name, &infos);
         let now = Instant::now();
@@ -393,8 +382,9 @@ impl Supervisor {
             replicas.draining.retain(|handle| !handle.is_stopped());
             replicas.draining.extend(stopping);
         }
-        let now = Instant::now();
-        self.making_room_for.lock().unwrap().extend(decision.making_room_for.iter().map(|app| (app.clone(), now)));
+        for app in &decision.making_room_for {
+            self.capacity.make_room_for(app);
+        }
         // Stopped replicas (crashed for good, or drained) leave the pool.
         replicas.current.retain(|handle| !handle.is_stopped());
         replicas.last = Some(decision);

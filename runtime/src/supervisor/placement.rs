@@ -4,8 +4,10 @@
 //! until it exits. One that does not fit waits, reported as pending, until
 //! capacity frees.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -61,16 +63,49 @@ pub(crate) struct Capacity {
     /// Woken whenever a reservation is made or released: pending replicas
     /// try again, and say anew what they wait for (the free share changed).
     pub(crate) changed: Notify,
-    /// Replicas waiting for room now ([`Capacity::waiting`]).
-    waiting: AtomicUsize,
+    /// Replicas waiting for room ([`Capacity::wait`]), in the order they came.
+    waiters: Mutex<Vec<Waiter>>,
+    next_ticket: AtomicU64,
+    /// Apps an idle replica of another app was stopped for lately, since
+    /// when: the room it frees is theirs first ([`ROOM_FREES_IN`]).
+    room_made_for: Mutex<HashMap<String, Instant>>,
 }
 
-/// Counts a replica as waiting for room while it lives.
-pub(crate) struct Waiting<'a>(&'a AtomicUsize);
+/// How long the room an idle replica was stopped for stays its app's (the
+/// replica drains and exits, then the pending one starts); its calls are
+/// not refused for want of capacity meanwhile.
+pub(crate) const ROOM_FREES_IN: Duration = Duration::from_secs(10);
+
+/// A replica waiting for room.
+struct Waiter {
+    ticket: u64,
+    replica: String,
+    app: String,
+    demand: Demand,
+    gpu: Option<GpuDemand>,
+    /// Not to be waited for: its cluster does not want it to start now.
+    held_back: bool,
+}
+
+/// A replica's place in line for room, while it lives (see [`Capacity::wait`]).
+pub(crate) struct Waiting<'a> {
+    capacity: &'a Capacity,
+    ticket: u64,
+}
+
+impl Waiting<'_> {
+    /// Whether replicas behind it in line go first: it would not start if it could.
+    pub(crate) fn hold_back(&self, held: bool) {
+        let mut waiters = self.capacity.waiters.lock().unwrap();
+        if let Some(waiter) = waiters.iter_mut().find(|w| w.ticket == self.ticket) {
+            waiter.held_back = held;
+        }
+    }
+}
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.capacity.waiters.lock().unwrap().retain(|w| w.ticket != self.ticket);
     }
 }
 
@@ -87,18 +122,101 @@ const EPSILON: f64 = 1e-9;
 impl Capacity {
     pub(crate) fn new(total: Demand, gpus: Gpus) -> Self {
         let used = Used { cpu: 0.0, memory: 0, gpus: vec![None; gpus.devices.len()] };
-        Self { total, gpus, used: Mutex::new(used), changed: Notify::new(), waiting: AtomicUsize::new(0) }
+        Self {
+            total,
+            gpus,
+            used: Mutex::new(used),
+            changed: Notify::new(),
+            waiters: Mutex::default(),
+            next_ticket: AtomicU64::new(0),
+            room_made_for: Mutex::default(),
+        }
     }
 
-    /// Counts a replica as waiting for room until the guard drops.
-    pub(crate) fn wait(&self) -> Waiting<'_> {
-        self.waiting.fetch_add(1, Ordering::Relaxed);
-        Waiting(&self.waiting)
+    /// Puts replica `replica` of `app` in line for room until the guard
+    /// drops (see [`Capacity::try_reserve_in_turn`]).
+    pub(crate) fn wait(&self, replica: &str, app: &str, demand: Demand, gpu: Option<&GpuDemand>) -> Waiting<'_> {
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let (replica, app, gpu) = (replica.to_owned(), app.to_owned(), gpu.cloned());
+        self.waiters.lock().unwrap().push(Waiter { ticket, replica, app, demand, gpu, held_back: false });
+        Waiting { capacity: self, ticket }
     }
 
     /// Whether any replica waits for room now.
     pub(crate) fn has_waiting(&self) -> bool {
-        self.waiting.load(Ordering::Relaxed) > 0
+        !self.waiters.lock().unwrap().is_empty()
+    }
+
+    /// The apps whose replicas wait for room now.
+    pub(crate) fn waiting_apps(&self) -> HashSet<String> {
+        self.waiters.lock().unwrap().iter().map(|w| w.app.clone()).collect()
+    }
+
+    /// Says that an idle replica was stopped to give `app`'s pending replica its room.
+    pub(crate) fn make_room_for(&self, app: &str) {
+        self.room_made_for.lock().unwrap().insert(app.to_owned(), Instant::now());
+    }
+
+    /// Whether room is on its way to `app` (see [`Capacity::make_room_for`]).
+    pub(crate) fn making_room_for(&self, app: &str) -> bool {
+        let mut made = self.room_made_for.lock().unwrap();
+        made.retain(|_, since| since.elapsed() < ROOM_FREES_IN);
+        made.contains_key(app)
+    }
+
+    /// `app` has no replica waiting any more: no room is on its way to it.
+    pub(crate) fn room_taken(&self, app: &str) {
+        self.room_made_for.lock().unwrap().remove(app);
+    }
+
+    /// Reserves room for `waiting`'s replica unless a replica ahead of it in
+    /// line fits the room free now, so that room goes to who waited for it:
+    /// first the apps room was made for, then those with `queued` tasks,
+    /// then the rest, each in the order they came. Else why it waits.
+    pub(crate) fn try_reserve_in_turn(
+        &self,
+        waiting: &Waiting<'_>,
+        queued: &HashSet<String>,
+        reserve: bool,
+    ) -> Result<Option<GpuSpec>, String> {
+        let waiters = self.waiters.lock().unwrap();
+        let made = {
+            let mut made = self.room_made_for.lock().unwrap();
+            made.retain(|_, since| since.elapsed() < ROOM_FREES_IN);
+            made.clone()
+        };
+        let Some(me) = waiters.iter().find(|w| w.ticket == waiting.ticket) else {
+            return Err("it no longer waits".to_owned());
+        };
+        let rank = |w: &Waiter| {
+            let class = if made.contains_key(&w.app) {
+                0
+            } else if queued.contains(&w.app) {
+                1
+            } else {
+                2
+            };
+            (class, w.ticket)
+        };
+        let mut used = self.used.lock().unwrap();
+        let ahead = waiters.iter().filter(|w| !w.held_back && rank(w) < rank(me));
+        if let Some(first) =
+            ahead.filter(|w| self.room(&used, w.demand, w.gpu.as_ref()).is_ok()).min_by_key(|w| rank(w))
+        {
+            let why = match rank(first).0 {
+                0 => "room was made for it",
+                1 => "its app has tasks waiting",
+                _ => "it waited longer",
+            };
+            return Err(format!("waiting its turn: replica {} of app {} goes first ({why})", first.replica, first.app));
+        }
+        if !reserve {
+            return self.room(&used, me.demand, me.gpu.as_ref()).map(|_| None);
+        }
+        let placed = self.reserve(&mut used, &me.replica, me.demand, me.gpu.as_ref())?;
+        drop(used);
+        self.changed.notify_waiters();
+        Ok(placed)
     }
 
     /// This machine: its cores and physical memory.
@@ -107,16 +225,28 @@ impl Capacity {
         Demand { cpu, memory: physical_memory().unwrap_or(4 << 30) }
     }
 
-    /// Reserves `demand` (and a whole GPU for `gpu`) for replica `holder`, or
-    /// says why it does not fit. Returns the GPU reserved.
+    /// Reserves `demand` (and a whole GPU for `gpu`) for replica `holder`,
+    /// whatever waits, or says why it does not fit. Returns the GPU reserved.
+    #[cfg(test)]
     pub(crate) fn try_reserve(
         &self,
         holder: &str,
         demand: Demand,
         gpu: Option<&GpuDemand>,
     ) -> Result<Option<GpuSpec>, String> {
-        let mut used = self.used.lock().unwrap();
-        let slot = self.room(&used, demand, gpu)?;
+        let placed = self.reserve(&mut self.used.lock().unwrap(), holder, demand, gpu)?;
+        self.changed.notify_waiters();
+        Ok(placed)
+    }
+
+    fn reserve(
+        &self,
+        used: &mut Used,
+        holder: &str,
+        demand: Demand,
+        gpu: Option<&GpuDemand>,
+    ) -> Result<Option<GpuSpec>, String> {
+        let slot = self.room(used, demand, gpu)?;
         let placed = gpu.zip(slot).map(|(want, slot)| {
             used.gpus[slot] = Some(holder.to_owned());
             let device = &self.gpus.devices[slot];
@@ -131,8 +261,6 @@ impl Capacity {
         });
         used.cpu += demand.cpu;
         used.memory += demand.memory;
-        drop(used);
-        self.changed.notify_waiters();
         Ok(placed)
     }
 
@@ -262,6 +390,43 @@ mod tests {
         for _ in 0..10 {
             capacity.try_reserve("r", tenth, None).unwrap();
         }
+    }
+
+    #[test]
+    fn room_goes_to_the_app_it_was_made_for_then_to_queued_work_then_in_order() {
+        let capacity = Capacity::new(Demand { cpu: 1.0, memory: 1 << 30 }, Gpus::default());
+        let core = Demand { cpu: 1.0, memory: 0 };
+        capacity.try_reserve("holder", core, None).unwrap();
+        let first = capacity.wait("a-r0", "a", core, None);
+        let busy = capacity.wait("b-r0", "b", core, None);
+        let wanted = capacity.wait("c-r0", "c", core, None);
+        let queued = HashSet::from(["b".to_owned()]);
+        capacity.make_room_for("c");
+        let why = capacity.try_reserve_in_turn(&first, &queued, true).unwrap_err();
+        assert!(why.contains("waiting for 1 core"), "nothing fits yet, so it waits for room, not its turn: {why}");
+        capacity.release(core, None);
+        let why = capacity.try_reserve_in_turn(&first, &queued, true).unwrap_err();
+        assert_eq!(why, "waiting its turn: replica c-r0 of app c goes first (room was made for it)");
+        assert!(capacity.try_reserve_in_turn(&busy, &queued, true).unwrap_err().contains("replica c-r0"));
+        // One the cluster holds back is not waited for.
+        wanted.hold_back(true);
+        let why = capacity.try_reserve_in_turn(&first, &queued, false).unwrap_err();
+        assert!(why.contains("replica b-r0 of app b goes first (its app has tasks waiting)"), "{why}");
+        wanted.hold_back(false);
+        capacity.try_reserve_in_turn(&wanted, &queued, true).unwrap();
+        capacity.room_taken("c");
+        drop(wanted);
+        capacity.release(core, None);
+        assert!(capacity.try_reserve_in_turn(&first, &queued, true).unwrap_err().contains("replica b-r0"));
+        capacity.try_reserve_in_turn(&busy, &queued, true).unwrap();
+        drop(busy);
+        capacity.release(core, None);
+        capacity.try_reserve_in_turn(&first, &HashSet::new(), true).unwrap();
+        // A replica that came later still fits beside room the others cannot use.
+        let big = capacity.wait("big-r0", "big", Demand { cpu: 0.0, memory: 2 << 30 }, None);
+        let small = capacity.wait("small-r0", "small", Demand { cpu: 0.0, memory: 1 << 20 }, None);
+        assert!(capacity.try_reserve_in_turn(&big, &HashSet::new(), true).unwrap_err().contains("memory"));
+        capacity.try_reserve_in_turn(&small, &HashSet::new(), true).unwrap();
     }
 
     #[test]

@@ -288,17 +288,22 @@ impl Restarts {
 /// Waits until the node has room for the replica; `None` if it was stopped
 /// first, else the GPU it got (if it asked for one).
 async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receiver<Asked>) -> Option<Option<GpuSpec>> {
-    let mut waiting = None;
+    let (spec, capacity) = (&plan.spec, &plan.capacity);
+    let waiting = capacity.wait(&spec.replica, &spec.app, plan.demand, plan.gpu.as_ref());
+    let mut pending = false;
     loop {
-        let changed = plan.capacity.changed.notified();
+        let changed = capacity.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
+        let queued: HashSet<String> =
+            capacity.waiting_apps().into_iter().filter(|app| plan.dispatch.counts(app).queued > 0).collect();
         // Other nodes may have started what it waited to run meanwhile.
-        if waiting.is_some()
-            && plan.capacity.fits(plan.demand, plan.gpu.as_ref()).is_ok()
+        if pending
+            && capacity.try_reserve_in_turn(&waiting, &queued, false).is_ok()
             && let Some(admit) = &plan.admit
-            && let Err(reason) = admit.claim(&plan.spec).await
+            && let Err(reason) = admit.claim(spec).await
         {
+            waiting.hold_back(true);
             say_pending(plan, info, reason);
             tokio::select! {
                 _ = tokio::time::sleep(ADMIT_AGAIN) => {}
@@ -309,7 +314,8 @@ async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receive
             }
             continue;
         }
-        match plan.capacity.try_reserve(&plan.spec.replica, plan.demand, plan.gpu.as_ref()) {
+        waiting.hold_back(false);
+        match capacity.try_reserve_in_turn(&waiting, &queued, true) {
             Ok(gpu) => {
                 let mut info = info.lock().unwrap();
                 info.pending_reason = None;
@@ -321,7 +327,7 @@ async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receive
                 return Some(gpu);
             }
             Err(reason) => {
-                waiting.get_or_insert_with(|| plan.capacity.wait());
+                pending = true;
                 say_pending(plan, info, reason);
             }
         }
