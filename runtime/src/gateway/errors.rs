@@ -230,11 +230,10 @@ pub(crate) async fn refuse_loops(request: Request, next: Next) -> Response {
 /// What a guest's request may do on the API: call apps and follow their tasks.
 fn guests_may(method: &Method, path: &str) -> bool {
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    match (method.as_str(), parts.as_slice()) {
-        ("POST", ["v1", "apps", _, "invoke" | "tasks"]) => true,
-        ("GET", ["v1", "tasks", _] | ["v1", "tasks", _, "result"]) => true,
-        _ => false,
-    }
+    matches!(
+        (method.as_str(), parts.as_slice()),
+        ("POST", ["v1", "apps", _, "invoke" | "tasks"]) | ("GET", ["v1", "tasks", _] | ["v1", "tasks", _, "result"])
+    )
 }
 
 pub(crate) async fn as_json(request: Request, next: Next) -> Response {

@@ -203,7 +203,9 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     let capacity = Arc::new(Capacity::new(options.capacity, options.gpus.clone()));
     let metrics = Arc::new(Metrics::new());
     let bodies = Arc::new(Bodies::default());
-    let node_tag = shared.as_ref().map(|queue| RedisQueue::node_tag(queue.node()));
+    // In a cluster: replica ids name their node, and replicas that waited for room ask Redis before they start.
+    let cluster_slots =
+        shared.clone().map(|queue| (RedisQueue::node_tag(queue.node()), queue as Arc<dyn ClusterSlots>));
     let supervisor = Arc::new(Supervisor::new(
         exe,
         dispatch.clone(),
@@ -211,8 +213,7 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
         capacity,
         metrics.clone(),
         bodies.clone(),
-        node_tag,
-        shared.clone().map(|queue| queue as Arc<dyn ClusterSlots>),
+        cluster_slots,
     ));
     let gpus = options.gpus;
     let gpu_monitor = (gpus.backend == Some(GpuBackendKind::Cuda))

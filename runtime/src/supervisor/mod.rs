@@ -91,9 +91,9 @@ impl Supervisor {
         capacity: Arc<Capacity>,
         metrics: Arc<Metrics>,
         bodies: Arc<crate::bodies::Bodies>,
-        node_tag: Option<String>,
-        slots: Option<Arc<dyn ClusterSlots>>,
+        cluster: Option<(String, Arc<dyn ClusterSlots>)>,
     ) -> Self {
+        let (node_tag, slots) = cluster.unzip();
         Self {
             node_tag: node_tag.map(|tag| format!("@{tag}")).unwrap_or_default(),
             exe,
