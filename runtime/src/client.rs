@@ -315,7 +315,7 @@ impl Client {
             eprintln!("no log lines of app {name} yet (its guests' stdout and stderr, and its replicas' troubles)");
         }
         for line in lines {
-            println!("{}", line.as_str().unwrap_or_default());
+            println!("{}", printable(line.as_str().unwrap_or_default()));
         }
         Ok(())
     }
@@ -519,11 +519,33 @@ fn print_json(value: &Value) {
     println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
 }
 
+/// A guest's log line as it may reach a terminal: control characters
+/// (escape sequences, a carriage return drawing over the line's prefix)
+/// are shown escaped (`\u{1b}`), not run; tabs stay.
+fn printable(line: &str) -> String {
+    let mut shown = String::with_capacity(line.len());
+    for c in line.chars() {
+        if c.is_control() && c != '\t' {
+            shown.extend(c.escape_default());
+        } else {
+            shown.push(c);
+        }
+    }
+    shown
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
 
-    use super::{api_error, describe_app};
+    use super::{api_error, describe_app, printable};
+
+    #[test]
+    fn guest_log_lines_cannot_drive_the_terminal() {
+        let line = "\u{1b}[2Jcleared\r[task x stdout] forged\tok";
+        assert_eq!(printable(line), "\\u{1b}[2Jcleared\\r[task x stdout] forged\tok");
+        assert_eq!(printable("plain ünïcode"), "plain ünïcode");
+    }
 
     #[test]
     fn an_error_page_from_something_other_than_a_node_is_shown_in_brief() {

@@ -10,6 +10,9 @@ use std::time::Duration;
 use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
+/// Fewest cores a replica may reserve (`[runtime] cpu`).
+const MIN_CPU: f64 = 0.01;
+
 const MIB: u64 = 1 << 20;
 const MAX_WORKERS: u32 = 256;
 /// Below this a worker cannot hold a typical guest's stack, data and heap.
@@ -295,6 +298,9 @@ impl RawRuntime {
             "cpu",
             format!("must be a positive number of cores such as 1 or 0.5, got {cpu}"),
         )?;
+        // Each replica is a process: a thousandth of a core would let one
+        // app start hundreds of them on a one-core node.
+        ensure(cpu >= MIN_CPU, "cpu", format!("must be at least {MIN_CPU} cores (a replica is a process), got {cpu}"))?;
         let memory = self.memory.map_or(d.memory, |s| s.bytes);
         let memory_hint = self.memory.map_or_else(String::new, |s| s.bytes_hint());
         let each = memory / u64::from(workers);
@@ -387,6 +393,11 @@ impl RawAutoscaler {
             None => None,
         };
         let min_replicas = self.min_replicas.unwrap_or(d.min_replicas);
+        let message = format!(
+            "0 scales to zero, which only an autoscaler does: add kind = {kinds} (without one, the app runs a fixed \
+             pool of max(min_replicas, 1))"
+        );
+        ensure(policy.is_some() || self.min_replicas != Some(0), "min_replicas", message)?;
         match policy {
             Some(Policy::QueueDepth { max_tasks_per_replica, .. }) => {
                 ensure(max_tasks_per_replica > 0, "max_tasks_per_replica", "must be at least 1".into())?
@@ -864,6 +875,8 @@ callback_url = "https://example.com/beamlet/done"
             ("[runtime]\ntimeout = \"3000000000000h\"", "[runtime] timeout"),
             ("[autoscaler]\nkind = \"queue_depth\"\nmax_replicas = 100000", "[autoscaler] max_replicas"),
             ("[autoscaler]\nmin_replicas = 5000", "[autoscaler] min_replicas"),
+            ("[autoscaler]\nmin_replicas = 0", "[autoscaler] min_replicas"),
+            ("[runtime]\ncpu = 0.001", "[runtime] cpu"),
             ("[task_queue]\ncallback_url = \"ftp://example.com\"", "[task_queue] callback_url"),
             ("[task_queue]\ncallback_url = \"https://\"", "[task_queue] callback_url"),
             ("[task_queue]\ncallback_url = \"http://[::1\"", "[task_queue] callback_url"),

@@ -131,6 +131,14 @@ pub(crate) enum DeployError {
          component exports `wasi:http/incoming-handler`"
     )]
     WrongWorld { reason: String, exports: String },
+    #[error(
+        "the component imports {0}, which beamlet does not provide (not in that version or shape): a guest may \
+         import wasi:cli, wasi:clocks, \
+         wasi:random, wasi:io, wasi:filesystem, wasi:sockets (all denied), wasi:http and beamlet:function \
+         interfaces; build it without that dependency (or for the wasm32-wasip2 target of a Rust toolchain or \
+         SDK that targets WASI 0.2)"
+    )]
+    UnsupportedImport(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -517,8 +525,12 @@ impl Registry {
             (Ok(_), _) => World::Function,
             (_, Ok(_)) => World::HttpProxy,
             (Err(e), Err(_)) => {
+                let reason = format!("{e:#}");
+                if let Some(import) = missing_import(&reason) {
+                    return Err(DeployError::UnsupportedImport(import.to_owned()));
+                }
                 let exports: Vec<&str> = ty.exports(&self.engine).map(|(name, _)| name).collect();
-                return Err(DeployError::WrongWorld { reason: format!("{e:#}"), exports: exports.join(", ") });
+                return Err(DeployError::WrongWorld { reason, exports: exports.join(", ") });
             }
         };
         // A component imports only the interfaces its code calls.
@@ -640,6 +652,17 @@ fn check_gpu(config: &config::AppConfig, gpus: &Gpus, baseline: u32) -> Result<(
     Ok(())
 }
 
+/// The import the linker lacked, from its error (`component imports
+/// instance \`foo:bar/baz@1.0.0\`, but a matching implementation was not
+/// found in the linker`).
+fn missing_import(reason: &str) -> Option<&str> {
+    if !reason.contains("matching implementation was not found in the linker") {
+        return None;
+    }
+    let after = reason.split_once("component imports ")?.1;
+    after.split('`').nth(1)
+}
+
 /// App names are DNS labels: they go into URLs and may become host names.
 pub(crate) fn validate_name(name: &str) -> Result<(), DeployError> {
     let ok = (1..=63).contains(&name.len())
@@ -722,6 +745,14 @@ mod tests {
         let left: Vec<_> = removed.values().flatten().map(|s| s.secret.as_str()).collect();
         assert_eq!(left, ["kept", "unknown"]);
         assert!(!removed.contains_key("old"), "a name left with no secret goes");
+    }
+
+    #[test]
+    fn the_import_a_linker_lacks_is_named() {
+        let reason = "component imports instance `foo:bar/baz@1.0.0`, but a matching implementation was not found \
+                      in the linker: instance export `f` has the wrong type";
+        assert_eq!(missing_import(reason), Some("foo:bar/baz@1.0.0"));
+        assert_eq!(missing_import("expected a `handle` export"), None);
     }
 
     #[test]

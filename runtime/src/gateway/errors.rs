@@ -278,7 +278,7 @@ impl From<DeployError> for ApiError {
             DeployError::Empty | DeployError::NotWasm => "NOT_WASM",
             DeployError::CoreModule => "NOT_A_COMPONENT",
             DeployError::Compile(_) => "COMPILE_FAILED",
-            DeployError::WrongWorld { .. } => "WRONG_WORLD",
+            DeployError::WrongWorld { .. } | DeployError::UnsupportedImport(_) => "WRONG_WORLD",
             DeployError::WorldChange(_) => {
                 return Self::new(StatusCode::CONFLICT, "WORLD_CHANGED", error.to_string());
             }

@@ -251,6 +251,9 @@ impl Worker {
             return done;
         }
         let live = self.live.as_mut().expect("instantiated above");
+        // A growth refused in an earlier task that the guest survived (it
+        // caught the failure) says nothing about how this one ends.
+        live.store.data_mut().limiter.take_refused();
         let timeout = Duration::from_millis(task.timeout_ms);
         let deadline = started + timeout;
         live.store.data_mut().deadline = Some(deadline);
