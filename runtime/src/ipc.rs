@@ -244,6 +244,11 @@ pub(crate) enum FromReplica {
         #[serde(with = "raw")]
         part: Vec<u8>,
     },
+    /// Run `seq`'s streamed response body is complete, though the guest
+    /// still runs (work after its response): the client gets its end now.
+    ResponseEnd {
+        seq: u64,
+    },
     Done(TaskDone),
     /// Run `seq`, recalled, will not run here ([`ToReplica::Recall`]).
     Returned {

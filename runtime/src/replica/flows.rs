@@ -221,9 +221,28 @@ pub(crate) async fn stream_response(
         }
         None => {
             send_part(&replies, seq, None, &mut pending, &credits, deadline).await?;
+            replies.send(&FromReplica::ResponseEnd { seq });
             Ok(None)
         }
     }
+}
+
+/// Sends a whole response of run `seq` now, as a stream that ends at once:
+/// the guest is still running (work after its response), and its client
+/// should not wait for that.
+pub(crate) async fn send_early(
+    response: HttpResponse,
+    seq: u64,
+    replies: &Replies,
+    credits: &Semaphore,
+    deadline: Instant,
+) -> Result<(), String> {
+    let HttpResponse { status, headers, body } = response;
+    let mut pending = BytesMut::from(&body[..]);
+    let head = Some(HttpResponse { status, headers, body: Vec::new() });
+    send_part(replies, seq, head, &mut pending, credits, tokio::time::Instant::from(deadline)).await?;
+    replies.send(&FromReplica::ResponseEnd { seq });
+    Ok(())
 }
 
 /// How long a response waits for more of its body before what it has is sent.

@@ -17,7 +17,7 @@ use wasmtime::{Store, Trap, UpdateDeadline};
 
 use super::Replies;
 use super::cancel::{CancelFlag, Cancels, Early};
-use super::flows::{Flows, RequestBody, stream_response};
+use super::flows::{Flows, RequestBody, send_early, stream_response};
 use crate::host::WorkerState;
 use crate::host::bindings::{Function, FunctionPre, GuestError, TaskContext};
 use crate::host::gpu::WorkerGpu;
@@ -360,6 +360,7 @@ async fn serve_http(
         Ok::<_, wasmtime::Error>((request, out))
     })();
     let (request, out) = handles?;
+    let (early_replies, early_credits) = (replies.clone(), flow.credits.clone());
     let (replies, credits) = (replies.clone(), flow.credits.clone());
     let collector = std::panic::AssertUnwindSafe(async move {
         let response = receiver
@@ -384,6 +385,14 @@ async fn serve_http(
             collector.await
         }
         collected = &mut collector => {
+            // Whole while the guest still runs (work after its response):
+            // the client gets it now, not when the guest returns.
+            let collected = match collected {
+                Ok(Some(response)) => {
+                    send_early(response, seq, &early_replies, &early_credits, deadline).await.map(|()| None)
+                }
+                other => other,
+            };
             handled.await?;
             collected
         }

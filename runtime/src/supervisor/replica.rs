@@ -567,6 +567,7 @@ impl Run<'_> {
                             self.response_head(seq, status, headers, &out, &gone);
                         }
                         Some(FromReplica::ResponseBody { seq, part }) => self.response_part(seq, part),
+                        Some(FromReplica::ResponseEnd { seq }) => self.response_end(seq),
                         Some(other) => tracing::warn!(replica = %spec.replica, "unexpected frame {other:?}"),
                         None if draining && self.inflight.is_empty() => {
                             let _ = child.wait().await;
@@ -887,6 +888,14 @@ impl Run<'_> {
     fn response_part(&mut self, seq: u64, part: Vec<u8>) {
         if let Some(response) = self.streams.get(&seq).and_then(|s| s.response.as_ref()) {
             let _ = response.send(Ok(part.into()));
+        }
+    }
+
+    /// The response of run `seq` is whole: its client's body ends now (the
+    /// run goes on; a failure of it can no longer reach that client).
+    fn response_end(&mut self, seq: u64) {
+        if let Some(streams) = self.streams.get_mut(&seq) {
+            streams.response = None;
         }
     }
 
