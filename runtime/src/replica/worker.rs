@@ -145,7 +145,10 @@ impl Worker {
                 GuestPre::Proxy(pre) => pre.instantiate_async(&mut store).await.map(Guest::Proxy),
             }
         });
-        let guest = guest.map_err(anyhow::Error::from).context("failed to instantiate")?;
+        let guest = guest.map_err(|e| {
+            let limit = crate::config::describe_size(self.spec.memory_per_worker);
+            anyhow!("failed to instantiate: {}", explain_instantiate_error(&format!("{e:#}"), &limit))
+        })?;
         let instantiate_us = micros(started.elapsed());
         let init_started = Instant::now();
         let deadline = init_started + Duration::from_millis(self.spec.init_timeout_ms);
@@ -407,6 +410,22 @@ async fn serve_http(
     Ok(outcome)
 }
 
+/// wasmtime's words for a component too big for its pool, with what the
+/// user can change: its declared memory (`limit`: `[runtime] memory` per
+/// worker) or its table.
+fn explain_instantiate_error(message: &str, limit: &str) -> String {
+    if message.contains("memory has a minimum byte size") && message.contains("exceeds the limit") {
+        format!(
+            "the component's memory starts larger than the {limit} each worker may have ([runtime] memory split \
+             across workers): raise memory, or lower workers ({message})"
+        )
+    } else if message.contains("minimum element size") && message.contains("exceeds the limit") {
+        format!("the component's function table starts larger than an instance may have here ({message})")
+    } else {
+        message.to_owned()
+    }
+}
+
 /// Runs a guest call until it returns, its deadline passes or it is
 /// cancelled. The epoch callback stops a guest running wasm code; this stops
 /// one blocked in a host call (a sleep, a poll, a body read), by dropping the
@@ -540,5 +559,21 @@ impl WorkerState {
 
     fn cancel_requested(&self) -> bool {
         self.cancel.is_set()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::explain_instantiate_error;
+
+    #[test]
+    fn a_component_too_big_for_its_pool_says_what_to_change() {
+        let wasmtime = "module memory does not fit in pooling allocator requirements: memory index 0 is \
+                        unsupported: memory has a minimum byte size of 3932160000 which exceeds the limit of \
+                        0x4000000 bytes";
+        let said = explain_instantiate_error(wasmtime, "64Mi");
+        assert!(said.starts_with("the component's memory starts larger than the 64Mi each worker may have"), "{said}");
+        assert!(said.ends_with("0x4000000 bytes)"), "wasmtime's words stay: {said}");
+        assert_eq!(explain_instantiate_error("something else", "64Mi"), "something else");
     }
 }
