@@ -52,6 +52,12 @@ enum Command {
         /// Largest task input, e.g. 16Mi.
         #[arg(long, default_value = "16Mi", value_parser = parse_size)]
         max_input_size: u64,
+        /// Most bytes of input the tasks not yet ended may hold, all apps
+        /// together, e.g. 4Gi (without --redis they wait in the node's
+        /// memory; past it submits get 429) [default: a quarter of this
+        /// machine's memory].
+        #[arg(long, value_parser = parse_size)]
+        max_queued_input: Option<u64>,
         /// Cores replicas may reserve on this node [default: this machine's].
         #[arg(long)]
         cpus: Option<f64>,
@@ -420,6 +426,7 @@ async fn run(command: Command) -> Result<()> {
             cpu_gpu_memory,
             max_component_size,
             max_input_size,
+            max_queued_input,
             cpus,
             memory,
             threads,
@@ -435,9 +442,12 @@ async fn run(command: Command) -> Result<()> {
             if memory == Some(0) {
                 bail!("--memory must be more than 0: replicas reserve memory from it");
             }
+            let machine = crate::supervisor::Capacity::of_this_machine();
+            let max_queued_input = max_queued_input.unwrap_or(machine.memory / 4);
             let sizes = [
                 ("--max-input-size", max_input_size, "task input"),
                 ("--max-component-size", max_component_size, "component upload"),
+                ("--max-queued-input", max_queued_input, "input the node holds for its tasks"),
             ];
             for (flag, size, what) in sizes {
                 if size == 0 {
@@ -448,7 +458,6 @@ async fn run(command: Command) -> Result<()> {
                 crate::queue::RedisQueue::check_url(url)?;
             }
             let gpus = crate::node::discover_gpus(gpu_backend, gpus, cpu_gpu_memory)?;
-            let machine = crate::supervisor::Capacity::of_this_machine();
             let capacity = crate::supervisor::Demand {
                 cpu: cpus.unwrap_or(machine.cpu),
                 memory: memory.unwrap_or(machine.memory),
@@ -456,6 +465,7 @@ async fn run(command: Command) -> Result<()> {
             let limits = Limits {
                 max_component: usize::try_from(max_component_size).context("--max-component-size is too large")?,
                 max_input: usize::try_from(max_input_size).context("--max-input-size is too large")?,
+                max_queued_input,
             };
             crate::node::serve(ServeOptions { listen, data_dir, limits, capacity, gpus, shutdown_grace, redis }).await
         }

@@ -291,7 +291,7 @@ impl From<DeployError> for ApiError {
 impl From<QueueError> for ApiError {
     fn from(error: QueueError) -> Self {
         match &error {
-            QueueError::Full { .. } => {
+            QueueError::Full { .. } | QueueError::NodeFull { .. } => {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "QUEUE_FULL", error.to_string()).retry_later()
             }
             QueueError::UnknownTask(id) => Self::unknown_task(id),

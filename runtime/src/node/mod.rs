@@ -28,6 +28,8 @@ use crate::supervisor::{Capacity, ClusterSlots, Demand, Gpus, Supervisor};
 pub(crate) struct Limits {
     pub max_component: usize,
     pub max_input: usize,
+    /// Input the tasks not yet ended may hold (without Redis, in memory).
+    pub max_queued_input: u64,
 }
 
 /// Options of `beamlet serve`.
@@ -187,7 +189,9 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     let (queue, shared): (Arc<dyn Queue>, _) = match options.redis.clone() {
         None => {
             let store = options.data_dir.join("tasks.db");
-            (Arc::new(tokio::task::spawn_blocking(move || EmbeddedQueue::open(&store, now_ms())).await??), None)
+            let budget = options.limits.max_queued_input;
+            let open = move || EmbeddedQueue::open(&store, now_ms()).map(|queue| queue.with_input_budget(budget));
+            (Arc::new(tokio::task::spawn_blocking(open).await??), None)
         }
         Some(url) => {
             let id = node_id(&options.data_dir)?;

@@ -23,6 +23,10 @@ pub(crate) struct EmbeddedQueue {
     inner: Mutex<Inner>,
     /// `None`: nothing is kept across restarts (unit tests).
     journal: Option<Journal>,
+    /// Most bytes of input the tasks not yet ended may hold in memory
+    /// (`serve --max-queued-input`): a backlog of large inputs must not
+    /// take the node's memory.
+    input_budget: u64,
 }
 
 #[derive(Default)]
@@ -31,6 +35,8 @@ struct Inner {
     /// Queued task ids per app, next first.
     queued: HashMap<String, VecDeque<String>>,
     running: HashMap<String, u64>,
+    /// Bytes of input the tasks not yet ended hold.
+    held_input: u64,
 }
 
 struct Entry {
@@ -120,7 +126,8 @@ impl Inner {
         entry.record.status = status;
         entry.record.error = error;
         entry.record.ended_at = Some(now);
-        entry.input = Bytes::new();
+        let input = std::mem::take(&mut entry.input);
+        self.held_input = self.held_input.saturating_sub(input.len() as u64);
         // Written with the end itself: a restart before delivery delivers it then.
         entry.record.callback = entry.record.callback_url.as_ref().map(|_| CallbackState::Pending);
         let app = entry.record.app.clone();
@@ -148,19 +155,27 @@ impl EmbeddedQueue {
     /// A queue that keeps nothing across restarts.
     #[cfg(test)]
     pub(crate) fn in_memory() -> Self {
-        Self { inner: Mutex::default(), journal: None }
+        Self { inner: Mutex::default(), journal: None, input_budget: u64::MAX }
+    }
+
+    /// Refuses a task whose input would take what the tasks not yet ended
+    /// hold past `bytes`.
+    pub(crate) fn with_input_budget(mut self, bytes: u64) -> Self {
+        self.input_budget = bytes;
+        self
     }
 
     /// Opens the durable queue at `path`, restoring every stored task.
     pub(crate) fn open(path: &Path, now: u64) -> Result<Self> {
         let (journal, rows) = Journal::open(path)?;
-        let queue = Self { inner: Mutex::default(), journal: Some(journal) };
+        let queue = Self { inner: Mutex::default(), journal: Some(journal), input_budget: u64::MAX };
         {
             let mut inner = queue.inner.lock().unwrap();
             let mut retried = Vec::new();
             for row in rows {
                 let entry = Entry::from_row(row);
                 let (id, app, status) = (entry.record.id.clone(), entry.record.app.clone(), entry.record.status);
+                inner.held_input += entry.input.len() as u64;
                 inner.tasks.insert(id.clone(), entry);
                 match status {
                     TaskStatus::Pending => inner.queued.entry(app).or_default().push_back(id),
@@ -223,11 +238,16 @@ impl EmbeddedQueue {
 impl Queue for EmbeddedQueue {
     fn enqueue(&self, task: NewTask, now: u64) -> Result<TaskRecord, QueueError> {
         let mut inner = self.inner.lock().unwrap();
+        let size = task.input.len() as u64;
+        if inner.held_input.saturating_add(size) > self.input_budget {
+            return Err(QueueError::NodeFull { held: inner.held_input, budget: self.input_budget });
+        }
         let queue = inner.queued.entry(task.app.clone()).or_default();
         if queue.len() >= task.max_queued as usize {
             return Err(QueueError::Full { app: task.app, limit: task.max_queued });
         }
         queue.push_back(task.id.clone());
+        inner.held_input += size;
         let record = task.pending_record(now);
         let id = task.id;
         let entry = Entry {
@@ -519,6 +539,24 @@ mod tests {
         }
         let q = EmbeddedQueue::open(&path, 3).unwrap();
         assert!(q.list("a", None, None, 10).is_empty(), "not run again after a restart");
+    }
+
+    #[test]
+    fn inputs_held_past_the_node_budget_are_refused_until_tasks_end() {
+        // Each sample input is 7 bytes: room for two.
+        let q = EmbeddedQueue::in_memory().with_input_budget(14);
+        let first = q.enqueue(task(1), 0).unwrap().id;
+        q.enqueue(task(1), 0).unwrap();
+        let Err(error) = q.enqueue(task(1), 0) else { panic!("a third input is past the budget") };
+        assert!(matches!(error, QueueError::NodeFull { held: 14, budget: 14 }), "{error}");
+        assert!(error.to_string().contains("serve --max-queued-input"), "{error}");
+        // A retry keeps its input; an end gives it back.
+        q.lease("a", 1).unwrap();
+        q.finish(&first, trapped(), 2).unwrap();
+        assert!(q.enqueue(task(1), 3).is_err(), "a retried task still holds its input");
+        q.lease("a", 4).unwrap();
+        q.finish(&first, Finish::Complete(Bytes::new()), 5).unwrap();
+        q.enqueue(task(1), 6).unwrap();
     }
 
     #[test]

@@ -259,6 +259,13 @@ pub(crate) enum QueueError {
          [task_queue] max_queued"
     )]
     Full { app: String, limit: u32 },
+    #[error(
+        "the node holds {} of input for the tasks it has not ended, and may hold {} \
+         (serve --max-queued-input); retry later",
+        crate::config::describe_size(*held),
+        crate::config::describe_size(*budget)
+    )]
+    NodeFull { held: u64, budget: u64 },
     #[error("no task {0:?}")]
     UnknownTask(TaskId),
     #[error("task {id:?} already ended as {}", status.as_str())]
