@@ -52,12 +52,12 @@ enum Command {
         /// Largest task input, e.g. 16Mi.
         #[arg(long, default_value = "16Mi", value_parser = parse_size)]
         max_input_size: u64,
-        /// Most bytes of input the tasks not yet ended may hold, all apps
-        /// together, e.g. 4Gi (without --redis they wait in the node's
-        /// memory; past it submits get 429) [default: a quarter of this
-        /// machine's memory].
+        /// Most bytes the node holds for its tasks, all apps together:
+        /// inputs not yet run and results kept for result_ttl (without
+        /// --redis, in its memory; past it submits get 429), e.g. 4Gi
+        /// [default: a quarter of this machine's memory].
         #[arg(long, value_parser = parse_size)]
-        max_queued_input: Option<u64>,
+        max_task_bytes: Option<u64>,
         /// Cores replicas may reserve on this node [default: this machine's].
         #[arg(long)]
         cpus: Option<f64>,
@@ -426,7 +426,7 @@ async fn run(command: Command) -> Result<()> {
             cpu_gpu_memory,
             max_component_size,
             max_input_size,
-            max_queued_input,
+            max_task_bytes,
             cpus,
             memory,
             threads,
@@ -443,11 +443,11 @@ async fn run(command: Command) -> Result<()> {
                 bail!("--memory must be more than 0: replicas reserve memory from it");
             }
             let machine = crate::supervisor::Capacity::of_this_machine();
-            let max_queued_input = max_queued_input.unwrap_or(machine.memory / 4);
+            let max_task_bytes = max_task_bytes.unwrap_or(machine.memory / 4);
             let sizes = [
                 ("--max-input-size", max_input_size, "task input"),
                 ("--max-component-size", max_component_size, "component upload"),
-                ("--max-queued-input", max_queued_input, "input the node holds for its tasks"),
+                ("--max-task-bytes", max_task_bytes, "memory the node holds for its tasks"),
             ];
             for (flag, size, what) in sizes {
                 if size == 0 {
@@ -465,7 +465,7 @@ async fn run(command: Command) -> Result<()> {
             let limits = Limits {
                 max_component: usize::try_from(max_component_size).context("--max-component-size is too large")?,
                 max_input: usize::try_from(max_input_size).context("--max-input-size is too large")?,
-                max_queued_input,
+                max_task_bytes,
             };
             crate::node::serve(ServeOptions { listen, data_dir, limits, capacity, gpus, shutdown_grace, redis }).await
         }

@@ -563,7 +563,7 @@ fn a_callback_pointed_at_a_node_queues_nothing_and_guests_may_call_apps_but_not_
 
 #[test]
 fn inputs_held_past_the_node_budget_are_refused_with_429() {
-    let server = Server::start("input-budget", &["--max-queued-input", "2Ki"]);
+    let server = Server::start("input-budget", &["--max-task-bytes", "2Ki"]);
     server.deploy_guest("sleep", "sleep", Some("[runtime]\nworkers = 1\n"));
     // About 900 bytes each: two fit the node's 2 KiB, a third waits for one to end.
     let input = format!(r#"{{"ms": 30000, "pad": "{}"}}"#, "x".repeat(880));
@@ -571,7 +571,7 @@ fn inputs_held_past_the_node_budget_are_refused_with_429() {
     submit_ok(&server, "sleep", &input);
     let (status, body) = submit(&server, "sleep", &input);
     assert_eq!((status, error_code(&body)), (429, "QUEUE_FULL"), "{body}");
-    assert!(error_message(&body).contains("serve --max-queued-input"), "{body}");
+    assert!(error_message(&body).contains("serve --max-task-bytes"), "{body}");
     let cancelled = server.http.delete(server.url(&format!("/v1/tasks/{first}"))).send().unwrap();
     assert_eq!(cancelled.status(), 200);
     submit_ok(&server, "sleep", &input);

@@ -29,7 +29,7 @@ pub(crate) struct Limits {
     pub max_component: usize,
     pub max_input: usize,
     /// Input the tasks not yet ended may hold (without Redis, in memory).
-    pub max_queued_input: u64,
+    pub max_task_bytes: u64,
 }
 
 /// Options of `beamlet serve`.
@@ -189,7 +189,7 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
     let (queue, shared): (Arc<dyn Queue>, _) = match options.redis.clone() {
         None => {
             let store = options.data_dir.join("tasks.db");
-            let budget = options.limits.max_queued_input;
+            let budget = options.limits.max_task_bytes;
             let open = move || EmbeddedQueue::open(&store, now_ms()).map(|queue| queue.with_input_budget(budget));
             (Arc::new(tokio::task::spawn_blocking(open).await??), None)
         }

@@ -23,9 +23,9 @@ pub(crate) struct EmbeddedQueue {
     inner: Mutex<Inner>,
     /// `None`: nothing is kept across restarts (unit tests).
     journal: Option<Journal>,
-    /// Most bytes of input the tasks not yet ended may hold in memory
-    /// (`serve --max-queued-input`): a backlog of large inputs must not
-    /// take the node's memory.
+    /// Most bytes the tasks may hold in memory (`serve --max-task-bytes`:
+    /// inputs waiting, results kept): a backlog of large inputs, or a pile
+    /// of large results, must not take the node's memory.
     input_budget: u64,
 }
 
@@ -35,8 +35,9 @@ struct Inner {
     /// Queued task ids per app, next first.
     queued: HashMap<String, VecDeque<String>>,
     running: HashMap<String, u64>,
-    /// Bytes of input the tasks not yet ended hold.
-    held_input: u64,
+    /// Bytes the tasks hold in memory: the inputs of those not yet ended,
+    /// the results of those ended and not yet forgotten.
+    held: u64,
 }
 
 struct Entry {
@@ -127,7 +128,7 @@ impl Inner {
         entry.record.error = error;
         entry.record.ended_at = Some(now);
         let input = std::mem::take(&mut entry.input);
-        self.held_input = self.held_input.saturating_sub(input.len() as u64);
+        self.held = self.held.saturating_sub(input.len() as u64);
         // Written with the end itself: a restart before delivery delivers it then.
         entry.record.callback = entry.record.callback_url.as_ref().map(|_| CallbackState::Pending);
         let app = entry.record.app.clone();
@@ -138,6 +139,14 @@ impl Inner {
             queue.retain(|queued| queued != id);
         }
         self.tasks.get(id)
+    }
+
+    /// Takes a task out, with what it held.
+    fn remove(&mut self, id: &str) -> Option<Entry> {
+        let entry = self.tasks.remove(id)?;
+        let bytes = entry.input.len() + entry.output.as_ref().map_or(0, Bytes::len);
+        self.held = self.held.saturating_sub(bytes as u64);
+        Some(entry)
     }
 
     /// Puts a task back in its app's queue, ahead of tasks never run.
@@ -175,7 +184,7 @@ impl EmbeddedQueue {
             for row in rows {
                 let entry = Entry::from_row(row);
                 let (id, app, status) = (entry.record.id.clone(), entry.record.app.clone(), entry.record.status);
-                inner.held_input += entry.input.len() as u64;
+                inner.held += (entry.input.len() + entry.output.as_ref().map_or(0, Bytes::len)) as u64;
                 inner.tasks.insert(id.clone(), entry);
                 match status {
                     TaskStatus::Pending => inner.queued.entry(app).or_default().push_back(id),
@@ -239,15 +248,15 @@ impl Queue for EmbeddedQueue {
     fn enqueue(&self, task: NewTask, now: u64) -> Result<TaskRecord, QueueError> {
         let mut inner = self.inner.lock().unwrap();
         let size = task.input.len() as u64;
-        if inner.held_input.saturating_add(size) > self.input_budget {
-            return Err(QueueError::NodeFull { held: inner.held_input, budget: self.input_budget });
+        if inner.held.saturating_add(size) > self.input_budget {
+            return Err(QueueError::NodeFull { held: inner.held, budget: self.input_budget });
         }
         let queue = inner.queued.entry(task.app.clone()).or_default();
         if queue.len() >= task.max_queued as usize {
             return Err(QueueError::Full { app: task.app, limit: task.max_queued });
         }
         queue.push_back(task.id.clone());
-        inner.held_input += size;
+        inner.held += size;
         let record = task.pending_record(now);
         let id = task.id;
         let entry = Entry {
@@ -330,7 +339,9 @@ impl Queue for EmbeddedQueue {
         }
         let entry = match finish {
             Finish::Complete(output) => {
+                let size = output.len() as u64;
                 entry.output = Some(output);
+                inner.held += size;
                 inner.end(id, TaskStatus::Complete, None, now)?
             }
             Finish::Cancelled => {
@@ -352,7 +363,7 @@ impl Queue for EmbeddedQueue {
         self.update(entry);
         let ended = Ended { record: entry.record.clone(), output: entry.output.clone() };
         if ended.record.status.is_terminal() && !ended.record.durable {
-            inner.tasks.remove(id);
+            inner.remove(id);
         }
         Some(ended)
     }
@@ -383,7 +394,7 @@ impl Queue for EmbeddedQueue {
         if inner.tasks.get(id).is_some_and(|entry| !entry.record.status.is_terminal()) {
             inner.end(id, TaskStatus::Cancelled, None, 0);
         }
-        if let Some(entry) = inner.tasks.remove(id)
+        if let Some(entry) = inner.remove(id)
             && let Some(journal) = self.journal.as_ref().filter(|_| entry.record.durable)
         {
             journal.delete(entry.record.id);
@@ -401,7 +412,7 @@ impl Queue for EmbeddedQueue {
     fn forget(&self, id: &str) {
         let mut inner = self.inner.lock().unwrap();
         if inner.tasks.get(id).is_some_and(|entry| entry.record.status.is_terminal()) {
-            let entry = inner.tasks.remove(id).expect("checked above");
+            let entry = inner.remove(id).expect("checked above");
             if let Some(journal) = self.journal.as_ref().filter(|_| entry.record.durable) {
                 journal.delete(entry.record.id);
             }
@@ -445,7 +456,7 @@ impl Queue for EmbeddedQueue {
             .map(|entry| entry.record.id.clone())
             .collect();
         for id in forget {
-            let durable = inner.tasks.remove(&id).is_some_and(|entry| entry.record.durable);
+            let durable = inner.remove(&id).is_some_and(|entry| entry.record.durable);
             if let Some(journal) = self.journal.as_ref().filter(|_| durable) {
                 journal.delete(id);
             }
@@ -542,6 +553,18 @@ mod tests {
     }
 
     #[test]
+    fn results_kept_count_until_forgotten() {
+        let q = EmbeddedQueue::in_memory().with_input_budget(14);
+        let id = q.enqueue(task(0), 0).unwrap().id;
+        q.lease("a", 1).unwrap();
+        q.finish(&id, Finish::Complete(Bytes::from_static(b"12345678")), 2).unwrap();
+        // Its 8-byte result is kept: a 7-byte input no longer fits beside it.
+        assert!(matches!(q.enqueue(task(0), 3), Err(QueueError::NodeFull { held: 8, .. })));
+        q.forget(&id);
+        q.enqueue(task(0), 4).unwrap();
+    }
+
+    #[test]
     fn inputs_held_past_the_node_budget_are_refused_until_tasks_end() {
         // Each sample input is 7 bytes: room for two.
         let q = EmbeddedQueue::in_memory().with_input_budget(14);
@@ -549,7 +572,7 @@ mod tests {
         q.enqueue(task(1), 0).unwrap();
         let Err(error) = q.enqueue(task(1), 0) else { panic!("a third input is past the budget") };
         assert!(matches!(error, QueueError::NodeFull { held: 14, budget: 14 }), "{error}");
-        assert!(error.to_string().contains("serve --max-queued-input"), "{error}");
+        assert!(error.to_string().contains("serve --max-task-bytes"), "{error}");
         // A retry keeps its input; an end gives it back.
         q.lease("a", 1).unwrap();
         q.finish(&first, trapped(), 2).unwrap();

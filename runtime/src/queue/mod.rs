@@ -260,8 +260,8 @@ pub(crate) enum QueueError {
     )]
     Full { app: String, limit: u32 },
     #[error(
-        "the node holds {} of input for the tasks it has not ended, and may hold {} \
-         (serve --max-queued-input); retry later",
+        "the node holds {} for its tasks (inputs not yet run, results kept for result_ttl) and may hold {} \
+         (serve --max-task-bytes); retry later, or keep results for less time ([task_queue] result_ttl)",
         crate::config::describe_size(*held),
         crate::config::describe_size(*budget)
     )]
