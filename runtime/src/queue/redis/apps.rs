@@ -1,7 +1,8 @@
 //! The apps every node of a cluster serves, kept beside the queue: the
 //! version records in the hash `beamlet:apps` (name -> JSON) and the
-//! uploaded components in `beamlet:component:{digest}`. A change is
-//! announced on the event channel as `d {name}`.
+//! uploaded components in `beamlet:component:{digest}` (listed in the set
+//! `beamlet:components`, and deleted once no app's record names them). A
+//! change is announced on the event channel as `d {name}`.
 
 use super::RedisQueue;
 use super::resp::{RedisError, Script};
@@ -17,10 +18,11 @@ pub(crate) enum Published {
     Superseded(Option<u32>),
 }
 
-// ARGV: name, record, the record read before ('' for none). 0 when recorded;
-// else the app changed since: the number of its version now, or -1 when it
-// has none (deleted). Publishing the current record again is no change (a
-// retried call).
+// ARGV: name, record, the record read before ('' for none), the component's
+// digest, its bytes. 0 when recorded (with its component); else the app
+// changed since: the number of its version now, or -1 when it has none
+// (deleted). Publishing the current record again is no change (a retried
+// call).
 static PUBLISH_APP: Script = Script::new(
     r#"
 local current = redis.call('HGET', 'beamlet:apps', ARGV[1])
@@ -29,10 +31,34 @@ if current ~= ARGV[2] and (current or '') ~= ARGV[3] then
   if ok and type(decoded) == 'table' and type(decoded.version) == 'number' then return decoded.version end
   return -1
 end
+redis.call('SET', 'beamlet:component:' .. ARGV[4], ARGV[5])
+redis.call('SADD', 'beamlet:components', ARGV[4])
 redis.call('HSET', 'beamlet:apps', ARGV[1], ARGV[2])
 redis.call('HDEL', 'beamlet:deleted', ARGV[1])
 redis.call('PUBLISH', 'beamlet:events', 'd ' .. ARGV[1])
 return 0
+"#,
+);
+
+// Deletes the components (of those `beamlet:components` lists) that no
+// app's current record names; the number deleted. Atomic with publishes,
+// which store a record and its component together.
+static COLLECT_COMPONENTS: Script = Script::new(
+    r#"
+local used = {}
+for _, record in ipairs(redis.call('HVALS', 'beamlet:apps')) do
+  local ok, decoded = pcall(cjson.decode, record)
+  if ok and type(decoded) == 'table' and type(decoded.digest) == 'string' then used[decoded.digest] = true end
+end
+local deleted = 0
+for _, digest in ipairs(redis.call('SMEMBERS', 'beamlet:components')) do
+  if not used[digest] then
+    redis.call('DEL', 'beamlet:component:' .. digest)
+    redis.call('SREM', 'beamlet:components', digest)
+    deleted = deleted + 1
+  end
+end
+return deleted
 "#,
 );
 
@@ -68,14 +94,28 @@ impl RedisQueue {
         digest: &str,
         wasm: &[u8],
     ) -> Result<Published, RedisError> {
-        let key = format!("beamlet:component:{digest}");
-        self.client.call(&[b"SET", key.as_bytes(), wasm])?;
-        let reply = self.client.eval(&PUBLISH_APP, &[name.as_bytes(), record, read.unwrap_or_default()])?;
-        Ok(match reply.as_int() {
+        let args = [name.as_bytes(), record, read.unwrap_or_default(), digest.as_bytes(), wasm];
+        let reply = self.client.eval(&PUBLISH_APP, &args)?;
+        let published = match reply.as_int() {
             Some(0) => Published::Current,
             Some(now) => Published::Superseded(u32::try_from(now).ok()),
             None => return Err(RedisError::Protocol(format!("publishing an app gave {reply:?}"))),
-        })
+        };
+        self.collect_components();
+        Ok(published)
+    }
+
+    /// Deletes the components no app uses any more (a redeploy replaced,
+    /// a delete removed): each may be tens of MiB of Redis memory. A failure
+    /// is logged; the next deploy or delete collects them.
+    fn collect_components(&self) {
+        match self.client.eval(&COLLECT_COMPONENTS, &[]) {
+            Ok(reply) if reply.as_int().is_some_and(|n| n > 0) => {
+                tracing::debug!("deleted {:?} components no app uses from Redis", reply.as_int());
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("failed to delete the components no app uses from Redis: {e}"),
+        }
     }
 
     /// The cluster's current record of `name`, as JSON.
@@ -90,6 +130,7 @@ impl RedisQueue {
         self.client.call(&[b"HSET", b"beamlet:deleted", name.as_bytes(), record])?;
         self.client.call(&[b"HDEL", b"beamlet:apps", name.as_bytes()])?;
         self.client.call(&[b"DEL", format!("beamlet:replicas:{name}").as_bytes()])?;
+        self.collect_components();
         self.announce(name)
     }
 

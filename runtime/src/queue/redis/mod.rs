@@ -1195,6 +1195,16 @@ mod tests {
             Published::Superseded(Some(1))
         );
         assert_eq!(a.app("x").unwrap().unwrap(), again.as_bytes());
-        assert_eq!(a.component("d2b").unwrap().unwrap(), b"w2b", "the component is kept: content-addressed");
+        // Only the components of current records are kept.
+        assert!(a.component("d2b").unwrap().is_none(), "a superseded deploy stores none");
+        assert!(a.component("d2a").unwrap().is_none(), "one no app uses any more is deleted");
+        assert_eq!(a.component("d1b").unwrap().unwrap(), b"w1b");
+        // Content-addressed: one shared by two apps stays while either uses it.
+        let twin = r#"{"name":"y","version":1,"digest":"d1b"}"#;
+        assert_eq!(a.publish_app("y", twin.as_bytes(), None, "d1b", b"w1b").unwrap(), Published::Current);
+        b.unpublish_app("x", again.as_bytes()).unwrap();
+        assert_eq!(a.component("d1b").unwrap().unwrap(), b"w1b", "y still uses it");
+        b.unpublish_app("y", twin.as_bytes()).unwrap();
+        assert!(a.component("d1b").unwrap().is_none());
     }
 }
