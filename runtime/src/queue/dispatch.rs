@@ -472,6 +472,11 @@ impl Dispatch {
         self.queue.counts(app)
     }
 
+    /// [`Dispatch::counts`] as last read (see [`Queue::recent_counts`]).
+    pub(crate) fn recent_counts(&self, app: &str) -> Counts {
+        self.queue.recent_counts(app)
+    }
+
     pub(crate) fn list(
         &self,
         app: &str,

@@ -358,6 +358,11 @@ pub(crate) trait Queue: Send + Sync + 'static {
     /// Drops an ended task at once (a call whose caller has its answer).
     fn forget(&self, id: &str);
     fn counts(&self, app: &str) -> Counts;
+    /// [`Queue::counts`] as last read, for a caller that asks often and
+    /// need not be exact (a shared store is not asked again).
+    fn recent_counts(&self, app: &str) -> Counts {
+        self.counts(app)
+    }
     /// The app's tasks, newest first, optionally only those in `status`,
     /// and only those older than the task `before` (the last of the page
     /// before: ids are time-ordered).

@@ -296,7 +296,7 @@ async fn place(plan: &Plan, info: &Mutex<ReplicaInfo>, stop: &mut watch::Receive
         tokio::pin!(changed);
         changed.as_mut().enable();
         let queued: HashSet<String> =
-            capacity.waiting_apps().into_iter().filter(|app| plan.dispatch.counts(app).queued > 0).collect();
+            capacity.waiting_apps().into_iter().filter(|app| plan.dispatch.recent_counts(app).queued > 0).collect();
         // Other nodes may have started what it waited to run meanwhile.
         if pending
             && capacity.try_reserve_in_turn(&waiting, &queued, false).is_ok()

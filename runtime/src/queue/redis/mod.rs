@@ -700,6 +700,11 @@ impl Queue for RedisQueue {
         counts
     }
 
+    /// Asked of every app each second by the autoscaler.
+    fn recent_counts(&self, app: &str) -> Counts {
+        self.last_counts.lock().unwrap().get(app).copied().unwrap_or_default()
+    }
+
     fn list(&self, app: &str, status: Option<TaskStatus>, before: Option<&str>, limit: usize) -> Vec<TaskRecord> {
         let status = status.map_or("", TaskStatus::as_str);
         let limit = limit.min(i64::MAX as usize).to_string();
