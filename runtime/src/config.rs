@@ -235,6 +235,25 @@ pub fn parse(toml_text: &str) -> Result<AppConfig, ConfigError> {
     })
 }
 
+/// [`parse`], and the rules only a new deploy must meet: they came after
+/// apps may have been stored without them, and those still load (and sync
+/// across a cluster) as they are.
+pub fn parse_new(toml_text: &str) -> Result<AppConfig, ConfigError> {
+    let config = parse(toml_text)?;
+    let cpu = config.runtime.cpu;
+    // Each replica is a process: a thousandth of a core would let one app
+    // start hundreds of them on a one-core node.
+    let message = format!("must be at least {MIN_CPU} cores (a replica is a process), got {cpu}");
+    ensure(cpu >= MIN_CPU, "runtime", "cpu", message)?;
+    let doc: toml::Table = toml::from_str(toml_text).unwrap_or_default();
+    let autoscaler = doc.get("autoscaler").and_then(toml::Value::as_table);
+    let zero = autoscaler.and_then(|table| table.get("min_replicas")) == Some(&toml::Value::Integer(0));
+    let message = "0 scales to zero, which only an autoscaler does: add kind = \"queue_depth\" or \
+                   \"request_latency\" (without one, the app runs a fixed pool of max(min_replicas, 1))";
+    ensure(config.autoscaler.policy.is_some() || !zero, "autoscaler", "min_replicas", message)?;
+    Ok(config)
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -298,9 +317,6 @@ impl RawRuntime {
             "cpu",
             format!("must be a positive number of cores such as 1 or 0.5, got {cpu}"),
         )?;
-        // Each replica is a process: a thousandth of a core would let one
-        // app start hundreds of them on a one-core node.
-        ensure(cpu >= MIN_CPU, "cpu", format!("must be at least {MIN_CPU} cores (a replica is a process), got {cpu}"))?;
         let memory = self.memory.map_or(d.memory, |s| s.bytes);
         let memory_hint = self.memory.map_or_else(String::new, |s| s.bytes_hint());
         let each = memory / u64::from(workers);
@@ -393,11 +409,6 @@ impl RawAutoscaler {
             None => None,
         };
         let min_replicas = self.min_replicas.unwrap_or(d.min_replicas);
-        let message = format!(
-            "0 scales to zero, which only an autoscaler does: add kind = {kinds} (without one, the app runs a fixed \
-             pool of max(min_replicas, 1))"
-        );
-        ensure(policy.is_some() || self.min_replicas != Some(0), "min_replicas", message)?;
         match policy {
             Some(Policy::QueueDepth { max_tasks_per_replica, .. }) => {
                 ensure(max_tasks_per_replica > 0, "max_tasks_per_replica", "must be at least 1".into())?
@@ -759,6 +770,20 @@ callback_url = "https://example.com/beamlet/done"
     }
 
     #[test]
+    fn rules_added_later_bind_new_deploys_and_stored_apps_still_load() {
+        for (text, key) in [
+            ("[autoscaler]\nmin_replicas = 0", "[autoscaler] min_replicas"),
+            ("[runtime]\ncpu = 0.001", "[runtime] cpu"),
+        ] {
+            let error = parse_new(text).expect_err(text).to_string();
+            assert!(error.starts_with(key), "{text:?} gave {error}");
+            assert!(parse(text).is_ok(), "stored with {text:?} before the rule, it still loads");
+        }
+        assert!(parse_new("[autoscaler]\nkind = \"queue_depth\"\nmin_replicas = 0\n").is_ok());
+        assert!(parse_new("").is_ok());
+    }
+
+    #[test]
     fn empty_config_is_the_default() {
         let config = parse("").unwrap();
         assert_eq!(config, AppConfig::default());
@@ -875,8 +900,6 @@ callback_url = "https://example.com/beamlet/done"
             ("[runtime]\ntimeout = \"3000000000000h\"", "[runtime] timeout"),
             ("[autoscaler]\nkind = \"queue_depth\"\nmax_replicas = 100000", "[autoscaler] max_replicas"),
             ("[autoscaler]\nmin_replicas = 5000", "[autoscaler] min_replicas"),
-            ("[autoscaler]\nmin_replicas = 0", "[autoscaler] min_replicas"),
-            ("[runtime]\ncpu = 0.001", "[runtime] cpu"),
             ("[task_queue]\ncallback_url = \"ftp://example.com\"", "[task_queue] callback_url"),
             ("[task_queue]\ncallback_url = \"https://\"", "[task_queue] callback_url"),
             ("[task_queue]\ncallback_url = \"http://[::1\"", "[task_queue] callback_url"),

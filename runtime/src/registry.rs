@@ -351,7 +351,7 @@ impl Registry {
         follows: Follows<'_>,
     ) -> Result<Deployed, DeployError> {
         validate_name(name)?;
-        let config = config::parse(config_toml)?;
+        let config = config::parse_new(config_toml)?;
         fits(&config)?;
         check_header(wasm)?;
         let digest = hex(&Sha256::digest(wasm));

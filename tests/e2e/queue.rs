@@ -543,16 +543,25 @@ fn a_callback_pointed_at_a_node_queues_nothing_and_guests_may_call_apps_but_not_
     std::thread::sleep(Duration::from_secs(2));
     let listed = server.get("/v1/apps/loop/tasks");
     assert_eq!(listed["tasks"].as_array().map(Vec::len), Some(1), "one task, not one per callback");
-    let refused =
-        server.http.post(server.url("/v1/apps/loop/tasks")).header("x-beamlet-signature", "sha256=0").body("{}");
-    let body: Value = refused.send().unwrap().json().unwrap();
-    assert!(error_message(&body).contains("a callback_url must point at your own receiver"), "{body}");
+    // Nor at an app, which could pass it on to the API.
+    for path in ["/v1/apps/loop/tasks", "/http/relay/forward"] {
+        let refused = server.http.post(server.url(path)).header("x-beamlet-signature", "sha256=0").body("{}");
+        let body: Value = refused.send().unwrap().json().unwrap();
+        assert!(error_message(&body).contains("a callback_url must point at your own receiver"), "{path}: {body}");
+    }
 
     // A guest's request (marked by the host) may call an app, not manage it.
     let guest = |request: reqwest::blocking::RequestBuilder| request.header("x-beamlet-guest", "1").send().unwrap();
     let called = guest(server.http.post(server.url("/v1/apps/loop/invoke")).body(r#"{"name":"g"}"#));
     assert_eq!(called.status(), 200);
-    for request in [server.http.delete(server.url("/v1/apps/loop")), server.http.get(server.url("/v1/apps/loop"))] {
+    let tasks = server.url("/v1/apps/loop/tasks?callback_url=http://10.0.0.1/");
+    for request in [
+        server.http.delete(server.url("/v1/apps/loop")),
+        server.http.get(server.url("/v1/apps/loop")),
+        server.http.get(server.url("/metrics")),
+        // Its results would reach a host its allowed_outbound_hosts may not list.
+        server.http.post(tasks).body(r#"{"name":"g"}"#),
+    ] {
         let response = guest(request);
         assert_eq!(response.status(), 403);
         let body: Value = response.json().unwrap();

@@ -208,23 +208,39 @@ const CALLBACK_HEADER: &str = "x-beamlet-signature";
 /// allowed to reach a node may invoke, submit and read tasks, but not
 /// deploy, delete, or read an app's status (its callback secret) or logs.
 pub(crate) async fn refuse_loops(request: Request, next: Next) -> Response {
-    let headers = request.headers();
-    if headers.contains_key(CALLBACK_HEADER) {
-        let message = "this request is a beamlet callback (it carries x-beamlet-signature): a callback_url must \
-                       point at your own receiver, not at a beamlet node's API, which would queue tasks from \
-                       task results, perhaps without end";
-        return ApiError::new(StatusCode::BAD_REQUEST, "BAD_INPUT", message).into_response();
+    if let Err(refused) = refuse_callback(request.headers()) {
+        return refused.into_response();
     }
-    if headers.contains_key(GUEST_HEADER) && !guests_may(request.method(), request.uri().path()) {
-        let message = format!(
-            "{} {} is refused to a guest's request (it carries {GUEST_HEADER}): guests may call apps (/http/..., \
-             invoke, tasks) but not manage them",
-            request.method(),
-            request.uri().path()
-        );
-        return ApiError::new(StatusCode::FORBIDDEN, "FORBIDDEN", message).into_response();
+    if request.headers().contains_key(GUEST_HEADER) {
+        let (method, uri) = (request.method(), request.uri());
+        if !guests_may(method, uri.path()) {
+            let message = format!(
+                "{method} {} is refused to a guest's request (it carries {GUEST_HEADER}): guests may call apps \
+                 (/http/..., invoke, tasks) and read their tasks, not manage them",
+                uri.path()
+            );
+            return ApiError::new(StatusCode::FORBIDDEN, "FORBIDDEN", message).into_response();
+        }
+        if uri.query().is_some_and(|query| query.split('&').any(|pair| pair.starts_with("callback_url"))) {
+            let message = "a guest's task may not set callback_url: the node would send its result to a host the \
+                           guest's allowed_outbound_hosts may not list";
+            return ApiError::new(StatusCode::FORBIDDEN, "FORBIDDEN", message).into_response();
+        }
     }
     next.run(request).await
+}
+
+/// A callback (it carries `x-beamlet-signature`) is refused by every route
+/// but the health checks: sent to an app or the API, a task's result could
+/// queue tasks again, perhaps without end.
+pub(crate) fn refuse_callback(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    if !headers.contains_key(CALLBACK_HEADER) {
+        return Ok(());
+    }
+    let message = "this request is a beamlet callback (it carries x-beamlet-signature): a callback_url must point \
+                   at your own receiver, not at a beamlet node (its API or an app), where a task's result could \
+                   queue tasks again, perhaps without end";
+    Err(ApiError::new(StatusCode::BAD_REQUEST, "BAD_INPUT", message))
 }
 
 /// What a guest's request may do on the API: call apps and follow their tasks.

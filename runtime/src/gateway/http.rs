@@ -38,6 +38,7 @@ fn raw_rest(path: &str) -> &str {
 }
 
 async fn proxy(node: &Node, name: &str, request: Request) -> Result<Response, ApiError> {
+    super::errors::refuse_callback(request.headers())?;
     let app = app_of_world(node, name, World::HttpProxy)?;
     refuse_without_capacity(node, name)?;
     let (parts, body) = request.into_parts();
