@@ -136,8 +136,11 @@ impl Worker {
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(1);
+        // Each tick a running guest also yields to its worker's runtime,
+        // which can then send a response the guest finished while it works
+        // on without calling the host.
         store.epoch_deadline_callback(|ctx| {
-            Ok(if ctx.data().should_stop() { UpdateDeadline::Interrupt } else { UpdateDeadline::Continue(1) })
+            Ok(if ctx.data().should_stop() { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
         });
         let guest = self.runtime.block_on(async {
             match &self.pre {
@@ -384,7 +387,13 @@ async fn serve_http(
     let collected = tokio::select! {
         biased;
         handled_first = &mut handled => {
-            handled_first?;
+            if let Err(trap) = handled_first {
+                // A response finished before the trap still goes out whole.
+                if let Some(Ok(Some(response))) = collector.as_mut().now_or_never() {
+                    let _ = send_early(response, seq, &early_replies, &early_credits, deadline).await;
+                }
+                return Err(trap);
+            }
             collector.await
         }
         collected = &mut collector => {

@@ -10,8 +10,9 @@
 //!   part by part (both bodies stream; nothing is held whole)
 //! - `/partial`: sends its head and 1 MiB of body, then panics
 //! - `/trap`: panics
-//! - `/after?ms=N[&trap]`: 200 `done` (complete), then waits N ms, then
-//!   returns (or panics, with `trap`): work after the response
+//! - `/after?[ms=N][&spin][&trap]`: 200 `done` (complete), then work after
+//!   the response: waits N ms in the host, spins without calling the host
+//!   (until stopped), panics; or returns
 //! - `/outbound[?to=HOST:PORT]`: tries `GET http://HOST:PORT/` (default
 //!   example.com) and reports what happened
 //! - anything else: 404 with `x-path`
@@ -147,8 +148,14 @@ impl wasi::exports::http::incoming_handler::Guest for Handler {
             "/trap" => panic!("http guest trapped on purpose"),
             "/after" => {
                 respond(out, 200, &[], b"done\n");
-                let ms: u64 = query.split('&').find_map(|kv| kv.strip_prefix("ms=")?.parse().ok()).unwrap_or(0);
-                wasi::clocks::monotonic_clock::subscribe_duration(ms * 1_000_000).block();
+                if let Some(ms) = query.split('&').find_map(|kv| kv.strip_prefix("ms=")?.parse::<u64>().ok()) {
+                    wasi::clocks::monotonic_clock::subscribe_duration(ms * 1_000_000).block();
+                }
+                if query.split('&').any(|kv| kv == "spin") {
+                    loop {
+                        std::hint::spin_loop();
+                    }
+                }
                 if query.split('&').any(|kv| kv == "trap") {
                     panic!("http guest trapped after its response");
                 }
