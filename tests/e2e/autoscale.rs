@@ -262,3 +262,30 @@ fn freed_room_goes_first_to_a_pending_replica_whose_app_has_tasks_waiting() {
         assert!(reason.contains("waiting for 1 core;"), "{status}");
     }
 }
+
+#[test]
+fn a_burst_of_calls_to_cold_apps_on_a_full_node_takes_turns_on_its_core() {
+    let server = Server::start("turns-burst", &["--cpus", "1"]);
+    let config = "[runtime]\ncpu = 1\n[autoscaler]\nkind = \"request_latency\"\nmin_replicas = 0\nkeep_warm = \"1h\"\n";
+    let apps = ["warm", "cold-a", "cold-b", "cold-c"];
+    for app in apps {
+        server.deploy_guest(app, "hello", Some(config));
+    }
+    // One app's idle replica, kept warm for an hour, holds the only core.
+    assert_eq!(server.invoke_json("warm", r#"{"name":"w"}"#).0, 200);
+    // Each idle replica gives its core up as the next app's call waits for it.
+    let calls: Vec<_> = apps[1..]
+        .iter()
+        .map(|app| {
+            let (http, url) = (server.http.clone(), server.url(&format!("/v1/apps/{app}/invoke")));
+            std::thread::spawn(move || {
+                let response = http.post(url).body(r#"{"name":"c"}"#).send().unwrap();
+                (response.status().as_u16(), response.text().unwrap())
+            })
+        })
+        .collect();
+    for (app, call) in apps[1..].iter().zip(calls) {
+        let (status, body) = call.join().unwrap();
+        assert_eq!(status, 200, "{app}: {body}");
+    }
+}

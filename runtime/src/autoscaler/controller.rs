@@ -71,12 +71,14 @@ pub(crate) async fn run(
             // A call queued while its app had no replica, whose new replica
             // then found no room (here or on any other node), would wait
             // until its ttl: refuse it. Other nodes that run the app get two
-            // ticks to start one first (a junior node waits one, see below).
+            // ticks to start one first (a junior node waits one, see below),
+            // and so does room another app's idle replica is about to give.
             if check_capacity {
                 match supervisor.no_capacity(&name).filter(|_| counts.queued > 0 && elsewhere.all == 0) {
                     Some(reason) => {
                         let since = *starved.entry(name.clone()).or_insert_with(Instant::now);
-                        if elsewhere.nodes == 0 || since.elapsed() >= 2 * TICK {
+                        let waits = elsewhere.nodes > 0 || supervisor.room_coming(&name);
+                        if !waits || since.elapsed() >= 2 * TICK {
                             dispatch.refuse_calls(&name, no_capacity(&name, &reason));
                         }
                     }

@@ -96,9 +96,16 @@ impl Dispatch {
         self.demand.notify_waiters();
     }
 
-    /// Completes when any app gains a task after this call's future is enabled.
+    /// Completes when any app gains a task after this call's future is
+    /// enabled, or [`Dispatch::wake_autoscaler`] is called.
     pub(crate) fn demand(&self) -> tokio::sync::futures::Notified<'_> {
         self.demand.notified()
+    }
+
+    /// Has the autoscaler look again now, not at its next tick (a replica
+    /// went idle while another waits for the room it holds).
+    pub(crate) fn wake_autoscaler(&self) {
+        self.demand.notify_waiters();
     }
 
     /// Tells everyone waiting on a task that ended how it ended; a call whose

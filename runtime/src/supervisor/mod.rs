@@ -248,6 +248,7 @@ impl Supervisor {
         if replicas.iter().any(|replica| replica.state != ReplicaState::Pending) {
             return None;
         }
+
         let mut reason = first.pending_reason.clone().unwrap_or_else(|| "its replicas are pending".to_owned());
         // What holds the cores and memory, unless they are not what it lacks
         // (a GPU's reason names the replica holding it).
@@ -269,6 +270,29 @@ impl Supervisor {
             reason = format!("{reason}; its last start failed: {error}");
         }
         Some(reason)
+    }
+
+    /// Whether `name`'s pending replica may well have room within a moment:
+    /// it is free now, or held by a replica of another app scaled by load
+    /// and above its `min_replicas`, which its autoscaler stops for it once
+    /// idle (a burst of calls to cold apps takes turns so). Never for room
+    /// only fixed pools and `min_replicas` hold.
+    pub(crate) fn room_coming(&self, name: &str) -> bool {
+        let apps = self.apps.lock().unwrap();
+        let Some(replicas) = apps.get(name) else { return false };
+        let (demand, gpu) = demand(&replicas.app);
+        if self.capacity.fits(demand, gpu.as_ref()).is_ok() {
+            return true;
+        }
+        apps.iter().filter(|(other, _)| *other != name).any(|(_, other)| {
+            let config = &other.app.config.autoscaler;
+            let infos: Vec<ReplicaInfo> = other.current.iter().map(ReplicaHandle::info).collect();
+            let placed: Vec<&ReplicaInfo> = infos.iter().filter(|info| info.state != ReplicaState::Pending).collect();
+            let held = self::demand(&other.app).0;
+            config.policy.is_some()
+                && placed.len() > config.min_replicas as usize
+                && placed.iter().any(|info| self.capacity.fits_without(demand, gpu.as_ref(), &info.id, held))
+        })
     }
 
     /// Whether an idle replica of another app was stopped lately to give

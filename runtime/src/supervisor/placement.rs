@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -65,6 +65,8 @@ pub(crate) struct Capacity {
     pub(crate) changed: Notify,
     /// Replicas waiting for room ([`Capacity::wait`]), in the order they came.
     waiters: Mutex<Vec<Waiter>>,
+    /// How many wait (asked on every replica's run end).
+    waiting: AtomicUsize,
     next_ticket: AtomicU64,
     /// Apps an idle replica of another app was stopped for lately, since
     /// when: the room it frees is theirs first ([`ROOM_FREES_IN`]).
@@ -106,6 +108,7 @@ impl Waiting<'_> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.capacity.waiters.lock().unwrap().retain(|w| w.ticket != self.ticket);
+        self.capacity.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -128,6 +131,7 @@ impl Capacity {
             used: Mutex::new(used),
             changed: Notify::new(),
             waiters: Mutex::default(),
+            waiting: AtomicUsize::new(0),
             next_ticket: AtomicU64::new(0),
             room_made_for: Mutex::default(),
         }
@@ -139,12 +143,13 @@ impl Capacity {
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         let (replica, app, gpu) = (replica.to_owned(), app.to_owned(), gpu.cloned());
         self.waiters.lock().unwrap().push(Waiter { ticket, replica, app, demand, gpu, held_back: false });
+        self.waiting.fetch_add(1, Ordering::Relaxed);
         Waiting { capacity: self, ticket }
     }
 
     /// Whether any replica waits for room now.
     pub(crate) fn has_waiting(&self) -> bool {
-        !self.waiters.lock().unwrap().is_empty()
+        self.waiting.load(Ordering::Relaxed) > 0
     }
 
     /// The apps whose replicas wait for room now.

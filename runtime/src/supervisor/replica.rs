@@ -460,6 +460,8 @@ impl Run<'_> {
             info.idle_since = Some(Instant::now());
             info.failing = false;
             info.failed_starts = 0;
+            drop(info);
+            self.went_idle();
         }
     }
 
@@ -468,11 +470,25 @@ impl Run<'_> {
         let mut info = self.info.lock().unwrap();
         info.busy = self.inflight.len() as u32;
         info.oldest_run = self.started.values().min().copied();
+        let was_idle = info.idle_since.is_some();
         info.idle_since = match (info.busy, info.idle_since) {
             (0, None) => Some(Instant::now()),
             (0, since) => since,
             _ => None,
         };
+        let idle = info.idle_since.is_some();
+        drop(info);
+        if idle && !was_idle {
+            self.went_idle();
+        }
+    }
+
+    /// An idle replica's room may be what a pending one (of another app)
+    /// waits for: the autoscaler looks now, not at its next tick.
+    fn went_idle(&self) {
+        if self.plan.capacity.has_waiting() {
+            self.plan.dispatch.wake_autoscaler();
+        }
     }
 
     /// `Ok` when the replica drained and exited as asked.
