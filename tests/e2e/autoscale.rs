@@ -289,3 +289,20 @@ fn a_burst_of_calls_to_cold_apps_on_a_full_node_takes_turns_on_its_core() {
         assert_eq!(status, 200, "{app}: {body}");
     }
 }
+
+#[test]
+fn on_a_restart_apps_with_tasks_waiting_get_the_room_first() {
+    let server = Server::start("restart-order", &["--cpus", "1"]);
+    let one_core = Some("[runtime]\ncpu = 1\n");
+    server.deploy_guest("a-first", "hello", one_core);
+    server.wait_status("a-first", "its replica", LONG, |s| ready_pids(s).len() == 1);
+    server.deploy_guest("b-busy", "sleep", one_core);
+    let id = submit(&server, "b-busy", r#"{"ms": 1}"#);
+    let dir = server.kill();
+    // Restored in name order, a-first would take the core again.
+    let server = Server::start_in(dir, &["--cpus", "1"]);
+    let task = server.get(&format!("/v1/tasks/{id}?wait=60s"));
+    assert_eq!(task["status"], "COMPLETE", "{task}");
+    let status = server.status("a-first");
+    assert_eq!(status["replicas"][0]["state"], "pending", "{status}");
+}

@@ -249,7 +249,10 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
         node.metrics.clone(),
         node.cluster.as_ref().map(|cluster| cluster.queue.clone()),
     ));
-    for app in node.registry.list() {
+    // Apps with tasks waiting first: when not all fit, they get the room.
+    let mut apps = node.registry.list();
+    apps.sort_by_key(|app| node.dispatch.recent_counts(&app.version.name).queued == 0);
+    for app in apps {
         tracing::info!(app = %app.version.name, version = app.version.version, "restoring app");
         node.run_app(&app);
     }
