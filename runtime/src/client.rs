@@ -367,9 +367,10 @@ pub(crate) fn describe_http_error(e: &reqwest::Error) -> String {
 fn api_error(status: StatusCode, body: &str) -> anyhow::Error {
     let parsed: Option<Value> = serde_json::from_str(body).ok();
     match parsed.as_ref().and_then(|v| v.get("error")) {
+        // The message may quote a guest's stderr.
         Some(error) => anyhow!(
             "{} ({}, HTTP {})",
-            error["message"].as_str().unwrap_or("no message"),
+            printable(error["message"].as_str().unwrap_or("no message")),
             error["code"].as_str().unwrap_or("?"),
             status.as_u16()
         ),
@@ -521,11 +522,11 @@ fn print_json(value: &Value) {
 
 /// A guest's log line as it may reach a terminal: control characters
 /// (escape sequences, a carriage return drawing over the line's prefix)
-/// are shown escaped (`\u{1b}`), not run; tabs stay.
+/// are shown escaped (`\u{1b}`), not run; tabs and line breaks stay.
 fn printable(line: &str) -> String {
     let mut shown = String::with_capacity(line.len());
     for c in line.chars() {
-        if c.is_control() && c != '\t' {
+        if c.is_control() && !matches!(c, '\t' | '\n') {
             shown.extend(c.escape_default());
         } else {
             shown.push(c);
