@@ -60,6 +60,7 @@ async fn replica_round_trips(spec: &ReplicaSpec, input: &str, warm: usize) -> Re
         attempt: 1,
         timeout_ms: 60_000,
         input: input.as_bytes().to_vec(),
+        stream: false,
     };
     ipc::write_async(&mut write, &ToReplica::Run(run(0))).await?;
     await_done(&mut read).await?;

@@ -68,6 +68,12 @@ impl Bodies {
         exchange.request.lock().unwrap().take()
     }
 
+    /// Whether task `id`'s caller waits on this node for its response head.
+    pub(crate) fn waits_for(&self, id: &str) -> bool {
+        let exchange = self.0.lock().unwrap().get(id).cloned();
+        exchange.is_some_and(|exchange| exchange.head.lock().unwrap().is_some())
+    }
+
     /// Where task `id`'s response head goes; `None` when nobody waits for it.
     pub(crate) fn take_head(&self, id: &str) -> Option<oneshot::Sender<ResponseStart>> {
         let exchange = self.0.lock().unwrap().get(id).cloned()?;

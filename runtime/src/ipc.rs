@@ -116,6 +116,10 @@ pub(crate) struct RunTask {
     pub timeout_ms: u64,
     #[serde(with = "raw")]
     pub input: Vec<u8>,
+    /// A wasi:http response may stream (and go out before the guest
+    /// returns): its caller waits on this node. One whose caller waits on
+    /// another node of a cluster goes whole, as the task's output.
+    pub stream: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -415,7 +419,8 @@ mod tests {
     #[test]
     fn frames_round_trip() {
         let mut buf = Vec::new();
-        let run = RunTask { seq: 7, task_id: "t".into(), attempt: 2, timeout_ms: 10, input: b"{}".to_vec() };
+        let run =
+            RunTask { seq: 7, task_id: "t".into(), attempt: 2, timeout_ms: 10, input: b"{}".to_vec(), stream: true };
         write_blocking(&mut buf, &ToReplica::Run(run)).unwrap();
         write_blocking(&mut buf, &ToReplica::Drain).unwrap();
         let mut cursor = std::io::Cursor::new(buf);

@@ -177,12 +177,32 @@ pub(crate) async fn stream_response(
     replies: Replies,
     credits: Arc<Semaphore>,
     deadline: Instant,
+    stream: bool,
 ) -> Result<Option<HttpResponse>, String> {
     let (parts, mut body) = response.into_parts();
     let headers = parts.headers.iter().map(|(name, value)| (name.to_string(), value.as_bytes().to_vec())).collect();
     let mut head = Some(HttpResponse { status: parts.status.as_u16(), headers, body: Vec::new() });
     let mut pending = BytesMut::new();
     let deadline = tokio::time::Instant::from(deadline);
+    // Its caller waits on another node: the whole response is the output.
+    while !stream {
+        let frame = tokio::time::timeout_at(deadline, body.frame())
+            .await
+            .map_err(|_| "the response outlived the task's timeout".to_owned())?;
+        match frame {
+            None => {
+                let mut response = head.take().expect("not sent");
+                response.body = pending.to_vec();
+                return Ok(Some(response));
+            }
+            Some(Err(e)) => return Err(format!("the guest's response body failed: {e:?}")),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    pending.extend_from_slice(&data);
+                }
+            }
+        }
+    }
     loop {
         // Take what is ready at once. When nothing is, wait a moment for the
         // rest before sending what we have, so a quick guest's whole response

@@ -283,7 +283,8 @@ impl Worker {
                     })
                 }
                 Guest::Proxy(proxy) => {
-                    let stream = Stream { seq: task.seq, deadline, flows: &self.flows, replies: &self.replies };
+                    let (seq, flows, replies) = (task.seq, &self.flows, &self.replies);
+                    let stream = Stream { seq, deadline, flows, replies, stream: task.stream };
                     serve_http(&mut *store, proxy, &task.input, stream).await
                 }
             }
@@ -330,6 +331,8 @@ struct Stream<'a> {
     deadline: Instant,
     flows: &'a Arc<Flows>,
     replies: &'a Replies,
+    /// See [`RunTask::stream`]; `false`: the response goes whole.
+    stream: bool,
 }
 
 /// Runs one request through a `wasi:http/proxy` guest. The request body
@@ -352,7 +355,7 @@ async fn serve_http(
             )));
         }
     };
-    let Stream { seq, deadline, flows, replies } = stream;
+    let Stream { seq, deadline, flows, replies, stream } = stream;
     let mut flow = flows.open(seq, request.streamed);
     let request = match to_hyper(request, flow.request.take(), seq, replies, deadline) {
         Ok(request) => request,
@@ -373,7 +376,7 @@ async fn serve_http(
             .await
             .map_err(|_| "the guest returned without setting a response".to_owned())?
             .map_err(|code| format!("the guest answered with an error: {code:?}"))?;
-        stream_response(response, seq, replies, credits, deadline).await
+        stream_response(response, seq, replies, credits, deadline, stream).await
     });
     // A panic reading the response fails the run, not the worker's thread.
     let collector = collector
@@ -389,7 +392,7 @@ async fn serve_http(
         handled_first = &mut handled => {
             if let Err(trap) = handled_first {
                 // A response finished before the trap still goes out whole.
-                if let Some(Ok(Some(response))) = collector.as_mut().now_or_never() {
+                if stream && let Some(Ok(Some(response))) = collector.as_mut().now_or_never() {
                     let _ = send_early(response, seq, &early_replies, &early_credits, deadline).await;
                 }
                 return Err(trap);
@@ -400,7 +403,7 @@ async fn serve_http(
             // Whole while the guest still runs (work after its response):
             // the client gets it now, not when the guest returns.
             let collected = match collected {
-                Ok(Some(response)) => {
+                Ok(Some(response)) if stream => {
                     send_early(response, seq, &early_replies, &early_credits, deadline).await.map(|()| None)
                 }
                 other => other,

@@ -706,6 +706,7 @@ impl Run<'_> {
             attempt: lease.attempt,
             timeout_ms: u64::try_from(lease.timeout.as_millis()).unwrap_or(u64::MAX),
             input: lease.input.to_vec(),
+            stream: self.plan.bodies.waits_for(&lease.id),
         };
         self.inflight.insert(seq, lease);
         ToReplica::Run(run)
