@@ -185,20 +185,22 @@ pub(crate) async fn stream_response(
     let mut pending = BytesMut::new();
     let deadline = tokio::time::Instant::from(deadline);
     // Its caller waits on another node: the whole response is the output.
-    while !stream {
-        let frame = tokio::time::timeout_at(deadline, body.frame())
-            .await
-            .map_err(|_| "the response outlived the task's timeout".to_owned())?;
-        match frame {
-            None => {
-                let mut response = head.take().expect("not sent");
-                response.body = pending.to_vec();
-                return Ok(Some(response));
-            }
-            Some(Err(e)) => return Err(format!("the guest's response body failed: {e:?}")),
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    pending.extend_from_slice(&data);
+    if !stream {
+        loop {
+            let frame = tokio::time::timeout_at(deadline, body.frame())
+                .await
+                .map_err(|_| "the response outlived the task's timeout".to_owned())?;
+            match frame {
+                None => {
+                    let mut response = head.take().expect("not sent");
+                    response.body = pending.to_vec();
+                    return Ok(Some(response));
+                }
+                Some(Err(e)) => return Err(format!("the guest's response body failed: {e:?}")),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        pending.extend_from_slice(&data);
+                    }
                 }
             }
         }
