@@ -202,11 +202,11 @@ impl http_body::Body for Tracked {
 /// Carried by every callback (see `node::callbacks`).
 const CALLBACK_HEADER: &str = "x-beamlet-signature";
 
-/// Refuses, on the API (`/v1/...`), a callback (a `callback_url` pointing
-/// at a node would submit tasks from task results, perhaps forever), and a
-/// guest's request that would manage apps rather than call them: a guest
-/// allowed to reach a node may invoke, submit and read tasks, but not
-/// deploy, delete, or read an app's status (its callback secret) or logs.
+/// Refuses, on the API (`/v1/...`, `/metrics`), a callback (see
+/// [`refuse_callback`]), and a guest's request that would manage apps rather
+/// than call them: a guest allowed to reach a node may invoke, submit and
+/// read tasks, but not deploy, delete, read an app's status (its callback
+/// secret), logs or metrics, nor give a task a `callback_url`.
 pub(crate) async fn refuse_loops(request: Request, next: Next) -> Response {
     if let Err(refused) = refuse_callback(request.headers()) {
         return refused.into_response();

@@ -28,7 +28,8 @@ use crate::supervisor::{Capacity, ClusterSlots, Demand, Gpus, Supervisor};
 pub(crate) struct Limits {
     pub max_component: usize,
     pub max_input: usize,
-    /// Input the tasks not yet ended may hold (without Redis, in memory).
+    /// What the node may hold for its tasks: inputs not yet run, results
+    /// kept (without Redis, in its memory).
     pub max_task_bytes: u64,
 }
 
@@ -190,7 +191,7 @@ pub(crate) async fn serve(options: ServeOptions) -> Result<()> {
         None => {
             let store = options.data_dir.join("tasks.db");
             let budget = options.limits.max_task_bytes;
-            let open = move || EmbeddedQueue::open(&store, now_ms()).map(|queue| queue.with_input_budget(budget));
+            let open = move || EmbeddedQueue::open(&store, now_ms()).map(|queue| queue.with_budget(budget));
             (Arc::new(tokio::task::spawn_blocking(open).await??), None)
         }
         Some(url) => {

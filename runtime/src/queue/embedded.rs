@@ -26,7 +26,7 @@ pub(crate) struct EmbeddedQueue {
     /// Most bytes the tasks may hold in memory (`serve --max-task-bytes`:
     /// inputs waiting, results kept): a backlog of large inputs, or a pile
     /// of large results, must not take the node's memory.
-    input_budget: u64,
+    budget: u64,
 }
 
 #[derive(Default)]
@@ -55,6 +55,11 @@ struct Entry {
 }
 
 impl Entry {
+    /// What it holds in memory: its input until it ends, its result after.
+    fn held_bytes(&self) -> u64 {
+        (self.input.len() + self.output.as_ref().map_or(0, Bytes::len)) as u64
+    }
+
     /// It ended and its callback is not delivered yet.
     fn callback_pending(&self) -> bool {
         self.record.callback == Some(CallbackState::Pending)
@@ -144,8 +149,7 @@ impl Inner {
     /// Takes a task out, with what it held.
     fn remove(&mut self, id: &str) -> Option<Entry> {
         let entry = self.tasks.remove(id)?;
-        let bytes = entry.input.len() + entry.output.as_ref().map_or(0, Bytes::len);
-        self.held = self.held.saturating_sub(bytes as u64);
+        self.held = self.held.saturating_sub(entry.held_bytes());
         Some(entry)
     }
 
@@ -164,27 +168,27 @@ impl EmbeddedQueue {
     /// A queue that keeps nothing across restarts.
     #[cfg(test)]
     pub(crate) fn in_memory() -> Self {
-        Self { inner: Mutex::default(), journal: None, input_budget: u64::MAX }
+        Self { inner: Mutex::default(), journal: None, budget: u64::MAX }
     }
 
-    /// Refuses a task whose input would take what the tasks not yet ended
-    /// hold past `bytes`.
-    pub(crate) fn with_input_budget(mut self, bytes: u64) -> Self {
-        self.input_budget = bytes;
+    /// Refuses a task whose input would take what the tasks hold (see
+    /// `Inner::held`) past `bytes`.
+    pub(crate) fn with_budget(mut self, bytes: u64) -> Self {
+        self.budget = bytes;
         self
     }
 
     /// Opens the durable queue at `path`, restoring every stored task.
     pub(crate) fn open(path: &Path, now: u64) -> Result<Self> {
         let (journal, rows) = Journal::open(path)?;
-        let queue = Self { inner: Mutex::default(), journal: Some(journal), input_budget: u64::MAX };
+        let queue = Self { inner: Mutex::default(), journal: Some(journal), budget: u64::MAX };
         {
             let mut inner = queue.inner.lock().unwrap();
             let mut retried = Vec::new();
             for row in rows {
                 let entry = Entry::from_row(row);
                 let (id, app, status) = (entry.record.id.clone(), entry.record.app.clone(), entry.record.status);
-                inner.held += (entry.input.len() + entry.output.as_ref().map_or(0, Bytes::len)) as u64;
+                inner.held += entry.held_bytes();
                 inner.tasks.insert(id.clone(), entry);
                 match status {
                     TaskStatus::Pending => inner.queued.entry(app).or_default().push_back(id),
@@ -248,8 +252,8 @@ impl Queue for EmbeddedQueue {
     fn enqueue(&self, task: NewTask, now: u64) -> Result<TaskRecord, QueueError> {
         let mut inner = self.inner.lock().unwrap();
         let size = task.input.len() as u64;
-        if inner.held.saturating_add(size) > self.input_budget {
-            return Err(QueueError::NodeFull { held: inner.held, budget: self.input_budget });
+        if inner.held.saturating_add(size) > self.budget {
+            return Err(QueueError::NodeFull { held: inner.held, budget: self.budget });
         }
         let queue = inner.queued.entry(task.app.clone()).or_default();
         if queue.len() >= task.max_queued as usize {
@@ -554,7 +558,7 @@ mod tests {
 
     #[test]
     fn results_kept_count_until_forgotten() {
-        let q = EmbeddedQueue::in_memory().with_input_budget(14);
+        let q = EmbeddedQueue::in_memory().with_budget(14);
         let id = q.enqueue(task(0), 0).unwrap().id;
         q.lease("a", 1).unwrap();
         q.finish(&id, Finish::Complete(Bytes::from_static(b"12345678")), 2).unwrap();
@@ -567,7 +571,7 @@ mod tests {
     #[test]
     fn inputs_held_past_the_node_budget_are_refused_until_tasks_end() {
         // Each sample input is 7 bytes: room for two.
-        let q = EmbeddedQueue::in_memory().with_input_budget(14);
+        let q = EmbeddedQueue::in_memory().with_budget(14);
         let first = q.enqueue(task(1), 0).unwrap().id;
         q.enqueue(task(1), 0).unwrap();
         let Err(error) = q.enqueue(task(1), 0) else { panic!("a third input is past the budget") };

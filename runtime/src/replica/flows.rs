@@ -184,36 +184,18 @@ pub(crate) async fn stream_response(
     let mut head = Some(HttpResponse { status: parts.status.as_u16(), headers, body: Vec::new() });
     let mut pending = BytesMut::new();
     let deadline = tokio::time::Instant::from(deadline);
-    // Its caller waits on another node: the whole response is the output.
-    if !stream {
-        loop {
-            let frame = tokio::time::timeout_at(deadline, body.frame())
-                .await
-                .map_err(|_| "the response outlived the task's timeout".to_owned())?;
-            match frame {
-                None => {
-                    let mut response = head.take().expect("not sent");
-                    response.body = pending.to_vec();
-                    return Ok(Some(response));
-                }
-                Some(Err(e)) => return Err(format!("the guest's response body failed: {e:?}")),
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        pending.extend_from_slice(&data);
-                    }
-                }
-            }
-        }
-    }
     loop {
         // Take what is ready at once. When nothing is, wait a moment for the
         // rest before sending what we have, so a quick guest's whole response
-        // still goes in one frame.
+        // still goes in one frame. Not `stream` (its caller waits on another
+        // node), nothing is sent: the whole response is the output.
         let frame = match futures_util::FutureExt::now_or_never(body.frame()) {
             Some(frame) => frame,
-            None if pending.is_empty() && head.is_none() => tokio::time::timeout_at(deadline, body.frame())
-                .await
-                .map_err(|_| "the response outlived the task's timeout".to_owned())?,
+            None if !stream || (pending.is_empty() && head.is_none()) => {
+                tokio::time::timeout_at(deadline, body.frame())
+                    .await
+                    .map_err(|_| "the response outlived the task's timeout".to_owned())?
+            }
             None => match tokio::time::timeout(LINGER, body.frame()).await {
                 Ok(frame) => frame,
                 Err(_) => {
@@ -229,7 +211,7 @@ pub(crate) async fn stream_response(
                 if let Ok(data) = frame.into_data() {
                     pending.extend_from_slice(&data);
                 }
-                if pending.len() >= BODY_PART {
+                if stream && pending.len() >= BODY_PART {
                     send_part(&replies, seq, head.take(), &mut pending, &credits, deadline).await?;
                 }
             }

@@ -240,7 +240,7 @@ impl Supervisor {
     /// one waits for capacity (a GPU, cores, memory). `None` when one runs,
     /// starts or drains, or when it has none yet (the autoscaler starts one).
     pub(crate) fn no_capacity(&self, name: &str) -> Option<String> {
-        if self.making_room_for(name) {
+        if self.capacity.making_room_for(name) {
             return None;
         }
         let replicas = self.replicas(name);
@@ -278,27 +278,32 @@ impl Supervisor {
     /// idle (a burst of calls to cold apps takes turns so). Never for room
     /// only fixed pools and `min_replicas` hold.
     pub(crate) fn room_coming(&self, name: &str) -> bool {
-        let apps = self.apps.lock().unwrap();
-        let Some(replicas) = apps.get(name) else { return false };
-        let (demand, gpu) = demand(&replicas.app);
-        if self.capacity.fits(demand, gpu.as_ref()).is_ok() {
-            return true;
-        }
-        apps.iter().filter(|(other, _)| *other != name).any(|(_, other)| {
-            let config = &other.app.config.autoscaler;
-            let infos: Vec<ReplicaInfo> = other.current.iter().map(ReplicaHandle::info).collect();
-            let placed: Vec<&ReplicaInfo> = infos.iter().filter(|info| info.state != ReplicaState::Pending).collect();
-            let held = self::demand(&other.app).0;
-            config.policy.is_some()
-                && placed.len() > config.min_replicas as usize
-                && placed.iter().any(|info| self.capacity.fits_without(demand, gpu.as_ref(), &info.id, held))
-        })
+        let app = self.apps.lock().unwrap().get(name).map(|replicas| replicas.app.clone());
+        app.is_some_and(|app| self.room_for(&app).is_ok() || self.yielded(&app, false))
     }
 
-    /// Whether an idle replica of another app was stopped lately to give
-    /// its room to a pending replica of `name`.
-    fn making_room_for(&self, name: &str) -> bool {
-        self.capacity.making_room_for(name)
+    /// Whether a replica of another app scaled by load, and above its
+    /// `min_replicas`, holds room that alone would let one of `app` start:
+    /// with `idle`, an idle one among its ready replicas (the autoscaler
+    /// stops it at once for `app`); else any placed one (once idle).
+    fn yielded(&self, app: &App, idle: bool) -> bool {
+        let (demand, gpu) = demand(app);
+        let counts = |info: &ReplicaInfo| match idle {
+            true => info.state == ReplicaState::Ready,
+            false => info.state != ReplicaState::Pending,
+        };
+        let apps = self.apps.lock().unwrap();
+        let others = apps.iter().filter(|(other, _)| **other != app.version.name).map(|(_, other)| other);
+        others.filter(|other| other.app.config.autoscaler.policy.is_some()).any(|other| {
+            let infos: Vec<ReplicaInfo> = other.current.iter().map(ReplicaHandle::info).collect();
+            let held = self::demand(&other.app).0;
+            infos.iter().filter(|info| counts(info)).count() > other.app.config.autoscaler.min_replicas as usize
+                && infos.iter().any(|info| {
+                    counts(info)
+                        && (!idle || info.is_idle())
+                        && self.capacity.fits_without(demand, gpu.as_ref(), &info.id, held)
+                })
+        })
     }
 
     /// For each idle ready replica of `name`, another app whose pending
@@ -319,7 +324,7 @@ impl Supervisor {
         }
         let mut pending: Vec<(&String, Demand, Option<GpuDemand>)> = apps
             .iter()
-            .filter(|(other, _)| *other != name && !self.making_room_for(other))
+            .filter(|(other, _)| *other != name && !self.capacity.making_room_for(other))
             .flat_map(|(other, replicas)| {
                 let (demand, gpu) = demand(&replicas.app);
                 std::iter::repeat_n((other, demand, gpu), pending_in(replicas))
@@ -435,18 +440,7 @@ impl Supervisor {
     /// `min_replicas` keeps).
     pub(crate) fn room_for_new(&self, app: &App) -> Result<(), String> {
         let Err(reason) = self.room_for(app) else { return Ok(()) };
-        let (demand, gpu) = demand(app);
-        let apps = self.apps.lock().unwrap();
-        let yields = apps.values().filter(|other| other.app.config.autoscaler.policy.is_some()).any(|other| {
-            let infos: Vec<ReplicaInfo> = other.current.iter().map(ReplicaHandle::info).collect();
-            let live = infos.iter().filter(|info| info.state == ReplicaState::Ready).count();
-            let held = self::demand(&other.app).0;
-            live > other.app.config.autoscaler.min_replicas as usize
-                && infos
-                    .iter()
-                    .any(|info| info.is_idle() && self.capacity.fits_without(demand, gpu.as_ref(), &info.id, held))
-        });
-        if yields { Ok(()) } else { Err(reason) }
+        if self.yielded(app, true) { Ok(()) } else { Err(reason) }
     }
 
     /// Starts one replica of app `name` now, or says why not (the app has
